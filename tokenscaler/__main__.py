@@ -1,0 +1,3 @@
+from tokenscaler.cli import main
+
+raise SystemExit(main())

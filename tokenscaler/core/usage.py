@@ -1,0 +1,90 @@
+"""Usage inputs: per-pool ready replicas, per-entitlement demand and received service.
+
+The usage document is what ``tokenscaler plan --usage FILE`` reads and what the
+controller's metric sources produce each interval::
+
+    {"pools": {POOL: {"ready_replicas": N}},
+     "entitlements": {NAME: {"demand": VEC, "usage": VEC}}}
+
+``usage`` (service actually received last interval) is optional; entitlements missing from
+the document have zero demand. Names the config does not know are errors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tokenscaler.core.model import N_DIMS, ConfigError, ResourceVector, format_validation_error
+from tokenscaler.core.plan import PoolInput
+from tokenscaler.core.rows import PoolRows
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PoolUsage(_Strict):
+    ready_replicas: int = Field(ge=0, description="Replicas ready to serve now.")
+
+
+class EntitlementUsage(_Strict):
+    demand: ResourceVector = Field(default_factory=ResourceVector, description="What it would use unthrottled.")
+    usage: ResourceVector | None = Field(None, description="Service received last interval.")
+
+
+class UsageDocument(_Strict):
+    pools: dict[str, PoolUsage] = Field(default_factory=dict)
+    entitlements: dict[str, EntitlementUsage] = Field(default_factory=dict)
+
+
+def parse_usage(data: Any, source: str = "<usage>") -> UsageDocument:
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            source, [f"the document must be a mapping with 'pools' and 'entitlements', got {type(data).__name__}"]
+        )
+    try:
+        return UsageDocument.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, format_validation_error(e, data)) from e
+
+
+def load_usage(path: str | Path) -> UsageDocument:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(str(path), [f"not valid JSON: {e}"]) from e
+    return parse_usage(data, str(path))
+
+
+def to_inputs(doc: UsageDocument, rows: Mapping[str, PoolRows], source: str = "<usage>") -> dict[str, PoolInput]:
+    """Arrays per pool from a usage document; unknown pool or entitlement names are errors."""
+    errors = [f"pools[{name}]: unknown pool" for name in doc.pools if name not in rows]
+    owner = {name: pool for pool, r in rows.items() for name in r.names}
+    errors += [f"entitlements[{name}]: unknown entitlement" for name in doc.entitlements if name not in owner]
+    if errors:
+        raise ConfigError(source, errors)
+    inputs: dict[str, PoolInput] = {}
+    for pool, r in rows.items():
+        demand = np.zeros((r.n, N_DIMS))
+        usage = np.full((r.n, N_DIMS), np.nan)
+        any_usage = False
+        for i, name in enumerate(r.names):
+            e = doc.entitlements.get(name)
+            if e is None:
+                continue
+            demand[i] = e.demand.to_array()
+            if e.usage is not None:
+                usage[i] = e.usage.to_array()
+                any_usage = True
+        ready = doc.pools[pool].ready_replicas if pool in doc.pools else 0
+        inputs[pool] = PoolInput(ready_replicas=ready, demand=demand, usage=usage if any_usage else None)
+    return inputs
