@@ -1,0 +1,56 @@
+"""The latest-plan store: the loop publishes, servers read; nobody waits on the solver.
+
+One :class:`PlanStore` lives in the controller process. The interval loop calls
+:meth:`PlanStore.publish` after each plan; the KEDA scaler and the admission API read
+:meth:`PlanStore.current` on every request (a reference read, no lock, no copy) and
+``StreamIsActive`` awaits :meth:`PlanStore.wait_for_change`. Reads never solve anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from tokenscaler.core.plan import Plan
+
+
+@dataclass(frozen=True)
+class PublishedPlan:
+    plan: Plan
+    version: int  # increases by one per publish
+    published_at: float  # unix seconds
+    stale: bool = False  # the last read of metrics failed; this is the last good plan
+    stale_since: float | None = None
+
+
+class PlanStore:
+    def __init__(self) -> None:
+        self._current: PublishedPlan | None = None
+        self._changed: asyncio.Event | None = None
+
+    def current(self) -> PublishedPlan | None:
+        return self._current
+
+    def publish(
+        self, plan: Plan, published_at: float, *, stale: bool = False, stale_since: float | None = None
+    ) -> PublishedPlan:
+        version = 1 if self._current is None else self._current.version + 1
+        self._current = PublishedPlan(plan, version, published_at, stale, stale_since)
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+        return self._current
+
+    async def wait_for_change(self, seen_version: int, timeout: float | None = None) -> PublishedPlan | None:
+        """The current plan once its version differs from ``seen_version``; None on timeout."""
+        current = self._current
+        if current is not None and current.version != seen_version:
+            return current
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return None
+        return self._current
