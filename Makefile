@@ -36,8 +36,16 @@ test: $(STAMP) prometheus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
+# Regenerate the KEDA external scaler stubs from keda/externalscaler.proto (checked in;
+# tests/serve/test_protos.py fails when they drift).
+protos: $(STAMP)
+	$(PY) -m tokenscaler.serve.protos
+
 bench: $(STAMP)
 	$(PY) benchmarks/allocator.py
+	$(PY) benchmarks/sim.py
+	$(PY) benchmarks/sidecar.py
+	$(PY) benchmarks/controller.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,161 @@
+"""The admission API (HTTP): limits for the sidecars, the plan, health, metrics.
+
+Routes (all answers come from the :class:`PlanStore`; nothing is solved on a request):
+
+* ``GET /v1/pools/{pool}/limits?replica={id}``: the :class:`LimitsDocument` for one
+  replica's sidecar. Each entitlement's pool-level limit and burst are split by this
+  replica's observed share of the entitlement's offered load, so uneven routing never
+  throttles a tenant below its entitlement: ``share = max(observed, 1 / (2 x ready))``
+  where the replica has seen the entitlement's traffic, ``1 / ready`` (even) where it has
+  not (a new replica, or no traffic yet). The floors of
+  :func:`~tokenscaler.core.plan.split_per_replica` keep every non-zero limit usable.
+  ``ETag`` is the document's version; ``If-None-Match`` with it answers 304.
+* ``GET /v1/plan``: the whole plan, the shape ``tokenscaler plan`` prints, plus
+  ``version``, ``stale`` and ``stale_since``.
+* ``GET /healthz`` (the process serves), ``GET /readyz`` (a plan exists), ``GET /metrics``.
+
+Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from tokenscaler.control.metrics import ControllerMetrics
+from tokenscaler.control.store import PlanStore, PublishedPlan
+from tokenscaler.core.limits import API_VERSION
+from tokenscaler.core.model import DIMENSIONS
+from tokenscaler.core.plan import PoolPlan, split_per_replica
+
+_TIERS = ("guaranteed", "elastic", "spot")
+
+
+def replica_shares(pp: PoolPlan, observed: Mapping[str, Mapping[str, float]], replica: str | None) -> np.ndarray:
+    """This replica's share (n,) of each entitlement's pool-level limits."""
+    ready = max(pp.ready_replicas, 1)
+    even = 1.0 / ready
+    shares = np.full(pp.rows.n, even)
+    if replica is None:
+        return shares
+    for i, name in enumerate(pp.rows.names):
+        by_replica = observed.get(name)
+        if by_replica and replica in by_replica:
+            shares[i] = min(max(by_replica[replica], even / 2.0), 1.0)
+    return shares
+
+
+def limits_document(published: PublishedPlan, pool: str, replica: str | None, ttl_s: float) -> dict[str, Any]:
+    pp = published.plan.pools[pool]
+    shares = replica_shares(pp, published.shares.get(pool, {}), replica)
+    if replica is None:
+        lim, bur = pp.limit_per_replica, pp.burst_per_replica
+    else:
+        lim, bur = split_per_replica(pp.pool, pp.limit, pp.burst, pp.rows.problem.limit, shares)
+    lim_rows, bur_rows = lim.tolist(), bur.tolist()
+    p = pp.rows.problem
+    tiers, prios = p.tier.tolist(), p.priority.tolist()
+    entitlements = {
+        name: {
+            "tier": _TIERS[tiers[i]],
+            "priority": prios[i],
+            "limit": dict(zip(DIMENSIONS, lim_rows[i], strict=True)),
+            "burst": dict(zip(DIMENSIONS, bur_rows[i], strict=True)),
+        }
+        for i, name in enumerate(pp.rows.names)
+    }
+    return {
+        "api_version": API_VERSION,
+        "kind": "Limits",
+        "pool": pool,
+        "replica": replica,
+        "version": str(published.version),
+        "generated_at": published.plan.now,
+        "expires_at": published.published_at + ttl_s,
+        "stale": published.stale,
+        "entitlements": entitlements,
+    }
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "code": status}}
+    return web.json_response(body, status=status)
+
+
+class AdmissionApi:
+    def __init__(
+        self, store: PlanStore, registry: CollectorRegistry, metrics: ControllerMetrics, *, limits_ttl_s: float = 60.0
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.limits_ttl_s = limits_ttl_s
+        self._cache: dict[tuple[str, str | None], tuple[int, bytes]] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/v1/pools/{pool}/limits", self.limits)
+        app.router.add_get("/v1/plan", self.plan)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
+        return app
+
+    def _count(self, route: str, status: int) -> None:
+        self.metrics.admission_requests.labels(route, str(status)).inc()
+
+    async def limits(self, request: web.Request) -> web.StreamResponse:
+        route = "limits"
+        pool = request.match_info["pool"]
+        replica = request.query.get("replica") or None
+        published = self.store.current()
+        if published is None:
+            self._count(route, 503)
+            return _error(503, "no plan yet: the controller has not completed its first interval", "unavailable")
+        if pool not in published.plan.pools:
+            self._count(route, 404)
+            known = ", ".join(sorted(published.plan.pools)) or "none"
+            return _error(404, f"unknown pool {pool!r} (known: {known})", "not_found")
+        etag = f'"{published.version}"'
+        if request.headers.get("If-None-Match") == etag:
+            self._count(route, 304)
+            return web.Response(status=304, headers={"ETag": etag})
+        key = (pool, replica)
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != published.version:
+            if cached is not None and cached[0] != published.version:
+                self._cache.clear()
+            body = json.dumps(limits_document(published, pool, replica, self.limits_ttl_s)).encode()
+            self._cache[key] = (published.version, body)
+        else:
+            body = cached[1]
+        self._count(route, 200)
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+    async def plan(self, request: web.Request) -> web.Response:
+        published = self.store.current()
+        if published is None:
+            self._count("plan", 503)
+            return _error(503, "no plan yet", "unavailable")
+        doc = published.plan.to_json()
+        doc.update(version=published.version, stale=published.stale, stale_since=published.stale_since)
+        self._count("plan", 200)
+        return web.json_response(doc)
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        published = self.store.current()
+        if published is None:
+            return web.json_response({"status": "waiting for the first plan"}, status=503)
+        return web.json_response({"status": "ready", "version": published.version, "stale": published.stale})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
