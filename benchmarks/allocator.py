@@ -23,11 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.core.reference import ref_allocate  # noqa: E402
-from tokenscaler.core.allocator import PoolProblem, allocate  # noqa: E402
-from tokenscaler.core.model import Pool, ResourceVector  # noqa: E402
-from tokenscaler.core.plan import PoolInput, PoolState, plan_pool  # noqa: E402
-from tokenscaler.core.rows import PoolRows  # noqa: E402
+from tests.core.reference import ref_allocate
+from tokenscaler.core.allocator import PoolProblem, allocate
+from tokenscaler.core.model import Pool, ResourceVector
+from tokenscaler.core.plan import PoolInput, PoolState, plan_pool
+from tokenscaler.core.rows import PoolRows
 
 REPLICA = np.array([8000.0, 410128.0, 256.0])
 
@@ -86,8 +86,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=50)
     args = ap.parse_args()
-    print(f"# {platform.node()} | {platform.processor() or platform.machine()} | Python {platform.python_version()} | "
-          f"numpy {np.__version__} | {time.strftime('%Y-%m-%d')}")
+    print(
+        f"# {platform.node()} | {platform.processor() or platform.machine()} | Python {platform.python_version()} | "
+        f"numpy {np.__version__} | {time.strftime('%Y-%m-%d')}"
+    )
     header = (
         f"{'entitlements':>12} | {'solve p50 ms':>12} | {'solve p99 ms':>12} | {'interval p50 ms':>15} | "
         f"{'reference ms':>12} | {'ref/kernel':>10}"
@@ -98,9 +100,10 @@ def main() -> int:
         rows, capacity, demand = instance(n)
         repeats = args.repeats if n <= 10_000 else max(5, args.repeats // 10)
         allocate(rows.problem, capacity, demand)  # warm up
-        solve = timed(lambda rows=rows, capacity=capacity, demand=demand: allocate(rows.problem, capacity, demand), repeats)
-        replicas = int(round(capacity[0] / REPLICA[0]))
-        debt_state = PoolState(debt={name: 1.0 for name in rows.names[::3]})
+        problem = rows.problem
+        solve = timed(lambda p=problem, c=capacity, d=demand: allocate(p, c, d), repeats)
+        replicas = round(capacity[0] / REPLICA[0])
+        debt_state = PoolState(names=rows.names, debt=np.where(np.arange(n) % 3 == 0, 1.0, 0.0))
         interval = timed(
             lambda rows=rows, demand=demand, replicas=replicas, st=debt_state: plan_pool(
                 rows, PoolInput(replicas, demand, demand * 0.9), st, 0.0, 5.0
@@ -110,7 +113,7 @@ def main() -> int:
         ref_ms = "n/a"
         ratio = "n/a"
         if n <= 1_000:
-            ref = timed(lambda rows=rows, capacity=capacity, demand=demand: ref_allocate(rows.problem, capacity, demand), 3)
+            ref = timed(lambda p=problem, c=capacity, d=demand: ref_allocate(p, c, d), 3)
             ref_med = statistics.median(ref)
             ref_ms = f"{ref_med * 1e3:.1f}"
             ratio = f"{ref_med / statistics.median(solve):.0f}x"

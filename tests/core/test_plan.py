@@ -158,7 +158,7 @@ def test_state_round_trip_and_atomic_save(tmp_path: Path) -> None:
     _plan, state = plan_interval(
         rows, {"p": PoolInput(2, np.array([[2000.0, 0, 0]] * 2), usage)}, PlannerState(), 0.0, 5.0
     )
-    assert state.pools["p"].debt["a"] > 0 > state.pools["p"].debt["b"]
+    assert state.pools["p"].debt_of("a") > 0 > state.pools["p"].debt_of("b")
     path = tmp_path / "state.json"
     save_state(path, state)
     restored = load_state(path)
@@ -173,10 +173,13 @@ def test_state_round_trip_and_atomic_save(tmp_path: Path) -> None:
 def test_renamed_entitlement_state_is_ignored_not_misapplied() -> None:
     ents = [make_entitlement("a")]
     rows = build_pool_rows(config([POOL], ents))
-    state = PlannerState(pools={"p": PoolState(debt={"gone": 30.0}, last_allocation={"gone": [1.0, 1.0, 1.0]})})
+    state = PlannerState(
+        pools={"p": PoolState(names=("gone",), debt=np.array([30.0]), last_allocation=np.ones((1, 3)))}
+    )
     plan, new = plan_interval(rows, {"p": PoolInput(1, np.array([[10.0, 0, 0]]))}, state, 0.0, 5.0)
     assert plan.pools["p"].debt.tolist() == [0.0]
-    assert "gone" not in new.pools["p"].debt
+    assert new.pools["p"].names == ("a",)
+    assert "gone" not in new.pools["p"].to_json()["debt"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -219,3 +222,27 @@ def test_cli_plan_rejects_unknown_names_in_usage(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"entitlements": {"research": {"demand": {"kv_tokens": -5}}}}))
     out = run_cli("plan", "--config", str(EXAMPLE), "--usage", str(bad))
     assert out.returncode == 1 and "entitlements.research.demand.kv_tokens" in out.stderr
+
+
+def test_plan_survives_the_state_file(tmp_path: Path) -> None:
+    """The last plan, stored compactly, comes back equal: what a restarted controller serves."""
+    from tokenscaler.core.plan import Plan
+
+    ents = [
+        make_entitlement("g", "guaranteed", guaranteed=vec(400, 1000, 4)),
+        make_entitlement("a"),
+        make_entitlement("s", "spot"),
+    ]
+    rows = build_pool_rows(config([POOL], ents))
+    demand = np.array([[300.0, 900, 3], [2000, 5000, 20], [500, 0, 1]])
+    plan, state = plan_interval(rows, {"p": PoolInput(2, demand, demand * 0.5)}, PlannerState(), 0.0, 5.0)
+    state.last_plan = plan.to_state()
+    save_state(tmp_path / "s.json", state)
+    restored = Plan.from_state(load_state(tmp_path / "s.json").last_plan, rows)
+    assert restored.to_json() == plan.to_json()
+    # a config that dropped an entitlement and added another maps rows by name
+    rows2 = build_pool_rows(config([POOL], [ents[1], make_entitlement("new"), ents[0]]))
+    moved = Plan.from_state(plan.to_state(), rows2).to_json()["entitlements"]
+    assert moved["a"]["allocation"] == plan.to_json()["entitlements"]["a"]["allocation"]
+    assert moved["new"]["allocation"] == vec(0, 0, 0)
+    assert "s" not in moved

@@ -9,7 +9,8 @@ One :class:`PlanStore` lives in the controller process. The interval loop calls
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from tokenscaler.core.plan import Plan
 
@@ -21,6 +22,8 @@ class PublishedPlan:
     published_at: float  # unix seconds
     stale: bool = False  # the last read of metrics failed; this is the last good plan
     stale_since: float | None = None
+    # pool -> entitlement -> replica -> share of the entitlement's offered load (for limit splits)
+    shares: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
 
 
 class PlanStore:
@@ -32,10 +35,20 @@ class PlanStore:
         return self._current
 
     def publish(
-        self, plan: Plan, published_at: float, *, stale: bool = False, stale_since: float | None = None
+        self,
+        plan: Plan,
+        published_at: float,
+        *,
+        stale: bool = False,
+        stale_since: float | None = None,
+        shares: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+        version: int | None = None,
     ) -> PublishedPlan:
-        version = 1 if self._current is None else self._current.version + 1
-        self._current = PublishedPlan(plan, version, published_at, stale, stale_since)
+        """Make ``plan`` current. ``version`` (e.g. restored from state) is honoured when higher."""
+        next_version = 1 if self._current is None else self._current.version + 1
+        if version is not None:
+            next_version = max(next_version, version)
+        self._current = PublishedPlan(plan, next_version, published_at, stale, stale_since, shares or {})
         if self._changed is not None:
             self._changed.set()
             self._changed = None

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from tokenscaler.core.allocator import BOUND_NAMES, Allocation, allocate, dominant_share
+from tokenscaler.core.codec import decode_array, encode_array
 from tokenscaler.core.debt import effective_weights, update_debt
 from tokenscaler.core.model import N_DIMS, THROUGHPUT, Pool
 from tokenscaler.core.rows import PoolRows, vector_dict
@@ -51,50 +52,93 @@ class PoolInput:
     ready_replicas: int
     demand: np.ndarray  # (n, 3) what each entitlement would use unthrottled
     usage: np.ndarray | None = None  # (n, 3) service received last interval; NaN rows = unknown
+    capacity: np.ndarray | None = None  # (3,) measured capacity; configured replica x ready when None
+    signals: Mapping[str, float | None] | None = None  # engine saturation signals, reported as is
+
+
+def align(values: np.ndarray, names: tuple[str, ...], rows: PoolRows, fill: float) -> np.ndarray:
+    """``values`` (rows named ``names``) re-ordered to ``rows``; rows not in ``names`` get ``fill``."""
+    if names == rows.names:
+        return values
+    out = np.full((rows.n, *values.shape[1:]), fill, dtype=float)
+    for j, name in enumerate(names):
+        i = rows.index.get(name)
+        if i is not None:
+            out[i] = values[j]
+    return out
 
 
 @dataclass
 class PoolState:
-    """What a pool carries from one interval to the next (rows by name, so configs can change)."""
+    """What a pool carries from one interval to the next. Arrays are aligned with ``names``
+    (the rows they were computed for), so a changed config maps them by name."""
 
-    debt: dict[str, float] = field(default_factory=dict)
-    last_allocation: dict[str, list[float]] = field(default_factory=dict)
+    names: tuple[str, ...] = ()
+    debt: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (len(names),)
+    last_allocation: np.ndarray | None = None  # (len(names), 3)
     scale_history: list[tuple[float, int]] = field(default_factory=list)  # (time, raw target)
     desired_replicas: int | None = None
 
     def debt_array(self, rows: PoolRows) -> np.ndarray:
-        return np.array([self.debt.get(name, 0.0) for name in rows.names], dtype=float)
+        return align(self.debt, self.names, rows, 0.0) if self.names else np.zeros(rows.n)
 
     def last_allocation_array(self, rows: PoolRows) -> np.ndarray | None:
-        if not self.last_allocation:
+        if self.last_allocation is None or not self.names:
             return None
-        out = np.full((rows.n, N_DIMS), np.nan)
-        for name, vec in self.last_allocation.items():
-            if (i := rows.index.get(name)) is not None:
-                out[i] = vec
-        return out
+        return align(self.last_allocation, self.names, rows, np.nan)
+
+    def debt_of(self, name: str) -> float:
+        try:
+            return float(self.debt[self.names.index(name)])
+        except ValueError:
+            return 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "desired_replicas": self.desired_replicas,
+            "scale_history": [[t, r] for t, r in self.scale_history],
+            "entitlements": list(self.names),
+            "debt": {n: d for n, d in zip(self.names, self.debt.tolist(), strict=True) if d != 0.0},
+            "last_allocation": None if self.last_allocation is None else encode_array(self.last_allocation),
+        }
+
+    @classmethod
+    def from_json(cls, p: Mapping[str, Any]) -> PoolState:
+        names = tuple(str(n) for n in p.get("entitlements") or ())
+        debts = p.get("debt") or {}
+        last = p.get("last_allocation")
+        last_allocation = decode_array(last) if last is not None else None
+        if last_allocation is not None and last_allocation.shape != (len(names), N_DIMS):
+            raise ValueError(f"last_allocation has shape {last_allocation.shape}, expected {(len(names), N_DIMS)}")
+        return cls(
+            names=names,
+            debt=np.array([float(debts.get(n, 0.0)) for n in names], dtype=float),
+            last_allocation=last_allocation,
+            scale_history=[(float(t), int(r)) for t, r in p.get("scale_history") or []],
+            desired_replicas=p.get("desired_replicas"),
+        )
 
 
 @dataclass
 class PlannerState:
-    """Debt, last allocations and scale-down history of every pool; JSON-serializable."""
+    """Debt, last allocations, scale-down history and the last plan of every pool.
+
+    JSON-serializable (:meth:`to_json`): debt is a readable ``{entitlement: value}`` map;
+    bulky per-entitlement arrays are base64-encoded (:mod:`tokenscaler.core.codec`).
+    """
 
     pools: dict[str, PoolState] = field(default_factory=dict)
     updated_at: float | None = None
+    last_plan: dict[str, Any] | None = None  # the last published plan (Plan.to_state), for restarts
+    plan_version: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "updated_at": self.updated_at,
-            "pools": {
-                name: {
-                    "desired_replicas": ps.desired_replicas,
-                    "scale_history": [[t, r] for t, r in ps.scale_history],
-                    "debt": ps.debt,
-                    "last_allocation": ps.last_allocation,
-                }
-                for name, ps in self.pools.items()
-            },
+            "plan_version": self.plan_version,
+            "pools": {name: ps.to_json() for name, ps in self.pools.items()},
+            "last_plan": self.last_plan,
         }
 
     @classmethod
@@ -102,15 +146,13 @@ class PlannerState:
         version = data.get("version")
         if version != STATE_VERSION:
             raise ValueError(f"state version {version!r} is not supported (expected {STATE_VERSION})")
-        pools = {}
-        for name, p in (data.get("pools") or {}).items():
-            pools[name] = PoolState(
-                debt={k: float(v) for k, v in (p.get("debt") or {}).items()},
-                last_allocation={k: [float(x) for x in v] for k, v in (p.get("last_allocation") or {}).items()},
-                scale_history=[(float(t), int(r)) for t, r in p.get("scale_history") or []],
-                desired_replicas=p.get("desired_replicas"),
-            )
-        return cls(pools=pools, updated_at=data.get("updated_at"))
+        last_plan = data.get("last_plan")
+        return cls(
+            pools={name: PoolState.from_json(p) for name, p in (data.get("pools") or {}).items()},
+            updated_at=data.get("updated_at"),
+            last_plan=last_plan if isinstance(last_plan, dict) else None,
+            plan_version=int(data.get("plan_version") or 0),
+        )
 
 
 # --------------------------------------------------------------------------- outputs
@@ -134,6 +176,9 @@ class PoolPlan:
     burst: np.ndarray  # (n, 3)
     limit_per_replica: np.ndarray
     burst_per_replica: np.ndarray
+    signals: Mapping[str, float | None] | None = None
+    usage: np.ndarray | None = None  # (n, 3) service received last interval, NaN where unknown
+    incomplete: str | None = None  # why part of this pool's metrics were missing, if they were
 
     @property
     def pool(self) -> Pool:
@@ -157,6 +202,7 @@ class PoolPlan:
             "limit_per_replica": vector_dict(self.limit_per_replica[i]),
             "burst_per_replica": vector_dict(self.burst_per_replica[i]),
             "guarantee_shortfall": vector_dict(self.allocation.guarantee_shortfall[i]),
+            "usage": None if self.usage is None or np.isnan(self.usage[i]).any() else vector_dict(self.usage[i]),
             "debt": float(self.debt[i]),
             "bound_by": BOUND_NAMES[int(self.allocation.bound_by[i])],
         }
@@ -171,6 +217,8 @@ class PoolPlan:
             "need": vector_dict(self.need),
             "guarantees_fit": self.allocation.guarantees_fit,
             "guarantee_shortfall": vector_dict(self.allocation.guarantee_shortfall.sum(axis=0)),
+            "engine": dict(self.signals or {}),
+            "incomplete": self.incomplete,
         }
 
 
@@ -179,6 +227,52 @@ class Plan:
     now: float
     interval_s: float
     pools: dict[str, PoolPlan]
+
+    _STATE_ARRAYS = (
+        "demand",
+        "owed",
+        "debt",
+        "limit",
+        "burst",
+        "limit_per_replica",
+        "burst_per_replica",
+        "usage",
+    )
+
+    def to_state(self) -> dict[str, Any]:
+        """A compact form of this plan for the state file (arrays base64-encoded)."""
+        pools = {}
+        for name, pp in self.pools.items():
+            doc: dict[str, Any] = {
+                "ready_replicas": pp.ready_replicas,
+                "desired_replicas": pp.desired_replicas,
+                "target_replicas": pp.target_replicas,
+                "capacity": pp.capacity.tolist(),
+                "need": pp.need.tolist(),
+                "signals": dict(pp.signals or {}),
+                "incomplete": pp.incomplete,
+                "guarantees_fit": pp.allocation.guarantees_fit,
+                "entitlements": list(pp.rows.names),
+                "allocation": encode_array(pp.allocation.allocation),
+                "bound_by": encode_array(pp.allocation.bound_by.astype(np.int64)),
+                "guarantee_shortfall": encode_array(pp.allocation.guarantee_shortfall),
+            }
+            for key in self._STATE_ARRAYS:
+                value = getattr(pp, key)
+                doc[key] = None if value is None else encode_array(value)
+            pools[name] = doc
+        return {"generated_at": self.now, "interval_s": self.interval_s, "pools": pools}
+
+    @classmethod
+    def from_state(cls, doc: Mapping[str, Any], rows: Mapping[str, PoolRows]) -> Plan:
+        """Rebuild a plan from :meth:`to_state` (a restart serves its last plan at once).
+
+        Pools and entitlements the config no longer has are dropped; new ones get zeros.
+        Raises ValueError on a malformed document.
+        """
+        saved = doc.get("pools") or {}
+        pools = {name: _restore_pool(name, saved[name], r) for name, r in rows.items() if name in saved}
+        return cls(now=float(doc.get("generated_at", 0.0)), interval_s=float(doc.get("interval_s", 0.0)), pools=pools)
 
     def to_json(self) -> dict[str, Any]:
         """The shape ``tokenscaler plan`` prints and ``GET /v1/plan`` serves."""
@@ -249,6 +343,8 @@ def plan_pool(
     problem = rows.problem
     ready = max(int(inp.ready_replicas), 0)
     capacity = pool.replica.to_array() * ready
+    if inp.capacity is not None:  # measured capacity (e.g. the engines' KV cache) may be lower
+        capacity = np.minimum(capacity, np.maximum(np.asarray(inp.capacity, dtype=float), 0.0))
     demand = np.maximum(np.nan_to_num(np.asarray(inp.demand, dtype=float), nan=0.0), 0.0)
 
     # 1. what fairness owes at this interval's demand and capacity (configured weights)
@@ -308,10 +404,9 @@ def plan_pool(
     lpr, bpr = split_per_replica(pool, limit, burst, problem.limit, share)
 
     new_state = PoolState(
-        debt={name: float(d) for name, d in zip(rows.names, debt.tolist(), strict=True) if d != 0.0},
-        last_allocation={
-            name: row for name, row in zip(rows.names, alloc.allocation.tolist(), strict=True) if any(row)
-        },
+        names=rows.names,
+        debt=debt,
+        last_allocation=alloc.allocation,
         scale_history=history,
         desired_replicas=desired,
     )
@@ -330,6 +425,8 @@ def plan_pool(
         burst=burst,
         limit_per_replica=lpr,
         burst_per_replica=bpr,
+        signals=inp.signals,
+        usage=None if inp.usage is None else np.asarray(inp.usage, dtype=float),
     )
     return plan, new_state
 
@@ -348,3 +445,51 @@ def plan_interval(
         inp = inputs.get(name) or PoolInput(ready_replicas=0, demand=np.zeros((r.n, N_DIMS)))
         pools[name], new_state.pools[name] = plan_pool(r, inp, state.pools.get(name, PoolState()), now, interval_s)
     return Plan(now=now, interval_s=interval_s, pools=pools), new_state
+
+
+def _restore_pool(pool: str, pj: Mapping[str, Any], r: PoolRows) -> PoolPlan:
+    names = tuple(str(n) for n in pj.get("entitlements") or ())
+
+    def arr(key: str, fill: float = 0.0) -> np.ndarray | None:
+        encoded = pj.get(key)
+        if encoded is None:
+            return None
+        values = decode_array(encoded)
+        if values.shape[0] != len(names):
+            raise ValueError(f"{pool}.{key}: {values.shape[0]} rows for {len(names)} entitlements")
+        return align(values.astype(float), names, r, fill)
+
+    def vectors(key: str) -> np.ndarray:
+        values = arr(key)
+        return np.zeros((r.n, N_DIMS)) if values is None else values
+
+    demand = vectors("demand")
+    p = r.problem
+    guaranteed_demand = np.where(p.is_guaranteed[:, None], np.minimum(np.minimum(demand, p.limit), p.guarantee), 0.0)
+    bound = arr("bound_by")
+    debt = arr("debt")
+    return PoolPlan(
+        rows=r,
+        ready_replicas=int(pj.get("ready_replicas", 0)),
+        desired_replicas=int(pj.get("desired_replicas", r.pool.min_replicas)),
+        target_replicas=int(pj.get("target_replicas", r.pool.min_replicas)),
+        capacity=np.asarray(pj.get("capacity", [0.0] * N_DIMS), dtype=float),
+        need=np.asarray(pj.get("need", [0.0] * N_DIMS), dtype=float),
+        demand=demand,
+        owed=vectors("owed"),
+        allocation=Allocation(
+            allocation=vectors("allocation"),
+            bound_by=np.zeros(r.n, dtype=np.int64) if bound is None else bound.astype(np.int64),
+            guaranteed_demand=guaranteed_demand,
+            guarantee_shortfall=vectors("guarantee_shortfall"),
+            guarantees_fit=bool(pj.get("guarantees_fit", True)),
+        ),
+        debt=np.zeros(r.n) if debt is None else debt,
+        limit=vectors("limit"),
+        burst=vectors("burst"),
+        limit_per_replica=vectors("limit_per_replica"),
+        burst_per_replica=vectors("burst_per_replica"),
+        signals=pj.get("signals"),
+        usage=arr("usage", np.nan),
+        incomplete=pj.get("incomplete"),
+    )

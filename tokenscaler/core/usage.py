@@ -1,7 +1,10 @@
 """Usage inputs: per-pool ready replicas, per-entitlement demand and received service.
 
-The usage document is what ``tokenscaler plan --usage FILE`` reads and what the
-controller's metric sources produce each interval::
+Two ways in, one way out (:class:`~tokenscaler.core.plan.PoolInput` per pool):
+
+* an :class:`Observation` of metrics (what a metrics source read this interval), turned
+  into demand and usage by :func:`derive_inputs`;
+* a usage document, for ``tokenscaler plan --usage FILE``::
 
     {"pools": {POOL: {"ready_replicas": N}},
      "entitlements": {NAME: {"demand": VEC, "usage": VEC}}}
@@ -13,7 +16,11 @@ the document have zero demand. Names the config does not know are errors.
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenscaler.core.model import N_DIMS, ConfigError, ResourceVector, format_validation_error
-from tokenscaler.core.plan import PoolInput
+from tokenscaler.core.plan import PoolInput, align
 from tokenscaler.core.rows import PoolRows
 
 
@@ -88,3 +95,213 @@ def to_inputs(doc: UsageDocument, rows: Mapping[str, PoolRows], source: str = "<
         ready = doc.pools[pool].ready_replicas if pool in doc.pools else 0
         inputs[pool] = PoolInput(ready_replicas=ready, demand=demand, usage=usage if any_usage else None)
     return inputs
+
+
+# --------------------------------------------------------------------------- observations
+
+
+class AnswerKind(StrEnum):
+    """The shape of one metrics answer (each shape has one named behaviour in the sources)."""
+
+    OK = "ok"
+    EMPTY = "empty"
+    NAN = "nan"
+    MULTI = "multi"
+    STALE = "stale"
+
+
+@dataclass
+class PoolSignals:
+    """Per-pool engine signals (summed or averaged over the pool's replicas)."""
+
+    ready_replicas: int = 0
+    kv_capacity_tokens: float | None = None  # sum over replicas of num_gpu_blocks x block_size
+    requests_running: float = 0.0
+    requests_waiting: float = 0.0
+    kv_cache_usage: float | None = None  # mean fraction 0..1
+    prompt_tokens_per_s: float = 0.0
+    generation_tokens_per_s: float = 0.0
+
+
+@dataclass
+class EntitlementSignals:
+    """What the sidecars of a pool report for one entitlement (summed over replicas)."""
+
+    offered_tokens_per_s: float = 0.0  # weighted, including rejected requests' estimates
+    admitted_tokens_per_s: float = 0.0  # weighted, actually served
+    offered_requests_per_s: float = 0.0
+    admitted_requests_per_s: float = 0.0
+    inflight_requests: float = 0.0
+    reserved_kv_tokens: float = 0.0
+
+
+@dataclass
+class Observation:
+    """One interval's reading of every pool, from any metrics source."""
+
+    time: float  # unix seconds of the reading
+    pools: dict[str, PoolSignals] = field(default_factory=dict)
+    entitlements: dict[str, dict[str, EntitlementSignals]] = field(default_factory=dict)  # pool -> name
+    replica_offered: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # pool -> name -> replica
+    incomplete: dict[str, str] = field(default_factory=dict)  # pool -> why its data is partial
+    answers: Counter[tuple[str, AnswerKind]] = field(default_factory=Counter)  # (query, kind) -> count
+
+    def entitlement(self, pool: str, name: str) -> EntitlementSignals:
+        return self.entitlements.setdefault(pool, {}).setdefault(name, EntitlementSignals())
+
+    def pool(self, name: str) -> PoolSignals:
+        return self.pools.setdefault(name, PoolSignals())
+
+
+# --------------------------------------------------------------------------- derivation
+
+DEFAULT_REQUEST_DURATION_S = 10.0  # assumed before any request of an entitlement completed
+
+
+@dataclass
+class PoolDemandState:
+    names: tuple[str, ...]
+    demand: np.ndarray  # (n, 3) smoothed
+    duration_s: np.ndarray  # (n,) mean request duration, NaN until known
+    kv_per_request: np.ndarray  # (n,) mean reserved KV per request, NaN until known
+
+
+@dataclass
+class DemandState:
+    """What demand derivation carries between intervals, per pool (arrays aligned with names)."""
+
+    pools: dict[str, PoolDemandState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Derived:
+    inputs: dict[str, PoolInput]
+    shares: dict[str, dict[str, dict[str, float]]]  # pool -> entitlement -> replica -> share of offered load
+    state: DemandState
+
+
+_SIGNALS = (
+    "offered_tokens_per_s",
+    "admitted_tokens_per_s",
+    "offered_requests_per_s",
+    "admitted_requests_per_s",
+    "inflight_requests",
+    "reserved_kv_tokens",
+)
+
+
+def _signal_matrix(r: PoolRows, seen: Mapping[str, EntitlementSignals]) -> np.ndarray:
+    """(n, 6) signals in :data:`_SIGNALS` order; NaN rows for entitlements not seen."""
+    m = np.full((r.n, len(_SIGNALS)), np.nan)
+    rows, values = [], []
+    for name, sig in seen.items():
+        i = r.index.get(name)
+        if i is not None:
+            rows.append(i)
+            values.append(
+                (
+                    sig.offered_tokens_per_s,
+                    sig.admitted_tokens_per_s,
+                    sig.offered_requests_per_s,
+                    sig.admitted_requests_per_s,
+                    sig.inflight_requests,
+                    sig.reserved_kv_tokens,
+                )
+            )
+    if rows:
+        m[np.array(rows)] = np.maximum(np.array(values, dtype=float), 0.0)
+    return m
+
+
+def derive_inputs(
+    rows: Mapping[str, PoolRows],
+    obs: Observation,
+    state: DemandState,
+    interval_s: float,
+    smoothing_half_life_s: float,
+) -> Derived:
+    """Demand and usage per entitlement from an observation.
+
+    * throughput demand is the offered load in weighted tokens/s, rejected requests
+      included, so throttled demand stays visible; usage is the admitted load.
+    * concurrency demand is what would be in flight unthrottled: offered requests/s times
+      the mean request duration (Little's law: in-flight / admitted requests/s; until one is
+      measured, :data:`DEFAULT_REQUEST_DURATION_S`), never less than what is in flight;
+      usage is what is in flight.
+    * KV demand is that concurrency times the mean reserved KV per in-flight request (the
+      pool's typical request until measured); usage is the KV reserved now.
+
+    Demand is smoothed with an exponential moving average of half-life
+    ``smoothing_half_life_s``; usage is not (it is what was received).
+    """
+    alpha = 1.0 - math.pow(0.5, interval_s / smoothing_half_life_s) if smoothing_half_life_s > 0 else 1.0
+    new_state = DemandState()
+    inputs: dict[str, PoolInput] = {}
+    shares: dict[str, dict[str, dict[str, float]]] = {}
+    for pool_name, r in rows.items():
+        pool = r.pool
+        typical_kv = float(pool.typical_request.prompt_tokens + pool.typical_request.output_tokens)
+        prev = state.pools.get(pool_name)
+        if prev is not None:
+            prev_demand = align(prev.demand, prev.names, r, np.nan)
+            prev_duration = align(prev.duration_s, prev.names, r, np.nan)
+            prev_kv = align(prev.kv_per_request, prev.names, r, np.nan)
+        else:
+            prev_demand = np.full((r.n, N_DIMS), np.nan)
+            prev_duration = np.full(r.n, np.nan)
+            prev_kv = np.full(r.n, np.nan)
+        m = _signal_matrix(r, obs.entitlements.get(pool_name, {}))
+        seen = ~np.isnan(m[:, 0])
+        offered_tps, admitted_tps, offered_rps, admitted_rps, inflight, reserved = (
+            np.nan_to_num(m[:, j]) for j in range(6)
+        )
+        offered_rps = np.maximum(offered_rps, admitted_rps)
+        measured = (admitted_rps > 0) & (inflight > 0)
+        duration = np.where(
+            measured,
+            inflight / np.where(measured, admitted_rps, 1.0),
+            np.where(np.isnan(prev_duration), DEFAULT_REQUEST_DURATION_S, prev_duration),
+        )
+        per_request = np.where(
+            inflight > 0,
+            reserved / np.where(inflight > 0, inflight, 1.0),
+            np.where(np.isnan(prev_kv), typical_kv, prev_kv),
+        )
+        concurrency = np.maximum(inflight, offered_rps * duration)
+        raw = np.stack([offered_tps, np.maximum(reserved, concurrency * per_request), concurrency], axis=1)
+        raw[~seen] = 0.0
+        demand = np.where(np.isnan(prev_demand), raw, prev_demand + alpha * (raw - np.nan_to_num(prev_demand)))
+        demand[demand < 1e-9] = 0.0
+        usage = np.stack([admitted_tps, reserved, inflight], axis=1)
+
+        ps = obs.pools.get(pool_name, PoolSignals())
+        capacity = pool.replica.to_array() * ps.ready_replicas
+        if ps.kv_capacity_tokens is not None:
+            capacity[1] = min(capacity[1], ps.kv_capacity_tokens)
+        inputs[pool_name] = PoolInput(
+            ready_replicas=ps.ready_replicas,
+            demand=demand,
+            usage=usage,
+            capacity=capacity,
+            signals={
+                "requests_running": ps.requests_running,
+                "requests_waiting": ps.requests_waiting,
+                "kv_cache_usage": ps.kv_cache_usage,
+                "prompt_tokens_per_s": ps.prompt_tokens_per_s,
+                "generation_tokens_per_s": ps.generation_tokens_per_s,
+                "kv_capacity_tokens": ps.kv_capacity_tokens,
+            },
+        )
+        pool_shares: dict[str, dict[str, float]] = {}
+        for name, by_replica in obs.replica_offered.get(pool_name, {}).items():
+            total = sum(v for v in by_replica.values() if v > 0)
+            if total > 0:
+                pool_shares[name] = {rep: v / total for rep, v in by_replica.items() if v > 0}
+        shares[pool_name] = pool_shares
+        new_state.pools[pool_name] = PoolDemandState(
+            names=r.names,
+            demand=demand,
+            duration_s=np.where(seen | ~np.isnan(prev_duration), duration, np.nan),
+            kv_per_request=np.where(seen | ~np.isnan(prev_kv), per_request, np.nan),
+        )
+    return Derived(inputs=inputs, shares=shares, state=new_state)

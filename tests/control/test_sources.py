@@ -1,0 +1,174 @@
+"""Metric answers: each shape (empty, NaN, multi-series, stale) has one named behaviour and a counter."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.core.builders import config, make_entitlement, make_pool, vec
+from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.usage import (
+    DEFAULT_REQUEST_DURATION_S,
+    AnswerKind,
+    DemandState,
+    EntitlementSignals,
+    Observation,
+    derive_inputs,
+)
+from tokenscaler.sources.prometheus import assemble, build_queries
+
+NOW = 1_800_000_000.0
+QUERIES = build_queries(30)
+
+
+def series(value, **labels):
+    return {"metric": labels, "value": [NOW, str(value)]}
+
+
+def answers(**by_query):
+    return {q.name: by_query.get(q.name, []) for q in QUERIES}
+
+
+def test_query_set_is_fixed_and_aggregated() -> None:
+    assert len(QUERIES) == 15
+    for q in QUERIES:
+        if q.name not in ("cache_config",):
+            assert q.promql.startswith(("sum by", "avg by", "count by", "max by")), q.promql
+        assert "[30s]" in q.promql or "rate(" not in q.promql
+
+
+def test_empty_answers_mean_zero_and_are_counted() -> None:
+    obs = assemble(NOW, answers(), QUERIES, 60)
+    assert obs.entitlements == {}
+    assert obs.incomplete == {}
+    assert obs.answers[("offered_tokens", AnswerKind.EMPTY)] == 1
+
+
+def test_nan_samples_are_dropped_and_counted() -> None:
+    obs = assemble(
+        NOW,
+        answers(offered_tokens=[series("NaN", pool="p", entitlement="a"), series(5, pool="p", entitlement="b")]),
+        QUERIES,
+        60,
+    )
+    assert "a" not in obs.entitlements["p"]
+    assert obs.entitlements["p"]["b"].offered_tokens_per_s == 5
+    assert obs.answers[("offered_tokens", AnswerKind.NAN)] == 1
+
+
+def test_multi_series_for_one_key_keep_the_largest_and_are_counted() -> None:
+    obs = assemble(
+        NOW,
+        answers(
+            inflight=[series(3, pool="p", entitlement="a", job="x"), series(7, pool="p", entitlement="a", job="y")]
+        ),
+        QUERIES,
+        60,
+    )
+    assert obs.entitlements["p"]["a"].inflight_requests == 7
+    assert obs.answers[("inflight", AnswerKind.MULTI)] == 1
+
+
+def test_stale_samples_mark_the_pool_incomplete() -> None:
+    obs = assemble(NOW, answers(freshest=[series(NOW - 300, pool="p"), series(NOW - 1, pool="q")]), QUERIES, 60)
+    assert "300s old" in obs.incomplete["p"]
+    assert "q" not in obs.incomplete
+    assert obs.answers[("freshest", AnswerKind.STALE)] == 1
+
+
+def test_targets_down_mark_the_pool_incomplete() -> None:
+    obs = assemble(NOW, answers(targets_down=[series(2, pool="p")]), QUERIES, 60)
+    assert obs.incomplete["p"] == "2 scrape target(s) down"
+
+
+def test_cache_config_gives_ready_replicas_and_kv_capacity() -> None:
+    cc = [
+        series(1, pool="p", instance="a:1", engine="0", num_gpu_blocks="1000", block_size="16"),
+        series(1, pool="p", instance="b:1", engine="0", num_gpu_blocks="500", block_size="16"),
+    ]
+    obs = assemble(NOW, answers(cache_config=cc), QUERIES, 60)
+    assert obs.pools["p"].ready_replicas == 2
+    assert obs.pools["p"].kv_capacity_tokens == 24000
+
+
+def test_malformed_values_count_as_nan() -> None:
+    obs = assemble(
+        NOW, answers(reserved_kv=[{"metric": {"pool": "p", "entitlement": "a"}, "value": [NOW]}]), QUERIES, 60
+    )
+    assert obs.answers[("reserved_kv", AnswerKind.NAN)] == 1
+
+
+# --------------------------------------------------------------------------- derivation
+
+ROWS = build_pool_rows(
+    config(
+        [make_pool(typical_request={"prompt_tokens": 100, "output_tokens": 50})],
+        [make_entitlement("a"), make_entitlement("b"), make_entitlement("g", "guaranteed", guaranteed=vec(10, 10, 1))],
+    )
+)
+
+
+def observe(**signals: EntitlementSignals) -> Observation:
+    obs = Observation(time=NOW)
+    obs.pool("p").ready_replicas = 2
+    for name, sig in signals.items():
+        obs.entitlements.setdefault("p", {})[name] = sig
+    return obs
+
+
+def test_throttled_demand_stays_visible() -> None:
+    # a offers 1,000 tok/s but only 400 are admitted; 4 in flight at 2 req/s admitted of 5 offered
+    sig = EntitlementSignals(
+        offered_tokens_per_s=1000,
+        admitted_tokens_per_s=400,
+        offered_requests_per_s=5,
+        admitted_requests_per_s=2,
+        inflight_requests=4,
+        reserved_kv_tokens=600,
+    )
+    d = derive_inputs(ROWS, observe(a=sig), DemandState(), 5.0, 0.0)
+    inp = d.inputs["p"]
+    np.testing.assert_allclose(inp.demand[0], [1000, 1500, 10])  # 5 req/s x 2 s; 150 kv per request
+    np.testing.assert_allclose(inp.usage[0], [400, 600, 4])
+    assert not inp.demand[1].any()
+
+
+def test_unknown_duration_uses_the_default_and_typical_footprint() -> None:
+    sig = EntitlementSignals(offered_tokens_per_s=50, offered_requests_per_s=1)
+    d = derive_inputs(ROWS, observe(b=sig), DemandState(), 5.0, 0.0)
+    np.testing.assert_allclose(
+        d.inputs["p"].demand[1], [50, 150 * DEFAULT_REQUEST_DURATION_S, DEFAULT_REQUEST_DURATION_S]
+    )
+
+
+def test_demand_is_smoothed_with_the_half_life() -> None:
+    sig = EntitlementSignals(offered_tokens_per_s=1000)
+    first = derive_inputs(ROWS, observe(a=sig), DemandState(), 5.0, 5.0)
+    assert first.inputs["p"].demand[0][0] == pytest.approx(1000)  # nothing to smooth against yet
+    second = derive_inputs(ROWS, observe(), first.state, 5.0, 5.0)
+    assert second.inputs["p"].demand[0][0] == pytest.approx(500)  # one half-life later, with zero offered
+    third = derive_inputs(ROWS, observe(), second.state, 5.0, 5.0)
+    assert third.inputs["p"].demand[0][0] == pytest.approx(250)
+
+
+def test_replica_shares_from_offered_load() -> None:
+    obs = observe(a=EntitlementSignals(offered_tokens_per_s=100))
+    obs.replica_offered = {"p": {"a": {"r1": 75.0, "r2": 25.0, "r3": 0.0}}}
+    d = derive_inputs(ROWS, obs, DemandState(), 5.0, 0.0)
+    assert d.shares["p"]["a"] == {"r1": 0.75, "r2": 0.25}
+
+
+def test_measured_kv_capacity_caps_the_pool() -> None:
+    obs = observe()
+    obs.pools["p"].kv_capacity_tokens = 1234.0
+    d = derive_inputs(ROWS, obs, DemandState(), 5.0, 0.0)
+    assert d.inputs["p"].capacity[1] == 1234.0
+    assert d.inputs["p"].capacity[0] == 2000.0
+
+
+def test_finite() -> None:
+    from tokenscaler.sources.base import finite
+
+    assert finite(1.0) and not finite(math.nan) and not finite(math.inf)

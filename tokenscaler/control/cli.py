@@ -1,0 +1,189 @@
+"""`tokenscaler controller`: the interval loop, the KEDA scaler and the admission API in one process.
+
+    tokenscaler controller --config FILE [--prometheus-url URL | --scrape-config FILE]
+        [--grpc-listen ADDR] [--http-listen ADDR] [--state FILE] [--interval-s N] ...
+
+One asyncio loop (uvloop where available) hosts the planning loop, the gRPC server for KEDA
+and the HTTP admission API. Once both servers accept connections it prints
+``tokenscaler controller listening on http://HOST:PORT`` then
+``tokenscaler controller scaler on grpc://HOST:PORT``. SIGTERM stops it cleanly: servers
+close, the last state is already on disk (it is written after every interval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="token-pools config (YAML or JSON)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prometheus-url", metavar="URL", help="read metrics from this Prometheus")
+    src.add_argument("--scrape-config", metavar="FILE", help="scrape these targets directly (no Prometheus)")
+    p.add_argument(
+        "--grpc-listen",
+        type=_address,
+        default="0.0.0.0:9090",
+        metavar="ADDR",
+        help="KEDA external scaler address (default 0.0.0.0:9090)",
+    )
+    p.add_argument(
+        "--http-listen",
+        type=_address,
+        default="0.0.0.0:8080",
+        metavar="ADDR",
+        help="admission API address (default 0.0.0.0:8080)",
+    )
+    p.add_argument("--state", metavar="FILE", help="persist debt, history and the last plan here (restored at start)")
+    p.add_argument("--interval-s", type=float, default=5.0, metavar="N", help="planning interval (default 5)")
+    p.add_argument(
+        "--rate-window-s", type=float, default=30.0, metavar="N", help="PromQL rate() window for counters (default 30)"
+    )
+    p.add_argument("--query-timeout-s", type=float, default=2.0, metavar="N", help="per-query timeout (default 2)")
+    p.add_argument(
+        "--max-staleness-s",
+        type=float,
+        default=60.0,
+        metavar="N",
+        help="sidecar samples older than this mark a pool's data incomplete (default 60)",
+    )
+    p.add_argument(
+        "--demand-half-life-s", type=float, default=10.0, metavar="N", help="half-life of demand smoothing (default 10)"
+    )
+    p.add_argument(
+        "--limits-ttl-s",
+        type=float,
+        default=60.0,
+        metavar="N",
+        help="how long sidecars may enforce a limits document without a newer one (default 60)",
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="scaler server certificate chain (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="scaler server private key (PEM)")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _check(args: argparse.Namespace) -> list[str]:
+    errors = []
+    for flag in ("interval_s", "rate_window_s", "query_timeout_s", "max_staleness_s", "limits_ttl_s"):
+        if getattr(args, flag) <= 0:
+            errors.append(f"--{flag.replace('_', '-')} ({getattr(args, flag):g}) must be > 0")
+    if args.demand_half_life_s < 0:
+        errors.append(f"--demand-half-life-s ({args.demand_half_life_s:g}) must be >= 0")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        errors.append("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        errors.append("--tls-client-ca needs --tls-cert and --tls-key")
+    return errors
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    errors = _check(args)
+    if errors:
+        for e in errors:
+            print(f"tokenscaler controller: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(_main(args))
+    return uvloop.run(_main(args))
+
+
+async def _main(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from aiohttp import web
+    from prometheus_client import CollectorRegistry
+
+    from tokenscaler.control.loop import Controller
+    from tokenscaler.control.metrics import ControllerMetrics, PlanCollector
+    from tokenscaler.control.persist import StateFileError
+    from tokenscaler.control.store import PlanStore
+    from tokenscaler.core.model import ConfigError, load_config
+    from tokenscaler.serve.admission import AdmissionApi
+    from tokenscaler.serve.scaler import ScalerTLS, start_scaler
+    from tokenscaler.sources.base import MetricsSource
+    from tokenscaler.sources.prometheus import PrometheusSource
+    from tokenscaler.sources.scrape import ScrapeSource, load_scrape_config
+
+    try:
+        config = load_config(args.config)
+        source: MetricsSource
+        if args.prometheus_url:
+            source = PrometheusSource(
+                args.prometheus_url,
+                rate_window_s=args.rate_window_s,
+                timeout_s=args.query_timeout_s,
+                max_staleness_s=args.max_staleness_s,
+            )
+        else:
+            source = ScrapeSource(load_scrape_config(args.scrape_config))
+        tls = ScalerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    except ConfigError as e:
+        for line in e.errors:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"tokenscaler controller: {e}", file=sys.stderr)
+        return 1
+
+    registry = CollectorRegistry()
+    metrics = ControllerMetrics(registry)
+    store = PlanStore()
+    registry.register(PlanCollector(store))
+    controller = Controller(
+        config,
+        source,
+        store,
+        metrics,
+        interval_s=args.interval_s,
+        state_path=args.state,
+        demand_half_life_s=args.demand_half_life_s,
+    )
+    try:
+        restored = controller.restore()
+    except StateFileError as e:
+        print(f"tokenscaler controller: {e} (move it away to start without state)", file=sys.stderr)
+        return 1
+
+    api = AdmissionApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    http_host, http_port = args.http_listen
+    grpc_host, grpc_port = args.grpc_listen
+    try:
+        site = web.TCPSite(runner, http_host, http_port)
+        await site.start()
+        grpc_server, bound_grpc = await start_scaler(store, f"{grpc_host}:{grpc_port}", tls, registry=registry)
+    except OSError as e:
+        print(f"tokenscaler controller: {e}", file=sys.stderr)
+        await runner.cleanup()
+        return 1
+    bound_http = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(f"tokenscaler controller listening on http://{http_host}:{bound_http}", flush=True)
+    print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, controller.stop)
+    try:
+        await controller.run(first_delay_s=args.interval_s if restored is not None else 0.0)
+    finally:
+        await grpc_server.stop(1.0)
+        await runner.cleanup()
+        await source.close()
+    return 0

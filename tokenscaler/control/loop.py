@@ -1,0 +1,189 @@
+"""The interval loop: read metrics, derive demand, plan, publish, persist.
+
+Every ``interval_s`` the :class:`Controller` reads an :class:`Observation` from its
+metrics source, derives per-entitlement demand and usage, runs the pure planning step
+(debt, allocation, replica targets, limits) in a worker thread, publishes the result to
+the :class:`PlanStore` and writes its state atomically. Servers only read the store, so
+nothing they do waits on the solver, and the solver never runs on the event loop.
+
+Failure behaviour, each a tested rule:
+
+* the source fails (Prometheus down, timeout, nothing scrapeable): the last good plan is
+  published again, marked stale (with ``stale_since``); targets, limits and guaranteed
+  floors stay as they were. Plans resume with the next good read.
+* a pool's data is incomplete (targets down, samples too old): it is planned, but its
+  replica target is never lowered below the last published one.
+* restart: debt, scale-down history and the last plan come back from ``--state``; the
+  restored plan is published at once, so KEDA and the sidecars are answered from the first
+  second, and the first fresh interval follows one interval later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tokenscaler.control.metrics import ControllerMetrics
+from tokenscaler.control.persist import StateFileError, load_state, save_state
+from tokenscaler.control.store import PlanStore, PublishedPlan
+from tokenscaler.core.model import TokenPoolsConfig
+from tokenscaler.core.plan import Plan, PlannerState, plan_interval
+from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.usage import DemandState, Observation, derive_inputs
+from tokenscaler.sources.base import MetricsSource, SourceError
+
+log = logging.getLogger(__name__)
+
+
+class Controller:
+    def __init__(
+        self,
+        config: TokenPoolsConfig,
+        source: MetricsSource,
+        store: PlanStore,
+        metrics: ControllerMetrics,
+        *,
+        interval_s: float = 5.0,
+        state_path: str | Path | None = None,
+        demand_half_life_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s ({interval_s}) must be > 0")
+        self.config = config
+        self.rows = build_pool_rows(config)
+        self.source = source
+        self.store = store
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.state_path = Path(state_path) if state_path else None
+        self.demand_half_life_s = demand_half_life_s
+        self.clock = clock
+        self.state = PlannerState()
+        self.demand_state = DemandState()
+        self._stale_since: float | None = None
+        self._stop = asyncio.Event()
+
+    # ------------------------------------------------------------------ state
+
+    def restore(self) -> PublishedPlan | None:
+        """Load state from ``--state`` and publish the last plan it holds, if any."""
+        if self.state_path is None:
+            return None
+        try:
+            self.state = load_state(self.state_path)
+        except StateFileError:
+            raise  # the caller refuses to start rather than silently dropping debt
+        if self.state.last_plan is None:
+            return None
+        try:
+            plan = Plan.from_state(self.state.last_plan, self.rows)
+        except (ValueError, TypeError, KeyError) as e:
+            raise StateFileError(f"{self.state_path}: the saved plan cannot be restored: {e}") from e
+        log.info("restored plan version %d from %s", self.state.plan_version, self.state_path)
+        return self.store.publish(plan, self.clock(), version=self.state.plan_version)
+
+    def _persist(self) -> None:
+        if self.state_path is None:
+            return
+        try:
+            save_state(self.state_path, self.state)
+        except OSError as e:
+            self.metrics.state_write_errors.inc()
+            log.error("could not write state to %s: %s (will retry next interval)", self.state_path, e)
+
+    # ------------------------------------------------------------------ one interval
+
+    async def step(self) -> PublishedPlan | None:
+        """One interval. Returns what was published (None if there was nothing to publish)."""
+        started = time.perf_counter()
+        now = self.clock()
+        try:
+            obs = await self.source.read(now)
+        except SourceError as e:
+            self.metrics.source_errors.labels(e.kind).inc()
+            self.metrics.intervals.labels("stale").inc()
+            return self._republish_stale(now, str(e))
+        except Exception as e:  # a bug in a source must not stop the loop
+            log.exception("metrics source failed unexpectedly")
+            self.metrics.source_errors.labels("internal").inc()
+            self.metrics.intervals.labels("stale").inc()
+            return self._republish_stale(now, repr(e))
+        read_done = time.perf_counter()
+        for (query, kind), n in obs.answers.items():
+            self.metrics.source_answers.labels(query, kind.value).inc(n)
+
+        plan, shares = await asyncio.to_thread(self._plan, obs, now)
+        planned = time.perf_counter()
+        previous = self.store.current()
+        version = previous.version + 1 if previous is not None else self.state.plan_version + 1
+        published = self.store.publish(plan, now, shares=shares, version=version)
+        if self._stale_since is not None:
+            log.info("metrics are back after %.0fs: publishing fresh plans", now - self._stale_since)
+        self._stale_since = None
+        self.state.last_plan = plan.to_state()
+        self.state.plan_version = published.version
+        await asyncio.to_thread(self._persist)
+        done = time.perf_counter()
+        self.metrics.interval_duration.labels("read").observe(read_done - started)
+        self.metrics.interval_duration.labels("plan").observe(planned - read_done)
+        self.metrics.interval_duration.labels("persist").observe(done - planned)
+        self.metrics.interval_duration.labels("total").observe(done - started)
+        self.metrics.intervals.labels("ok").inc()
+        return published
+
+    def _plan(self, obs: Observation, now: float) -> tuple[Plan, dict]:
+        derived = derive_inputs(self.rows, obs, self.demand_state, self.interval_s, self.demand_half_life_s)
+        self.demand_state = derived.state
+        plan, new_state = plan_interval(self.rows, derived.inputs, self.state, now, self.interval_s)
+        previous = self.store.current()
+        for name, why in obs.incomplete.items():
+            pp = plan.pools.get(name)
+            if pp is None:
+                continue
+            held = pp.desired_replicas
+            if previous is not None and name in previous.plan.pools:
+                held = max(held, previous.plan.pools[name].desired_replicas)
+            plan.pools[name] = dataclasses.replace(pp, desired_replicas=held, incomplete=why)
+            new_state.pools[name].desired_replicas = held
+            log.warning("pool %s: incomplete metrics (%s): target held at %d or above", name, why, held)
+        new_state.last_plan = self.state.last_plan
+        new_state.plan_version = self.state.plan_version
+        self.state = new_state
+        return plan, derived.shares
+
+    def _republish_stale(self, now: float, why: str) -> PublishedPlan | None:
+        current = self.store.current()
+        if self._stale_since is None:
+            self._stale_since = now
+            log.warning("metrics unavailable (%s): serving the last good plan, marked stale", why)
+        if current is None:
+            return None
+        return self.store.publish(current.plan, now, stale=True, stale_since=self._stale_since, shares=current.shares)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, *, first_delay_s: float = 0.0) -> None:
+        """Run intervals until :meth:`stop`; intervals start on a fixed cadence."""
+        next_at = time.monotonic() + first_delay_s
+        while not self._stop.is_set():
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    break
+            next_at = max(next_at + self.interval_s, time.monotonic())
+            try:
+                await self.step()
+            except Exception:
+                log.exception("planning interval failed; the last plan stays published")
+                self.metrics.intervals.labels("error").inc()
+
+    def stop(self) -> None:
+        self._stop.set()

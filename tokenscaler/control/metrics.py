@@ -1,0 +1,200 @@
+"""The controller's own metrics: every ``tokenscaler_*`` name it exports, in one place.
+
+Dashboards and alert rules are built on these names; a test fails when one of them uses a
+name this module does not define. Per-pool and per-entitlement series are produced at
+scrape time by :class:`PlanCollector` straight from the published plan's arrays, so an
+interval never pays for 10,000 entitlements x 3 dimensions of ``Gauge.set`` calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tokenscaler.control.store import PlanStore
+from tokenscaler.core.model import DIMENSIONS, TIER_ORDER
+
+# per entitlement, label dimension (and pool, entitlement, tier)
+ENTITLEMENT_GUARANTEE = "tokenscaler_entitlement_guarantee"
+ENTITLEMENT_LIMIT = "tokenscaler_entitlement_limit"
+ENTITLEMENT_BURST = "tokenscaler_entitlement_burst"
+ENTITLEMENT_ALLOCATION = "tokenscaler_entitlement_allocation"
+ENTITLEMENT_DEMAND = "tokenscaler_entitlement_demand"
+ENTITLEMENT_USAGE = "tokenscaler_entitlement_usage"
+ENTITLEMENT_SHORTFALL = "tokenscaler_entitlement_guarantee_shortfall"
+# per entitlement, no dimension
+ENTITLEMENT_DEBT = "tokenscaler_entitlement_debt_share_seconds"
+# per pool
+POOL_DESIRED_REPLICAS = "tokenscaler_pool_desired_replicas"
+POOL_TARGET_REPLICAS = "tokenscaler_pool_target_replicas"
+POOL_READY_REPLICAS = "tokenscaler_pool_ready_replicas"
+POOL_MIN_REPLICAS = "tokenscaler_pool_min_replicas"
+POOL_MAX_REPLICAS = "tokenscaler_pool_max_replicas"
+POOL_CAPACITY = "tokenscaler_pool_capacity"  # label dimension
+POOL_ALLOCATED = "tokenscaler_pool_allocated"  # label dimension
+POOL_DEMAND = "tokenscaler_pool_demand"  # label dimension
+POOL_GUARANTEE_SHORTFALL = "tokenscaler_pool_guarantee_shortfall"  # label dimension
+POOL_DATA_INCOMPLETE = "tokenscaler_pool_data_incomplete"
+# the plan
+PLAN_AGE = "tokenscaler_plan_age_seconds"
+PLAN_STALE = "tokenscaler_plan_stale"
+PLAN_VERSION = "tokenscaler_plan_version"
+# the loop and its inputs
+INTERVAL_DURATION = "tokenscaler_interval_duration_seconds"  # label phase
+INTERVALS = "tokenscaler_intervals_total"  # label outcome
+SOURCE_ERRORS = "tokenscaler_source_errors_total"  # label kind
+SOURCE_ANSWERS = "tokenscaler_source_answers_total"  # labels query, kind
+STATE_WRITE_ERRORS = "tokenscaler_state_write_errors_total"
+ADMISSION_REQUESTS = "tokenscaler_admission_requests_total"  # labels route, code
+
+ALL_NAMES: tuple[str, ...] = tuple(
+    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith("tokenscaler_")
+)
+
+_TIERS = [t.value for t in TIER_ORDER]
+
+
+def _without_total(name: str) -> str:
+    # prometheus-client appends _total to counters itself
+    return name.removesuffix("_total")
+
+
+class ControllerMetrics:
+    """The loop's counters and histograms, on the controller's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.interval_duration = Histogram(
+            INTERVAL_DURATION,
+            "Time spent in one planning interval, by phase.",
+            ["phase"],
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.intervals = Counter(
+            _without_total(INTERVALS), "Planning intervals by outcome.", ["outcome"], registry=registry
+        )
+        self.source_errors = Counter(
+            _without_total(SOURCE_ERRORS), "Metric reads that failed, by kind.", ["kind"], registry=registry
+        )
+        self.source_answers = Counter(
+            _without_total(SOURCE_ANSWERS),
+            "Answers of the metrics source by query and shape (ok, empty, nan, multi, stale).",
+            ["query", "kind"],
+            registry=registry,
+        )
+        self.state_write_errors = Counter(
+            _without_total(STATE_WRITE_ERRORS), "State file writes that failed.", registry=registry
+        )
+        self.admission_requests = Counter(
+            _without_total(ADMISSION_REQUESTS),
+            "Admission API requests by route and status code.",
+            ["route", "code"],
+            registry=registry,
+        )
+
+
+class PlanCollector(Collector):
+    """Per-pool and per-entitlement gauges, read from the published plan at scrape time."""
+
+    def __init__(self, store: PlanStore, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        published = self.store.current()
+        age = GaugeMetricFamily(PLAN_AGE, "Seconds since the published plan was made.")
+        stale = GaugeMetricFamily(PLAN_STALE, "1 while the controller serves its last good plan (metrics missing).")
+        version = GaugeMetricFamily(PLAN_VERSION, "Version of the published plan.")
+        if published is not None:
+            age.add_metric([], max(self.clock() - published.plan.now, 0.0))
+            stale.add_metric([], 1.0 if published.stale else 0.0)
+            version.add_metric([], float(published.version))
+        yield age
+        yield stale
+        yield version
+        if published is None:
+            return
+        per_dim = {
+            name: GaugeMetricFamily(name, doc, labels=["pool", "entitlement", "tier", "dimension"])
+            for name, doc in (
+                (ENTITLEMENT_GUARANTEE, "Guaranteed amount per dimension (guaranteed tier)."),
+                (ENTITLEMENT_LIMIT, "Sustained limit for the next interval, whole pool."),
+                (ENTITLEMENT_BURST, "Burst allowance, whole pool."),
+                (ENTITLEMENT_ALLOCATION, "Allocation this interval."),
+                (ENTITLEMENT_DEMAND, "Smoothed demand (offered load, rejected included)."),
+                (ENTITLEMENT_USAGE, "Service received over the last interval."),
+                (ENTITLEMENT_SHORTFALL, "Guaranteed demand not allocated: the breach signal."),
+            )
+        }
+        debt = GaugeMetricFamily(
+            ENTITLEMENT_DEBT, "Fair-share debt in dominant-share seconds.", labels=["pool", "entitlement", "tier"]
+        )
+        pool_gauges = {
+            name: GaugeMetricFamily(name, doc, labels=["pool"])
+            for name, doc in (
+                (POOL_DESIRED_REPLICAS, "Replicas the plan asks for (what KEDA is told)."),
+                (POOL_TARGET_REPLICAS, "Replicas needed now, before scale-down stabilization."),
+                (POOL_READY_REPLICAS, "Replicas ready to serve."),
+                (POOL_MIN_REPLICAS, "Configured minimum replicas."),
+                (POOL_MAX_REPLICAS, "Configured maximum replicas."),
+                (POOL_DATA_INCOMPLETE, "1 when part of the pool's metrics were missing this interval."),
+            )
+        }
+        pool_dims = {
+            name: GaugeMetricFamily(name, doc, labels=["pool", "dimension"])
+            for name, doc in (
+                (POOL_CAPACITY, "Capacity of the ready replicas."),
+                (POOL_ALLOCATED, "Sum of allocations."),
+                (POOL_DEMAND, "Sum of smoothed demand."),
+                (POOL_GUARANTEE_SHORTFALL, "Sum of guarantee shortfalls."),
+            )
+        }
+        for pool_name, pp in published.plan.pools.items():
+            p = pp.rows.problem
+            arrays = {
+                ENTITLEMENT_GUARANTEE: p.guarantee,
+                ENTITLEMENT_LIMIT: pp.limit,
+                ENTITLEMENT_BURST: pp.burst,
+                ENTITLEMENT_ALLOCATION: pp.allocation.allocation,
+                ENTITLEMENT_DEMAND: pp.demand,
+                ENTITLEMENT_USAGE: np.nan_to_num(pp.usage, nan=0.0) if pp.usage is not None else None,
+                ENTITLEMENT_SHORTFALL: pp.allocation.guarantee_shortfall,
+            }
+            tiers = [_TIERS[t] for t in p.tier.tolist()]
+            for name, arr in arrays.items():
+                if arr is None:
+                    continue
+                fam = per_dim[name]
+                values = arr.tolist()
+                for i, ent in enumerate(pp.rows.names):
+                    row = values[i]
+                    for k, dim in enumerate(DIMENSIONS):
+                        fam.add_metric([pool_name, ent, tiers[i], dim], row[k])
+            for i, (ent, d) in enumerate(zip(pp.rows.names, pp.debt.tolist(), strict=True)):
+                debt.add_metric([pool_name, ent, tiers[i]], d)
+            for name, value in (
+                (POOL_DESIRED_REPLICAS, pp.desired_replicas),
+                (POOL_TARGET_REPLICAS, pp.target_replicas),
+                (POOL_READY_REPLICAS, pp.ready_replicas),
+                (POOL_MIN_REPLICAS, pp.pool.min_replicas),
+                (POOL_MAX_REPLICAS, pp.pool.max_replicas),
+                (POOL_DATA_INCOMPLETE, 1.0 if pp.incomplete else 0.0),
+            ):
+                pool_gauges[name].add_metric([pool_name], float(value))
+            for name, vec in (
+                (POOL_CAPACITY, pp.capacity),
+                (POOL_ALLOCATED, pp.allocation.allocation.sum(axis=0)),
+                (POOL_DEMAND, pp.demand.sum(axis=0)),
+                (POOL_GUARANTEE_SHORTFALL, pp.allocation.guarantee_shortfall.sum(axis=0)),
+            ):
+                for k, dim in enumerate(DIMENSIONS):
+                    pool_dims[name].add_metric([pool_name, dim], float(vec[k]))
+        yield from per_dim.values()
+        yield debt
+        yield from pool_gauges.values()
+        yield from pool_dims.values()

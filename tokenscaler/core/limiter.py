@@ -1,0 +1,519 @@
+"""Admission decisions of one sidecar: multi-dimensional token buckets and in-flight gates.
+
+Owns, for one replica, every entitlement's gate and the replica's own totals, and decides
+whether a request is admitted, by which path, what it reserves and whom it displaces. Pure:
+no asyncio and no clock; every method takes ``now`` (seconds on any monotonic clock), and
+every refusal carries its reason as data (:class:`Shortfall`).
+
+Per entitlement (:class:`GateLimits`, this replica's share of its limits):
+
+* ``throughput_tokens_per_s``: a token bucket in weighted tokens, refilled at ``limit`` per
+  second up to a depth of ``burst``. A request takes its whole estimate at admission:
+  ``prompt x w_prompt + max new tokens x w_generation``;
+* ``kv_tokens``: the KV footprint reserved by in-flight requests (prompt + max new tokens
+  each) stays within ``limit + burst``;
+* ``concurrency``: in-flight sequences stay within ``limit + burst``.
+
+A request is admitted *within its allowance* only if all three pass. Otherwise, if the
+entitlement may backfill, it may be admitted on *idle capacity* when the replica's own totals
+leave room (in-flight sequences and reserved KV against the replica's capacity, and a
+replica-wide bucket refilled at the replica's throughput that every admitted request drains)
+and its ceiling (its configured limit on this replica) is not exceeded. Backfilled requests
+are borrowed capacity: when a request within its allowance finds the replica full, the
+decision names backfilled requests of other entitlements to preempt (spot first, then
+elastic, then guaranteed; lower priority first; newest first), whose KV and concurrency are
+released at once.
+
+Reconciliation: generated tokens are charged as they stream; tokens beyond the estimate put
+the buckets into debt (and grow the KV reservation) rather than going uncounted; at the end
+KV and concurrency are released and the unused part of the estimate is refunded, never
+filling a bucket above its depth.
+
+The bound: admission needs ``level >= estimate``, or a full bucket for a request larger than
+the whole depth, so the estimates admitted from a bucket over any window of ``T`` seconds sum
+to at most ``depth + rate x T + refunds`` plus that one oversized request; every refund is
+an estimate minus what was used, so the weighted tokens actually used by requests admitted
+within their allowance are at most ``limit x T + burst + one request's estimate``, however
+many arrive at once. Tokens beyond an estimate are charged as debt and delay later admissions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from tokenscaler.core.model import CONCURRENCY, DIMENSIONS, KV, THROUGHPUT, Pool, Tier
+
+INF = math.inf
+Vector = tuple[float, float, float]
+_ZERO: Vector = (0.0, 0.0, 0.0)
+_UNLIMITED: Vector = (INF, INF, INF)
+_MEAN_ALPHA = 0.1  # weight of the newest request in the mean generated tokens per sequence
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """One entitlement's limits on this replica (``inf`` = unlimited)."""
+
+    tier: Tier
+    priority: int = 0
+    limit: Vector = _ZERO
+    burst: Vector = _ZERO
+    backfill: bool = False
+    """May use this replica's idle capacity above its own limit."""
+    ceiling: Vector = _UNLIMITED
+    """Never exceeded, backfill included: the configured limit on this replica."""
+    ceiling_burst: Vector = _ZERO
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a request may consume, known before it is sent."""
+
+    prompt_tokens: int
+    max_new_tokens: int  # over all sequences
+    sequences: int  # prompts x n
+    weighted: float  # prompt x w_prompt + max_new_tokens x w_generation
+    kv_tokens: int  # prompt tokens of every sequence + max_new_tokens
+
+
+class Bucket:
+    """A token bucket in weighted tokens whose level may go negative (debt)."""
+
+    __slots__ = ("depth", "level", "rate", "t")
+
+    def __init__(self, rate: float, depth: float, now: float) -> None:
+        self.rate = rate
+        self.depth = depth
+        self.level = depth
+        self.t = now
+
+    def refill(self, now: float) -> float:
+        if now > self.t:
+            if self.level < self.depth:
+                self.level = min(self.depth, self.level + self.rate * (now - self.t))
+            self.t = now
+        return self.level
+
+    def allows(self, cost: float, now: float) -> bool:
+        level = self.refill(now)
+        return level >= cost or (cost > self.depth > 0 and level >= self.depth)
+
+    def wait_s(self, cost: float) -> float:
+        """Seconds until :meth:`allows` holds, with no other traffic (``inf`` if never)."""
+        deficit = min(cost, self.depth) - self.level
+        if deficit <= 0:
+            return 0.0
+        return deficit / self.rate if self.rate > 0 else INF
+
+    def refund(self, amount: float) -> None:
+        self.level = min(self.depth, self.level + amount)
+
+    def update(self, rate: float, depth: float, now: float) -> None:
+        self.refill(now)
+        self.rate = rate
+        self.depth = depth
+        self.level = min(self.level, depth)
+
+
+def _bucket(rate: float, depth: float, now: float) -> Bucket | None:
+    return None if math.isinf(rate) else Bucket(rate, depth, now)
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """One dimension on which a request does not fit, with the numbers."""
+
+    dimension: str
+    scope: str  # "limit" (own allowance), "ceiling" or "replica" (idle capacity)
+    requested: float
+    in_use: float  # reserved KV / in-flight sequences; throughput: allowance already spent
+    allowed: float  # limit + burst; throughput: the bucket depth
+    available: float  # allowed - in_use; throughput: the bucket level
+    rate: float = 0.0  # throughput: refill per second
+    retry_after_s: float = INF
+
+    def describe(self) -> str:
+        if self.dimension == DIMENSIONS[THROUGHPUT]:
+            return (
+                f"requested {self.requested:.0f} weighted tokens, {max(self.available, 0):.0f} of "
+                f"{self.allowed:.0f} available (refill {self.rate:g}/s)"
+            )
+        unit = "KV tokens" if self.dimension == DIMENSIONS[KV] else "requests"
+        return f"requested {self.requested:.0f} {unit} with {self.in_use:.0f} of {self.allowed:g} already in flight"
+
+
+@dataclass(eq=False)
+class Reservation:
+    """What one admitted request holds until :meth:`Limiter.finish`."""
+
+    entitlement: str
+    tier: Tier
+    priority: int
+    estimate: Estimate
+    backfill: bool
+    seq: int
+    admitted_at: float
+    charged: float = 0.0  # weighted tokens taken from the buckets so far
+    kv_tokens: float = 0.0
+    generated: int = 0
+    active: bool = True  # still holds KV and concurrency
+    preempted: bool = False
+    finished: bool = False
+    handle: object | None = field(default=None, repr=False)
+    """Set by the caller: whatever it needs to cut the request when preempted."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    admitted: bool
+    reservation: Reservation | None = None
+    shortfalls: tuple[Shortfall, ...] = ()
+    dimension: str | None = None  # the binding dimension of a refusal
+    retry_after_s: float = 0.0
+    victims: tuple[Reservation, ...] = ()
+
+    def message(self, entitlement: str, tier: str) -> str:
+        if self.admitted:
+            return "admitted"
+        own = [s for s in self.shortfalls if s.scope == "limit"]
+        other = [s for s in self.shortfalls if s.scope != "limit"]
+        parts = [f"Rate limit reached for entitlement {entitlement} ({tier}) on {self.dimension}"]
+        for s in own:
+            parts.append(f"{s.dimension}: {s.describe()}")
+        for s in other:
+            where = "its ceiling" if s.scope == "ceiling" else "no idle capacity on this replica"
+            parts.append(f"{where}: {s.dimension}: {s.describe()}")
+        wait = "later" if math.isinf(self.retry_after_s) else f"in {max(self.retry_after_s, 0.001):.3g}s"
+        return "; ".join(parts) + f". Please try again {wait}."
+
+
+@dataclass(frozen=True)
+class RateLimitStatus:
+    """An entitlement's own allowance now, as ``x-ratelimit-*`` headers report it."""
+
+    tokens_limit: float
+    tokens_remaining: float
+    tokens_reset_s: float
+    requests_limit: float
+    requests_remaining: float
+    requests_reset_s: float
+
+
+class Gate:
+    """One entitlement's state on this replica."""
+
+    __slots__ = ("bf_inflight", "bf_kv", "ceiling", "inflight", "kv", "limits", "mean_generated", "own")
+
+    def __init__(self, limits: GateLimits, now: float) -> None:
+        self.limits = limits
+        self.own = _bucket(limits.limit[THROUGHPUT], limits.burst[THROUGHPUT], now)
+        self.ceiling = _bucket(limits.ceiling[THROUGHPUT], limits.ceiling_burst[THROUGHPUT], now)
+        self.inflight = 0  # sequences admitted within the allowance
+        self.kv = 0.0
+        self.bf_inflight = 0  # sequences admitted on idle capacity
+        self.bf_kv = 0.0
+        self.mean_generated: float | None = None  # per sequence, of completed requests
+
+    def update(self, limits: GateLimits, now: float) -> None:
+        for attr, rate, depth in (
+            ("own", limits.limit[THROUGHPUT], limits.burst[THROUGHPUT]),
+            ("ceiling", limits.ceiling[THROUGHPUT], limits.ceiling_burst[THROUGHPUT]),
+        ):
+            bucket: Bucket | None = getattr(self, attr)
+            if math.isinf(rate):
+                setattr(self, attr, None)
+            elif bucket is None:
+                setattr(self, attr, Bucket(rate, depth, now))
+            else:
+                bucket.update(rate, depth, now)
+        self.limits = limits
+
+
+def _in_flight_shortfalls(
+    scope: str, est: Estimate, kv_in_use: float, kv_allowed: float, seq_in_use: float, seq_allowed: float, retry: float
+) -> Iterator[Shortfall]:
+    if kv_in_use + est.kv_tokens > kv_allowed:
+        never = est.kv_tokens > kv_allowed
+        yield Shortfall(
+            DIMENSIONS[KV], scope, est.kv_tokens, kv_in_use, kv_allowed, kv_allowed - kv_in_use,
+            retry_after_s=INF if never else retry,
+        )  # fmt: skip
+    if seq_in_use + est.sequences > seq_allowed:
+        never = est.sequences > seq_allowed
+        yield Shortfall(
+            DIMENSIONS[CONCURRENCY], scope, est.sequences, seq_in_use, seq_allowed, seq_allowed - seq_in_use,
+            retry_after_s=INF if never else retry,
+        )  # fmt: skip
+
+
+def _bucket_shortfall(scope: str, bucket: Bucket | None, cost: float, now: float) -> Shortfall | None:
+    if bucket is None or bucket.allows(cost, now):
+        return None
+    return Shortfall(
+        DIMENSIONS[THROUGHPUT], scope, cost, bucket.depth - bucket.level, bucket.depth, bucket.level,
+        rate=bucket.rate, retry_after_s=bucket.wait_s(cost),
+    )  # fmt: skip
+
+
+class Limiter:
+    """Every entitlement's gate on one replica, and the replica's own totals."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        *,
+        now: float = 0.0,
+        preempt: bool = True,
+        replica_window_s: float = 1.0,
+        inflight_retry_s: float = 1.0,
+    ) -> None:
+        """``replica_window_s``: depth of the replica-wide bucket, in seconds of its throughput
+        (at least one typical request); ``inflight_retry_s``: the retry hint when KV or
+        concurrency binds (the limiter cannot know when in-flight requests will end)."""
+        self.pool = pool
+        self.w_prompt = pool.token_weights.prompt
+        self.w_generation = pool.token_weights.generation
+        self.capacity: Vector = (
+            pool.replica.throughput_tokens_per_s, pool.replica.kv_tokens, pool.replica.concurrency,
+        )  # fmt: skip
+        depth = max(self.capacity[THROUGHPUT] * replica_window_s, float(pool.typical_request_vector()[THROUGHPUT]))
+        self.replica = Bucket(self.capacity[THROUGHPUT], depth, now)
+        self.preempt = preempt
+        self.inflight_retry_s = inflight_retry_s
+        self.gates: dict[str, Gate] = {}
+        self.inflight = 0  # sequences in flight on this replica, both paths
+        self.kv = 0.0  # KV tokens reserved on this replica, both paths
+        self._backfilled: dict[int, Reservation] = {}  # admission order
+        self._seq = 0
+
+    # ---- configuration -----------------------------------------------------------------
+
+    def set_limits(self, limits: Mapping[str, GateLimits], now: float) -> None:
+        """Apply new limits; bucket levels carry over (clamped to the new depth), in-flight
+        reservations stay. Entitlements not named keep their gate with zero limits."""
+        for name, gl in limits.items():
+            gate = self.gates.get(name)
+            if gate is None:
+                self.gates[name] = Gate(gl, now)
+            else:
+                gate.update(gl, now)
+        for name, gate in self.gates.items():
+            if name not in limits:
+                gate.update(GateLimits(tier=gate.limits.tier, priority=gate.limits.priority), now)
+
+    def estimate(
+        self, prompt_tokens: int, max_new_tokens: int, sequences: int = 1, prompt_kv_tokens: int | None = None
+    ) -> Estimate:
+        """The estimate of a request. ``prompt_kv_tokens``: the prompt KV its sequences hold
+        together (default ``prompt_tokens``; ``n`` choices of one prompt hold it ``n`` times)."""
+        kv = (prompt_tokens if prompt_kv_tokens is None else prompt_kv_tokens) + max_new_tokens
+        weighted = self.w_prompt * prompt_tokens + self.w_generation * max_new_tokens
+        return Estimate(prompt_tokens, max_new_tokens, sequences, weighted, kv)
+
+    def expected_weighted(self, name: str, est: Estimate) -> float:
+        """The demand a request represents: its prompt plus the output it is expected to
+        generate (min of its max tokens and the entitlement's recent mean, or the pool's
+        ``default_max_tokens`` while unknown)."""
+        gate = self.gates.get(name)
+        mean = gate.mean_generated if gate is not None else None
+        per_seq = mean if mean is not None else float(self.pool.default_max_tokens)
+        expected = min(float(est.max_new_tokens), per_seq * est.sequences)
+        return self.w_prompt * est.prompt_tokens + self.w_generation * expected
+
+    # ---- admission ---------------------------------------------------------------------
+
+    def admit(self, name: str, est: Estimate, now: float) -> Decision:
+        gate = self.gates.get(name)
+        if gate is None:
+            sf = Shortfall(DIMENSIONS[CONCURRENCY], "limit", est.sequences, 0, 0, 0)
+            return Decision(False, shortfalls=(sf,), dimension=sf.dimension, retry_after_s=INF)
+        lim = gate.limits
+        cost = est.weighted
+        own: list[Shortfall] = []
+        if (sf := _bucket_shortfall("limit", gate.own, cost, now)) is not None:
+            own.append(sf)
+        own.extend(
+            _in_flight_shortfalls(
+                "limit", est, gate.kv, lim.limit[KV] + lim.burst[KV],
+                gate.inflight, lim.limit[CONCURRENCY] + lim.burst[CONCURRENCY], self.inflight_retry_s,
+            )
+        )  # fmt: skip
+        if not own:
+            victims = self._victims(name, est) if self.preempt else ()
+            for v in victims:
+                self._release(v)
+                v.preempted = True
+            return Decision(True, self._reserve(name, gate, est, now, backfill=False), victims=victims)
+        if not lim.backfill:
+            return self._refuse(own, own)
+        other: list[Shortfall] = []
+        if (sf := _bucket_shortfall("ceiling", gate.ceiling, cost, now)) is not None:
+            other.append(sf)
+        other.extend(
+            _in_flight_shortfalls(
+                "ceiling", est, gate.kv + gate.bf_kv, lim.ceiling[KV] + lim.ceiling_burst[KV],
+                gate.inflight + gate.bf_inflight, lim.ceiling[CONCURRENCY] + lim.ceiling_burst[CONCURRENCY],
+                self.inflight_retry_s,
+            )
+        )  # fmt: skip
+        if (sf := _bucket_shortfall("replica", self.replica, cost, now)) is not None:
+            other.append(sf)
+        other.extend(
+            _in_flight_shortfalls(
+                "replica", est, self.kv, self.capacity[KV], self.inflight, self.capacity[CONCURRENCY],
+                self.inflight_retry_s,
+            )
+        )  # fmt: skip
+        if not other:
+            return Decision(True, self._reserve(name, gate, est, now, backfill=True))
+        return self._refuse(own + other, other, own)
+
+    def _refuse(
+        self, shortfalls: list[Shortfall], binding: list[Shortfall], alternative: list[Shortfall] | None = None
+    ) -> Decision:
+        wait = max(s.retry_after_s for s in binding)
+        if alternative:  # whichever path opens first
+            wait = min(wait, max(s.retry_after_s for s in alternative))
+        return Decision(False, shortfalls=tuple(shortfalls), dimension=binding[0].dimension, retry_after_s=wait)
+
+    def _victims(self, name: str, est: Estimate) -> tuple[Reservation, ...]:
+        over_seq = self.inflight + est.sequences - self.capacity[CONCURRENCY]
+        over_kv = self.kv + est.kv_tokens - self.capacity[KV]
+        if (over_seq <= 0 and over_kv <= 0) or not self._backfilled:
+            return ()
+        candidates = sorted(
+            (r for r in self._backfilled.values() if r.entitlement != name),
+            key=lambda r: (-r.tier.rank, r.priority, -r.seq),
+        )
+        chosen: list[Reservation] = []
+        for r in candidates:
+            if over_seq <= 0 and over_kv <= 0:
+                break
+            chosen.append(r)
+            over_seq -= r.estimate.sequences
+            over_kv -= r.kv_tokens
+        return tuple(chosen)
+
+    def _reserve(self, name: str, gate: Gate, est: Estimate, now: float, *, backfill: bool) -> Reservation:
+        self._seq += 1
+        lim = gate.limits
+        res = Reservation(name, lim.tier, lim.priority, est, backfill, self._seq, now)
+        self._take(gate, res, est.weighted)
+        res.kv_tokens = est.kv_tokens
+        if backfill:
+            gate.bf_inflight += est.sequences
+            gate.bf_kv += est.kv_tokens
+            self._backfilled[res.seq] = res
+        else:
+            gate.inflight += est.sequences
+            gate.kv += est.kv_tokens
+        self.inflight += est.sequences
+        self.kv += est.kv_tokens
+        return res
+
+    def _take(self, gate: Gate, res: Reservation, amount: float) -> None:
+        if not res.backfill and gate.own is not None:
+            gate.own.level -= amount
+        if gate.ceiling is not None:
+            gate.ceiling.level -= amount
+        self.replica.level -= amount
+        res.charged += amount
+
+    def _give(self, gate: Gate, res: Reservation, amount: float, now: float) -> None:
+        buckets = [self.replica] if gate.ceiling is None else [self.replica, gate.ceiling]
+        if not res.backfill and gate.own is not None:
+            buckets.append(gate.own)
+        for b in buckets:
+            b.refill(now)
+            b.refund(amount)
+        res.charged -= amount
+
+    def _release(self, res: Reservation) -> None:
+        if not res.active:
+            return
+        res.active = False
+        gate = self.gates[res.entitlement]
+        n = res.estimate.sequences
+        if res.backfill:
+            gate.bf_inflight -= n
+            gate.bf_kv -= res.kv_tokens
+            self._backfilled.pop(res.seq, None)
+        else:
+            gate.inflight -= n
+            gate.kv -= res.kv_tokens
+        self.inflight -= n
+        self.kv -= res.kv_tokens
+
+    # ---- reconciliation ----------------------------------------------------------------
+
+    def charge(self, res: Reservation, generated: int, now: float) -> None:
+        """``generated`` tokens (all sequences, cumulative) have streamed: charge what
+        exceeds the reservation (debt) and grow the KV reservation past the estimate."""
+        if generated <= res.generated or res.finished:
+            return
+        res.generated = generated
+        est = res.estimate
+        used = self.w_prompt * est.prompt_tokens + self.w_generation * generated
+        gate = self.gates[res.entitlement]
+        if used > res.charged:
+            self._take(gate, res, used - res.charged)
+        kv = est.kv_tokens - est.max_new_tokens + generated
+        if res.active and kv > res.kv_tokens:
+            grow = kv - res.kv_tokens
+            res.kv_tokens = kv
+            self.kv += grow
+            if res.backfill:
+                gate.bf_kv += grow
+            else:
+                gate.kv += grow
+
+    def finish(
+        self, res: Reservation, now: float, *, prompt_tokens: int, generated_tokens: int, completed: bool = True
+    ) -> float:
+        """Settle a request: charge or refund to what it used (``prompt_tokens`` 0 when the
+        engine never took it), release KV and concurrency. Returns the weighted tokens used.
+        ``completed``: it ended on its own (feeds the mean output length)."""
+        if res.finished:
+            return res.charged
+        res.finished = True
+        res.generated = max(res.generated, generated_tokens)
+        gate = self.gates[res.entitlement]
+        used = self.w_prompt * prompt_tokens + self.w_generation * generated_tokens
+        if used > res.charged:
+            self._take(gate, res, used - res.charged)
+        elif used < res.charged:
+            self._give(gate, res, res.charged - used, now)
+        self._release(res)
+        if completed and not res.preempted:
+            per_seq = generated_tokens / res.estimate.sequences
+            m = gate.mean_generated
+            gate.mean_generated = per_seq if m is None else m + _MEAN_ALPHA * (per_seq - m)
+        return used
+
+    # ---- reporting ---------------------------------------------------------------------
+
+    def status(self, name: str, now: float) -> RateLimitStatus | None:
+        gate = self.gates.get(name)
+        if gate is None:
+            return None
+        lim = gate.limits
+        if gate.own is None:
+            t_limit, t_left, t_reset = INF, INF, 0.0
+        else:
+            b = gate.own
+            level = b.refill(now)
+            t_limit, t_left = b.depth, max(level, 0.0)
+            t_reset = 0.0 if level >= b.depth else (b.depth - level) / b.rate if b.rate > 0 else INF
+        r_limit = lim.limit[CONCURRENCY] + lim.burst[CONCURRENCY]
+        r_left = max(r_limit - gate.inflight, 0.0)
+        return RateLimitStatus(t_limit, t_left, t_reset, r_limit, r_left, 0.0 if r_left >= 1 else self.inflight_retry_s)
+
+    def entitlement_totals(self, name: str) -> tuple[int, float]:
+        """(in-flight sequences, reserved KV tokens) of one entitlement, both paths."""
+        gate = self.gates[name]
+        return gate.inflight + gate.bf_inflight, gate.kv + gate.bf_kv
+
+    def backfilled(self) -> list[Reservation]:
+        return list(self._backfilled.values())

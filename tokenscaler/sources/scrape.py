@@ -1,0 +1,212 @@
+"""The embedded source: scrape ``/metrics`` of engines and sidecars directly, no Prometheus.
+
+For one machine (the local demo, tests, a laptop trial) the controller reads the same
+quantities the Prometheus source gets from PromQL by fetching every configured target
+once per interval and parsing it with prometheus-client's text parser. Counters become
+rates from the previous scrape of the same target (a counter that went down was reset:
+its new value is the increase). A target that cannot be scraped marks its pool
+incomplete, as ``up == 0`` does with Prometheus; when no target at all answers the read
+fails with :class:`SourceError`.
+
+Scrape config (YAML)::
+
+    pools:
+      llama-8b:
+        engines: [http://127.0.0.1:8001/metrics]     # vLLM (or simulator) /metrics
+        sidecars: [http://127.0.0.1:9101/metrics]    # sidecar metrics ports
+    timeout_s: 2
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+
+from tokenscaler.core.model import ConfigError, format_validation_error
+from tokenscaler.sources.base import AnswerKind, Observation, SourceError, finite
+
+SIDECAR = "tokenscaler_sidecar_"
+
+
+class PoolTargets(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    engines: list[HttpUrl] = Field(default_factory=list)
+    sidecars: list[HttpUrl] = Field(default_factory=list)
+
+
+class ScrapeConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    pools: dict[str, PoolTargets]
+    timeout_s: float = Field(2.0, gt=0)
+
+
+def load_scrape_config(path: str | Path) -> ScrapeConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
+    try:
+        return ScrapeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(str(path), format_validation_error(e, data)) from e
+
+
+@dataclass
+class _Previous:
+    time: float
+    counters: dict[tuple, float] = field(default_factory=dict)
+
+
+# counters read from sidecars: sample name -> observation field
+_SIDECAR_RATES = {
+    f"{SIDECAR}offered_weighted_tokens_total": "offered_tokens_per_s",
+    f"{SIDECAR}admitted_weighted_tokens_total": "admitted_tokens_per_s",
+    f"{SIDECAR}offered_requests_total": "offered_requests_per_s",
+}
+_SIDECAR_GAUGES = {
+    f"{SIDECAR}inflight_requests": "inflight_requests",
+    f"{SIDECAR}reserved_kv_tokens": "reserved_kv_tokens",
+}
+
+
+class ScrapeSource:
+    """Reads an :class:`Observation` by scraping targets directly."""
+
+    def __init__(self, config: ScrapeConfig) -> None:
+        self.config = config
+        self._previous: dict[str, _Previous] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _fetch(self, url: str) -> str:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.timeout_s))
+        async with self._session.get(url) as resp:
+            if resp.status != 200:
+                raise SourceError("http", f"{url}: HTTP {resp.status}")
+            return await resp.text()
+
+    def _rate(self, url: str, key: tuple, value: float, now: float, current: dict[tuple, float]) -> float | None:
+        current[key] = value
+        prev = self._previous.get(url)
+        if prev is None or key not in prev.counters or now <= prev.time:
+            return None
+        before = prev.counters[key]
+        increase = value - before if value >= before else value  # a reset restarts from zero
+        return increase / (now - prev.time)
+
+    async def read(self, now: float) -> Observation:
+        obs = Observation(time=now)
+        jobs: list[tuple[str, str, str]] = [
+            (pool, kind, str(url))
+            for pool, targets in self.config.pools.items()
+            for kind, urls in (("engine", targets.engines), ("sidecar", targets.sidecars))
+            for url in urls
+        ]
+        texts = await asyncio.gather(*(self._fetch(url) for _, _, url in jobs), return_exceptions=True)
+        answered = 0
+        kv_usage: dict[str, list[float]] = {}
+        for (pool, kind, url), text in zip(jobs, texts, strict=True):
+            obs.pool(pool)
+            if isinstance(text, BaseException):
+                obs.incomplete.setdefault(pool, f"scrape of {url} failed: {text!s:.200}")
+                continue
+            answered += 1
+            try:
+                samples = list(_samples(text))
+            except ValueError as e:  # the text parser's error for malformed exposition
+                obs.incomplete.setdefault(pool, f"{url}: malformed exposition: {e!s:.200}")
+                obs.answers[(kind, AnswerKind.NAN)] += 1
+                continue
+            if kind == "engine":
+                self._engine(obs, pool, url, samples, now, kv_usage.setdefault(pool, []))
+            else:
+                self._sidecar(obs, pool, url, samples, now)
+        if jobs and answered == 0:
+            raise SourceError("unreachable", f"none of the {len(jobs)} scrape targets answered")
+        for pool, values in kv_usage.items():
+            if values:
+                obs.pool(pool).kv_cache_usage = sum(values) / len(values)
+        return obs
+
+    def _engine(self, obs: Observation, pool: str, url: str, samples, now: float, usage: list[float]) -> None:
+        ps = obs.pool(pool)
+        current: dict[tuple, float] = {}
+        for name, labels, value in samples:
+            if not finite(value):
+                obs.answers[("engine", AnswerKind.NAN)] += 1
+                continue
+            if name == "vllm:cache_config_info":
+                ps.ready_replicas += 1
+                try:
+                    kv = float(labels["num_gpu_blocks"]) * float(labels["block_size"])
+                except (KeyError, ValueError):
+                    continue
+                ps.kv_capacity_tokens = (ps.kv_capacity_tokens or 0.0) + kv
+            elif name == "vllm:num_requests_running":
+                ps.requests_running += value
+            elif name == "vllm:num_requests_waiting":
+                ps.requests_waiting += value
+            elif name == "vllm:kv_cache_usage_perc":
+                usage.append(value)
+            elif name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+                rate = self._rate(url, (name, labels.get("engine", "")), value, now, current)
+                if rate is not None:
+                    if name == "vllm:prompt_tokens_total":
+                        ps.prompt_tokens_per_s += rate
+                    else:
+                        ps.generation_tokens_per_s += rate
+        self._previous[url] = _Previous(now, current)
+
+    def _sidecar(self, obs: Observation, pool: str, url: str, samples, now: float) -> None:
+        current: dict[tuple, float] = {}
+        for name, labels, value in samples:
+            if not finite(value):
+                obs.answers[("sidecar", AnswerKind.NAN)] += 1
+                continue
+            sample_pool = labels.get("pool") or pool
+            ent = labels.get("entitlement")
+            if not ent:
+                continue
+            if name in _SIDECAR_GAUGES:
+                sig = obs.entitlement(sample_pool, ent)
+                setattr(sig, _SIDECAR_GAUGES[name], getattr(sig, _SIDECAR_GAUGES[name]) + value)
+                continue
+            admitted = name == f"{SIDECAR}requests_total" and labels.get("outcome") == "admitted"
+            if name not in _SIDECAR_RATES and not admitted:
+                continue
+            key = (name, ent, labels.get("tier", ""), labels.get("outcome", ""), labels.get("replica", ""))
+            rate = self._rate(url, key, value, now, current)
+            if rate is None:
+                continue
+            sig = obs.entitlement(sample_pool, ent)
+            if admitted:
+                sig.admitted_requests_per_s += rate
+                continue
+            field_name = _SIDECAR_RATES[name]
+            setattr(sig, field_name, getattr(sig, field_name) + rate)
+            if field_name == "offered_tokens_per_s":
+                replica = labels.get("replica", url)
+                by_replica = obs.replica_offered.setdefault(sample_pool, {}).setdefault(ent, {})
+                by_replica[replica] = by_replica.get(replica, 0.0) + rate
+        self._previous[url] = _Previous(now, current)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _samples(text: str) -> Iterable[tuple[str, dict[str, str], float]]:
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            yield s.name, s.labels, float(s.value)
