@@ -11,10 +11,12 @@ from tests.core.builders import config, make_entitlement, make_pool, vec
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.usage import (
     DEFAULT_REQUEST_DURATION_S,
+    SIGNALS,
     AnswerKind,
     DemandState,
-    EntitlementSignals,
     Observation,
+    ReplicaTable,
+    SignalTableBuilder,
     derive_inputs,
 )
 from tokenscaler.sources.prometheus import assemble, build_queries
@@ -41,7 +43,7 @@ def test_query_set_is_fixed_and_aggregated() -> None:
 
 def test_empty_answers_mean_zero_and_are_counted() -> None:
     obs = assemble(NOW, answers(), QUERIES, 60)
-    assert obs.entitlements == {}
+    assert obs.signals.names == []
     assert obs.incomplete == {}
     assert obs.answers[("offered_tokens", AnswerKind.EMPTY)] == 1
 
@@ -53,8 +55,8 @@ def test_nan_samples_are_dropped_and_counted() -> None:
         QUERIES,
         60,
     )
-    assert "a" not in obs.entitlements["p"]
-    assert obs.entitlements["p"]["b"].offered_tokens_per_s == 5
+    assert obs.signals.row("p", "a") is None
+    assert obs.signals.row("p", "b")["offered_tokens_per_s"] == 5
     assert obs.answers[("offered_tokens", AnswerKind.NAN)] == 1
 
 
@@ -67,7 +69,7 @@ def test_multi_series_for_one_key_keep_the_largest_and_are_counted() -> None:
         QUERIES,
         60,
     )
-    assert obs.entitlements["p"]["a"].inflight_requests == 7
+    assert obs.signals.row("p", "a")["inflight_requests"] == 7
     assert obs.answers[("inflight", AnswerKind.MULTI)] == 1
 
 
@@ -110,24 +112,27 @@ ROWS = build_pool_rows(
 )
 
 
-def observe(**signals: EntitlementSignals) -> Observation:
+def observe(**signals: dict[str, float]) -> Observation:
     obs = Observation(time=NOW)
     obs.pool("p").ready_replicas = 2
+    table = SignalTableBuilder()
     for name, sig in signals.items():
-        obs.entitlements.setdefault("p", {})[name] = sig
+        for key, value in sig.items():
+            table.add("p", name, SIGNALS.index(key), value)
+    obs.signals = table.build()
     return obs
 
 
 def test_throttled_demand_stays_visible() -> None:
     # a offers 1,000 tok/s but only 400 are admitted; 4 in flight at 2 req/s admitted of 5 offered
-    sig = EntitlementSignals(
-        offered_tokens_per_s=1000,
-        admitted_tokens_per_s=400,
-        offered_requests_per_s=5,
-        admitted_requests_per_s=2,
-        inflight_requests=4,
-        reserved_kv_tokens=600,
-    )
+    sig = {
+        "offered_tokens_per_s": 1000,
+        "admitted_tokens_per_s": 400,
+        "offered_requests_per_s": 5,
+        "admitted_requests_per_s": 2,
+        "inflight_requests": 4,
+        "reserved_kv_tokens": 600,
+    }
     d = derive_inputs(ROWS, observe(a=sig), DemandState(), 5.0, 0.0)
     inp = d.inputs["p"]
     np.testing.assert_allclose(inp.demand[0], [1000, 1500, 10])  # 5 req/s x 2 s; 150 kv per request
@@ -136,7 +141,7 @@ def test_throttled_demand_stays_visible() -> None:
 
 
 def test_unknown_duration_uses_the_default_and_typical_footprint() -> None:
-    sig = EntitlementSignals(offered_tokens_per_s=50, offered_requests_per_s=1)
+    sig = {"offered_tokens_per_s": 50, "offered_requests_per_s": 1}
     d = derive_inputs(ROWS, observe(b=sig), DemandState(), 5.0, 0.0)
     np.testing.assert_allclose(
         d.inputs["p"].demand[1], [50, 150 * DEFAULT_REQUEST_DURATION_S, DEFAULT_REQUEST_DURATION_S]
@@ -144,7 +149,7 @@ def test_unknown_duration_uses_the_default_and_typical_footprint() -> None:
 
 
 def test_demand_is_smoothed_with_the_half_life() -> None:
-    sig = EntitlementSignals(offered_tokens_per_s=1000)
+    sig = {"offered_tokens_per_s": 1000}
     first = derive_inputs(ROWS, observe(a=sig), DemandState(), 5.0, 5.0)
     assert first.inputs["p"].demand[0][0] == pytest.approx(1000)  # nothing to smooth against yet
     second = derive_inputs(ROWS, observe(), first.state, 5.0, 5.0)
@@ -154,10 +159,18 @@ def test_demand_is_smoothed_with_the_half_life() -> None:
 
 
 def test_replica_shares_from_offered_load() -> None:
-    obs = observe(a=EntitlementSignals(offered_tokens_per_s=100))
-    obs.replica_offered = {"p": {"a": {"r1": 75.0, "r2": 25.0, "r3": 0.0}}}
+    obs = observe(a={"offered_tokens_per_s": 100})
+    obs.replica_offered = ReplicaTable(
+        pools=["p", "p", "p", "p"],
+        names=["a", "a", "a", "ghost"],
+        replicas=["r1", "r2", "r3", "r1"],
+        values=np.array([75.0, 25.0, 0.0, 5.0]),
+    )
     d = derive_inputs(ROWS, obs, DemandState(), 5.0, 0.0)
-    assert d.shares["p"]["a"] == {"r1": 0.75, "r2": 0.25}
+    shares = d.shares["p"]
+    assert set(shares) == {"r1", "r2"}  # nothing offered on r3; unknown entitlements ignored
+    np.testing.assert_allclose(shares["r1"], [0.75, np.nan, np.nan])
+    np.testing.assert_allclose(shares["r2"], [0.25, np.nan, np.nan])
 
 
 def test_measured_kv_capacity_caps_the_pool() -> None:

@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tokenscaler.core.plan import Plan
 
 
@@ -22,8 +24,8 @@ class PublishedPlan:
     published_at: float  # unix seconds
     stale: bool = False  # the last read of metrics failed; this is the last good plan
     stale_since: float | None = None
-    # pool -> entitlement -> replica -> share of the entitlement's offered load (for limit splits)
-    shares: Mapping[str, Mapping[str, Mapping[str, float]]] = field(default_factory=dict)
+    # pool -> replica -> (n,) share of each entitlement's offered load seen there, NaN if unseen
+    shares: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
 
 class PlanStore:
@@ -41,7 +43,7 @@ class PlanStore:
         *,
         stale: bool = False,
         stale_since: float | None = None,
-        shares: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+        shares: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         version: int | None = None,
     ) -> PublishedPlan:
         """Make ``plan`` current. ``version`` (e.g. restored from state) is honoured when higher."""

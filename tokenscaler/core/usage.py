@@ -123,16 +123,74 @@ class PoolSignals:
     generation_tokens_per_s: float = 0.0
 
 
-@dataclass
-class EntitlementSignals:
-    """What the sidecars of a pool report for one entitlement (summed over replicas)."""
+SIGNALS: tuple[str, ...] = (
+    "offered_tokens_per_s",  # weighted, including rejected requests' estimates
+    "admitted_tokens_per_s",  # weighted, actually served
+    "offered_requests_per_s",
+    "admitted_requests_per_s",
+    "inflight_requests",
+    "reserved_kv_tokens",
+)
+"""Per-entitlement signals the sidecars report (summed over a pool's replicas), in column order."""
+OFFERED_TPS, ADMITTED_TPS, OFFERED_RPS, ADMITTED_RPS, INFLIGHT, RESERVED_KV = range(len(SIGNALS))
 
-    offered_tokens_per_s: float = 0.0  # weighted, including rejected requests' estimates
-    admitted_tokens_per_s: float = 0.0  # weighted, actually served
-    offered_requests_per_s: float = 0.0
-    admitted_requests_per_s: float = 0.0
-    inflight_requests: float = 0.0
-    reserved_kv_tokens: float = 0.0
+
+@dataclass
+class SignalTable:
+    """Per-entitlement signals in long form: row i is entitlement ``names[i]`` of pool
+    ``pools[i]``; columns follow :data:`SIGNALS`; NaN where a signal was not reported."""
+
+    pools: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    values: np.ndarray = field(default_factory=lambda: np.zeros((0, len(SIGNALS))))
+
+    def row(self, pool: str, name: str) -> dict[str, float] | None:
+        """One entitlement's signals by name (for tests and debugging; linear time)."""
+        for i, (p, n) in enumerate(zip(self.pools, self.names, strict=True)):
+            if p == pool and n == name:
+                return dict(zip(SIGNALS, self.values[i].tolist(), strict=True))
+        return None
+
+
+class SignalTableBuilder:
+    """Assembles a :class:`SignalTable` column by column (bulk) or sample by sample (summed)."""
+
+    def __init__(self) -> None:
+        self._index: dict[tuple[str, str], int] = {}
+        self._columns: list[tuple[int, list[int], np.ndarray]] = []
+        self._sums: dict[tuple[int, int], float] = {}
+
+    def _rows(self, keys: list[tuple[str, str]]) -> list[int]:
+        index = self._index
+        return [index.setdefault(k, len(index)) for k in keys]
+
+    def set_column(self, column: int, keys: list[tuple[str, str]], values: np.ndarray) -> None:
+        """Signal ``column`` for each (pool, entitlement) key; keys must be unique."""
+        self._columns.append((column, self._rows(keys), values))
+
+    def add(self, pool: str, name: str, column: int, value: float) -> None:
+        """Add ``value`` to a signal (the embedded scraper sums over replicas this way)."""
+        row = self._index.setdefault((pool, name), len(self._index))
+        self._sums[(row, column)] = self._sums.get((row, column), 0.0) + value
+
+    def build(self) -> SignalTable:
+        values = np.full((len(self._index), len(SIGNALS)), np.nan)
+        for column, rows, vals in self._columns:
+            values[np.asarray(rows, dtype=np.int64), column] = vals
+        for (row, column), v in self._sums.items():
+            values[row, column] = v
+        keys = list(self._index)
+        return SignalTable(pools=[k[0] for k in keys], names=[k[1] for k in keys], values=values)
+
+
+@dataclass
+class ReplicaTable:
+    """Offered weighted tokens/s per (pool, entitlement, replica), in long form."""
+
+    pools: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    replicas: list[str] = field(default_factory=list)
+    values: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass
@@ -141,13 +199,10 @@ class Observation:
 
     time: float  # unix seconds of the reading
     pools: dict[str, PoolSignals] = field(default_factory=dict)
-    entitlements: dict[str, dict[str, EntitlementSignals]] = field(default_factory=dict)  # pool -> name
-    replica_offered: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # pool -> name -> replica
+    signals: SignalTable = field(default_factory=SignalTable)
+    replica_offered: ReplicaTable = field(default_factory=ReplicaTable)
     incomplete: dict[str, str] = field(default_factory=dict)  # pool -> why its data is partial
     answers: Counter[tuple[str, AnswerKind]] = field(default_factory=Counter)  # (query, kind) -> count
-
-    def entitlement(self, pool: str, name: str) -> EntitlementSignals:
-        return self.entitlements.setdefault(pool, {}).setdefault(name, EntitlementSignals())
 
     def pool(self, name: str) -> PoolSignals:
         return self.pools.setdefault(name, PoolSignals())
@@ -156,6 +211,7 @@ class Observation:
 # --------------------------------------------------------------------------- derivation
 
 DEFAULT_REQUEST_DURATION_S = 10.0  # assumed before any request of an entitlement completed
+DEMAND_QUANTUM = np.array([0.1, 1.0, 0.01])  # tokens/s, KV tokens, requests in flight: below is none
 
 
 @dataclass
@@ -176,41 +232,45 @@ class DemandState:
 @dataclass(frozen=True)
 class Derived:
     inputs: dict[str, PoolInput]
-    shares: dict[str, dict[str, dict[str, float]]]  # pool -> entitlement -> replica -> share of offered load
+    shares: dict[str, dict[str, np.ndarray]]  # pool -> replica -> (n,) share of offered load, NaN if unseen
     state: DemandState
 
 
-_SIGNALS = (
-    "offered_tokens_per_s",
-    "admitted_tokens_per_s",
-    "offered_requests_per_s",
-    "admitted_requests_per_s",
-    "inflight_requests",
-    "reserved_kv_tokens",
-)
+def _rows_by_pool(pools: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for i, p in enumerate(pools):
+        out.setdefault(p, []).append(i)
+    return out
 
 
-def _signal_matrix(r: PoolRows, seen: Mapping[str, EntitlementSignals]) -> np.ndarray:
-    """(n, 6) signals in :data:`_SIGNALS` order; NaN rows for entitlements not seen."""
-    m = np.full((r.n, len(_SIGNALS)), np.nan)
-    rows, values = [], []
-    for name, sig in seen.items():
-        i = r.index.get(name)
-        if i is not None:
-            rows.append(i)
-            values.append(
-                (
-                    sig.offered_tokens_per_s,
-                    sig.admitted_tokens_per_s,
-                    sig.offered_requests_per_s,
-                    sig.admitted_requests_per_s,
-                    sig.inflight_requests,
-                    sig.reserved_kv_tokens,
-                )
-            )
+def _signal_matrix(r: PoolRows, table: SignalTable, rows: list[int]) -> np.ndarray:
+    """(n, 6) signals of pool ``r`` aligned with its rows; NaN rows for entitlements not seen."""
+    m = np.full((r.n, len(SIGNALS)), np.nan)
     if rows:
-        m[np.array(rows)] = np.maximum(np.array(values, dtype=float), 0.0)
+        target = np.array([r.index.get(table.names[i], -1) for i in rows], dtype=np.int64)
+        known = target >= 0
+        m[target[known]] = table.values[np.asarray(rows, dtype=np.int64)[known]]
     return m
+
+
+def _replica_shares(r: PoolRows, table: ReplicaTable, rows: list[int]) -> dict[str, np.ndarray]:
+    """replica -> (n,) share of each entitlement's offered load seen there (NaN: not seen)."""
+    if not rows:
+        return {}
+    idx = np.asarray(rows, dtype=np.int64)
+    ent = np.array([r.index.get(table.names[i], -1) for i in rows], dtype=np.int64)
+    values = np.nan_to_num(table.values[idx], nan=0.0)
+    ok = (ent >= 0) & (values > 0)
+    ent, values = ent[ok], values[ok]
+    replicas = np.asarray([table.replicas[i] for i in rows], dtype=object)[ok]
+    totals = np.bincount(ent, weights=values, minlength=r.n)
+    out: dict[str, np.ndarray] = {}
+    for replica in dict.fromkeys(replicas.tolist()):
+        sel = replicas == replica
+        share = np.full(r.n, np.nan)
+        share[ent[sel]] = values[sel] / totals[ent[sel]]
+        out[str(replica)] = share
+    return out
 
 
 def derive_inputs(
@@ -237,7 +297,9 @@ def derive_inputs(
     alpha = 1.0 - math.pow(0.5, interval_s / smoothing_half_life_s) if smoothing_half_life_s > 0 else 1.0
     new_state = DemandState()
     inputs: dict[str, PoolInput] = {}
-    shares: dict[str, dict[str, dict[str, float]]] = {}
+    shares: dict[str, dict[str, np.ndarray]] = {}
+    signal_rows = _rows_by_pool(obs.signals.pools)
+    replica_rows = _rows_by_pool(obs.replica_offered.pools)
     for pool_name, r in rows.items():
         pool = r.pool
         typical_kv = float(pool.typical_request.prompt_tokens + pool.typical_request.output_tokens)
@@ -250,11 +312,12 @@ def derive_inputs(
             prev_demand = np.full((r.n, N_DIMS), np.nan)
             prev_duration = np.full(r.n, np.nan)
             prev_kv = np.full(r.n, np.nan)
-        m = _signal_matrix(r, obs.entitlements.get(pool_name, {}))
-        seen = ~np.isnan(m[:, 0])
-        offered_tps, admitted_tps, offered_rps, admitted_rps, inflight, reserved = (
-            np.nan_to_num(m[:, j]) for j in range(6)
-        )
+        m = _signal_matrix(r, obs.signals, signal_rows.get(pool_name, []))
+        seen = ~np.isnan(m).all(axis=1)
+        m = np.maximum(np.nan_to_num(m, nan=0.0), 0.0)
+        offered_tps, admitted_tps = m[:, OFFERED_TPS], m[:, ADMITTED_TPS]
+        offered_rps, admitted_rps = m[:, OFFERED_RPS], m[:, ADMITTED_RPS]
+        inflight, reserved = m[:, INFLIGHT], m[:, RESERVED_KV]
         offered_rps = np.maximum(offered_rps, admitted_rps)
         measured = (admitted_rps > 0) & (inflight > 0)
         duration = np.where(
@@ -271,7 +334,9 @@ def derive_inputs(
         raw = np.stack([offered_tps, np.maximum(reserved, concurrency * per_request), concurrency], axis=1)
         raw[~seen] = 0.0
         demand = np.where(np.isnan(prev_demand), raw, prev_demand + alpha * (raw - np.nan_to_num(prev_demand)))
-        demand[demand < 1e-9] = 0.0
+        # an average's tail is not demand: once nothing is offered, what is left below one
+        # quantum per dimension is zero (otherwise it would take ~40 half-lives to get there)
+        demand[(raw == 0) & (demand < DEMAND_QUANTUM)] = 0.0
         usage = np.stack([admitted_tps, reserved, inflight], axis=1)
 
         ps = obs.pools.get(pool_name, PoolSignals())
@@ -292,12 +357,7 @@ def derive_inputs(
                 "kv_capacity_tokens": ps.kv_capacity_tokens,
             },
         )
-        pool_shares: dict[str, dict[str, float]] = {}
-        for name, by_replica in obs.replica_offered.get(pool_name, {}).items():
-            total = sum(v for v in by_replica.values() if v > 0)
-            if total > 0:
-                pool_shares[name] = {rep: v / total for rep, v in by_replica.items() if v > 0}
-        shares[pool_name] = pool_shares
+        shares[pool_name] = _replica_shares(r, obs.replica_offered, replica_rows.get(pool_name, []))
         new_state.pools[pool_name] = PoolDemandState(
             names=r.names,
             demand=demand,

@@ -36,17 +36,17 @@ from tokenscaler.core.plan import PoolPlan, split_per_replica
 _TIERS = ("guaranteed", "elastic", "spot")
 
 
-def replica_shares(pp: PoolPlan, observed: Mapping[str, Mapping[str, float]], replica: str | None) -> np.ndarray:
-    """This replica's share (n,) of each entitlement's pool-level limits."""
-    ready = max(pp.ready_replicas, 1)
-    even = 1.0 / ready
+def replica_shares(pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: str | None) -> np.ndarray:
+    """This replica's share (n,) of each entitlement's pool-level limits.
+
+    ``observed`` maps replica -> (n,) share of offered load seen there (NaN where unseen).
+    """
+    even = 1.0 / max(pp.ready_replicas, 1)
     shares = np.full(pp.rows.n, even)
-    if replica is None:
-        return shares
-    for i, name in enumerate(pp.rows.names):
-        by_replica = observed.get(name)
-        if by_replica and replica in by_replica:
-            shares[i] = min(max(by_replica[replica], even / 2.0), 1.0)
+    seen = observed.get(replica) if replica is not None else None
+    if seen is not None and seen.shape == shares.shape:
+        known = ~np.isnan(seen)
+        shares[known] = np.clip(np.maximum(seen[known], even / 2.0), 0.0, 1.0)
     return shares
 
 

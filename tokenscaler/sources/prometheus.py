@@ -27,7 +27,17 @@ import requests
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
-from tokenscaler.sources.base import AnswerKind, Observation, SourceError, collect
+from tokenscaler.core.usage import (
+    ADMITTED_RPS,
+    ADMITTED_TPS,
+    INFLIGHT,
+    OFFERED_RPS,
+    OFFERED_TPS,
+    RESERVED_KV,
+    ReplicaTable,
+    SignalTableBuilder,
+)
+from tokenscaler.sources.base import AnswerKind, Observation, SourceError, collect, collect_columns
 
 log = logging.getLogger(__name__)
 
@@ -139,27 +149,38 @@ def _samples(result: list[dict[str, Any]]) -> list[tuple[Mapping[str, str], floa
     return out
 
 
+# per-entitlement queries and the signal column each fills
+_SIGNAL_QUERIES = {
+    "offered_tokens": OFFERED_TPS,
+    "admitted_tokens": ADMITTED_TPS,
+    "offered_requests": OFFERED_RPS,
+    "admitted_requests": ADMITTED_RPS,
+    "inflight": INFLIGHT,
+    "reserved_kv": RESERVED_KV,
+}
+
+
 def assemble(
     now: float, results: Mapping[str, list[dict[str, Any]]], queries: list[Query], max_staleness_s: float
 ) -> Observation:
     """Turn the raw answers into an :class:`Observation` (pure; tested on canned answers)."""
     obs = Observation(time=now)
     answers: Counter = obs.answers
-    v = {q.name: collect(_samples(results.get(q.name, [])), q.keys, q.name, answers) for q in queries}
-    for (pool, name), x in v["offered_tokens"].items():
-        obs.entitlement(pool, name).offered_tokens_per_s = x
-    for (pool, name), x in v["admitted_tokens"].items():
-        obs.entitlement(pool, name).admitted_tokens_per_s = x
-    for (pool, name), x in v["offered_requests"].items():
-        obs.entitlement(pool, name).offered_requests_per_s = x
-    for (pool, name), x in v["admitted_requests"].items():
-        obs.entitlement(pool, name).admitted_requests_per_s = x
-    for (pool, name), x in v["inflight"].items():
-        obs.entitlement(pool, name).inflight_requests = x
-    for (pool, name), x in v["reserved_kv"].items():
-        obs.entitlement(pool, name).reserved_kv_tokens = x
-    for (pool, name, replica), x in v["replica_offered"].items():
-        obs.replica_offered.setdefault(pool, {}).setdefault(name, {})[replica] = x
+    by_name = {q.name: q for q in queries}
+    table = SignalTableBuilder()
+    for name, column in _SIGNAL_QUERIES.items():
+        keys, values = collect_columns(results.get(name, []), by_name[name].keys, name, answers)
+        table.set_column(column, keys, values)  # type: ignore[arg-type]
+    obs.signals = table.build()
+    keys, values = collect_columns(
+        results.get("replica_offered", []), by_name["replica_offered"].keys, "replica_offered", answers
+    )
+    obs.replica_offered = ReplicaTable(
+        pools=[k[0] for k in keys], names=[k[1] for k in keys], replicas=[k[2] for k in keys], values=values
+    )
+    small = ("running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens", "targets_down", "freshest")
+    v = {name: collect(_samples(results.get(name, [])), by_name[name].keys, name, answers) for name in small}
+    answers[("cache_config", AnswerKind.OK if results.get("cache_config") else AnswerKind.EMPTY)] += 1
     # readiness and KV capacity from the cache config labels
     for series in results.get("cache_config", []):
         labels = series.get("metric", {})

@@ -25,11 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
 
 from tokenscaler.core.model import ConfigError, format_validation_error
+from tokenscaler.core.usage import (
+    ADMITTED_RPS,
+    ADMITTED_TPS,
+    INFLIGHT,
+    OFFERED_RPS,
+    OFFERED_TPS,
+    RESERVED_KV,
+    ReplicaTable,
+    SignalTableBuilder,
+)
 from tokenscaler.sources.base import AnswerKind, Observation, SourceError, finite
 
 SIDECAR = "tokenscaler_sidecar_"
@@ -67,15 +78,15 @@ class _Previous:
     counters: dict[tuple, float] = field(default_factory=dict)
 
 
-# counters read from sidecars: sample name -> observation field
+# sidecar samples: name -> signal column (counters become rates, gauges are summed as they are)
 _SIDECAR_RATES = {
-    f"{SIDECAR}offered_weighted_tokens_total": "offered_tokens_per_s",
-    f"{SIDECAR}admitted_weighted_tokens_total": "admitted_tokens_per_s",
-    f"{SIDECAR}offered_requests_total": "offered_requests_per_s",
+    f"{SIDECAR}offered_weighted_tokens_total": OFFERED_TPS,
+    f"{SIDECAR}admitted_weighted_tokens_total": ADMITTED_TPS,
+    f"{SIDECAR}offered_requests_total": OFFERED_RPS,
 }
 _SIDECAR_GAUGES = {
-    f"{SIDECAR}inflight_requests": "inflight_requests",
-    f"{SIDECAR}reserved_kv_tokens": "reserved_kv_tokens",
+    f"{SIDECAR}inflight_requests": INFLIGHT,
+    f"{SIDECAR}reserved_kv_tokens": RESERVED_KV,
 }
 
 
@@ -115,6 +126,8 @@ class ScrapeSource:
         texts = await asyncio.gather(*(self._fetch(url) for _, _, url in jobs), return_exceptions=True)
         answered = 0
         kv_usage: dict[str, list[float]] = {}
+        table = SignalTableBuilder()
+        replica_offered: dict[tuple[str, str, str], float] = {}
         for (pool, kind, url), text in zip(jobs, texts, strict=True):
             obs.pool(pool)
             if isinstance(text, BaseException):
@@ -130,12 +143,20 @@ class ScrapeSource:
             if kind == "engine":
                 self._engine(obs, pool, url, samples, now, kv_usage.setdefault(pool, []))
             else:
-                self._sidecar(obs, pool, url, samples, now)
+                self._sidecar(obs, table, replica_offered, pool, url, samples, now)
         if jobs and answered == 0:
             raise SourceError("unreachable", f"none of the {len(jobs)} scrape targets answered")
         for pool, values in kv_usage.items():
             if values:
                 obs.pool(pool).kv_cache_usage = sum(values) / len(values)
+        obs.signals = table.build()
+        keys = list(replica_offered)
+        obs.replica_offered = ReplicaTable(
+            pools=[k[0] for k in keys],
+            names=[k[1] for k in keys],
+            replicas=[k[2] for k in keys],
+            values=np.array([replica_offered[k] for k in keys], dtype=float),
+        )
         return obs
 
     def _engine(self, obs: Observation, pool: str, url: str, samples, now: float, usage: list[float]) -> None:
@@ -167,7 +188,16 @@ class ScrapeSource:
                         ps.generation_tokens_per_s += rate
         self._previous[url] = _Previous(now, current)
 
-    def _sidecar(self, obs: Observation, pool: str, url: str, samples, now: float) -> None:
+    def _sidecar(
+        self,
+        obs: Observation,
+        table: SignalTableBuilder,
+        replica_offered: dict[tuple[str, str, str], float],
+        pool: str,
+        url: str,
+        samples,
+        now: float,
+    ) -> None:
         current: dict[tuple, float] = {}
         for name, labels, value in samples:
             if not finite(value):
@@ -178,8 +208,7 @@ class ScrapeSource:
             if not ent:
                 continue
             if name in _SIDECAR_GAUGES:
-                sig = obs.entitlement(sample_pool, ent)
-                setattr(sig, _SIDECAR_GAUGES[name], getattr(sig, _SIDECAR_GAUGES[name]) + value)
+                table.add(sample_pool, ent, _SIDECAR_GAUGES[name], value)
                 continue
             admitted = name == f"{SIDECAR}requests_total" and labels.get("outcome") == "admitted"
             if name not in _SIDECAR_RATES and not admitted:
@@ -188,16 +217,11 @@ class ScrapeSource:
             rate = self._rate(url, key, value, now, current)
             if rate is None:
                 continue
-            sig = obs.entitlement(sample_pool, ent)
-            if admitted:
-                sig.admitted_requests_per_s += rate
-                continue
-            field_name = _SIDECAR_RATES[name]
-            setattr(sig, field_name, getattr(sig, field_name) + rate)
-            if field_name == "offered_tokens_per_s":
-                replica = labels.get("replica", url)
-                by_replica = obs.replica_offered.setdefault(sample_pool, {}).setdefault(ent, {})
-                by_replica[replica] = by_replica.get(replica, 0.0) + rate
+            column = ADMITTED_RPS if admitted else _SIDECAR_RATES[name]
+            table.add(sample_pool, ent, column, rate)
+            if column == OFFERED_TPS:
+                rkey = (sample_pool, ent, labels.get("replica", url))
+                replica_offered[rkey] = replica_offered.get(rkey, 0.0) + rate
         self._previous[url] = _Previous(now, current)
 
     async def close(self) -> None:
