@@ -144,7 +144,7 @@ class Shortfall:
         return f"requested {self.requested:.0f} {unit} with {self.in_use:.0f} of {self.allowed:g} already in flight"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Reservation:
     """What one admitted request holds until :meth:`Limiter.finish`."""
 
@@ -514,6 +514,3 @@ class Limiter:
         """(in-flight sequences, reserved KV tokens) of one entitlement, both paths."""
         gate = self.gates[name]
         return gate.inflight + gate.bf_inflight, gate.kv + gate.bf_kv
-
-    def backfilled(self) -> list[Reservation]:
-        return list(self._backfilled.values())

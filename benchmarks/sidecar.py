@@ -1,0 +1,349 @@
+"""Benchmark of the rate-limit sidecar: the latency it adds and what one core of it sustains.
+
+Run: ``.venv/bin/python benchmarks/sidecar.py`` (``--quick`` for a shorter run). Loopback only.
+
+Setup (2-core machine): a minimal aiohttp upstream that answers instantly (so the sidecar's
+cost is what is measured; it speaks the OpenAI shapes with ``usage``, and streams N SSE
+chunks), ``tokenscaler sidecar`` in front of it pinned to CPU 0, and the upstream and the
+open-loop load generator (aiohttp, uvloop) pinned to CPU 1. Every request goes through the
+whole admission path (key lookup, body parse, estimate, three-dimensional admission,
+reconciliation, metrics) of one guaranteed entitlement whose limits never bind.
+
+1. Added latency: at several request rates (uniform arrivals), the same requests sent
+   directly to the upstream, through a bare aiohttp pass-through proxy with no logic (the
+   floor of the HTTP stack on this machine) and through the sidecar: p50/p99 of the full response time
+   (non-streamed) and of the time to the first chunk and to the end (streamed, 8 chunks),
+   the difference (added) and the ratio. Goal: <= 0.5 ms p50 and <= 2 ms p99 added at 200 req/s.
+2. Capacity: closed-loop clients saturating the sidecar: requests/s (non-streamed) and
+   streamed chunks/s (streams of 200 chunks), with the sidecar's CPU use read from
+   ``/proc``; "per core" is the throughput divided by the fraction of a core it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tokenscaler.core.model import hash_api_key  # noqa: E402
+
+KEY = "sk-bench"
+LISTEN_RE = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark, please."}]}
+
+
+# ---- the upstream: a process of its own -------------------------------------------------
+
+
+def serve_upstream(port: int) -> None:
+    """A minimal OpenAI-compatible upstream: instant answers, streams of ``chunks`` events."""
+    import uvloop
+    from aiohttp import web
+
+    def chunk(i: int) -> bytes:
+        obj = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "abcd"}}]}
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+    piece = chunk(0)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        n = int(body.get("max_tokens") or 8)
+        prompt = 12
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "abcd" * n}
+            choice = {"index": 0, "message": message, "finish_reason": "length"}
+            out = {"id": "c", "object": "chat.completion", "model": "bench", "choices": [choice], "usage": usage}
+            return web.json_response(out)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(n):
+            await resp.write(piece)
+        tail = b""
+        if (body.get("stream_options") or {}).get("include_usage"):
+            tail = b"data: " + json.dumps({"id": "c", "choices": [], "usage": usage}).encode() + b"\n\n"
+        await resp.write(tail + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", completions)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        print(f"upstream listening on http://127.0.0.1:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+def serve_bare_proxy(port: int, upstream: str) -> None:
+    """The floor: an aiohttp pass-through proxy with no logic at all (same server, same client)."""
+    import aiohttp
+    import uvloop
+    from aiohttp import web
+    from yarl import URL
+
+    async def main() -> None:
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=512), skip_auto_headers=("Accept-Encoding",), auto_decompress=False
+        )
+        url = URL(upstream + "/v1/chat/completions")
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+                if not r.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    return web.Response(body=await r.read(), headers={"Content-Type": r.headers["Content-Type"]})
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await resp.prepare(request)
+                while data := await r.content.readany():
+                    await resp.write(data)
+                await resp.write_eof()
+                return resp
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        print(f"bare proxy listening on http://127.0.0.1:{port}", flush=True)
+        await asyncio.Event().wait()
+
+    uvloop.run(main())
+
+
+# ---- processes -------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], cpu: int) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(proc.pid, {cpu})
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if m := LISTEN_RE.search(line):
+            return proc, m[1]
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{args[:4]} did not start")
+
+
+@contextlib.contextmanager
+def processes(cpus: tuple[int, int]) -> Iterator[tuple[str, str, str, int]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "bench.yaml"
+        big = {"throughput_tokens_per_s": 1e6, "kv_tokens": 1e7, "concurrency": 1e5}
+        config.write_text(
+            json.dumps(
+                {
+                    "pools": [{"name": "bench", "replica": big, "max_replicas": 1, "target_utilization": 1.0,
+                               "max_model_len": 4096, "default_max_tokens": 8}],
+                    "entitlements": [{"name": "gold", "pool": "bench", "tier": "guaranteed", "guaranteed": big,
+                                      "burst": {"throughput_tokens_per_s": 1e7}, "api_keys": [hash_api_key(KEY)]}],
+                }
+            )
+        )  # fmt: skip
+        up_port = _free_port()
+        upstream, up_url = _start([sys.executable, __file__, "--serve-upstream", str(up_port)], cpus[1])
+        sidecar, sc_url = _start(
+            [sys.executable, "-m", "tokenscaler", "sidecar", "--listen", "127.0.0.1:0", "--metrics-port", "0",
+             "--upstream", up_url, "--config", str(config), "--pool", "bench", "--queue-size", "0",
+             "--log-level", "WARNING"],
+            cpus[0],
+        )  # fmt: skip
+        bare, bare_url = _start(
+            [sys.executable, __file__, "--serve-bare-proxy", str(_free_port()), "--upstream", up_url], cpus[0]
+        )
+        try:
+            yield up_url, bare_url, sc_url, sidecar.pid
+        finally:
+            for p in (sidecar, bare, upstream):
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---- load ------------------------------------------------------------------------------
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(int(q * len(values)), len(values) - 1)]
+
+
+async def open_loop(session, url: str, rate: float, duration_s: float, stream: bool) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    body = json.dumps({**CHAT, "max_tokens": 8, "stream": stream}).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    first: list[float] = []
+    total: list[float] = []
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        t0 = time.perf_counter()
+        async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+            if r.status != 200:
+                errors += 1
+            if stream:
+                await r.content.readany()
+                first.append(time.perf_counter() - t0)
+            await r.read()
+        total.append(time.perf_counter() - t0)
+
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+    tasks = []
+    n = int(rate * duration_s)
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one()))
+    await asyncio.gather(*tasks)
+    if errors:
+        raise RuntimeError(f"{errors} requests failed")
+    return {"first": first, "total": total}
+
+
+async def closed_loop(session, url: str, clients: int, duration_s: float, chunks: int | None) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Requests (or chunks) per second completed by ``clients`` back-to-back clients."""
+    stream = chunks is not None
+    body = json.dumps({**CHAT, "max_tokens": chunks or 8, "stream": stream}).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    done = 0
+    events = 0
+    stop = time.perf_counter() + duration_s
+
+    async def client() -> None:
+        nonlocal done, events
+        while time.perf_counter() < stop:
+            async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+                data = await r.read()
+                assert r.status == 200, data[:200]
+            done += 1
+            if stream:
+                events += data.count(b"data: ") - 1  # not [DONE]
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - t0
+    return done / elapsed, events / elapsed
+
+
+# ---- the report ------------------------------------------------------------------------
+
+
+async def run(rates: list[float], duration_s: float, cap_s: float) -> None:
+    import aiohttp
+
+    cpus = (0, 1) if (os.cpu_count() or 1) >= 2 else (0, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, {cpus[1]})
+    with processes(cpus) as (up_url, bare_url, sc_url, sc_pid):
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for url in (up_url, bare_url, sc_url):  # warm up connections and code paths
+                await open_loop(session, url, 200, 1.0, False)
+                await open_loop(session, url, 200, 1.0, True)
+            print(f"# latency (ms), {duration_s:g} s per cell in 1-s blocks, uniform arrivals, 8-token answers")
+            print("# direct: client -> upstream; bare: a no-logic aiohttp pass-through proxy (the floor of the stack);")
+            print("# sidecar: the full admission path. added = sidecar - direct; ratio = sidecar / direct")
+            head = (
+                f"{'mode':<13}{'req/s':>6} | {'direct p50':>10}{'p99':>7} | {'bare p50':>8}{'p99':>7} | "
+                f"{'sidecar p50':>11}{'p99':>7} | {'added p50':>9}{'p99':>7} | {'ratio p50':>9}{'p99':>6}"
+            )
+            print(head)
+            print("-" * len(head))
+            for stream in (False, True):
+                for rate in rates:
+                    # interleave 1-second blocks so that drift in the machine's load hits every path alike
+                    results = {url: {"first": [], "total": []} for url in (up_url, bare_url, sc_url)}
+                    for _ in range(max(int(duration_s), 1)):
+                        for url, out in results.items():
+                            block = await open_loop(session, url, rate, 1.0, stream)
+                            for k in out:
+                                out[k].extend(block[k])
+                    for key in ("first", "total") if stream else ("total",):
+                        label = ("stream " + ("first" if key == "first" else "end")) if stream else "non-stream"
+                        (d50, d99), (b50, b99), (v50, v99) = (
+                            (_pct(results[u][key], 0.5) * 1e3, _pct(results[u][key], 0.99) * 1e3)
+                            for u in (up_url, bare_url, sc_url)
+                        )
+                        print(
+                            f"{label:<13}{rate:>6g} | {d50:>10.3f}{d99:>7.2f} | {b50:>8.3f}{b99:>7.2f} | "
+                            f"{v50:>11.3f}{v99:>7.2f} | {v50 - d50:>9.3f}{v99 - d99:>7.2f} | "
+                            f"{v50 / d50:>9.2f}{v99 / d99:>6.2f}"
+                        )
+            print()
+            print(f"# capacity through the sidecar (pinned to CPU {cpus[0]}), {cap_s:g} s each, closed loop")
+            for label, clients, chunks in (("non-streamed", 64, None), ("streamed x200", 16, 200)):
+                c0, t0 = cpu_seconds(sc_pid), time.perf_counter()
+                req_s, chunk_s = await closed_loop(session, sc_url, clients, cap_s, chunks)
+                busy = (cpu_seconds(sc_pid) - c0) / (time.perf_counter() - t0)
+                if chunks is None:
+                    per_core = req_s / busy
+                    print(
+                        f"{label:<14} {req_s:>8.0f} req/s at {busy:5.0%} of a core -> {per_core:>8.0f} req/s per core"
+                    )
+                else:
+                    print(
+                        f"{label:<14} {chunk_s:>8.0f} chunks/s ({req_s:.0f} streams/s) at {busy:5.0%} of a core -> "
+                        f"{chunk_s / busy:>8.0f} chunks/s per core"
+                    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter cells (2 s) and fewer rates")
+    parser.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare-proxy", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_upstream is not None:
+        serve_upstream(args.serve_upstream)
+        return 0
+    if args.serve_bare_proxy is not None:
+        serve_bare_proxy(args.serve_bare_proxy, args.upstream)
+        return 0
+    import uvloop
+
+    if args.quick:
+        uvloop.run(run([50, 200], 2.0, 3.0))
+    else:
+        uvloop.run(run([50, 100, 200, 400], 5.0, 5.0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Builders and process helpers for the sidecar tests: configs, a sidecar in front of a
+simulator, and its ``/metrics`` parsed by prometheus-client."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import Server, running
+from tokenscaler.core.model import hash_api_key
+
+POOL = "demo"
+MODEL = "tokenscaler/demo"
+METRICS_RE = re.compile(r"tokenscaler sidecar metrics on (http://\S+)")
+
+
+def key_of(name: str) -> str:
+    return f"sk-test-{name}"
+
+
+def vec(t: float | None = None, kv: float | None = None, c: float | None = None) -> dict[str, float | None]:
+    return {"throughput_tokens_per_s": t, "kv_tokens": kv, "concurrency": c}
+
+
+def ent(name: str, tier: str, **kw: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"name": name, "pool": POOL, "tier": tier, "api_keys": [hash_api_key(key_of(name))]}
+    d.update(kw)
+    return d
+
+
+def write_config(
+    path: Path, entitlements: Sequence[dict[str, Any]], replica: dict[str, float] | None = None, **pool: Any
+) -> Path:
+    """A config with one pool ``demo`` whose replica matches the demo simulator profile."""
+    p: dict[str, Any] = {
+        "name": POOL,
+        "replica": replica or {"throughput_tokens_per_s": 430.0, "kv_tokens": 6144.0, "concurrency": 16.0},
+        "max_replicas": 4,
+        "max_model_len": 2048,
+        "default_max_tokens": 64,
+        "typical_request": {"prompt_tokens": 16, "output_tokens": 16},
+    }
+    p.update(pool)
+    path.write_text(yaml.safe_dump({"pools": [p], "entitlements": list(entitlements)}))
+    return path
+
+
+class Sidecar:
+    """A running ``tokenscaler sidecar`` and its metrics endpoint."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.url = server.url
+        self.metrics_url = server.wait_for_line(METRICS_RE, timeout=10)[1]
+
+    def scrape(self) -> dict[str, Any]:
+        text = requests.get(self.metrics_url + "/metrics", timeout=5).text
+        return {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(self, sample: str, **labels: str) -> float:
+        """Sum of the samples named ``sample`` whose labels include ``labels``."""
+        families = self.scrape()
+        total = 0.0
+        found = False
+        for family in families.values():
+            for s in family.samples:
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+                    found = True
+        assert found, f"no sample {sample}{labels}"
+        return total
+
+    def idle(self) -> bool:
+        """No request in flight and no KV reserved, for every entitlement."""
+        return (
+            self.value("tokenscaler_sidecar_inflight_requests") == 0
+            and self.value("tokenscaler_sidecar_reserved_kv_tokens") == 0
+        )
+
+
+@contextlib.contextmanager
+def sidecar(upstream: str, config: Path, *extra: str) -> Iterator[Sidecar]:
+    args = [
+        "sidecar", "--listen", "127.0.0.1:0", "--metrics-port", "0", "--upstream", upstream,
+        "--config", str(config), "--pool", POOL, "--replica-id", "r0", *extra,
+    ]  # fmt: skip
+    with running(args) as server:
+        yield Sidecar(server)
+
+
+def post(url: str, path: str, body: Any, key: str | None, **kw: Any) -> requests.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.post(url + path, json=body, headers=headers, timeout=30, **kw)
+
+
+def chat(content: str = "hello", max_tokens: int = 8, **kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **kw}

@@ -1,0 +1,108 @@
+"""The guaranteed queue in-process, on the event loop's clock: FIFO, woken by releases and
+refills, bounded in size and in wait, and never entered when waiting cannot help."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from tests.core.builders import config, make_entitlement, make_pool, vec
+from tokenscaler.core.limiter import GateLimits, Limiter
+from tokenscaler.core.model import Tier
+from tokenscaler.sidecar.admission import Admission
+from tokenscaler.sidecar.limits import LimitsUpdate
+from tokenscaler.sidecar.metrics import QUEUE_WAIT_SECONDS, EntitlementStats, SidecarMetrics
+
+INF = math.inf
+
+
+def admission(limits: GateLimits, **kw: object) -> Admission:
+    pool = config([make_pool()], [make_entitlement("g", "guaranteed", guaranteed=vec(1, 1, 1))]).pool("p")
+    limiter = Limiter(pool, now=asyncio.get_running_loop().time())
+    metrics = SidecarMetrics("p", "r", limiter, [EntitlementStats("g", "guaranteed")])
+    adm = Admission(limiter, metrics, **kw)  # type: ignore[arg-type]
+    adm.apply(LimitsUpdate({"g": limits}, "static"), adm.now())
+    return adm
+
+
+def one_at_a_time() -> GateLimits:
+    return GateLimits(tier=Tier.GUARANTEED, limit=(INF, INF, 1.0))
+
+
+async def _fifo_and_release() -> None:
+    adm = admission(one_at_a_time(), max_wait_s=5.0)
+    est = adm.limiter.estimate(10, 10)
+    first = await adm.admit("g", est, Tier.GUARANTEED)
+    assert first.admitted
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        d = await adm.admit("g", est, Tier.GUARANTEED)
+        assert d.admitted
+        order.append(i)
+        await asyncio.sleep(0.01)
+        adm.finish(d.reservation, prompt_tokens=10, generated_tokens=10, completed=True)
+
+    tasks = [asyncio.create_task(wait(i)) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert adm.metrics.stats["g"].queued == 3 and order == []
+    start = adm.now()
+    adm.finish(first.reservation, prompt_tokens=10, generated_tokens=10, completed=True)
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert order == [0, 1, 2]
+    assert adm.now() - start < 0.5  # woken by releases, not by polling
+    assert adm.metrics.stats["g"].queued == 0
+
+
+def test_waiters_are_admitted_in_order_as_requests_end() -> None:
+    asyncio.run(_fifo_and_release())
+
+
+async def _bounded() -> None:
+    adm = admission(one_at_a_time(), max_wait_s=0.2, queue_size=1)
+    est = adm.limiter.estimate(10, 10)
+    assert (await adm.admit("g", est, Tier.GUARANTEED)).admitted
+    waiting = asyncio.create_task(adm.admit("g", est, Tier.GUARANTEED))
+    await asyncio.sleep(0.01)
+    full = await adm.admit("g", est, Tier.GUARANTEED)  # the queue holds one: refused at once
+    assert not full.admitted and full.dimension == "concurrency"
+    start = adm.now()
+    timed_out = await waiting
+    assert not timed_out.admitted and 0.15 < adm.now() - start < 1.0
+    # a concurrency shortfall is worth waiting for even when the retry hint (1 s) exceeds the wait
+    waited = adm.metrics.registry.get_sample_value(QUEUE_WAIT_SECONDS + "_sum", {"pool": "p", "replica": "r"})
+    assert waited is not None and waited > 0.15
+
+
+def test_the_queue_is_bounded_in_size_and_wait() -> None:
+    asyncio.run(_bounded())
+
+
+async def _hopeless() -> None:
+    adm = admission(GateLimits(tier=Tier.GUARANTEED, limit=(1.0, INF, INF), burst=(30.0, 0, 0)), max_wait_s=1.0)
+    est = adm.limiter.estimate(10, 10)
+    assert (await adm.admit("g", est, Tier.GUARANTEED)).admitted
+    start = adm.now()
+    d = await adm.admit("g", est, Tier.GUARANTEED)  # needs ~10 s of refill: waiting 1 s cannot help
+    assert not d.admitted and adm.now() - start < 0.15
+    assert adm.metrics.stats["g"].queued == 0
+    start = adm.now()
+    other = await adm.admit("g", est, Tier.ELASTIC)  # other tiers never queue
+    assert not other.admitted and adm.now() - start < 0.15
+
+
+def test_a_request_that_waiting_cannot_help_is_refused_at_once() -> None:
+    asyncio.run(_hopeless())
+
+
+def test_a_waiting_request_is_admitted_when_its_bucket_has_refilled() -> None:
+    async def go() -> None:
+        adm = admission(GateLimits(tier=Tier.GUARANTEED, limit=(50.0, INF, INF), burst=(30.0, 0, 0)), max_wait_s=2.0)
+        est = adm.limiter.estimate(10, 10)
+        assert (await adm.admit("g", est, Tier.GUARANTEED)).admitted
+        start = adm.now()
+        d = await adm.admit("g", est, Tier.GUARANTEED)
+        assert d.admitted
+        assert 0.15 <= adm.now() - start < 0.6  # 10 missing tokens at 50/s: 0.2 s
+
+    asyncio.run(go())

@@ -1,0 +1,76 @@
+"""With ``--prompt-tokens tokenize`` the estimate's prompt count comes from the upstream's
+``/tokenize``. The upstream is a small real aiohttp server standing in for a vLLM whose
+tokenizer disagrees with the counting rule (every prompt is 100 tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from tests.sidecar.harness import ent, key_of, post, sidecar, vec, write_config
+from tests.support import free_port
+
+pytestmark = pytest.mark.e2e
+
+PROMPT_TOKENS = 100
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    tokenized: list[dict] = []
+
+    async def tokenize(request: web.Request) -> web.Response:
+        tokenized.append(await request.json())
+        return web.json_response({"count": PROMPT_TOKENS, "max_model_len": 4096, "tokens": [], "token_strs": None})
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        n = body["max_tokens"]
+        usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}
+        return web.json_response(
+            {"object": "text_completion", "choices": [{"index": 0, "text": "abcd" * n}], "usage": usage}
+        )
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    port = free_port()
+
+    async def start() -> web.AppRunner:
+        app = web.Application()
+        app.router.add_post("/tokenize", tokenize)
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+    assert all(json.dumps(t) for t in tokenized)
+
+
+@pytest.mark.parametrize(("mode", "estimate"), [("tokenize", PROMPT_TOKENS + 5), ("rule", 1 + 5)])
+def test_the_prompt_estimate_comes_from_the_chosen_counter(
+    upstream: str, tmp_path: Path, mode: str, estimate: int
+) -> None:
+    config = write_config(tmp_path / "c.yaml", [ent("e", "elastic", limit=vec(0.001, 10000, 10), burst=vec(1, 0, 0))])
+    with sidecar(upstream, config, "--prompt-tokens", mode) as sc:
+        body = {"prompt": "hi", "max_tokens": 5}
+        assert post(sc.url, "/v1/completions", body, key_of("e")).status_code == 200  # the full bucket admits one
+        refused = post(sc.url, "/v1/completions", body, key_of("e"))
+        assert refused.status_code == 429
+        assert f"requested {estimate} weighted tokens" in refused.json()["error"]["message"]
+        # usage is reconciled with what the engine reported
+        assert sc.value("tokenscaler_sidecar_prompt_tokens_total", entitlement="e") == PROMPT_TOKENS

@@ -1,0 +1,222 @@
+"""``tokenscaler sidecar``: run the rate-limit proxy in front of one vLLM replica.
+
+Prints ``tokenscaler sidecar listening on http://HOST:PORT`` (flushed) once the proxy
+accepts connections, then ``tokenscaler sidecar metrics on http://HOST:PORT`` for the
+Prometheus endpoint (``--listen HOST:0`` and ``--metrics-port 0`` pick free ports), and
+stops cleanly on SIGTERM or SIGINT. Limits come from the config split over ``--replicas``
+(the default) or from the controller (``--limits-url``); see
+:mod:`tokenscaler.sidecar.limits` for the fail-static rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from aiohttp import web
+
+    from tokenscaler.sidecar.limits import LimitsUpdate
+    from tokenscaler.sidecar.metrics import SidecarMetrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT to serve on (default: %(default)s)")
+    parser.add_argument("--upstream", required=True, help="base URL of the engine, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--config", required=True, help="token-pools config file (YAML or JSON)")
+    parser.add_argument("--pool", required=True, help="the pool this replica belongs to")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9464,
+        help="Prometheus port on the listen host, 0 for any (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="replicas the static limits are split over (default: 1)"
+    )
+    parser.add_argument(
+        "--replica-id",
+        default=None,
+        help="this replica's id in metrics and limit polls (default: $POD_NAME, $HOSTNAME, or HOST:PORT)",
+    )
+    group = parser.add_argument_group("limits source")
+    group.add_argument("--limits-url", default=None, help="controller admission API base URL (default: static limits)")
+    group.add_argument("--limits-poll-s", type=float, default=2.0, help="poll interval (default: %(default)s)")
+    group.add_argument(
+        "--limits-expiry-s", type=float, default=60.0,
+        help="after this long without a successful poll, fall back to guaranteed floors (default: %(default)s)",
+    )  # fmt: skip
+    group = parser.add_argument_group("admission")
+    group.add_argument(
+        "--trust-header", default=None, metavar="NAME",
+        help="take the entitlement name from this header set by a trusted gateway (off: clients could forge it)",
+    )  # fmt: skip
+    group.add_argument("--queue-size", type=int, default=32, help="queued guaranteed requests per entitlement (0: off)")
+    group.add_argument(
+        "--queue-max-wait-s", type=float, default=2.0, help="longest a guaranteed request waits (default: %(default)s)"
+    )
+    group.add_argument(
+        "--preempt", action=argparse.BooleanOptionalAction, default=True,
+        help="cut backfilled (spot first) requests when guaranteed traffic needs the replica back (default: on)",
+    )  # fmt: skip
+    group.add_argument(
+        "--prompt-tokens", choices=["rule", "tokenize"], default="rule",
+        help="count prompts by the shared rule, or ask the upstream's /tokenize (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="larger bodies get 413")
+    group.add_argument("--retry-after-max-s", type=float, default=60.0, help="cap of Retry-After (default: 60)")
+    group.add_argument(
+        "--replica-window-s", type=float, default=1.0,
+        help="depth of the replica-wide backfill bucket, in seconds of replica throughput (default: 1)",
+    )  # fmt: skip
+    group.add_argument("--upstream-connections", type=int, default=512, help="connection pool size to the upstream")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen must be HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import gc
+    import logging
+    import signal
+    import socket
+    import sys
+
+    from aiohttp import web
+
+    from tokenscaler.core.limiter import Limiter
+    from tokenscaler.core.model import ConfigError, load_config
+    from tokenscaler.sidecar.admission import Admission
+    from tokenscaler.sidecar.limits import HttpLimitsSource, LimitsSource, StaticLimitsSource, describe
+    from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
+    from tokenscaler.sidecar.proxy import Sidecar, SidecarOptions
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("tokenscaler.sidecar")
+    try:
+        host, port = _listen(args.listen)
+        config = load_config(args.config)
+        pool = config.pool(args.pool)
+    except ConfigError as e:
+        print(f"tokenscaler sidecar: invalid config {e.source}:", file=sys.stderr)
+        for line in e.errors:
+            print(f"  {line}", file=sys.stderr)
+        return 2
+    except KeyError:
+        print(f"tokenscaler sidecar: pool {args.pool!r} is not in {args.config}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"tokenscaler sidecar: {e}", file=sys.stderr)
+        return 2
+
+    def bind(h: str, p: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((h, p))
+        return sock
+
+    async def serve() -> int:
+        try:
+            proxy_sock = bind(host, port)
+            metrics_sock = bind(host, args.metrics_port)
+        except OSError as e:
+            print(f"tokenscaler sidecar: cannot listen: {e}", file=sys.stderr)
+            return 1
+        shown = f"[{host}]" if ":" in host else host
+        actual_port = proxy_sock.getsockname()[1]
+        replica = args.replica_id or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or f"{host}:{actual_port}"
+        loop = asyncio.get_running_loop()
+        limiter = Limiter(pool, now=loop.time(), preempt=args.preempt, replica_window_s=args.replica_window_s)
+        stats = [EntitlementStats(e.name, e.tier.value) for e in config.entitlements_of(pool.name)]
+        metrics = SidecarMetrics(pool.name, replica, limiter, stats)
+        admission = Admission(limiter, metrics, queue_size=args.queue_size, max_wait_s=args.queue_max_wait_s)
+        source: LimitsSource
+        if args.limits_url:
+            source = HttpLimitsSource(
+                config, pool.name, args.limits_url, replica=replica, replicas=args.replicas,
+                poll_s=args.limits_poll_s, expiry_s=args.limits_expiry_s,
+            )  # fmt: skip
+        else:
+            source = StaticLimitsSource(config, pool.name, args.replicas)
+        metrics.limits_age = source.age_s
+        metrics.limits_fetch_errors = lambda: source.fetch_errors
+        initial = source.initial()
+        admission.apply(initial, loop.time())
+        log.info("limits (%s): %s", initial.state, describe(initial.limits))
+        options = SidecarOptions(
+            max_body_bytes=args.max_body_bytes,
+            trust_header=args.trust_header,
+            tokenize=args.prompt_tokens == "tokenize",
+            retry_after_max_s=args.retry_after_max_s,
+            upstream_connections=args.upstream_connections,
+        )
+        sidecar = Sidecar(config, pool.name, args.upstream, admission, metrics, options)
+        runner = web.AppRunner(sidecar.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        await runner.setup()
+        await web.SockSite(runner, proxy_sock).start()
+        metrics_app = web.Application()
+        metrics_app.router.add_get("/metrics", _metrics_handler(metrics))
+        metrics_runner = web.AppRunner(metrics_app, access_log=None)
+        await metrics_runner.setup()
+        await web.SockSite(metrics_runner, metrics_sock).start()
+        print(f"tokenscaler sidecar: pool {pool.name}, replica {replica}, upstream {args.upstream}", flush=True)
+        print(f"tokenscaler sidecar listening on http://{shown}:{actual_port}", flush=True)
+        print(f"tokenscaler sidecar metrics on http://{shown}:{metrics_sock.getsockname()[1]}", flush=True)
+
+        def apply(update: LimitsUpdate) -> None:
+            admission.apply(update, loop.time())
+
+        source_task = asyncio.create_task(source.run(apply), name="limits-source")
+        source_task.add_done_callback(_log_source_failure)
+        # the config, models and modules are permanent: keep them out of every collection, and
+        # collect the young generation less often (aiohttp allocates a few hundred objects per request)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(20_000, 20, 20)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        source_task.cancel()
+        await runner.cleanup()
+        await metrics_runner.cleanup()
+        return 0
+
+    loop_factory = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve())
+
+
+def _log_source_failure(task: asyncio.Task[None]) -> None:
+    import logging
+
+    if not task.cancelled() and task.exception() is not None:
+        logging.getLogger("tokenscaler.sidecar").error(
+            "the limits source stopped; the limits in force now stay", exc_info=task.exception()
+        )
+
+
+def _metrics_handler(metrics: SidecarMetrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handler

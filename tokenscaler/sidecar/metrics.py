@@ -1,0 +1,208 @@
+"""Every metric the sidecar exports: the names (one constant each) and the collector.
+
+All names start with ``tokenscaler_sidecar_`` and carry the labels ``pool`` and ``replica``
+(this sidecar's replica id). The controller reads demand and usage from them:
+
+* usage: ``admitted_weighted_tokens_total`` (prompt x w_prompt + generated x w_generation
+  actually served, generation charged as it streams);
+* demand: ``offered_weighted_tokens_total`` (the above plus, for each rejected request, its
+  expected weighted tokens) and ``offered_requests_total``.
+
+Per-request counters are plain integers on :class:`EntitlementStats` (the hot path never
+takes a lock or looks up a label set); a custom collector turns them, and the limiter's
+in-flight totals and current limits, into metric families at scrape time. Only the two
+histograms are prometheus-client objects. Each sidecar has its own ``CollectorRegistry``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from tokenscaler.core.limiter import Limiter
+from tokenscaler.core.model import DIMENSIONS
+
+PREFIX = "tokenscaler_sidecar_"
+
+REQUESTS_TOTAL = PREFIX + "requests_total"
+"""Counter {entitlement, tier, outcome}: outcome admitted | rejected | error | unauthenticated."""
+REJECTIONS_TOTAL = PREFIX + "rejections_total"
+"""Counter {entitlement, tier, dimension}: rejections by the binding dimension."""
+PROMPT_TOKENS_TOTAL = PREFIX + "prompt_tokens_total"
+"""Counter {entitlement, tier}: prompt tokens of admitted requests the engine accepted."""
+GENERATION_TOKENS_TOTAL = PREFIX + "generation_tokens_total"
+"""Counter {entitlement, tier}: generated tokens, counted as they stream."""
+ADMITTED_WEIGHTED_TOKENS_TOTAL = PREFIX + "admitted_weighted_tokens_total"
+"""Counter {entitlement, tier}: weighted tokens served (the usage signal)."""
+OFFERED_WEIGHTED_TOKENS_TOTAL = PREFIX + "offered_weighted_tokens_total"
+"""Counter {entitlement, tier}: served weighted tokens plus rejected requests' estimates (demand)."""
+OFFERED_REQUESTS_TOTAL = PREFIX + "offered_requests_total"
+"""Counter {entitlement, tier}: requests that reached admission (admitted, rejected or queued)."""
+INFLIGHT_REQUESTS = PREFIX + "inflight_requests"
+"""Gauge {entitlement, tier}: sequences in flight (a request with ``n`` choices counts ``n``)."""
+RESERVED_KV_TOKENS = PREFIX + "reserved_kv_tokens"
+"""Gauge {entitlement, tier}: KV tokens reserved by in-flight requests (prompt + max new tokens)."""
+LIMIT = PREFIX + "limit"
+"""Gauge {entitlement, tier, dimension}: this replica's sustained limit (+Inf: unlimited)."""
+BURST = PREFIX + "burst"
+"""Gauge {entitlement, tier, dimension}: this replica's burst (bucket depth; overshoot for kv/concurrency)."""
+BACKFILL_ALLOWED = PREFIX + "backfill_allowed"
+"""Gauge {entitlement, tier}: 1 when the entitlement may use this replica's idle capacity."""
+LIMITS_AGE_SECONDS = PREFIX + "limits_age_seconds"
+"""Gauge: seconds since the limits in force were last confirmed by their source (static: 0)."""
+LIMITS_STATE = PREFIX + "limits_state"
+"""Gauge {state}: 1 for the current state among static, fresh, stale, expired."""
+LIMITS_FETCH_ERRORS_TOTAL = PREFIX + "limits_fetch_errors_total"
+"""Counter: failed polls of the limits source."""
+ADDED_LATENCY_SECONDS = PREFIX + "added_latency_seconds"
+"""Histogram {route}: time in the sidecar before forwarding plus the per-response overhead."""
+PREEMPTED_STREAMS_TOTAL = PREFIX + "preempted_streams_total"
+"""Counter {entitlement, tier}: backfilled requests cut to give capacity back."""
+QUEUE_WAIT_SECONDS = PREFIX + "queue_wait_seconds"
+"""Histogram: how long queued (guaranteed) requests waited, admitted or not."""
+QUEUED_REQUESTS = PREFIX + "queued_requests"
+"""Gauge {entitlement, tier}: requests waiting in the guaranteed queue now."""
+
+ALL_NAMES: tuple[str, ...] = (
+    REQUESTS_TOTAL, REJECTIONS_TOTAL, PROMPT_TOKENS_TOTAL, GENERATION_TOKENS_TOTAL, ADMITTED_WEIGHTED_TOKENS_TOTAL,
+    OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
+    BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
+    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS,
+)  # fmt: skip
+
+OUTCOMES = ("admitted", "rejected", "error")
+LIMITS_STATES = ("static", "fresh", "stale", "expired")
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003,
+    0.005, 0.0075, 0.01, 0.02, 0.05,
+)  # fmt: skip
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass(eq=False)
+class EntitlementStats:
+    """One entitlement's counters; incremented in place on the hot path."""
+
+    name: str
+    tier: str
+    admitted: int = 0
+    errors: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DIMENSIONS, 0))
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    admitted_weighted: float = 0.0
+    offered_weighted: float = 0.0
+    offered_requests: int = 0
+    preempted: int = 0
+    queued: int = 0
+
+
+def _counter(name: str) -> str:
+    return name.removesuffix("_total")
+
+
+class SidecarMetrics(Collector):
+    """The sidecar's registry: its counters, gauges read at scrape time, and histograms."""
+
+    def __init__(self, pool: str, replica: str, limiter: Limiter, stats: Iterable[EntitlementStats]) -> None:
+        self.pool = pool
+        self.replica = replica
+        self.limiter = limiter
+        self.stats: dict[str, EntitlementStats] = {s.name: s for s in stats}
+        self.unauthenticated = 0
+        self.limits_fetch_errors: Callable[[], int] = lambda: 0
+        self.limits_state = "static"
+        self.limits_age: Callable[[], float] = lambda: 0.0
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        base = ("pool", "replica")
+        latency = Histogram(
+            ADDED_LATENCY_SECONDS, "Latency added by the sidecar: before forwarding plus per-response overhead.",
+            [*base, "route"], registry=self.registry, buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self._latency = latency
+        self._latency_children: dict[str, Histogram] = {}
+        self.queue_wait = Histogram(
+            QUEUE_WAIT_SECONDS, "Time queued guaranteed requests waited for admission.",
+            base, registry=self.registry, buckets=QUEUE_BUCKETS,
+        ).labels(pool, replica)  # fmt: skip
+
+    def latency(self, route: str) -> Histogram:
+        child = self._latency_children.get(route)
+        if child is None:
+            child = self._latency_children[route] = self._latency.labels(self.pool, self.replica, route)
+        return child
+
+    def describe(self) -> Iterator[object]:
+        return iter(())
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        p, r = self.pool, self.replica
+        ent = ["pool", "replica", "entitlement", "tier"]
+        requests = CounterMetricFamily(_counter(REQUESTS_TOTAL), "Requests by outcome.", labels=[*ent, "outcome"])
+        requests.add_metric([p, r, "", "", "unauthenticated"], self.unauthenticated)
+        rejections = CounterMetricFamily(
+            _counter(REJECTIONS_TOTAL), "Rejections by binding dimension.", labels=[*ent, "dimension"]
+        )
+        simple = {
+            PROMPT_TOKENS_TOTAL: ("Prompt tokens of admitted requests.", "prompt_tokens"),
+            GENERATION_TOKENS_TOTAL: ("Generated tokens, counted as they stream.", "generation_tokens"),
+            ADMITTED_WEIGHTED_TOKENS_TOTAL: ("Weighted tokens served (usage).", "admitted_weighted"),
+            OFFERED_WEIGHTED_TOKENS_TOTAL: ("Weighted tokens offered, rejected included (demand).", "offered_weighted"),
+            OFFERED_REQUESTS_TOTAL: ("Requests offered for admission.", "offered_requests"),
+            PREEMPTED_STREAMS_TOTAL: ("Backfilled requests cut for capacity.", "preempted"),
+        }
+        counters = {n: CounterMetricFamily(_counter(n), h, labels=ent) for n, (h, _) in simple.items()}
+        inflight = GaugeMetricFamily(INFLIGHT_REQUESTS, "Sequences in flight.", labels=ent)
+        kv = GaugeMetricFamily(RESERVED_KV_TOKENS, "KV tokens reserved by in-flight requests.", labels=ent)
+        queued = GaugeMetricFamily(QUEUED_REQUESTS, "Requests waiting in the guaranteed queue.", labels=ent)
+        backfill = GaugeMetricFamily(BACKFILL_ALLOWED, "1 if idle capacity may be used.", labels=ent)
+        limit = GaugeMetricFamily(LIMIT, "Sustained limit on this replica.", labels=[*ent, "dimension"])
+        burst = GaugeMetricFamily(BURST, "Burst on this replica.", labels=[*ent, "dimension"])
+        for s in list(self.stats.values()):
+            labels = [p, r, s.name, s.tier]
+            requests.add_metric([*labels, "admitted"], s.admitted)
+            requests.add_metric([*labels, "rejected"], sum(s.rejected.values()))
+            requests.add_metric([*labels, "error"], s.errors)
+            for dim, count in s.rejected.items():
+                rejections.add_metric([*labels, dim], count)
+            for n, (_, attr) in simple.items():
+                counters[n].add_metric(labels, getattr(s, attr))
+            queued.add_metric(labels, s.queued)
+            gate = self.limiter.gates.get(s.name)
+            if gate is None:
+                continue
+            n_inflight, n_kv = self.limiter.entitlement_totals(s.name)
+            inflight.add_metric(labels, n_inflight)
+            kv.add_metric(labels, n_kv)
+            backfill.add_metric(labels, 1.0 if gate.limits.backfill else 0.0)
+            for k, dim in enumerate(DIMENSIONS):
+                limit.add_metric([*labels, dim], gate.limits.limit[k])
+                burst.add_metric([*labels, dim], gate.limits.burst[k])
+        yield requests
+        yield rejections
+        yield from counters.values()
+        yield inflight
+        yield kv
+        yield queued
+        yield backfill
+        yield limit
+        yield burst
+        age = GaugeMetricFamily(
+            LIMITS_AGE_SECONDS, "Seconds since the limits were confirmed.", labels=["pool", "replica"]
+        )
+        age.add_metric([p, r], self.limits_age())
+        yield age
+        state = GaugeMetricFamily(LIMITS_STATE, "Current limits state.", labels=["pool", "replica", "state"])
+        for st in LIMITS_STATES:
+            state.add_metric([p, r, st], 1.0 if st == self.limits_state else 0.0)
+        yield state
+        errors = CounterMetricFamily(
+            _counter(LIMITS_FETCH_ERRORS_TOTAL), "Failed polls of the limits source.", labels=["pool", "replica"]
+        )
+        errors.add_metric([p, r], self.limits_fetch_errors())
+        yield errors
