@@ -1,0 +1,201 @@
+"""The controller end to end on loopback: simulators, sidecars, controller, and Prometheus.
+
+Each scenario runs real processes: ``tokenscaler sim`` replicas (demo profile), a
+``tokenscaler sidecar`` in front of each polling the controller's admission API, the
+``tokenscaler controller`` reading either a real Prometheus or the embedded scraper, the
+official ``openai`` client as the tenants and a client generated from
+``keda/externalscaler.proto`` as KEDA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.control.fleet import Load, fleet, start_controller, wait_plan
+from tests.control.harness import POOL, KedaClient, demo_config, fetch_text, get_json, metric_value
+from tests.prometheus import prometheus_binary
+from tests.support import wait_until
+from tokenscaler.core.limits import LimitsDocument
+from tokenscaler.core.model import DIMENSIONS
+
+pytestmark = pytest.mark.e2e
+
+# Plan conservatively: 200 tok/s per replica at 0.8 utilization = 160 planned per replica, so
+# a dozen demo streams (~30 tok/s each, plus prompts) need more replicas than are running.
+SMALL_REPLICA = {"throughput_tokens_per_s": 200, "kv_tokens": 6144, "concurrency": 16}
+
+
+def small_config(path: Path, **kw) -> Path:
+    demo_config(path, **kw)
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    doc["pools"][0]["replica"] = SMALL_REPLICA
+    doc["entitlements"][0]["guaranteed"] = {"throughput_tokens_per_s": 100, "kv_tokens": 1024, "concurrency": 4}
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def sidecar_limit(port: int, entitlement: str, dimension: str) -> float | None:
+    text = fetch_text(f"http://127.0.0.1:{port}/metrics")
+    return metric_value(text, "tokenscaler_sidecar_limit", entitlement=entitlement, dimension=dimension)
+
+
+SOURCES = [
+    pytest.param(
+        True,
+        id="prometheus",
+        marks=pytest.mark.skipif(prometheus_binary() is None, reason="needs Debian's prometheus package"),
+    ),
+    pytest.param(False, id="embedded"),
+]
+
+
+@pytest.mark.parametrize("use_prometheus", SOURCES)
+def test_plan_follows_three_tiers_keda_and_sidecars_agree(tmp_path: Path, use_prometheus: bool) -> None:
+    config = small_config(tmp_path / "pools.yaml", max_replicas=6)
+    with fleet(tmp_path, config, replicas=2, use_prometheus=use_prometheus) as fl:
+        wait_plan(fl, lambda p: p["pools"][POOL]["ready_replicas"] == 2, message="both engines seen")
+        loads = [Load(fl, "gold", 3), Load(fl, "silver", 10), Load(fl, "scrap", 4)]
+        try:
+            # throttled or not, offered load shows up as demand, per tier
+            plan = wait_plan(
+                fl,
+                lambda p: all(
+                    p["entitlements"][e]["demand"]["throughput_tokens_per_s"] > 20 for e in ("gold", "silver", "scrap")
+                ),
+                message="demand from all three tiers",
+            )
+            # the guarantee (100) plus elastic demand needs more than two 160 tok/s replicas
+            plan = wait_plan(fl, lambda p: p["pools"][POOL]["desired_replicas"] >= 3, message="the target to rise")
+            pool = plan["pools"][POOL]
+            need = pool["need"]["throughput_tokens_per_s"]
+            assert need >= plan["entitlements"]["silver"]["demand"]["throughput_tokens_per_s"]
+            # KEDA's HPA arithmetic lands exactly on the plan (retry across an interval boundary)
+            wait_until(
+                lambda: fl.keda.hpa_replicas() == fl.plan()["pools"][POOL]["desired_replicas"],
+                timeout=10,
+                message="HPA arithmetic == desired replicas",
+            )
+            assert fl.keda.is_active() is True
+            # spot gets no guarantee and is never what the target is for
+            assert (
+                plan["entitlements"]["scrap"]["limit"]["throughput_tokens_per_s"]
+                <= plan["entitlements"]["scrap"]["allocation"]["throughput_tokens_per_s"] + 1e-6
+            )
+        finally:
+            for load in loads:
+                load.stop()
+        assert sum(x.ok for x in loads) > 0
+        # once demand is gone the plan settles; the sidecars then hold exactly the controller's limits
+        wait_plan(
+            fl,
+            lambda p: all(
+                p["entitlements"][e]["demand"]["throughput_tokens_per_s"] == 0 for e in ("gold", "silver", "scrap")
+            ),
+            timeout=60,
+            message="demand to decay",
+        )
+        for i, port in enumerate(fl.sidecar_metrics_ports):
+            doc = LimitsDocument.model_validate(fl.limits(f"r{i}"))
+            for ent in ("gold", "silver"):
+                for dim in DIMENSIONS:
+                    want = getattr(doc.entitlements[ent].limit, dim)
+                    wait_until(
+                        lambda port=port, ent=ent, dim=dim, want=want: (
+                            (got := sidecar_limit(port, ent, dim)) is not None
+                            and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6)
+                        ),
+                        timeout=15,
+                        message=f"sidecar r{i} {ent} {dim} limit == {want}",
+                    )
+            text = fetch_text(f"http://127.0.0.1:{port}/metrics")
+            assert metric_value(text, "tokenscaler_sidecar_limits_state", state="fresh") == 1.0
+        if use_prometheus:
+            # Prometheus scraped the controller too: its own metrics are queryable
+            assert fl.prometheus is not None
+            fl.prometheus.wait_for(f'tokenscaler_pool_desired_replicas{{pool="{POOL}"}}')
+
+
+def test_restart_restores_debt_and_the_last_plan(tmp_path: Path) -> None:
+    config = small_config(tmp_path / "pools.yaml", max_replicas=6)
+    state = tmp_path / "state.json"
+    with fleet(tmp_path, config, replicas=2, use_prometheus=False, state=state) as fl:
+        wait_plan(fl, lambda p: p["pools"][POOL]["ready_replicas"] == 2, message="both engines seen")
+        loads = [Load(fl, "silver", 8), Load(fl, "bronze", 8)]
+        try:
+            wait_plan(
+                fl,
+                lambda p: (
+                    abs(p["entitlements"]["silver"]["debt"]) > 1e-6 and abs(p["entitlements"]["bronze"]["debt"]) > 1e-6
+                ),
+                message="debt to accrue under contention",
+            )
+            before = fl.plan()
+            fl.controller.stop()
+        finally:
+            for load in loads:
+                load.stop()
+        saved = json.loads(state.read_text())
+        saved_debt = saved["pools"][POOL]["debt"]
+        assert saved_debt, "debt was persisted"
+        # a long interval: what the new process serves first is exactly the restored plan
+        port = int(fl.api.rsplit(":", 1)[1])
+        ctl, grpc_port = start_controller(
+            config, port, prometheus=None, scrape_config=tmp_path / "scrape.yaml", state=state, interval_s=60
+        )
+        try:
+            after = get_json(f"{ctl.url}/v1/plan")
+            assert after["version"] == saved["plan_version"] >= before["version"]
+            for name, debt in saved_debt.items():
+                assert after["entitlements"][name]["debt"] == debt
+            assert after["pools"][POOL]["desired_replicas"] == saved["pools"][POOL]["desired_replicas"]
+            assert get_json(f"{ctl.url}/readyz")["status"] == "ready"
+            keda = KedaClient(f"127.0.0.1:{grpc_port}")
+            assert keda.hpa_replicas() == after["pools"][POOL]["desired_replicas"]
+            keda.close()
+            # the sidecars are served the restored limits at once
+            doc = LimitsDocument.model_validate(get_json(f"{ctl.url}/v1/pools/{POOL}/limits?replica=r0"))
+            assert doc.version == str(saved["plan_version"])
+        finally:
+            ctl.stop()
+
+
+def test_spot_never_raises_the_target_unmet_guaranteed_demand_does(tmp_path: Path) -> None:
+    config = small_config(tmp_path / "pools.yaml", max_replicas=4, min_replicas=1)
+    with fleet(tmp_path, config, replicas=1, use_prometheus=False) as fl:
+        wait_plan(fl, lambda p: p["pools"][POOL]["ready_replicas"] == 1, message="the engine seen")
+        spot = Load(fl, "scrap", 12)
+        try:
+            wait_plan(
+                fl,
+                lambda p: p["entitlements"]["scrap"]["demand"]["throughput_tokens_per_s"] > 160,
+                message="spot demand above one replica's planned capacity",
+            )
+            # over several intervals of heavy spot demand the target stays at min_replicas
+            seen = set()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                p = fl.plan()
+                seen.add(p["version"])
+                assert p["pools"][POOL]["desired_replicas"] == 1, p["pools"][POOL]
+                time.sleep(0.5)
+            assert len(seen) >= 3
+        finally:
+            spot.stop()
+        gold = Load(fl, "gold", 8)
+        try:
+            # gold's demand above its guarantee (100 tok/s) is provisioned; the engine is far from
+            # saturated (8 streams on a 16-sequence engine: nothing waits), yet the target rises
+            plan = wait_plan(
+                fl, lambda p: p["pools"][POOL]["desired_replicas"] >= 2, message="gold to raise the target"
+            )
+            assert plan["pools"][POOL]["engine"]["requests_waiting"] == 0
+            assert plan["entitlements"]["gold"]["demand"]["throughput_tokens_per_s"] > 160
+        finally:
+            gold.stop()
