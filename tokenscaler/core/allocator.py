@@ -181,9 +181,11 @@ def fill(
         if not np.isfinite(t_min):  # everything left fits: all rows satisfied
             alloc[active] = r
             break
+        # within a relative 1e-9 of its demand a row is satisfied, not starved: a guarantee
+        # equal to what is left (to the last ulp) must not freeze the row's other dimensions
+        satisfied = t_sat <= t_min * (1 + 1e-9)
         level = np.minimum(t_sat, t_min)
         a = rate * level[:, None]
-        satisfied = t_sat <= t_min
         a[satisfied] = r[satisfied]
         binding = t_star <= t_min * (1 + 1e-9) + 1e-300
         uses_binding = (r[:, binding] > 0).any(axis=1)
