@@ -86,8 +86,9 @@ def _check(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
+
+    from tokenscaler import runtime
 
     errors = _check(args)
     if errors:
@@ -95,20 +96,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"tokenscaler controller: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(_main(args))
-    return uvloop.run(_main(args))
+    return runtime.run(lambda: _main(args))
 
 
 async def _main(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
-
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
+    from tokenscaler import runtime
     from tokenscaler.control.loop import Controller
     from tokenscaler.control.metrics import ControllerMetrics, PlanCollector
     from tokenscaler.control.persist import StateFileError
@@ -177,9 +172,7 @@ async def _main(args: argparse.Namespace) -> int:
     print(f"tokenscaler controller listening on http://{http_host}:{bound_http}", flush=True)
     print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, controller.stop)
+    runtime.on_signal(controller.stop)
     try:
         await controller.run(first_delay_s=args.interval_s if restored is not None else 0.0)
     finally:

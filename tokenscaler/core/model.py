@@ -15,13 +15,14 @@ of :data:`DIMENSIONS`; those keys are used verbatim in config, JSON output and t
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import yaml
@@ -399,27 +400,37 @@ def format_validation_error(err: ValidationError, data: Any) -> list[str]:
     return lines
 
 
-def parse_config(data: Any, source: str = "<config>") -> TokenPoolsConfig:
-    """Validate a decoded config document; raises :class:`ConfigError` naming each field."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            source, [f"the document must be a mapping with 'pools' and 'entitlements', got {type(data).__name__}"]
-        )
-    try:
-        return TokenPoolsConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(source, format_validation_error(e, data)) from e
-
-
-def load_config(path: str | Path) -> TokenPoolsConfig:
-    """Read and validate a YAML or JSON config file."""
+def read_document(path: str | Path, *, fmt: str = "yaml") -> Any:
+    """Read and decode a YAML (or JSON) file; :class:`ConfigError` names the file and why."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
-    return parse_config(data, str(path))
+        return json.loads(text) if fmt == "json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(str(path), [f"not valid {fmt.upper()}: {e}"]) from e
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_document(model: type[M], data: Any, source: str, what: str) -> M:
+    """Validate a decoded document as ``model``; :class:`ConfigError` names each field and value."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, [f"the document must be a mapping with {what}, got {type(data).__name__}"])
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, format_validation_error(e, data)) from e
+
+
+def parse_config(data: Any, source: str = "<config>") -> TokenPoolsConfig:
+    """Validate a decoded config document; raises :class:`ConfigError` naming each field."""
+    return validate_document(TokenPoolsConfig, data, source, "'pools' and 'entitlements'")
+
+
+def load_config(path: str | Path) -> TokenPoolsConfig:
+    """Read and validate a YAML or JSON config file."""
+    return parse_config(read_document(path), str(path))

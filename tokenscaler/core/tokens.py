@@ -20,7 +20,10 @@ The rule
 
 Output budget (what a request may generate) follows vLLM: ``max_completion_tokens`` wins
 over ``max_tokens`` for chat; completions default to 16; chat without a limit may generate
-up to ``max_model_len - prompt_tokens``. ``n`` multiplies the output budget.
+up to ``max_model_len - prompt_tokens``. ``n`` multiplies the output budget. An explicit
+limit larger than the room left in the context is clamped here (an estimate never exceeds
+what the context allows); vLLM, and the simulator with it, refuse such a request with 400,
+which the sidecar passes through after releasing the estimate it reserved.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def requested_n(body: Mapping[str, Any]) -> int:
 
 
 def requested_max_tokens(body: Mapping[str, Any], *, chat: bool, prompt_tokens: int, max_model_len: int) -> int:
-    """Tokens one choice may generate, as vLLM resolves it, bounded by the context window.
+    """Tokens one choice may generate, bounded by the context window (see the module docstring).
 
     Raises :class:`RequestShapeError` for a negative, zero or non-integer limit.
     """

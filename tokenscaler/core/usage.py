@@ -15,7 +15,6 @@ the document have zero demand. Names the config does not know are errors.
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -25,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tokenscaler.core.model import N_DIMS, ConfigError, ResourceVector, format_validation_error
+from tokenscaler.core.model import N_DIMS, ConfigError, ResourceVector, read_document, validate_document
 from tokenscaler.core.plan import PoolInput, align
 from tokenscaler.core.rows import PoolRows
 
@@ -51,25 +50,11 @@ class UsageDocument(_Strict):
 
 
 def parse_usage(data: Any, source: str = "<usage>") -> UsageDocument:
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            source, [f"the document must be a mapping with 'pools' and 'entitlements', got {type(data).__name__}"]
-        )
-    try:
-        return UsageDocument.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(source, format_validation_error(e, data)) from e
+    return validate_document(UsageDocument, data, source, "'pools' and 'entitlements'")
 
 
 def load_usage(path: str | Path) -> UsageDocument:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(str(path), [f"not valid JSON: {e}"]) from e
-    return parse_usage(data, str(path))
+    return parse_usage(read_document(path, fmt="json"), str(path))
 
 
 def to_inputs(doc: UsageDocument, rows: Mapping[str, PoolRows], source: str = "<usage>") -> dict[str, PoolInput]:

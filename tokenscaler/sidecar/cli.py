@@ -88,12 +88,12 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import gc
     import logging
-    import signal
     import socket
     import sys
 
     from aiohttp import web
 
+    from tokenscaler import runtime
     from tokenscaler.core.limiter import Limiter
     from tokenscaler.core.model import ConfigError, load_config
     from tokenscaler.sidecar.admission import Admission
@@ -183,24 +183,13 @@ def run(args: argparse.Namespace) -> int:
         gc.collect()
         gc.freeze()
         gc.set_threshold(20_000, 20, 20)
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await runtime.until_signal()
         source_task.cancel()
         await runner.cleanup()
         await metrics_runner.cleanup()
         return 0
 
-    loop_factory = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve())
+    return runtime.run(serve)
 
 
 def _log_source_failure(task: asyncio.Task[None]) -> None:

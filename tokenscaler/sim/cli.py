@@ -58,10 +58,9 @@ _OVERRIDES = (
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import signal
     import sys
 
+    from tokenscaler import runtime
     from tokenscaler.sim.profile import ProfileError, builtin_profile_names, load_profile
     from tokenscaler.sim.server import SimServer
 
@@ -94,20 +93,8 @@ def run(args: argparse.Namespace) -> int:
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"tokenscaler sim: profile {profile.name}, model {server.model_name}", flush=True)
         print(f"tokenscaler sim listening on http://{host}:{port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await runtime.until_signal()
         await server.close()
         return 0
 
-    loop_factory = None
-    try:
-        import uvloop
-
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
-        pass
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve())
+    return runtime.run(serve)

@@ -26,11 +26,10 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from tokenscaler.core.model import ConfigError, format_validation_error
+from tokenscaler.core.model import read_document, validate_document
 from tokenscaler.core.usage import (
     ADMITTED_RPS,
     ADMITTED_TPS,
@@ -59,17 +58,7 @@ class ScrapeConfig(BaseModel):
 
 
 def load_scrape_config(path: str | Path) -> ScrapeConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from e
-    try:
-        return ScrapeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(str(path), format_validation_error(e, data)) from e
+    return validate_document(ScrapeConfig, read_document(path), str(path), "'pools'")
 
 
 @dataclass
