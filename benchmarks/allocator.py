@@ -116,7 +116,7 @@ def main() -> int:
             ref = timed(lambda p=problem, c=capacity, d=demand: ref_allocate(p, c, d), 3)
             ref_med = statistics.median(ref)
             ref_ms = f"{ref_med * 1e3:.1f}"
-            ratio = f"{ref_med / statistics.median(solve):.0f}x"
+            ratio = f"{ref_med / statistics.median(solve):.2g}x"
         print(
             f"{n:>12,} | {statistics.median(solve) * 1e3:>12.2f} | {pct(solve, 99) * 1e3:>12.2f} | "
             f"{statistics.median(interval) * 1e3:>15.2f} | {ref_ms:>12} | {ratio:>10}"
