@@ -1,4 +1,4 @@
-"""Calibration against ../shared/reference/PERFORMANCE.md, in virtual time.
+"""Calibration against docs/reference/PERFORMANCE.md, in virtual time.
 
 Each tolerance says where it comes from. The anchors are the section 0/1.4-1.7 figures for
 Llama-3.1-8B on one H100 (and 70B on TP4), graded M (measured) or D (derived, about +-20%).

@@ -1,6 +1,6 @@
 """``/metrics`` of a real simulator: vLLM 0.33's names, types, labels and default buckets.
 
-The expected values are written out here from ../shared/reference/INTERFACES.md section 2
+The expected values are written out here from docs/reference/INTERFACES.md section 2
 rather than imported from the code, so a change on either side fails this test.
 """
 

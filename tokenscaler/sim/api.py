@@ -1,7 +1,7 @@
 """The OpenAI-compatible wire format as vLLM serves it: request checks, responses, stream chunks.
 
 Pure (no aiohttp): the server calls these to turn a request body into engine work and engine
-results into JSON (``../shared/reference/INTERFACES.md`` section 3). Bodies are checked by
+results into JSON (``docs/reference/INTERFACES.md`` section 3). Bodies are checked by
 hand rather than with a pydantic model, to keep vLLM's tolerance (unknown fields are
 ignored) and its exact messages; every rejection is an :class:`ApiError` naming the field.
 

@@ -1,6 +1,6 @@
 """The simulator's ``/metrics``: vLLM 0.33's metric names, types, labels and default buckets.
 
-Every name is a constant here (``../shared/reference/INTERFACES.md`` section 2). The engine
+Every name is a constant here (``docs/reference/INTERFACES.md`` section 2). The engine
 keeps plain counters and histograms (:mod:`tokenscaler.sim.stats`); :class:`EngineCollector`
 turns them into Prometheus families at scrape time, in a registry of its own per server
 (:func:`build_registry`), so several servers can live in one process. Labels are

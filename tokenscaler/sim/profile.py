@@ -4,7 +4,7 @@ A profile is a YAML document validated by :class:`Profile`. Built-in profiles li
 this module in ``profiles/NAME.yaml`` (``llama-3.1-8b-h100``, the default,
 ``llama-3.1-70b-h100-tp4`` and ``demo``); ``--profile`` takes a built-in name or the path
 of a user's YAML file with the same fields. Every number in the built-in files carries a
-comment saying where it comes from (``../shared/reference/PERFORMANCE.md`` sections 1.1
+comment saying where it comes from (``docs/reference/PERFORMANCE.md`` sections 1.1
 to 1.7 for the H100 profiles).
 
 The step time model (PERFORMANCE.md 1.7), for one continuous-batching iteration that

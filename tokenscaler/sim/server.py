@@ -1,6 +1,6 @@
 """The simulator's HTTP server: vLLM's OpenAI-compatible API and ``/metrics`` over the engine.
 
-Routes, as vLLM serves them (``../shared/reference/INTERFACES.md`` section 3):
+Routes, as vLLM serves them (``docs/reference/INTERFACES.md`` section 3):
 ``POST /v1/completions`` and ``POST /v1/chat/completions`` (JSON or SSE with ``stream``,
 ``stream_options.include_usage`` and ``continuous_usage_stats``), ``GET /v1/models``,
 ``POST /tokenize``, ``GET /health`` (503 until ``startup_s`` has passed) and ``GET /metrics``.

@@ -3,7 +3,7 @@
 The engine records into these plain objects (no prometheus-client, no clock); the server's
 collector (:mod:`tokenscaler.sim.metrics`) reads them at scrape time. Histograms use
 vLLM 0.33's default bucket families (``vllm/v1/metrics/buckets.py``, quoted in
-``../shared/reference/INTERFACES.md`` section 2.3) and observe many values at once with
+``docs/reference/INTERFACES.md`` section 2.3) and observe many values at once with
 numpy, so recording one inter-token latency per running request per step stays cheap.
 """
 
