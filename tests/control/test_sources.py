@@ -185,3 +185,18 @@ def test_finite() -> None:
     from tokenscaler.sources.base import finite
 
     assert finite(1.0) and not finite(math.nan) and not finite(math.inf)
+
+
+def test_the_sidecar_exports_every_metric_the_controller_reads() -> None:
+    """The contract between the two: every name the sources query is one the sidecar defines."""
+    from tokenscaler.sidecar import metrics as sidecar
+    from tokenscaler.sources.base import SIDECAR_FRESHNESS, SIDECAR_GAUGES, SIDECAR_RATES, SIDECAR_REQUESTS
+
+    read = {*SIDECAR_RATES, *SIDECAR_GAUGES, SIDECAR_REQUESTS, SIDECAR_FRESHNESS}
+    assert read <= set(sidecar.ALL_NAMES)
+    for q in QUERIES:
+        for name in read:
+            if name in q.promql:
+                break
+        else:
+            assert "tokenscaler_sidecar_" not in q.promql, q.promql

@@ -31,9 +31,34 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tokenscaler.core.usage import AnswerKind, Observation, PoolSignals
+from tokenscaler.core.usage import (
+    ADMITTED_TPS,
+    INFLIGHT,
+    OFFERED_RPS,
+    OFFERED_TPS,
+    RESERVED_KV,
+    AnswerKind,
+    Observation,
+    PoolSignals,
+)
+from tokenscaler.sidecar import metrics as sidecar
+
+# The sidecar metrics the controller reads (names from the sidecar's one list) and the
+# signal column each feeds. Requests admitted are requests_total{outcome="admitted"}.
+SIDECAR_RATES: dict[str, int] = {
+    sidecar.OFFERED_WEIGHTED_TOKENS_TOTAL: OFFERED_TPS,
+    sidecar.ADMITTED_WEIGHTED_TOKENS_TOTAL: ADMITTED_TPS,
+    sidecar.OFFERED_REQUESTS_TOTAL: OFFERED_RPS,
+}
+SIDECAR_GAUGES: dict[str, int] = {sidecar.INFLIGHT_REQUESTS: INFLIGHT, sidecar.RESERVED_KV_TOKENS: RESERVED_KV}
+SIDECAR_REQUESTS = sidecar.REQUESTS_TOTAL
+SIDECAR_FRESHNESS = sidecar.LIMITS_AGE_SECONDS  # every sidecar exports it: its timestamp is the last scrape
 
 __all__ = [
+    "SIDECAR_FRESHNESS",
+    "SIDECAR_GAUGES",
+    "SIDECAR_RATES",
+    "SIDECAR_REQUESTS",
     "AnswerKind",
     "MetricsSource",
     "Observation",

@@ -37,11 +37,19 @@ from tokenscaler.core.usage import (
     ReplicaTable,
     SignalTableBuilder,
 )
-from tokenscaler.sources.base import AnswerKind, Observation, SourceError, collect, collect_columns
+from tokenscaler.sources.base import (
+    SIDECAR_FRESHNESS,
+    SIDECAR_GAUGES,
+    SIDECAR_RATES,
+    SIDECAR_REQUESTS,
+    AnswerKind,
+    Observation,
+    SourceError,
+    collect,
+    collect_columns,
+)
 
 log = logging.getLogger(__name__)
-
-SIDECAR = "tokenscaler_sidecar_"
 
 
 @dataclass(frozen=True)
@@ -59,16 +67,19 @@ def build_queries(rate_window_s: float) -> list[Query]:
     def per_entitlement(name: str, expr: str) -> Query:
         return Query(name, f"sum by (pool, entitlement) ({expr})", by_ent)
 
+    by_column = {column: name for name, column in SIDECAR_RATES.items()}
+    offered, admitted, offered_requests = (by_column[c] for c in (OFFERED_TPS, ADMITTED_TPS, OFFERED_RPS))
+    inflight, reserved = (name for name in SIDECAR_GAUGES)
     return [
-        per_entitlement("offered_tokens", f"rate({SIDECAR}offered_weighted_tokens_total[{w}])"),
-        per_entitlement("admitted_tokens", f"rate({SIDECAR}admitted_weighted_tokens_total[{w}])"),
-        per_entitlement("offered_requests", f"rate({SIDECAR}offered_requests_total[{w}])"),
-        per_entitlement("admitted_requests", f'rate({SIDECAR}requests_total{{outcome="admitted"}}[{w}])'),
-        per_entitlement("inflight", f"{SIDECAR}inflight_requests"),
-        per_entitlement("reserved_kv", f"{SIDECAR}reserved_kv_tokens"),
+        per_entitlement("offered_tokens", f"rate({offered}[{w}])"),
+        per_entitlement("admitted_tokens", f"rate({admitted}[{w}])"),
+        per_entitlement("offered_requests", f"rate({offered_requests}[{w}])"),
+        per_entitlement("admitted_requests", f'rate({SIDECAR_REQUESTS}{{outcome="admitted"}}[{w}])'),
+        per_entitlement("inflight", inflight),
+        per_entitlement("reserved_kv", reserved),
         Query(
             "replica_offered",
-            f"sum by (pool, entitlement, replica) (rate({SIDECAR}offered_weighted_tokens_total[{w}]))",
+            f"sum by (pool, entitlement, replica) (rate({offered}[{w}]))",
             ("pool", "entitlement", "replica"),
         ),
         # one series per engine: readiness and KV capacity (labels carry the cache config)
@@ -79,7 +90,7 @@ def build_queries(rate_window_s: float) -> list[Query]:
         Query("prompt_tokens", f"sum by (pool) (rate(vllm:prompt_tokens_total[{w}]))", ("pool",)),
         Query("generation_tokens", f"sum by (pool) (rate(vllm:generation_tokens_total[{w}]))", ("pool",)),
         Query("targets_down", 'count by (pool) (up{pool!=""} == 0)', ("pool",)),
-        Query("freshest", f"max by (pool) (timestamp({SIDECAR}limits_age_seconds))", ("pool",)),
+        Query("freshest", f"max by (pool) (timestamp({SIDECAR_FRESHNESS}))", ("pool",)),
     ]
 
 

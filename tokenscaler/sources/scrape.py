@@ -30,19 +30,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from tokenscaler.core.model import read_document, validate_document
-from tokenscaler.core.usage import (
-    ADMITTED_RPS,
-    ADMITTED_TPS,
-    INFLIGHT,
-    OFFERED_RPS,
-    OFFERED_TPS,
-    RESERVED_KV,
-    ReplicaTable,
-    SignalTableBuilder,
+from tokenscaler.core.usage import ADMITTED_RPS, OFFERED_TPS, ReplicaTable, SignalTableBuilder
+from tokenscaler.sources.base import (
+    SIDECAR_GAUGES,
+    SIDECAR_RATES,
+    SIDECAR_REQUESTS,
+    AnswerKind,
+    Observation,
+    SourceError,
+    finite,
 )
-from tokenscaler.sources.base import AnswerKind, Observation, SourceError, finite
-
-SIDECAR = "tokenscaler_sidecar_"
 
 
 class PoolTargets(BaseModel):
@@ -65,18 +62,6 @@ def load_scrape_config(path: str | Path) -> ScrapeConfig:
 class _Previous:
     time: float
     counters: dict[tuple, float] = field(default_factory=dict)
-
-
-# sidecar samples: name -> signal column (counters become rates, gauges are summed as they are)
-_SIDECAR_RATES = {
-    f"{SIDECAR}offered_weighted_tokens_total": OFFERED_TPS,
-    f"{SIDECAR}admitted_weighted_tokens_total": ADMITTED_TPS,
-    f"{SIDECAR}offered_requests_total": OFFERED_RPS,
-}
-_SIDECAR_GAUGES = {
-    f"{SIDECAR}inflight_requests": INFLIGHT,
-    f"{SIDECAR}reserved_kv_tokens": RESERVED_KV,
-}
 
 
 class ScrapeSource:
@@ -196,17 +181,17 @@ class ScrapeSource:
             ent = labels.get("entitlement")
             if not ent:
                 continue
-            if name in _SIDECAR_GAUGES:
-                table.add(sample_pool, ent, _SIDECAR_GAUGES[name], value)
+            if name in SIDECAR_GAUGES:
+                table.add(sample_pool, ent, SIDECAR_GAUGES[name], value)
                 continue
-            admitted = name == f"{SIDECAR}requests_total" and labels.get("outcome") == "admitted"
-            if name not in _SIDECAR_RATES and not admitted:
+            admitted = name == SIDECAR_REQUESTS and labels.get("outcome") == "admitted"
+            if name not in SIDECAR_RATES and not admitted:
                 continue
             key = (name, ent, labels.get("tier", ""), labels.get("outcome", ""), labels.get("replica", ""))
             rate = self._rate(url, key, value, now, current)
             if rate is None:
                 continue
-            column = ADMITTED_RPS if admitted else _SIDECAR_RATES[name]
+            column = ADMITTED_RPS if admitted else SIDECAR_RATES[name]
             table.add(sample_pool, ent, column, rate)
             if column == OFFERED_TPS:
                 rkey = (sample_pool, ent, labels.get("replica", url))
