@@ -21,7 +21,13 @@ def prometheus_binary() -> str | None:
 class PrometheusServer:
     """Starts ``prometheus`` scraping the given jobs every ``scrape_interval``."""
 
-    def __init__(self, workdir: Path, jobs: list[dict[str, Any]], scrape_interval: str = "1s") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        jobs: list[dict[str, Any]],
+        scrape_interval: str = "1s",
+        rule_files: list[Path] | None = None,
+    ) -> None:
         binary = prometheus_binary()
         if binary is None:
             raise RuntimeError("the prometheus binary is missing: `make test` installs Debian's prometheus package")
@@ -32,6 +38,7 @@ class PrometheusServer:
             yaml.safe_dump(
                 {
                     "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+                    "rule_files": [str(p) for p in rule_files or []],
                     "scrape_configs": jobs,
                 }
             )

@@ -47,6 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rate-window-s", type=float, default=30.0, metavar="N", help="PromQL rate() window for counters (default 30)"
     )
+    p.add_argument(
+        "--recording-rules",
+        action="store_true",
+        help="read the per-entitlement series recorded by alerts/tokenscaler-recording.rules.yml "
+        "(cheaper at thousands of entitlements; its window must equal --rate-window-s)",
+    )
     p.add_argument("--query-timeout-s", type=float, default=2.0, metavar="N", help="per-query timeout (default 2)")
     p.add_argument(
         "--max-staleness-s",
@@ -80,6 +86,8 @@ def _check(args: argparse.Namespace) -> list[str]:
         errors.append(f"--demand-half-life-s ({args.demand_half_life_s:g}) must be >= 0")
     if bool(args.tls_cert) != bool(args.tls_key):
         errors.append("--tls-cert and --tls-key go together")
+    if args.recording_rules and not args.prometheus_url:
+        errors.append("--recording-rules needs --prometheus-url")
     if args.tls_client_ca and not args.tls_cert:
         errors.append("--tls-client-ca needs --tls-cert and --tls-key")
     return errors
@@ -124,6 +132,7 @@ async def _main(args: argparse.Namespace) -> int:
                 rate_window_s=args.rate_window_s,
                 timeout_s=args.query_timeout_s,
                 max_staleness_s=args.max_staleness_s,
+                recorded=args.recording_rules,
             )
         else:
             source = ScrapeSource(load_scrape_config(args.scrape_config))
