@@ -75,10 +75,8 @@ class Controller:
         """Load state from ``--state`` and publish the last plan it holds, if any."""
         if self.state_path is None:
             return None
-        try:
-            self.state = load_state(self.state_path)
-        except StateFileError:
-            raise  # the caller refuses to start rather than silently dropping debt
+        # a StateFileError propagates: the caller refuses to start rather than silently drop debt
+        self.state = load_state(self.state_path)
         if self.state.last_plan is None:
             return None
         try:

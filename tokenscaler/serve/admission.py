@@ -95,7 +95,8 @@ class AdmissionApi:
         self.registry = registry
         self.metrics = metrics
         self.limits_ttl_s = limits_ttl_s
-        self._cache: dict[tuple[str, str | None], tuple[int, bytes]] = {}
+        self._cache: dict[tuple[str, str | None], bytes] = {}  # documents of plan _cache_version
+        self._cache_version: int | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
@@ -125,15 +126,13 @@ class AdmissionApi:
         if request.headers.get("If-None-Match") == etag:
             self._count(route, 304)
             return web.Response(status=304, headers={"ETag": etag})
-        key = (pool, replica)
-        cached = self._cache.get(key)
-        if cached is None or cached[0] != published.version:
-            if cached is not None and cached[0] != published.version:
-                self._cache.clear()
+        if self._cache_version != published.version:  # a new plan: every cached document is old
+            self._cache.clear()
+            self._cache_version = published.version
+        body = self._cache.get((pool, replica))
+        if body is None:
             body = json.dumps(limits_document(published, pool, replica, self.limits_ttl_s)).encode()
-            self._cache[key] = (published.version, body)
-        else:
-            body = cached[1]
+            self._cache[(pool, replica)] = body
         self._count(route, 200)
         return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 

@@ -67,6 +67,7 @@ __all__ = [
     "collect",
     "collect_columns",
     "finite",
+    "sample_value",
 ]
 
 
@@ -114,7 +115,8 @@ def collect(
     return out
 
 
-def _value(series: Any) -> float:
+def sample_value(series: Any) -> float:
+    """The value of one series of a Prometheus vector answer; NaN when malformed."""
     try:
         return float(series["value"][1])
     except (KeyError, IndexError, TypeError, ValueError):
@@ -138,7 +140,7 @@ def collect_columns(
         values = np.array([s["value"][1] for s in result]).astype(float)
     except (KeyError, IndexError, TypeError, ValueError):  # malformed somewhere: the careful path
         metrics = [s.get("metric") or {} if isinstance(s, dict) else {} for s in result]
-        values = np.array([_value(s) for s in result], dtype=float)
+        values = np.array([sample_value(s) for s in result], dtype=float)
     if len(key_labels) == 2:
         a, b = key_labels
         keys: list[tuple[str, ...]] = [(m.get(a, ""), m.get(b, "")) for m in metrics]

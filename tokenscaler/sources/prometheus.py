@@ -49,6 +49,7 @@ from tokenscaler.sources.base import (
     SourceError,
     collect,
     collect_columns,
+    sample_value,
 )
 
 log = logging.getLogger(__name__)
@@ -191,13 +192,7 @@ class PrometheusSource:
 
 
 def _samples(result: list[dict[str, Any]]) -> list[tuple[Mapping[str, str], float]]:
-    out = []
-    for series in result:
-        try:
-            out.append((series.get("metric", {}), float(series["value"][1])))
-        except (KeyError, IndexError, TypeError, ValueError):
-            out.append((series.get("metric", {}) if isinstance(series, dict) else {}, float("nan")))
-    return out
+    return [((s.get("metric") or {}) if isinstance(s, dict) else {}, sample_value(s)) for s in result]
 
 
 # per-entitlement queries and the signal column each fills
