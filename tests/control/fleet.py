@@ -67,6 +67,8 @@ def start_controller(
         "2",
         "--rate-window-s",
         "5",
+        "--profile-refresh-s",
+        "1",
     ]
     args += ["--prometheus-url", prometheus.url] if prometheus else ["--scrape-config", str(scrape_config)]
     if state is not None:
@@ -162,8 +164,17 @@ class Load:
     """Bounded streaming load from one entitlement, spread round-robin over the sidecars,
     by ``concurrency`` threads until ``stop()`` or ``max_requests`` requests each."""
 
-    def __init__(self, fl: Fleet, entitlement: str, concurrency: int, max_tokens: int = 48, max_requests: int = 200):
+    def __init__(
+        self,
+        fl: Fleet,
+        entitlement: str,
+        concurrency: int,
+        max_tokens: int = 48,
+        max_requests: int = 200,
+        sidecars: list[int] | None = None,  # only through these replicas (default: all)
+    ):
         self.fl = fl
+        self.sidecars = [fl.sidecars[i] for i in sidecars] if sidecars is not None else fl.sidecars
         self.entitlement = entitlement
         self.done = threading.Event()
         self.ok = 0
@@ -180,7 +191,7 @@ class Load:
     def _run(self, i: int, max_tokens: int, max_requests: int) -> None:
         clients = [
             openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEYS[self.entitlement], max_retries=0, timeout=30)
-            for s in self.fl.sidecars
+            for s in self.sidecars
         ]
         deadline = time.monotonic() + 120  # a bound, whatever happens
         for n in range(max_requests):
@@ -194,9 +205,10 @@ class Load:
                     max_tokens=max_tokens,
                     stream=True,
                 )
-                for _ in stream:
-                    if self.done.is_set():
-                        break
+                with stream:  # closing it on stop() disconnects at once: the engine aborts the request
+                    for _ in stream:
+                        if self.done.is_set():
+                            break
                 with self._lock:
                     self.ok += 1
             except openai.RateLimitError:

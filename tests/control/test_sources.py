@@ -15,14 +15,15 @@ from tokenscaler.core.usage import (
     AnswerKind,
     DemandState,
     Observation,
-    ReplicaTable,
     SignalTableBuilder,
     derive_inputs,
+    update_footprint,
 )
-from tokenscaler.sources.prometheus import assemble, build_queries
+from tokenscaler.sources.prometheus import assemble, assemble_profile, build_queries, profile_queries
 
 NOW = 1_800_000_000.0
 QUERIES = build_queries(30)
+PROFILE = profile_queries(30)
 
 
 def series(value, **labels):
@@ -34,8 +35,11 @@ def answers(**by_query):
 
 
 def test_query_set_is_fixed_and_aggregated() -> None:
-    assert len(QUERIES) == 15
-    for q in QUERIES:
+    assert len(QUERIES) == 10
+    # two series per entitlement per interval; the footprint and routing come with the profile
+    assert [q.name for q in QUERIES if q.keys[1:] == ("entitlement",)] == ["offered_tokens", "admitted_tokens"]
+    assert [q.name for q in PROFILE] == ["admitted_tokens", "inflight", "reserved_kv", "replica_offered"]
+    for q in (*QUERIES, *PROFILE):
         if q.name not in ("cache_config",):
             assert q.promql.startswith(("sum by", "avg by", "count by", "max by")), q.promql
         assert "[30s]" in q.promql or "rate(" not in q.promql
@@ -64,13 +68,16 @@ def test_multi_series_for_one_key_keep_the_largest_and_are_counted() -> None:
     obs = assemble(
         NOW,
         answers(
-            inflight=[series(3, pool="p", entitlement="a", job="x"), series(7, pool="p", entitlement="a", job="y")]
+            admitted_tokens=[
+                series(3, pool="p", entitlement="a", job="x"),
+                series(7, pool="p", entitlement="a", job="y"),
+            ]
         ),
         QUERIES,
         60,
     )
-    assert obs.signals.row("p", "a")["inflight_requests"] == 7
-    assert obs.answers[("inflight", AnswerKind.MULTI)] == 1
+    assert obs.signals.row("p", "a")["admitted_tokens_per_s"] == 7
+    assert obs.answers[("admitted_tokens", AnswerKind.MULTI)] == 1
 
 
 def test_stale_samples_mark_the_pool_incomplete() -> None:
@@ -97,9 +104,9 @@ def test_cache_config_gives_ready_replicas_and_kv_capacity() -> None:
 
 def test_malformed_values_count_as_nan() -> None:
     obs = assemble(
-        NOW, answers(reserved_kv=[{"metric": {"pool": "p", "entitlement": "a"}, "value": [NOW]}]), QUERIES, 60
+        NOW, answers(admitted_tokens=[{"metric": {"pool": "p", "entitlement": "a"}, "value": [NOW]}]), QUERIES, 60
     )
-    assert obs.answers[("reserved_kv", AnswerKind.NAN)] == 1
+    assert obs.answers[("admitted_tokens", AnswerKind.NAN)] == 1
 
 
 # --------------------------------------------------------------------------- derivation
@@ -124,28 +131,67 @@ def observe(**signals: dict[str, float]) -> Observation:
 
 
 def test_throttled_demand_stays_visible() -> None:
-    # a offers 1,000 tok/s but only 400 are admitted; 4 in flight at 2 req/s admitted of 5 offered
+    # a offers 1,000 tok/s but only 400 are admitted, with 4 requests in flight: unthrottled,
+    # 1,000 / 400 x 4 = 10 would be in flight, each reserving 150 KV tokens as they do now
     sig = {
         "offered_tokens_per_s": 1000,
         "admitted_tokens_per_s": 400,
-        "offered_requests_per_s": 5,
-        "admitted_requests_per_s": 2,
         "inflight_requests": 4,
         "reserved_kv_tokens": 600,
     }
     d = derive_inputs(ROWS, observe(a=sig), DemandState(), 5.0, 0.0)
     inp = d.inputs["p"]
-    np.testing.assert_allclose(inp.demand[0], [1000, 1500, 10])  # 5 req/s x 2 s; 150 kv per request
+    np.testing.assert_allclose(inp.demand[0], [1000, 1500, 10])
     np.testing.assert_allclose(inp.usage[0], [400, 600, 4])
     assert not inp.demand[1].any()
 
 
-def test_unknown_duration_uses_the_default_and_typical_footprint() -> None:
-    sig = {"offered_tokens_per_s": 50, "offered_requests_per_s": 1}
-    d = derive_inputs(ROWS, observe(b=sig), DemandState(), 5.0, 0.0)
-    np.testing.assert_allclose(
-        d.inputs["p"].demand[1], [50, 150 * DEFAULT_REQUEST_DURATION_S, DEFAULT_REQUEST_DURATION_S]
+def test_unthrottled_demand_is_what_is_in_use() -> None:
+    sig = {"offered_tokens_per_s": 400, "admitted_tokens_per_s": 400, "inflight_requests": 4, "reserved_kv_tokens": 600}
+    inp = derive_inputs(ROWS, observe(a=sig), DemandState(), 5.0, 0.0).inputs["p"]
+    np.testing.assert_allclose(inp.demand[0], inp.usage[0])
+
+
+def test_the_footprint_per_token_is_remembered_while_nothing_is_in_flight() -> None:
+    measured = {"offered_tokens_per_s": 400, "admitted_tokens_per_s": 400, "inflight_requests": 4}
+    first = derive_inputs(ROWS, observe(a={**measured, "reserved_kv_tokens": 800}), DemandState(), 5.0, 0.0)
+    # fully throttled now: nothing admitted or in flight, 800 tok/s offered -> 8 in flight at 200 KV each
+    second = derive_inputs(ROWS, observe(a={"offered_tokens_per_s": 800}), first.state, 5.0, 0.0)
+    np.testing.assert_allclose(second.inputs["p"].demand[0], [800, 1600, 8])
+
+
+def test_without_gauges_usage_and_demand_follow_the_profiled_footprint() -> None:
+    # the profile saw 4 in flight at 400 tok/s admitted, 800 KV reserved: 0.01 per tok/s, 200 KV each
+    profile = {
+        "admitted_tokens": [series(400, pool="p", entitlement="a")],
+        "inflight": [series(4, pool="p", entitlement="a")],
+        "reserved_kv": [series(800, pool="p", entitlement="a")],
+    }
+    state = update_footprint(ROWS, DemandState(), assemble_profile(NOW, profile, PROFILE).signals)
+    # an interval reading only the token rates: 600 tok/s admitted of 1,000 offered
+    obs = assemble(
+        NOW,
+        {
+            "offered_tokens": [series(1000, pool="p", entitlement="a")],
+            "admitted_tokens": [series(600, pool="p", entitlement="a")],
+        },
+        QUERIES,
+        60,
     )
+    inp = derive_inputs(ROWS, obs, state, 5.0, 0.0).inputs["p"]
+    np.testing.assert_allclose(inp.usage[0], [600, 1200, 6])
+    np.testing.assert_allclose(inp.demand[0], [1000, 2000, 10])
+    # the footprint carries over intervals: the next one uses it too
+    again = derive_inputs(ROWS, obs, derive_inputs(ROWS, obs, state, 5.0, 0.0).state, 5.0, 0.0)
+    np.testing.assert_allclose(again.inputs["p"].usage[0], [600, 1200, 6])
+
+
+def test_unknown_footprint_uses_the_default_duration_and_typical_request() -> None:
+    typical = ROWS["p"].pool.typical_request_vector()  # weighted tokens, KV tokens, 1
+    # one typical request per second offered, never seen in flight: DEFAULT_REQUEST_DURATION_S in flight
+    d = derive_inputs(ROWS, observe(b={"offered_tokens_per_s": typical[0]}), DemandState(), 5.0, 0.0)
+    expected = [typical[0], typical[1] * DEFAULT_REQUEST_DURATION_S, DEFAULT_REQUEST_DURATION_S]
+    np.testing.assert_allclose(d.inputs["p"].demand[1], expected)
 
 
 def test_demand_is_smoothed_with_the_half_life() -> None:
@@ -160,12 +206,14 @@ def test_demand_is_smoothed_with_the_half_life() -> None:
 
 def test_replica_shares_from_offered_load() -> None:
     obs = observe(a={"offered_tokens_per_s": 100})
-    obs.replica_offered = ReplicaTable(
-        pools=["p", "p", "p", "p"],
-        names=["a", "a", "a", "ghost"],
-        replicas=["r1", "r2", "r3", "r1"],
-        values=np.array([75.0, 25.0, 0.0, 5.0]),
-    )
+    assert derive_inputs(ROWS, obs, DemandState(), 5.0, 0.0).shares is None  # routing not read this time
+    routing = [
+        series(75, pool="p", entitlement="a", replica="r1"),
+        series(25, pool="p", entitlement="a", replica="r2"),
+        series(0, pool="p", entitlement="a", replica="r3"),
+        series(5, pool="p", entitlement="ghost", replica="r1"),
+    ]
+    obs.replica_offered = assemble_profile(NOW, {"replica_offered": routing}, PROFILE).routing
     d = derive_inputs(ROWS, obs, DemandState(), 5.0, 0.0)
     shares = d.shares["p"]
     assert set(shares) == {"r1", "r2"}  # nothing offered on r3; unknown entitlements ignored
@@ -190,11 +238,11 @@ def test_finite() -> None:
 def test_the_sidecar_exports_every_metric_the_controller_reads() -> None:
     """The contract between the two: every name the sources query is one the sidecar defines."""
     from tokenscaler.sidecar import metrics as sidecar
-    from tokenscaler.sources.base import SIDECAR_FRESHNESS, SIDECAR_GAUGES, SIDECAR_RATES, SIDECAR_REQUESTS
+    from tokenscaler.sources.base import SIDECAR_FRESHNESS, SIDECAR_GAUGES, SIDECAR_RATES
 
-    read = {*SIDECAR_RATES, *SIDECAR_GAUGES, SIDECAR_REQUESTS, SIDECAR_FRESHNESS}
+    read = {*SIDECAR_RATES, *SIDECAR_GAUGES, SIDECAR_FRESHNESS}
     assert read <= set(sidecar.ALL_NAMES)
-    for q in QUERIES:
+    for q in (*QUERIES, *PROFILE):
         for name in read:
             if name in q.promql:
                 break

@@ -65,6 +65,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--demand-half-life-s", type=float, default=10.0, metavar="N", help="half-life of demand smoothing (default 10)"
     )
     p.add_argument(
+        "--profile-refresh-s",
+        type=float,
+        default=15.0,
+        metavar="N",
+        help="how often to re-read the footprint of each entitlement's requests and its routing "
+        "across replicas, after an interval has published (Prometheus source; default 15)",
+    )
+    p.add_argument(
         "--limits-ttl-s",
         type=float,
         default=60.0,
@@ -79,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> list[str]:
     errors = []
-    for flag in ("interval_s", "rate_window_s", "query_timeout_s", "max_staleness_s", "limits_ttl_s"):
+    positive = ("interval_s", "rate_window_s", "query_timeout_s", "max_staleness_s", "limits_ttl_s")
+    for flag in (*positive, "profile_refresh_s"):
         if getattr(args, flag) <= 0:
             errors.append(f"--{flag.replace('_', '-')} ({getattr(args, flag):g}) must be > 0")
     if args.demand_half_life_s < 0:
@@ -157,12 +166,14 @@ async def _main(args: argparse.Namespace) -> int:
         interval_s=args.interval_s,
         state_path=args.state,
         demand_half_life_s=args.demand_half_life_s,
+        profile_refresh_s=args.profile_refresh_s,
     )
     try:
         restored = controller.restore()
     except StateFileError as e:
         print(f"tokenscaler controller: {e} (move it away to start without state)", file=sys.stderr)
         return 1
+    runtime.settle_heap()
 
     api = AdmissionApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)

@@ -13,6 +13,11 @@ Failure behaviour, each a tested rule:
   floors stay as they were. Plans resume with the next good read.
 * a pool's data is incomplete (targets down, samples too old): it is planned, but its
   replica target is never lowered below the last published one.
+* the profile (the footprint of each entitlement's requests, and the routing that splits
+  its limits across replicas), when the source reads it apart, is read every
+  ``profile_refresh_s`` after an interval has published, off the interval's path; a
+  failed read keeps the previous footprint and shares (entitlements never seen get the
+  pool's typical request and an even split).
 * restart: debt, scale-down history and the last plan come back from ``--state``; the
   restored plan is published at once, so KEDA and the sidecars are answered from the first
   second, and the first fresh interval follows one interval later.
@@ -28,13 +33,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from tokenscaler.control.metrics import ControllerMetrics
 from tokenscaler.control.persist import StateFileError, load_state, save_state
 from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.plan import Plan, PlannerState, plan_interval
 from tokenscaler.core.rows import build_pool_rows
-from tokenscaler.core.usage import DemandState, Observation, derive_inputs
+from tokenscaler.core.usage import DemandState, Observation, derive_inputs, routing_shares, update_footprint
 from tokenscaler.sources.base import MetricsSource, SourceError
 
 log = logging.getLogger(__name__)
@@ -51,10 +58,13 @@ class Controller:
         interval_s: float = 5.0,
         state_path: str | Path | None = None,
         demand_half_life_s: float = 10.0,
+        profile_refresh_s: float = 15.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s ({interval_s}) must be > 0")
+        if profile_refresh_s <= 0:
+            raise ValueError(f"profile_refresh_s ({profile_refresh_s}) must be > 0")
         self.config = config
         self.rows = build_pool_rows(config)
         self.source = source
@@ -63,7 +73,11 @@ class Controller:
         self.interval_s = interval_s
         self.state_path = Path(state_path) if state_path else None
         self.demand_half_life_s = demand_half_life_s
+        self.profile_refresh_s = profile_refresh_s
         self.clock = clock
+        self.shares: dict[str, dict[str, np.ndarray]] = {}  # pool -> replica -> (n,) offered share
+        self.timings: dict[str, float] = {}  # phase -> seconds, of the last interval that planned
+        self._profile_read_at: float | None = None
         self.state = PlannerState()
         self.demand_state = DemandState()
         self._stale_since: float | None = None
@@ -116,11 +130,11 @@ class Controller:
         for (query, kind), n in obs.answers.items():
             self.metrics.source_answers.labels(query, kind.value).inc(n)
 
-        plan, shares = await asyncio.to_thread(self._plan, obs, now)
+        plan = await asyncio.to_thread(self._plan, obs, now)
         planned = time.perf_counter()
         previous = self.store.current()
         version = previous.version + 1 if previous is not None else self.state.plan_version + 1
-        published = self.store.publish(plan, now, shares=shares, version=version)
+        published = self.store.publish(plan, now, shares=self.shares, version=version)
         if self._stale_since is not None:
             log.info("metrics are back after %.0fs: publishing fresh plans", now - self._stale_since)
         self._stale_since = None
@@ -128,16 +142,24 @@ class Controller:
         self.state.plan_version = published.version
         await asyncio.to_thread(self._persist)
         done = time.perf_counter()
-        self.metrics.interval_duration.labels("read").observe(read_done - started)
-        self.metrics.interval_duration.labels("plan").observe(planned - read_done)
-        self.metrics.interval_duration.labels("persist").observe(done - planned)
-        self.metrics.interval_duration.labels("total").observe(done - started)
+        # "published": from the start of the interval until servers answer with the new plan
+        self.timings = {
+            "read": read_done - started,
+            "plan": planned - read_done,
+            "published": planned - started,
+            "persist": done - planned,
+            "total": done - started,
+        }
+        for phase in ("read", "plan", "persist", "total"):
+            self.metrics.interval_duration.labels(phase).observe(self.timings[phase])
         self.metrics.intervals.labels("ok").inc()
         return published
 
-    def _plan(self, obs: Observation, now: float) -> tuple[Plan, dict]:
+    def _plan(self, obs: Observation, now: float) -> Plan:
         derived = derive_inputs(self.rows, obs, self.demand_state, self.interval_s, self.demand_half_life_s)
         self.demand_state = derived.state
+        if derived.shares is not None:  # the source read the routing with everything else
+            self.shares = derived.shares
         plan, new_state = plan_interval(self.rows, derived.inputs, self.state, now, self.interval_s)
         previous = self.store.current()
         for name, why in obs.incomplete.items():
@@ -153,7 +175,38 @@ class Controller:
         new_state.last_plan = self.state.last_plan
         new_state.plan_version = self.state.plan_version
         self.state = new_state
-        return plan, derived.shares
+        return plan
+
+    async def refresh_profile(self) -> bool:
+        """Read the profile now: the next interval plans with its footprint and publishes its
+        routing. False when the source failed (the previous profile stays) or has none."""
+        now = self.clock()
+        started = time.perf_counter()
+        try:
+            profile = await self.source.read_profile(now)
+        except SourceError as e:
+            self.metrics.source_errors.labels(e.kind).inc()
+            log.warning("profile not read (%s): the previous footprint and routing stay", e)
+            return False
+        except Exception:  # a bug in a source must not stop the loop
+            log.exception("profile read failed unexpectedly")
+            self.metrics.source_errors.labels("internal").inc()
+            return False
+        self._profile_read_at = now
+        if profile is None:
+            return False
+
+        def apply() -> None:
+            self.demand_state = update_footprint(self.rows, self.demand_state, profile.signals)
+            self.shares = routing_shares(self.rows, profile.routing)
+
+        await asyncio.to_thread(apply)
+        self.metrics.interval_duration.labels("profile").observe(time.perf_counter() - started)
+        return True
+
+    def profile_due(self) -> bool:
+        last = self._profile_read_at
+        return last is None or self.clock() - last >= self.profile_refresh_s
 
     def _republish_stale(self, now: float, why: str) -> PublishedPlan | None:
         current = self.store.current()
@@ -178,10 +231,13 @@ class Controller:
                     break
             next_at = max(next_at + self.interval_s, time.monotonic())
             try:
-                await self.step()
+                published = await self.step()
             except Exception:
                 log.exception("planning interval failed; the last plan stays published")
                 self.metrics.intervals.labels("error").inc()
+                continue
+            if published is not None and not published.stale and self.profile_due():
+                await self.refresh_profile()
 
     def stop(self) -> None:
         self._stop.set()

@@ -109,15 +109,13 @@ class PoolSignals:
 
 
 SIGNALS: tuple[str, ...] = (
-    "offered_tokens_per_s",  # weighted, including rejected requests' estimates
+    "offered_tokens_per_s",  # weighted, including rejected requests' expected tokens
     "admitted_tokens_per_s",  # weighted, actually served
-    "offered_requests_per_s",
-    "admitted_requests_per_s",
     "inflight_requests",
     "reserved_kv_tokens",
 )
 """Per-entitlement signals the sidecars report (summed over a pool's replicas), in column order."""
-OFFERED_TPS, ADMITTED_TPS, OFFERED_RPS, ADMITTED_RPS, INFLIGHT, RESERVED_KV = range(len(SIGNALS))
+OFFERED_TPS, ADMITTED_TPS, INFLIGHT, RESERVED_KV = range(len(SIGNALS))
 
 
 @dataclass
@@ -184,8 +182,12 @@ class Observation:
 
     time: float  # unix seconds of the reading
     pools: dict[str, PoolSignals] = field(default_factory=dict)
+    # the gauge columns (in flight, KV reserved) are NaN when the source reads them with the
+    # profile instead (Prometheus): derivation then uses the last measured footprint
     signals: SignalTable = field(default_factory=SignalTable)
-    replica_offered: ReplicaTable = field(default_factory=ReplicaTable)
+    # offered load per replica (how the router spreads each entitlement); None when this
+    # reading did not include it (the Prometheus source reads it with the profile)
+    replica_offered: ReplicaTable | None = None
     incomplete: dict[str, str] = field(default_factory=dict)  # pool -> why its data is partial
     answers: Counter[tuple[str, AnswerKind]] = field(default_factory=Counter)  # (query, kind) -> count
 
@@ -193,9 +195,23 @@ class Observation:
         return self.pools.setdefault(name, PoolSignals())
 
 
+@dataclass
+class Profile:
+    """How each entitlement's load looks, as opposed to how much of it there is: read off
+    the interval's path every ``profile_refresh_s`` by sources for which it is costly.
+
+    ``signals`` carries admitted tokens/s, requests in flight and KV reserved (the
+    footprint of its requests: in flight per token/s, KV per request); ``routing`` the
+    offered load per replica (how the router spreads it)."""
+
+    time: float
+    signals: SignalTable = field(default_factory=SignalTable)
+    routing: ReplicaTable = field(default_factory=ReplicaTable)
+
+
 # --------------------------------------------------------------------------- derivation
 
-DEFAULT_REQUEST_DURATION_S = 10.0  # assumed before any request of an entitlement completed
+DEFAULT_REQUEST_DURATION_S = 10.0  # assumed before any request of an entitlement was seen in flight
 DEMAND_QUANTUM = np.array([0.1, 1.0, 0.01])  # tokens/s, KV tokens, requests in flight: below is none
 
 
@@ -203,8 +219,8 @@ DEMAND_QUANTUM = np.array([0.1, 1.0, 0.01])  # tokens/s, KV tokens, requests in 
 class PoolDemandState:
     names: tuple[str, ...]
     demand: np.ndarray  # (n, 3) smoothed
-    duration_s: np.ndarray  # (n,) mean request duration, NaN until known
-    kv_per_request: np.ndarray  # (n,) mean reserved KV per request, NaN until known
+    inflight_per_tps: np.ndarray  # (n,) requests in flight per admitted weighted token/s, NaN until known
+    kv_per_request: np.ndarray  # (n,) mean reserved KV per request in flight, NaN until known
 
 
 @dataclass
@@ -217,7 +233,8 @@ class DemandState:
 @dataclass(frozen=True)
 class Derived:
     inputs: dict[str, PoolInput]
-    shares: dict[str, dict[str, np.ndarray]]  # pool -> replica -> (n,) share of offered load, NaN if unseen
+    # pool -> replica -> (n,) share of offered load, NaN if unseen; None: routing not read this time
+    shares: dict[str, dict[str, np.ndarray]] | None
     state: DemandState
 
 
@@ -229,16 +246,18 @@ def _rows_by_pool(pools: list[str]) -> dict[str, list[int]]:
 
 
 def _signal_matrix(r: PoolRows, table: SignalTable, rows: list[int]) -> np.ndarray:
-    """(n, 6) signals of pool ``r`` aligned with its rows; NaN rows for entitlements not seen."""
+    """(n, len(SIGNALS)) signals of pool ``r`` aligned with its rows; NaN rows for entitlements not seen."""
     m = np.full((r.n, len(SIGNALS)), np.nan)
     if rows:
-        target = np.array([r.index.get(table.names[i], -1) for i in rows], dtype=np.int64)
+        index = r.index
+        names = table.names
+        target = np.fromiter((index.get(names[i], -1) for i in rows), dtype=np.int64, count=len(rows))
         known = target >= 0
         m[target[known]] = table.values[np.asarray(rows, dtype=np.int64)[known]]
     return m
 
 
-def _replica_shares(r: PoolRows, table: ReplicaTable, rows: list[int]) -> dict[str, np.ndarray]:
+def _pool_shares(r: PoolRows, table: ReplicaTable, rows: list[int]) -> dict[str, np.ndarray]:
     """replica -> (n,) share of each entitlement's offered load seen there (NaN: not seen)."""
     if not rows:
         return {}
@@ -258,6 +277,54 @@ def _replica_shares(r: PoolRows, table: ReplicaTable, rows: list[int]) -> dict[s
     return out
 
 
+def routing_shares(rows: Mapping[str, PoolRows], table: ReplicaTable) -> dict[str, dict[str, np.ndarray]]:
+    """pool -> replica -> (n,) share of each entitlement's offered load seen on that replica
+    (NaN where the entitlement was not seen: the admission API then splits evenly)."""
+    by_pool = _rows_by_pool(table.pools)
+    return {pool: _pool_shares(r, table, by_pool.get(pool, [])) for pool, r in rows.items()}
+
+
+def _previous(state: DemandState, pool: str, r: PoolRows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Last demand, in-flight per token/s and KV per request of pool ``pool``, aligned with ``r``."""
+    prev = state.pools.get(pool)
+    if prev is None:
+        return np.full((r.n, N_DIMS), np.nan), np.full(r.n, np.nan), np.full(r.n, np.nan)
+    return (
+        align(prev.demand, prev.names, r, np.nan),
+        align(prev.inflight_per_tps, prev.names, r, np.nan),
+        align(prev.kv_per_request, prev.names, r, np.nan),
+    )
+
+
+def _footprint(
+    m: np.ndarray, prev_per_tps: np.ndarray, prev_kv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The footprint of each entitlement's requests, measured where ``m`` (n, SIGNALS) has it
+    and remembered elsewhere (NaN: never measured). Returns (in flight per admitted weighted
+    token/s, KV per request in flight, whether the row carried the gauges)."""
+    gauged = ~np.isnan(m[:, INFLIGHT])
+    x = np.maximum(np.nan_to_num(m, nan=0.0), 0.0)
+    admitted, inflight, reserved = x[:, ADMITTED_TPS], x[:, INFLIGHT], x[:, RESERVED_KV]
+    measured = gauged & (admitted > 0) & (inflight > 0)  # Little's law needs both
+    per_tps = np.where(measured, inflight / np.where(measured, admitted, 1.0), prev_per_tps)
+    busy = gauged & (inflight > 0)
+    per_request = np.where(busy, reserved / np.where(busy, inflight, 1.0), prev_kv)
+    return per_tps, per_request, gauged
+
+
+def update_footprint(rows: Mapping[str, PoolRows], state: DemandState, signals: SignalTable) -> DemandState:
+    """``state`` with the footprint measured in a :class:`Profile`'s signals (demand untouched)."""
+    out = DemandState(pools=dict(state.pools))
+    by_pool = _rows_by_pool(signals.pools)
+    for pool_name, r in rows.items():
+        prev_demand, prev_per_tps, prev_kv = _previous(state, pool_name, r)
+        per_tps, per_request, _ = _footprint(
+            _signal_matrix(r, signals, by_pool.get(pool_name, [])), prev_per_tps, prev_kv
+        )
+        out.pools[pool_name] = PoolDemandState(r.names, prev_demand, per_tps, per_request)
+    return out
+
+
 def derive_inputs(
     rows: Mapping[str, PoolRows],
     obs: Observation,
@@ -267,14 +334,17 @@ def derive_inputs(
 ) -> Derived:
     """Demand and usage per entitlement from an observation.
 
-    * throughput demand is the offered load in weighted tokens/s, rejected requests
-      included, so throttled demand stays visible; usage is the admitted load.
-    * concurrency demand is what would be in flight unthrottled: offered requests/s times
-      the mean request duration (Little's law: in-flight / admitted requests/s; until one is
-      measured, :data:`DEFAULT_REQUEST_DURATION_S`), never less than what is in flight;
-      usage is what is in flight.
-    * KV demand is that concurrency times the mean reserved KV per in-flight request (the
-      pool's typical request until measured); usage is the KV reserved now.
+    * throughput demand is the offered load in weighted tokens/s, rejected requests'
+      expected tokens included, so throttled demand stays visible; usage is the admitted load.
+    * the footprint of an entitlement's requests is a property of its request mix: by
+      Little's law, requests in flight per admitted weighted token/s (``inflight /
+      admitted``) and KV reserved per request in flight. It is measured whenever the
+      observation (or a :class:`Profile`, see :func:`update_footprint`) carries the gauges,
+      and remembered; until first measured, :data:`DEFAULT_REQUEST_DURATION_S` per typical
+      request of the pool.
+    * concurrency and KV usage are the gauges when the observation has them, else admitted
+      tokens/s times the footprint; demand is offered tokens/s times the footprint, never
+      less than usage.
 
     Demand is smoothed with an exponential moving average of half-life
     ``smoothing_half_life_s``; usage is not (it is what was received).
@@ -282,41 +352,23 @@ def derive_inputs(
     alpha = 1.0 - math.pow(0.5, interval_s / smoothing_half_life_s) if smoothing_half_life_s > 0 else 1.0
     new_state = DemandState()
     inputs: dict[str, PoolInput] = {}
-    shares: dict[str, dict[str, np.ndarray]] = {}
     signal_rows = _rows_by_pool(obs.signals.pools)
-    replica_rows = _rows_by_pool(obs.replica_offered.pools)
     for pool_name, r in rows.items():
         pool = r.pool
-        typical_kv = float(pool.typical_request.prompt_tokens + pool.typical_request.output_tokens)
-        prev = state.pools.get(pool_name)
-        if prev is not None:
-            prev_demand = align(prev.demand, prev.names, r, np.nan)
-            prev_duration = align(prev.duration_s, prev.names, r, np.nan)
-            prev_kv = align(prev.kv_per_request, prev.names, r, np.nan)
-        else:
-            prev_demand = np.full((r.n, N_DIMS), np.nan)
-            prev_duration = np.full(r.n, np.nan)
-            prev_kv = np.full(r.n, np.nan)
+        typical = pool.typical_request_vector()  # weighted tokens, KV tokens, 1 request
+        prev_demand, prev_per_tps, prev_kv = _previous(state, pool_name, r)
         m = _signal_matrix(r, obs.signals, signal_rows.get(pool_name, []))
         seen = ~np.isnan(m).all(axis=1)
-        m = np.maximum(np.nan_to_num(m, nan=0.0), 0.0)
-        offered_tps, admitted_tps = m[:, OFFERED_TPS], m[:, ADMITTED_TPS]
-        offered_rps, admitted_rps = m[:, OFFERED_RPS], m[:, ADMITTED_RPS]
-        inflight, reserved = m[:, INFLIGHT], m[:, RESERVED_KV]
-        offered_rps = np.maximum(offered_rps, admitted_rps)
-        measured = (admitted_rps > 0) & (inflight > 0)
-        duration = np.where(
-            measured,
-            inflight / np.where(measured, admitted_rps, 1.0),
-            np.where(np.isnan(prev_duration), DEFAULT_REQUEST_DURATION_S, prev_duration),
-        )
-        per_request = np.where(
-            inflight > 0,
-            reserved / np.where(inflight > 0, inflight, 1.0),
-            np.where(np.isnan(prev_kv), typical_kv, prev_kv),
-        )
-        concurrency = np.maximum(inflight, offered_rps * duration)
-        raw = np.stack([offered_tps, np.maximum(reserved, concurrency * per_request), concurrency], axis=1)
+        per_tps, per_request, gauged = _footprint(m, prev_per_tps, prev_kv)
+        x = np.maximum(np.nan_to_num(m, nan=0.0), 0.0)
+        admitted_tps = x[:, ADMITTED_TPS]
+        offered_tps = np.maximum(x[:, OFFERED_TPS], admitted_tps)
+        eff_per_tps = np.where(np.isnan(per_tps), DEFAULT_REQUEST_DURATION_S / typical[0], per_tps)
+        eff_per_request = np.where(np.isnan(per_request), typical[1], per_request)
+        inflight = np.where(gauged, x[:, INFLIGHT], admitted_tps * eff_per_tps)
+        reserved = np.where(gauged, x[:, RESERVED_KV], inflight * eff_per_request)
+        concurrency = np.maximum(inflight, offered_tps * eff_per_tps)
+        raw = np.stack([offered_tps, np.maximum(reserved, concurrency * eff_per_request), concurrency], axis=1)
         raw[~seen] = 0.0
         demand = np.where(np.isnan(prev_demand), raw, prev_demand + alpha * (raw - np.nan_to_num(prev_demand)))
         # an average's tail is not demand: once nothing is offered, what is left below one
@@ -342,11 +394,6 @@ def derive_inputs(
                 "kv_capacity_tokens": ps.kv_capacity_tokens,
             },
         )
-        shares[pool_name] = _replica_shares(r, obs.replica_offered, replica_rows.get(pool_name, []))
-        new_state.pools[pool_name] = PoolDemandState(
-            names=r.names,
-            demand=demand,
-            duration_s=np.where(seen | ~np.isnan(prev_duration), duration, np.nan),
-            kv_per_request=np.where(seen | ~np.isnan(prev_kv), per_request, np.nan),
-        )
+        new_state.pools[pool_name] = PoolDemandState(r.names, demand, per_tps, per_request)
+    shares = None if obs.replica_offered is None else routing_shares(rows, obs.replica_offered)
     return Derived(inputs=inputs, shares=shares, state=new_state)

@@ -34,31 +34,29 @@ import numpy as np
 from tokenscaler.core.usage import (
     ADMITTED_TPS,
     INFLIGHT,
-    OFFERED_RPS,
     OFFERED_TPS,
     RESERVED_KV,
     AnswerKind,
     Observation,
     PoolSignals,
+    Profile,
 )
 from tokenscaler.sidecar import metrics as sidecar
 
 # The sidecar metrics the controller reads (names from the sidecar's one list) and the
-# signal column each feeds. Requests admitted are requests_total{outcome="admitted"}.
+# signal column each feeds: four series per entitlement and replica, whatever else the
+# sidecars export. The offered load per replica (routing) is the offered-tokens counter.
 SIDECAR_RATES: dict[str, int] = {
     sidecar.OFFERED_WEIGHTED_TOKENS_TOTAL: OFFERED_TPS,
     sidecar.ADMITTED_WEIGHTED_TOKENS_TOTAL: ADMITTED_TPS,
-    sidecar.OFFERED_REQUESTS_TOTAL: OFFERED_RPS,
 }
 SIDECAR_GAUGES: dict[str, int] = {sidecar.INFLIGHT_REQUESTS: INFLIGHT, sidecar.RESERVED_KV_TOKENS: RESERVED_KV}
-SIDECAR_REQUESTS = sidecar.REQUESTS_TOTAL
 SIDECAR_FRESHNESS = sidecar.LIMITS_AGE_SECONDS  # every sidecar exports it: its timestamp is the last scrape
 
 __all__ = [
     "SIDECAR_FRESHNESS",
     "SIDECAR_GAUGES",
     "SIDECAR_RATES",
-    "SIDECAR_REQUESTS",
     "AnswerKind",
     "MetricsSource",
     "Observation",
@@ -80,11 +78,18 @@ class SourceError(Exception):
 
 
 class MetricsSource(Protocol):
-    """Reads one :class:`Observation` per interval."""
+    """Reads one :class:`Observation` per interval, and a :class:`Profile` on its own cadence."""
 
-    async def read(self, now: float) -> Observation: ...
+    async def read(self, now: float) -> Observation:
+        """What the interval plans with: at least offered and admitted tokens/s per
+        entitlement and the pools' engine signals (gauges and routing if they come free)."""
+        ...
 
-    async def close(self) -> None: ...
+    async def read_profile(self, now: float) -> Profile | None:
+        """The footprint of each entitlement's requests and the routing, read off the
+        interval's path (the controller calls it after publishing, every
+        ``profile_refresh_s``); None when :meth:`read` already carries them."""
+        ...
 
 
 def finite(value: float) -> bool:
@@ -137,7 +142,7 @@ def collect_columns(
     answers[(query, AnswerKind.OK)] += 1
     try:
         metrics = [s["metric"] for s in result]
-        values = np.array([s["value"][1] for s in result]).astype(float)
+        values = np.array([s["value"][1] for s in result], dtype=float)
     except (KeyError, IndexError, TypeError, ValueError):  # malformed somewhere: the careful path
         metrics = [s.get("metric") or {} if isinstance(s, dict) else {} for s in result]
         values = np.array([sample_value(s) for s in result], dtype=float)

@@ -24,26 +24,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import orjson
 import requests
 import yaml
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
 from urllib3.util.retry import Retry
 
 from tokenscaler.core.usage import (
-    ADMITTED_RPS,
     ADMITTED_TPS,
     INFLIGHT,
-    OFFERED_RPS,
     OFFERED_TPS,
     RESERVED_KV,
+    Profile,
     ReplicaTable,
+    SignalTable,
     SignalTableBuilder,
 )
 from tokenscaler.sources.base import (
     SIDECAR_FRESHNESS,
     SIDECAR_GAUGES,
     SIDECAR_RATES,
-    SIDECAR_REQUESTS,
     AnswerKind,
     Observation,
     SourceError,
@@ -68,44 +69,53 @@ def _record_name(level: tuple[str, ...], metric: str, operation: str) -> str:
     return f"{'_'.join(level)}:{metric.removesuffix('_total')}:{operation}"
 
 
-def build_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query]:
-    """The fixed query set (documented in README's controller section).
+def _aggregated(
+    name: str, keys: tuple[str, ...], expr: str, metric: str, operation: str, *, recorded: bool
+) -> Query:
+    """A per-entitlement aggregation: inline ``sum by``, or the series its recording rule writes."""
+    record = _record_name(keys, metric, operation)
+    return Query(name, record if recorded else f"sum by ({', '.join(keys)}) ({expr})", keys, record=record)
 
-    With ``recorded`` the seven per-entitlement aggregations read the series the rules of
-    :func:`recording_rules` precompute (``alerts/tokenscaler-recording.rules.yml``) instead
-    of aggregating at query time: at 10,000 entitlements that is ~35 ms a query instead of
-    ~150 ms. The rules' rate window must then equal ``rate_window_s``.
-    """
-    window = max(int(rate_window_s), 1)
-    w = f"{window}s"
+
+def _entitlement_queries(rate_window_s: float, recorded: bool) -> dict[str, Query]:
+    w = f"{max(int(rate_window_s), 1)}s"
     by_ent = ("pool", "entitlement")
-    by_replica = ("pool", "entitlement", "replica")
-    rate_op, sum_op = f"rate{w}", "sum"
-
-    def aggregated(name: str, keys: tuple[str, ...], expr: str, metric: str, operation: str) -> Query:
-        record = _record_name(keys, metric, operation)
-        # "+ 0" drops the recorded metric's name: half the bytes of the answer at 10k series
-        promql = f"{record} + 0" if recorded else f"sum by ({', '.join(keys)}) ({expr})"
-        return Query(name, promql, keys, record=record)
-
     by_column = {column: name for name, column in SIDECAR_RATES.items()}
-    offered, admitted, offered_requests = (by_column[c] for c in (OFFERED_TPS, ADMITTED_TPS, OFFERED_RPS))
+    offered, admitted = by_column[OFFERED_TPS], by_column[ADMITTED_TPS]
     inflight, reserved = (name for name in SIDECAR_GAUGES)
-    admitted_requests = f'{SIDECAR_REQUESTS}{{outcome="admitted"}}'
-    return [
-        aggregated("offered_tokens", by_ent, f"rate({offered}[{w}])", offered, rate_op),
-        aggregated("admitted_tokens", by_ent, f"rate({admitted}[{w}])", admitted, rate_op),
-        aggregated("offered_requests", by_ent, f"rate({offered_requests}[{w}])", offered_requests, rate_op),
-        aggregated(
-            "admitted_requests",
-            by_ent,
-            f"rate({admitted_requests}[{w}])",
-            SIDECAR_REQUESTS.removesuffix("_total") + "_admitted",
-            rate_op,
+    queries = [
+        _aggregated("offered_tokens", by_ent, f"rate({offered}[{w}])", offered, f"rate{w}", recorded=recorded),
+        _aggregated("admitted_tokens", by_ent, f"rate({admitted}[{w}])", admitted, f"rate{w}", recorded=recorded),
+        _aggregated("inflight", by_ent, inflight, inflight, "sum", recorded=recorded),
+        _aggregated("reserved_kv", by_ent, reserved, reserved, "sum", recorded=recorded),
+        _aggregated(
+            "replica_offered",
+            ("pool", "entitlement", "replica"),
+            f"rate({offered}[{w}])",
+            offered,
+            f"rate{w}",
+            recorded=recorded,
         ),
-        aggregated("inflight", by_ent, inflight, inflight, sum_op),
-        aggregated("reserved_kv", by_ent, reserved, reserved, sum_op),
-        aggregated("replica_offered", by_replica, f"rate({offered}[{w}])", offered, rate_op),
+    ]
+    return {q.name: q for q in queries}
+
+
+def build_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query]:
+    """The fixed query set of one interval (documented in README's controller section).
+
+    Two per-entitlement aggregations (offered and admitted weighted tokens/s) and eight
+    per-pool ones; what the requests look like is read with the profile
+    (:func:`profile_queries`). With ``recorded`` the two read the series the rules of
+    :func:`recording_rules` precompute (``alerts/tokenscaler-recording.rules.yml``)
+    instead of aggregating at query time: at 10,000 entitlements a selection of 10,000
+    series instead of a ``sum by`` over every replica's. The rules' rate window must then
+    equal ``rate_window_s``.
+    """
+    w = f"{max(int(rate_window_s), 1)}s"
+    ent = _entitlement_queries(rate_window_s, recorded)
+    return [
+        ent["offered_tokens"],
+        ent["admitted_tokens"],
         # one series per engine: readiness and KV capacity (labels carry the cache config)
         Query("cache_config", 'vllm:cache_config_info{pool!=""}', ("pool", "instance", "engine")),
         Query("running", "sum by (pool) (vllm:num_requests_running)", ("pool",)),
@@ -118,20 +128,43 @@ def build_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query
     ]
 
 
-def recording_rules(rate_window_s: float = 30.0, interval_s: float = 5.0) -> dict[str, Any]:
-    """The Prometheus rule group that precomputes the per-entitlement aggregations.
+def profile_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query]:
+    """The profile: per entitlement, admitted tokens/s with requests in flight and KV
+    reserved (the footprint of its requests), and offered tokens/s per replica (routing).
+    They change with the request mix and the router, not with the load, and are the
+    bigger part of the series, so they are read every ``profile_refresh_s`` after an
+    interval has published, off the interval's path. The last query is the routing."""
+    ent = _entitlement_queries(rate_window_s, recorded)
+    return [ent["admitted_tokens"], ent["inflight"], ent["reserved_kv"], ent["replica_offered"]]
 
-    Generated from :func:`build_queries`, so the recorded series are exactly what the
-    controller would otherwise compute at query time; ``alerts/tokenscaler-recording.rules.yml``
-    is this, written by ``python -m tokenscaler.sources.prometheus --rules``.
+
+def recording_rules(
+    rate_window_s: float = 30.0, interval_s: float = 5.0, profile_interval_s: float = 15.0
+) -> dict[str, Any]:
+    """The Prometheus rule groups that precompute the per-entitlement aggregations.
+
+    Generated from the query sets, so the recorded series are exactly what the controller
+    would otherwise compute at query time; ``alerts/tokenscaler-recording.rules.yml`` is
+    this, written by ``python -m tokenscaler.sources.prometheus --rules``. What only the
+    profile reads is evaluated on the profile's cadence.
     """
-    inline = {q.name: q for q in build_queries(rate_window_s)}
-    rules = [
-        {"record": q.record, "expr": inline[q.name].promql}
-        for q in build_queries(rate_window_s, recorded=True)
-        if q.record is not None
-    ]
-    return {"groups": [{"name": "tokenscaler-controller", "interval": f"{int(interval_s)}s", "rules": rules}]}
+    inline = _entitlement_queries(rate_window_s, recorded=False)
+    interval = [q.name for q in build_queries(rate_window_s, recorded=True) if q.record]
+    profile = [q.name for q in profile_queries(rate_window_s, recorded=True) if q.record and q.name not in interval]
+
+    def rules(names: list[str]) -> list[dict[str, str]]:
+        return [{"record": str(inline[n].record), "expr": inline[n].promql} for n in names]
+
+    return {
+        "groups": [
+            {"name": "tokenscaler-controller", "interval": f"{int(interval_s)}s", "rules": rules(interval)},
+            {
+                "name": "tokenscaler-controller-profile",
+                "interval": f"{int(profile_interval_s)}s",
+                "rules": rules(profile),
+            },
+        ]
+    }
 
 
 class PrometheusSource:
@@ -147,21 +180,31 @@ class PrometheusSource:
         headers: Mapping[str, str] | None = None,
         recorded: bool = False,
     ) -> None:
-        # retry=Retry(0): no blind re-runs of a query that timed out (the client's default is 3)
+        # retry=Retry(0): no blind re-runs of a query that timed out (the client's default is 3);
+        # the client mounts it on our session, which the per-entitlement queries share
+        self._session = requests.Session()
         self._client = PrometheusConnect(
-            url=url, headers=dict(headers or {}), retry=Retry(total=0, raise_on_status=False), timeout=timeout_s
+            url=url,
+            headers=dict(headers or {}),
+            retry=Retry(total=0, raise_on_status=False),
+            timeout=timeout_s,
+            session=self._session,
         )
-        self.url = url
+        self._headers = dict(headers or {})
+        self.url = url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_staleness_s = max_staleness_s
         self.queries = build_queries(rate_window_s, recorded=recorded)
+        self.profile = profile_queries(rate_window_s, recorded=recorded)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="promql")
 
     def _query(self, q: Query, now: float) -> list[dict[str, Any]]:
+        params = {"time": f"{now:.3f}", "timeout": f"{max(int(self.timeout_s * 1000), 1)}ms"}
         try:
-            result = self._client.custom_query(
-                q.promql, params={"time": f"{now:.3f}", "timeout": f"{max(int(self.timeout_s * 1000), 1)}ms"}
-            )
+            if q.keys[1:2] == ("entitlement",):
+                result = self._bulk_query(q, params)
+            else:
+                result = self._client.custom_query(q.promql, params=params)
         except requests.Timeout as e:
             raise SourceError("timeout", f"query {q.name} timed out after {self.timeout_s:g}s") from e
         except requests.ConnectionError as e:
@@ -174,21 +217,53 @@ class PrometheusSource:
             raise SourceError("bad_answer", f"query {q.name}: expected a vector, got {type(result).__name__}")
         return result
 
-    async def read(self, now: float) -> Observation:
+    def _bulk_query(self, q: Query, params: dict[str, str]) -> Any:
+        """``custom_query`` for the answers with a series per entitlement, on the session the
+        client was given (so with its retry setting), decoded with orjson: at 10,000 series the
+        client's ``response.json()`` holds the GIL 2-3x longer, stalling the other queries'
+        reads in the neighbouring threads."""
+        response = self._session.get(
+            f"{self.url}/api/v1/query",
+            params={"query": q.promql, **params},
+            headers=self._headers,
+            timeout=self.timeout_s,
+        )
+        if response.status_code != 200:
+            raise PrometheusApiClientException(f"HTTP Status Code {response.status_code} ({response.content[:500]!r})")
+        try:
+            return orjson.loads(response.content)["data"]["result"]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"not a Prometheus query answer: {e}") from e
+
+    def _query_parsed(self, q: Query, now: float) -> Column | list[dict[str, Any]]:
+        # a large answer is turned into columns in the thread that fetched it, overlapping
+        # with Prometheus still evaluating the others
+        return parse_answer(q, self._query(q, now))
+
+    async def _gather(self, queries: list[Query], now: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         answers = await asyncio.gather(
-            *(loop.run_in_executor(self._pool, self._query, q, now) for q in self.queries), return_exceptions=True
+            *(loop.run_in_executor(self._pool, self._query_parsed, q, now) for q in queries),
+            return_exceptions=True,
         )
         for a in answers:
             if isinstance(a, SourceError):
                 raise a
             if isinstance(a, BaseException):
                 raise SourceError("bad_answer", f"unexpected error reading Prometheus: {a!r}") from a
-        results = dict(zip((q.name for q in self.queries), answers, strict=True))
+        return dict(zip((q.name for q in queries), answers, strict=True))
+
+    async def read(self, now: float) -> Observation:
+        results = await self._gather(self.queries, now)
         return assemble(now, results, self.queries, self.max_staleness_s)
+
+    async def read_profile(self, now: float) -> Profile:
+        results = await self._gather(self.profile, now)
+        return assemble_profile(now, results, self.profile)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._session.close()
 
 
 def _samples(result: list[dict[str, Any]]) -> list[tuple[Mapping[str, str], float]]:
@@ -199,31 +274,64 @@ def _samples(result: list[dict[str, Any]]) -> list[tuple[Mapping[str, str], floa
 _SIGNAL_QUERIES = {
     "offered_tokens": OFFERED_TPS,
     "admitted_tokens": ADMITTED_TPS,
-    "offered_requests": OFFERED_RPS,
-    "admitted_requests": ADMITTED_RPS,
     "inflight": INFLIGHT,
     "reserved_kv": RESERVED_KV,
 }
 
 
+@dataclass(frozen=True)
+class Column:
+    """A per-entitlement answer, collected: unique keys, their values, and the answer shapes seen."""
+
+    keys: list[tuple[str, ...]]
+    values: np.ndarray
+    answers: Counter[tuple[str, AnswerKind]]
+
+
+def parse_answer(q: Query, result: list[dict[str, Any]]) -> Column | list[dict[str, Any]]:
+    """A per-entitlement answer as a :class:`Column`; any other answer as it came."""
+    if q.name not in _SIGNAL_QUERIES:
+        return result
+    answers: Counter[tuple[str, AnswerKind]] = Counter()
+    keys, values = collect_columns(result, q.keys, q.name, answers)
+    return Column(keys, values, answers)
+
+
+def _signal_table(results: Mapping[str, Any], queries: list[Query], answers: Counter) -> SignalTable:
+    table = SignalTableBuilder()
+    for q in queries:
+        signal = _SIGNAL_QUERIES.get(q.name)
+        if signal is None:
+            continue
+        column = results.get(q.name, [])
+        if not isinstance(column, Column):
+            column = parse_answer(q, column)
+        assert isinstance(column, Column)
+        answers.update(column.answers)
+        table.set_column(signal, column.keys, column.values)  # type: ignore[arg-type]
+    return table.build()
+
+
+def assemble_profile(now: float, results: Mapping[str, Any], queries: list[Query]) -> Profile:
+    """The profile's answers (raw or collected) as a :class:`Profile`; the last query is the routing."""
+    answers: Counter[tuple[str, AnswerKind]] = Counter()
+    routing = queries[-1]
+    found, values = collect_columns(results.get(routing.name, []), routing.keys, routing.name, answers)
+    table = ReplicaTable(
+        pools=[k[0] for k in found], names=[k[1] for k in found], replicas=[k[2] for k in found], values=values
+    )
+    return Profile(time=now, signals=_signal_table(results, queries[:-1], answers), routing=table)
+
+
 def assemble(
-    now: float, results: Mapping[str, list[dict[str, Any]]], queries: list[Query], max_staleness_s: float
+    now: float, results: Mapping[str, Any], queries: list[Query], max_staleness_s: float
 ) -> Observation:
-    """Turn the raw answers into an :class:`Observation` (pure; tested on canned answers)."""
+    """Turn the answers (raw, or per-entitlement ones already a :class:`Column`) into an
+    :class:`Observation` (pure; tested on canned answers)."""
     obs = Observation(time=now)
     answers: Counter = obs.answers
     by_name = {q.name: q for q in queries}
-    table = SignalTableBuilder()
-    for name, column in _SIGNAL_QUERIES.items():
-        keys, values = collect_columns(results.get(name, []), by_name[name].keys, name, answers)
-        table.set_column(column, keys, values)  # type: ignore[arg-type]
-    obs.signals = table.build()
-    keys, values = collect_columns(
-        results.get("replica_offered", []), by_name["replica_offered"].keys, "replica_offered", answers
-    )
-    obs.replica_offered = ReplicaTable(
-        pools=[k[0] for k in keys], names=[k[1] for k in keys], replicas=[k[2] for k in keys], values=values
-    )
+    obs.signals = _signal_table(results, queries, answers)
     small = ("running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens", "targets_down", "freshest")
     v = {name: collect(_samples(results.get(name, [])), by_name[name].keys, name, answers) for name in small}
     answers[("cache_config", AnswerKind.OK if results.get("cache_config") else AnswerKind.EMPTY)] += 1

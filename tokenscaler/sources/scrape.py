@@ -30,11 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from tokenscaler.core.model import read_document, validate_document
-from tokenscaler.core.usage import ADMITTED_RPS, OFFERED_TPS, ReplicaTable, SignalTableBuilder
+from tokenscaler.core.usage import OFFERED_TPS, Profile, ReplicaTable, SignalTableBuilder
 from tokenscaler.sources.base import (
     SIDECAR_GAUGES,
     SIDECAR_RATES,
-    SIDECAR_REQUESTS,
     AnswerKind,
     Observation,
     SourceError,
@@ -184,19 +183,21 @@ class ScrapeSource:
             if name in SIDECAR_GAUGES:
                 table.add(sample_pool, ent, SIDECAR_GAUGES[name], value)
                 continue
-            admitted = name == SIDECAR_REQUESTS and labels.get("outcome") == "admitted"
-            if name not in SIDECAR_RATES and not admitted:
+            column = SIDECAR_RATES.get(name)
+            if column is None:
                 continue
-            key = (name, ent, labels.get("tier", ""), labels.get("outcome", ""), labels.get("replica", ""))
+            key = (name, ent, labels.get("tier", ""), labels.get("replica", ""))
             rate = self._rate(url, key, value, now, current)
             if rate is None:
                 continue
-            column = ADMITTED_RPS if admitted else SIDECAR_RATES[name]
             table.add(sample_pool, ent, column, rate)
             if column == OFFERED_TPS:
                 rkey = (sample_pool, ent, labels.get("replica", url))
                 replica_offered[rkey] = replica_offered.get(rkey, 0.0) + rate
         self._previous[url] = _Previous(now, current)
+
+    async def read_profile(self, now: float) -> Profile | None:
+        return None  # read() carries the gauges and the routing, from the same scrape
 
     async def close(self) -> None:
         if self._session is not None:
