@@ -220,8 +220,11 @@ class Controller:
     # ------------------------------------------------------------------ the loop
 
     async def run(self, *, first_delay_s: float = 0.0) -> None:
-        """Run intervals until :meth:`stop`; intervals start on a fixed cadence."""
+        """Run intervals until :meth:`stop`; intervals start on a fixed cadence. The profile
+        is read before the first interval (so it plans with measured footprints), then after
+        an interval has published whenever it is due."""
         next_at = time.monotonic() + first_delay_s
+        first = True
         while not self._stop.is_set():
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -230,6 +233,9 @@ class Controller:
                 if self._stop.is_set():
                     break
             next_at = max(next_at + self.interval_s, time.monotonic())
+            if first:
+                first = False
+                await self.refresh_profile()
             try:
                 published = await self.step()
             except Exception:

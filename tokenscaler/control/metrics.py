@@ -70,7 +70,7 @@ class ControllerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.interval_duration = Histogram(
             INTERVAL_DURATION,
-            "Time spent in one planning interval, by phase.",
+            "Time spent in one planning interval, by phase (read, plan, persist, total), and reading the profile.",
             ["phase"],
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
