@@ -248,3 +248,13 @@ def test_the_sidecar_exports_every_metric_the_controller_reads() -> None:
                 break
         else:
             assert "tokenscaler_sidecar_" not in q.promql, q.promql
+
+
+def test_profile_answer_shapes_are_counted() -> None:
+    profile = assemble_profile(
+        NOW, {"inflight": [series("NaN", pool="p", entitlement="a"), series(2, pool="p", entitlement="b")]}, PROFILE
+    )
+    assert profile.answers[("inflight", AnswerKind.NAN)] == 1
+    assert profile.answers[("replica_offered", AnswerKind.EMPTY)] == 1
+    assert profile.signals.row("p", "b")["inflight_requests"] == 2
+    assert profile.routing.names == []

@@ -195,6 +195,8 @@ class Controller:
         self._profile_read_at = now
         if profile is None:
             return False
+        for (query, kind), n in profile.answers.items():
+            self.metrics.source_answers.labels(query, kind.value).inc(n)
 
         def apply() -> None:
             self.demand_state = update_footprint(self.rows, self.demand_state, profile.signals)

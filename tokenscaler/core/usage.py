@@ -207,6 +207,7 @@ class Profile:
     time: float
     signals: SignalTable = field(default_factory=SignalTable)
     routing: ReplicaTable = field(default_factory=ReplicaTable)
+    answers: Counter[tuple[str, AnswerKind]] = field(default_factory=Counter)  # (query, kind) -> count
 
 
 # --------------------------------------------------------------------------- derivation

@@ -29,6 +29,7 @@ import orjson
 import requests
 import yaml
 from prometheus_api_client import PrometheusApiClientException, PrometheusConnect
+from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from tokenscaler.core.usage import (
@@ -62,6 +63,11 @@ class Query:
     promql: str
     keys: tuple[str, ...]
     record: str | None = None  # the recording rule that precomputes it, for the per-entitlement ones
+
+    @property
+    def per_entitlement(self) -> bool:
+        """A series per entitlement (or per entitlement and replica) in the answer."""
+        return self.record is not None
 
 
 def _record_name(level: tuple[str, ...], metric: str, operation: str) -> str:
@@ -201,13 +207,18 @@ class PrometheusSource:
     def _query(self, q: Query, now: float) -> list[dict[str, Any]]:
         params = {"time": f"{now:.3f}", "timeout": f"{max(int(self.timeout_s * 1000), 1)}ms"}
         try:
-            if q.keys[1:2] == ("entitlement",):
+            if q.per_entitlement:
                 result = self._bulk_query(q, params)
             else:
                 result = self._client.custom_query(q.promql, params=params)
         except requests.Timeout as e:
             raise SourceError("timeout", f"query {q.name} timed out after {self.timeout_s:g}s") from e
         except requests.ConnectionError as e:
+            # with retries off, urllib3 reports a read timeout as "max retries exceeded",
+            # which requests raises as a ConnectionError: tell the two apart by the reason
+            reason = getattr(e.args[0], "reason", None) if e.args else None
+            if isinstance(reason, ReadTimeoutError):
+                raise SourceError("timeout", f"query {q.name} timed out after {self.timeout_s:g}s") from e
             raise SourceError("unreachable", f"Prometheus at {self.url} unreachable: {e}") from e
         except PrometheusApiClientException as e:
             raise SourceError("http", f"query {q.name} failed: {e}") from e
@@ -288,39 +299,46 @@ class Column:
     answers: Counter[tuple[str, AnswerKind]]
 
 
-def parse_answer(q: Query, result: list[dict[str, Any]]) -> Column | list[dict[str, Any]]:
-    """A per-entitlement answer as a :class:`Column`; any other answer as it came."""
-    if q.name not in _SIGNAL_QUERIES:
-        return result
+def to_column(q: Query, result: list[dict[str, Any]]) -> Column:
     answers: Counter[tuple[str, AnswerKind]] = Counter()
     keys, values = collect_columns(result, q.keys, q.name, answers)
     return Column(keys, values, answers)
 
 
+def parse_answer(q: Query, result: list[dict[str, Any]]) -> Column | list[dict[str, Any]]:
+    """A per-entitlement answer as a :class:`Column`; any other answer as it came."""
+    return to_column(q, result) if q.per_entitlement else result
+
+
+def _column(q: Query, results: Mapping[str, Any], answers: Counter[tuple[str, AnswerKind]]) -> Column:
+    """The answer to ``q`` as a column (collected now if it came raw), its shapes counted."""
+    found = results.get(q.name, [])
+    column = found if isinstance(found, Column) else to_column(q, found)
+    answers.update(column.answers)
+    return column
+
+
 def _signal_table(results: Mapping[str, Any], queries: list[Query], answers: Counter) -> SignalTable:
     table = SignalTableBuilder()
     for q in queries:
-        signal = _SIGNAL_QUERIES.get(q.name)
-        if signal is None:
-            continue
-        column = results.get(q.name, [])
-        if not isinstance(column, Column):
-            column = parse_answer(q, column)
-        assert isinstance(column, Column)
-        answers.update(column.answers)
-        table.set_column(signal, column.keys, column.values)  # type: ignore[arg-type]
+        if q.name in _SIGNAL_QUERIES:
+            column = _column(q, results, answers)
+            table.set_column(_SIGNAL_QUERIES[q.name], column.keys, column.values)  # type: ignore[arg-type]
     return table.build()
 
 
 def assemble_profile(now: float, results: Mapping[str, Any], queries: list[Query]) -> Profile:
     """The profile's answers (raw or collected) as a :class:`Profile`; the last query is the routing."""
-    answers: Counter[tuple[str, AnswerKind]] = Counter()
-    routing = queries[-1]
-    found, values = collect_columns(results.get(routing.name, []), routing.keys, routing.name, answers)
-    table = ReplicaTable(
-        pools=[k[0] for k in found], names=[k[1] for k in found], replicas=[k[2] for k in found], values=values
+    profile = Profile(time=now)
+    routing = _column(queries[-1], results, profile.answers)
+    profile.routing = ReplicaTable(
+        pools=[k[0] for k in routing.keys],
+        names=[k[1] for k in routing.keys],
+        replicas=[k[2] for k in routing.keys],
+        values=routing.values,
     )
-    return Profile(time=now, signals=_signal_table(results, queries[:-1], answers), routing=table)
+    profile.signals = _signal_table(results, queries[:-1], profile.answers)
+    return profile
 
 
 def assemble(
