@@ -127,7 +127,11 @@ class PlanCollector(Collector):
                 (ENTITLEMENT_BURST, "Burst allowance, whole pool."),
                 (ENTITLEMENT_ALLOCATION, "Allocation this interval."),
                 (ENTITLEMENT_DEMAND, "Smoothed demand (offered load, rejected included)."),
-                (ENTITLEMENT_USAGE, "Service received over the last interval."),
+                (
+                    ENTITLEMENT_USAGE,
+                    "Service received over the last interval (kv_tokens and concurrency: admitted tokens/s "
+                    "times the profiled footprint where the source reads the gauges with the profile).",
+                ),
                 (ENTITLEMENT_SHORTFALL, "Guaranteed demand not allocated: the breach signal."),
             )
         }
