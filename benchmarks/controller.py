@@ -109,16 +109,15 @@ async def measure(
             state_path=workdir / f"state-{n}.json",
         )
         settle_heap()  # as `tokenscaler controller` does once started
-        phases: dict[str, list[float]] = {k: [] for k in ("baseline query", "read", "plan", "published", "persist")}
-        phases["profile"] = []
+        names = ("baseline query", "read", "plan", "published", "persist", "profile")
+        phases: dict[str, list[float]] = {k: [] for k in names}
         await controller.refresh_profile()
         for i in range(intervals):
             started = time.perf_counter()
-            t0 = time.perf_counter()
             await asyncio.to_thread(
                 source._client.custom_query, "sum by (pool) (tokenscaler_sidecar_limits_age_seconds)"
             )
-            phases["baseline query"].append(time.perf_counter() - t0)
+            phases["baseline query"].append(time.perf_counter() - started)
             published = await controller.step()
             assert published is not None and not published.stale
             assert len(published.plan.pools["bench"].rows.names) == n

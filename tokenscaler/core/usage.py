@@ -298,19 +298,23 @@ def _previous(state: DemandState, pool: str, r: PoolRows) -> tuple[np.ndarray, n
 
 
 def _footprint(
-    m: np.ndarray, prev_per_tps: np.ndarray, prev_kv: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The footprint of each entitlement's requests, measured where ``m`` (n, SIGNALS) has it
-    and remembered elsewhere (NaN: never measured). Returns (in flight per admitted weighted
-    token/s, KV per request in flight, whether the row carried the gauges)."""
-    gauged = ~np.isnan(m[:, INFLIGHT])
-    x = np.maximum(np.nan_to_num(m, nan=0.0), 0.0)
+    x: np.ndarray, gauged: np.ndarray, prev_per_tps: np.ndarray, prev_kv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The footprint of each entitlement's requests, measured from ``x`` (n, SIGNALS; NaN as
+    0, clamped at 0) where the row carried the gauges (``gauged``) and remembered elsewhere
+    (NaN: never measured). Returns (in flight per admitted weighted token/s, KV per request
+    in flight)."""
     admitted, inflight, reserved = x[:, ADMITTED_TPS], x[:, INFLIGHT], x[:, RESERVED_KV]
     measured = gauged & (admitted > 0) & (inflight > 0)  # Little's law needs both
     per_tps = np.where(measured, inflight / np.where(measured, admitted, 1.0), prev_per_tps)
     busy = gauged & (inflight > 0)
     per_request = np.where(busy, reserved / np.where(busy, inflight, 1.0), prev_kv)
-    return per_tps, per_request, gauged
+    return per_tps, per_request
+
+
+def _clamped(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signals with NaN as 0 and negatives at 0, and which rows carried the gauges."""
+    return np.maximum(np.nan_to_num(m, nan=0.0), 0.0), ~np.isnan(m[:, INFLIGHT])
 
 
 def update_footprint(rows: Mapping[str, PoolRows], state: DemandState, signals: SignalTable) -> DemandState:
@@ -319,9 +323,8 @@ def update_footprint(rows: Mapping[str, PoolRows], state: DemandState, signals: 
     by_pool = _rows_by_pool(signals.pools)
     for pool_name, r in rows.items():
         prev_demand, prev_per_tps, prev_kv = _previous(state, pool_name, r)
-        per_tps, per_request, _ = _footprint(
-            _signal_matrix(r, signals, by_pool.get(pool_name, [])), prev_per_tps, prev_kv
-        )
+        x, gauged = _clamped(_signal_matrix(r, signals, by_pool.get(pool_name, [])))
+        per_tps, per_request = _footprint(x, gauged, prev_per_tps, prev_kv)
         out.pools[pool_name] = PoolDemandState(r.names, prev_demand, per_tps, per_request)
     return out
 
@@ -360,8 +363,8 @@ def derive_inputs(
         prev_demand, prev_per_tps, prev_kv = _previous(state, pool_name, r)
         m = _signal_matrix(r, obs.signals, signal_rows.get(pool_name, []))
         seen = ~np.isnan(m).all(axis=1)
-        per_tps, per_request, gauged = _footprint(m, prev_per_tps, prev_kv)
-        x = np.maximum(np.nan_to_num(m, nan=0.0), 0.0)
+        x, gauged = _clamped(m)
+        per_tps, per_request = _footprint(x, gauged, prev_per_tps, prev_kv)
         admitted_tps = x[:, ADMITTED_TPS]
         offered_tps = np.maximum(x[:, OFFERED_TPS], admitted_tps)
         eff_per_tps = np.where(np.isnan(per_tps), DEFAULT_REQUEST_DURATION_S / typical[0], per_tps)

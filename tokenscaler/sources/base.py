@@ -62,6 +62,7 @@ __all__ = [
     "Observation",
     "PoolSignals",
     "SourceError",
+    "add_engine",
     "collect",
     "collect_columns",
     "finite",
@@ -90,6 +91,17 @@ class MetricsSource(Protocol):
         interval's path (the controller calls it after publishing, every
         ``profile_refresh_s``); None when :meth:`read` already carries them."""
         ...
+
+
+def add_engine(ps: PoolSignals, labels: Mapping[str, str]) -> None:
+    """Count one engine's ``vllm:cache_config_info`` series: a ready replica, and its KV
+    capacity (``num_gpu_blocks x block_size``) when its labels carry it."""
+    ps.ready_replicas += 1
+    try:
+        kv = float(labels["num_gpu_blocks"]) * float(labels["block_size"])
+    except (KeyError, ValueError):
+        return
+    ps.kv_capacity_tokens = (ps.kv_capacity_tokens or 0.0) + kv
 
 
 def finite(value: float) -> bool:

@@ -49,6 +49,7 @@ from tokenscaler.sources.base import (
     AnswerKind,
     Observation,
     SourceError,
+    add_engine,
     collect,
     collect_columns,
     sample_value,
@@ -249,7 +250,8 @@ class PrometheusSource:
     def _query_parsed(self, q: Query, now: float) -> Column | list[dict[str, Any]]:
         # a large answer is turned into columns in the thread that fetched it, overlapping
         # with Prometheus still evaluating the others
-        return parse_answer(q, self._query(q, now))
+        result = self._query(q, now)
+        return to_column(q, result) if q.per_entitlement else result
 
     async def _gather(self, queries: list[Query], now: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
@@ -305,11 +307,6 @@ def to_column(q: Query, result: list[dict[str, Any]]) -> Column:
     return Column(keys, values, answers)
 
 
-def parse_answer(q: Query, result: list[dict[str, Any]]) -> Column | list[dict[str, Any]]:
-    """A per-entitlement answer as a :class:`Column`; any other answer as it came."""
-    return to_column(q, result) if q.per_entitlement else result
-
-
 def _column(q: Query, results: Mapping[str, Any], answers: Counter[tuple[str, AnswerKind]]) -> Column:
     """The answer to ``q`` as a column (collected now if it came raw), its shapes counted."""
     found = results.get(q.name, [])
@@ -356,14 +353,7 @@ def assemble(
     # readiness and KV capacity from the cache config labels
     for series in results.get("cache_config", []):
         labels = series.get("metric", {})
-        pool = labels.get("pool", "")
-        ps = obs.pool(pool)
-        ps.ready_replicas += 1
-        try:
-            kv = float(labels["num_gpu_blocks"]) * float(labels["block_size"])
-        except (KeyError, ValueError):
-            continue
-        ps.kv_capacity_tokens = (ps.kv_capacity_tokens or 0.0) + kv
+        add_engine(obs.pool(labels.get("pool", "")), labels)
     for (pool,), x in v["running"].items():
         obs.pool(pool).requests_running = x
     for (pool,), x in v["waiting"].items():

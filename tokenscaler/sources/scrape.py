@@ -37,6 +37,7 @@ from tokenscaler.sources.base import (
     AnswerKind,
     Observation,
     SourceError,
+    add_engine,
     finite,
 )
 
@@ -140,12 +141,7 @@ class ScrapeSource:
                 obs.answers[("engine", AnswerKind.NAN)] += 1
                 continue
             if name == "vllm:cache_config_info":
-                ps.ready_replicas += 1
-                try:
-                    kv = float(labels["num_gpu_blocks"]) * float(labels["block_size"])
-                except (KeyError, ValueError):
-                    continue
-                ps.kv_capacity_tokens = (ps.kv_capacity_tokens or 0.0) + kv
+                add_engine(ps, labels)
             elif name == "vllm:num_requests_running":
                 ps.requests_running += value
             elif name == "vllm:num_requests_waiting":
