@@ -41,11 +41,6 @@ def small_config(path: Path, **kw) -> Path:
     return path
 
 
-def sidecar_limit(port: int, entitlement: str, dimension: str) -> float | None:
-    text = fetch_text(f"http://127.0.0.1:{port}/metrics")
-    return metric_value(text, "tokenscaler_sidecar_limit", entitlement=entitlement, dimension=dimension)
-
-
 SOURCES = [
     pytest.param(
         True,
@@ -106,28 +101,36 @@ def test_plan_follows_three_tiers_keda_and_sidecars_agree(tmp_path: Path, use_pr
             for load in loads:
                 load.stop()
         assert sum(x.ok for x in loads) > 0
-        # once demand is gone the plan settles; the sidecars then hold exactly the controller's limits
+        # once demand is gone (every dimension: KV and concurrency demand decay on their own) the plan
+        # settles; the sidecars then hold exactly the controller's limits. The document is fetched
+        # afresh on each try, so a late change of the plan is followed rather than raced.
         wait_plan(
             fl,
             lambda p: all(
-                p["entitlements"][e]["demand"]["throughput_tokens_per_s"] == 0 for e in ("gold", "silver", "scrap")
+                p["entitlements"][e]["demand"][dim] == 0 for e in ("gold", "silver", "scrap") for dim in DIMENSIONS
             ),
             timeout=60,
             message="demand to decay",
         )
         for i, port in enumerate(fl.sidecar_metrics_ports):
-            doc = LimitsDocument.model_validate(fl.limits(f"r{i}"))
-            for ent in ("gold", "silver"):
-                for dim in DIMENSIONS:
-                    want = getattr(doc.entitlements[ent].limit, dim)
-                    wait_until(
-                        lambda port=port, ent=ent, dim=dim, want=want: (
-                            (got := sidecar_limit(port, ent, dim)) is not None
-                            and math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6)
-                        ),
-                        timeout=15,
-                        message=f"sidecar r{i} {ent} {dim} limit == {want}",
-                    )
+            mismatch = ["never compared"]
+
+            def sidecar_holds_the_document(i: int = i, port: int = port, mismatch: list[str] = mismatch) -> bool:
+                doc = LimitsDocument.model_validate(fl.limits(f"r{i}"))
+                text = fetch_text(f"http://127.0.0.1:{port}/metrics")
+                mismatch.clear()
+                for ent in ("gold", "silver"):
+                    for dim in DIMENSIONS:
+                        want = getattr(doc.entitlements[ent].limit, dim)
+                        got = metric_value(text, "tokenscaler_sidecar_limit", entitlement=ent, dimension=dim)
+                        if got is None or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
+                            mismatch.append(f"{ent} {dim}: sidecar {got}, controller {want}")
+                return not mismatch
+
+            try:
+                wait_until(sidecar_holds_the_document, timeout=15, message=f"sidecar r{i} to hold r{i}'s limits")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; {'; '.join(mismatch)}") from None
             text = fetch_text(f"http://127.0.0.1:{port}/metrics")
             assert metric_value(text, "tokenscaler_sidecar_limits_state", state="fresh") == 1.0
         if use_prometheus:
