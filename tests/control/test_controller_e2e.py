@@ -120,11 +120,13 @@ def test_plan_follows_three_tiers_keda_and_sidecars_agree(tmp_path: Path, use_pr
                 text = fetch_text(f"http://127.0.0.1:{port}/metrics")
                 mismatch.clear()
                 for ent in ("gold", "silver"):
-                    for dim in DIMENSIONS:
-                        want = getattr(doc.entitlements[ent].limit, dim)
-                        got = metric_value(text, "tokenscaler_sidecar_limit", entitlement=ent, dimension=dim)
-                        if got is None or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
-                            mismatch.append(f"{ent} {dim}: sidecar {got}, controller {want}")
+                    limits = doc.entitlements[ent]
+                    assert limits.ceiling is not None
+                    for name, values in (("limit", limits.limit), ("ceiling", limits.ceiling)):
+                        for dim, want in zip(DIMENSIONS, values.to_array(), strict=True):
+                            got = metric_value(text, f"tokenscaler_sidecar_{name}", entitlement=ent, dimension=dim)
+                            if got is None or not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
+                                mismatch.append(f"{ent} {name} {dim}: sidecar {got}, controller {want}")
                 return not mismatch
 
             try:

@@ -1,19 +1,24 @@
 """Builders and process helpers for the sidecar tests: configs, a sidecar in front of a
-simulator, and its ``/metrics`` parsed by prometheus-client."""
+simulator, its ``/metrics`` parsed by prometheus-client, and a stand-in for the
+controller's admission API."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import requests
 import yaml
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import Server, running
+from tokenscaler.core.limits import LimitsDocument
 from tokenscaler.core.model import hash_api_key
 
 POOL = "demo"
@@ -102,3 +107,47 @@ def post(url: str, path: str, body: Any, key: str | None, **kw: Any) -> requests
 
 def chat(content: str = "hello", max_tokens: int = 8, **kw: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **kw}
+
+
+class LimitsServer:
+    """A stand-in for the controller's admission API, in a thread with its own loop."""
+
+    def __init__(self, port: int, doc: LimitsDocument) -> None:
+        self.port = port
+        self.doc = doc
+        self.requests = 0
+        self.not_modified = 0
+        self.replicas: set[str] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        self.replicas.add(request.query.get("replica", ""))
+        etag = f'"{self.doc.version}"'
+        if request.headers.get("If-None-Match") == etag:
+            self.not_modified += 1
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=self.doc.model_dump_json(), content_type="application/json", headers={"ETag": etag})
+
+    def start(self) -> None:
+        async def go() -> None:
+            app = web.Application()
+            app.router.add_get(f"/v1/pools/{POOL}/limits", self._handle)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
+
+        asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+            self.runner = None
+
+    def close(self) -> None:
+        self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -1,18 +1,16 @@
 """Limits from the controller's admission API, polled with ETags; fail-static when it goes
 away, guaranteed floors after the expiry, and back when it returns. The controller is
-stood in for by a small real aiohttp server serving :class:`LimitsDocument` JSON."""
+stood in for by a small real aiohttp server serving :class:`LimitsDocument` JSON
+(``tests.sidecar.harness.LimitsServer``)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
-from tests.sidecar.harness import chat, ent, key_of, post, sidecar, vec, write_config
+from tests.sidecar.harness import LimitsServer, chat, ent, key_of, post, sidecar, vec, write_config
 from tests.support import Server, free_port, wait_until
 from tokenscaler.core.limits import EntitlementLimits, LimitsDocument
 from tokenscaler.core.model import ResourceVector, Tier
@@ -36,50 +34,6 @@ def document(version: str) -> LimitsDocument:
     )  # fmt: skip
 
 
-class LimitsServer:
-    """A stand-in for the controller's admission API, in a thread with its own loop."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.doc = document("v1")
-        self.requests = 0
-        self.not_modified = 0
-        self.replicas: set[str] = set()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.runner: web.AppRunner | None = None
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.requests += 1
-        self.replicas.add(request.query.get("replica", ""))
-        etag = f'"{self.doc.version}"'
-        if request.headers.get("If-None-Match") == etag:
-            self.not_modified += 1
-            return web.Response(status=304, headers={"ETag": etag})
-        return web.Response(body=self.doc.model_dump_json(), content_type="application/json", headers={"ETag": etag})
-
-    def start(self) -> None:
-        async def go() -> None:
-            app = web.Application()
-            app.router.add_get("/v1/pools/demo/limits", self._handle)
-            self.runner = web.AppRunner(app)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
-
-        asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
-
-    def stop(self) -> None:
-        if self.runner is not None:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-            self.runner = None
-
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def state_is(sc, state: str) -> bool:  # type: ignore[no-untyped-def]
     return sc.value("tokenscaler_sidecar_limits_state", state=state) == 1
 
@@ -93,7 +47,7 @@ def test_limits_hold_while_the_source_is_down_and_floors_apply_after_the_expiry(
             ent("batch", "spot"),
         ],
     )
-    controller = LimitsServer(free_port())
+    controller = LimitsServer(free_port(), document("v1"))
     controller.start()
     url = f"http://127.0.0.1:{controller.port}"
     try:

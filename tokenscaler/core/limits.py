@@ -11,6 +11,12 @@ Per entitlement, per dimension:
   bucket (weighted tokens), and ceilings for reserved KV tokens and in-flight requests.
 * ``burst``: the allowance above it: the throughput bucket's depth in weighted tokens, and
   an overshoot added to the KV and concurrency ceilings.
+* ``ceiling`` and ``ceiling_burst``: what the entitlement may never exceed on this replica,
+  backfill of idle capacity included: its *configured* limit and burst, split like its
+  limits, with the same floors (a null ceiling component is unlimited). The controller
+  sends them so that the bound across the pool follows the replicas actually running;
+  without them (an older controller) the sidecar splits the configured limit over its
+  ``--replicas``.
 
 ``expires_at`` tells the sidecar how long the document may be enforced without a newer
 one; past it, a sidecar falls back to guaranteed floors (see the sidecar's fail-static
@@ -23,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenscaler.core.model import ResourceVector, Tier
+from tokenscaler.core.model import LimitVector, ResourceVector, Tier
 
 API_VERSION = "tokenscaler.io/v1alpha1"
 
@@ -35,6 +41,10 @@ class EntitlementLimits(BaseModel):
     priority: int = 0
     limit: ResourceVector
     burst: ResourceVector = Field(default_factory=ResourceVector)
+    ceiling: LimitVector | None = Field(
+        None, description="Never exceeded on this replica, backfill included (null component: unlimited)."
+    )
+    ceiling_burst: ResourceVector | None = Field(None, description="The allowance above the ceiling.")
 
 
 class LimitsDocument(BaseModel):

@@ -20,6 +20,7 @@ Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,12 +54,14 @@ def replica_shares(pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: st
 def limits_document(published: PublishedPlan, pool: str, replica: str | None, ttl_s: float) -> dict[str, Any]:
     pp = published.plan.pools[pool]
     shares = replica_shares(pp, published.shares.get(pool, {}), replica)
+    p = pp.rows.problem
     if replica is None:
         lim, bur = pp.limit_per_replica, pp.burst_per_replica
     else:
-        lim, bur = split_per_replica(pp.pool, pp.limit, pp.burst, pp.rows.problem.limit, shares)
+        lim, bur = split_per_replica(pp.pool, pp.limit, pp.burst, p.limit, shares)
+    ceiling, ceiling_burst = split_per_replica(pp.pool, p.limit, pp.burst, p.limit, shares)
     lim_rows, bur_rows = lim.tolist(), bur.tolist()
-    p = pp.rows.problem
+    ceil_rows, ceil_bur_rows = ceiling.tolist(), ceiling_burst.tolist()
     tiers, prios = p.tier.tolist(), p.priority.tolist()
     entitlements = {
         name: {
@@ -66,6 +69,9 @@ def limits_document(published: PublishedPlan, pool: str, replica: str | None, tt
             "priority": prios[i],
             "limit": dict(zip(DIMENSIONS, lim_rows[i], strict=True)),
             "burst": dict(zip(DIMENSIONS, bur_rows[i], strict=True)),
+            # unlimited components are null on the wire (JSON has no infinity)
+            "ceiling": {d: None if math.isinf(v) else v for d, v in zip(DIMENSIONS, ceil_rows[i], strict=True)},
+            "ceiling_burst": dict(zip(DIMENSIONS, ceil_bur_rows[i], strict=True)),
         }
         for i, name in enumerate(pp.rows.names)
     }

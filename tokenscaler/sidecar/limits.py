@@ -23,9 +23,10 @@ polling with backoff:
 * elastic: 0 sustained, but may still backfill idle capacity;
 * spot: 0 and no backfill.
 
-Every tier's backfill is bounded by its *ceiling*: the configured limit split over
-``--replicas`` (unlimited components stay unlimited). The first successful poll after an
-expiry restores the controller's limits (state ``fresh``).
+Every tier's backfill is bounded by its *ceiling*: the one in the controller's document
+(the configured limit split by this replica's share of the ready replicas), else the
+configured limit split over ``--replicas`` (unlimited components stay unlimited). The first
+successful poll after an expiry restores the controller's limits (state ``fresh``).
 """
 
 from __future__ import annotations
@@ -100,8 +101,15 @@ class _Rules:
         conf = e.limit.to_array()
         return _split(self.pool, conf, e.burst.to_array(), conf, self.replicas)
 
-    def gate(self, e: Entitlement, limit: Vector, burst: Vector, backfill: bool) -> GateLimits:
-        ceiling, ceiling_burst = self._ceilings[e.name]
+    def gate(
+        self,
+        e: Entitlement,
+        limit: Vector,
+        burst: Vector,
+        backfill: bool,
+        ceiling: tuple[Vector, Vector] | None = None,
+    ) -> GateLimits:
+        ceiling, ceiling_burst = self._ceilings[e.name] if ceiling is None else ceiling
         return GateLimits(
             tier=e.tier, priority=e.priority, limit=limit, burst=burst, backfill=backfill,
             ceiling=ceiling, ceiling_burst=ceiling_burst,
@@ -138,7 +146,11 @@ class _Rules:
                 continue
             limit = _vec(el.limit.to_array())
             burst = _vec(el.burst.to_array())
-            out[name] = self.gate(e, limit, burst, backfill=True)
+            ceiling = None
+            if el.ceiling is not None:  # sent by the controller: follows the ready replicas
+                ceiling_burst = el.ceiling_burst.to_array() if el.ceiling_burst is not None else np.zeros(3)
+                ceiling = (_vec(el.ceiling.to_array()), _vec(ceiling_burst))
+            out[name] = self.gate(e, limit, burst, backfill=True, ceiling=ceiling)
         return out
 
 

@@ -50,6 +50,8 @@ LIMIT = PREFIX + "limit"
 """Gauge {entitlement, tier, dimension}: this replica's sustained limit (+Inf: unlimited)."""
 BURST = PREFIX + "burst"
 """Gauge {entitlement, tier, dimension}: this replica's burst (bucket depth; overshoot for kv/concurrency)."""
+CEILING = PREFIX + "ceiling"
+"""Gauge {entitlement, tier, dimension}: never exceeded on this replica, backfill included (+Inf: unlimited)."""
 BACKFILL_ALLOWED = PREFIX + "backfill_allowed"
 """Gauge {entitlement, tier}: 1 when the entitlement may use this replica's idle capacity."""
 LIMITS_AGE_SECONDS = PREFIX + "limits_age_seconds"
@@ -70,7 +72,7 @@ QUEUED_REQUESTS = PREFIX + "queued_requests"
 ALL_NAMES: tuple[str, ...] = (
     REQUESTS_TOTAL, REJECTIONS_TOTAL, PROMPT_TOKENS_TOTAL, GENERATION_TOKENS_TOTAL, ADMITTED_WEIGHTED_TOKENS_TOTAL,
     OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
-    BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
+    CEILING, BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
     PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS,
 )  # fmt: skip
 
@@ -163,6 +165,9 @@ class SidecarMetrics(Collector):
         backfill = GaugeMetricFamily(BACKFILL_ALLOWED, "1 if idle capacity may be used.", labels=ent)
         limit = GaugeMetricFamily(LIMIT, "Sustained limit on this replica.", labels=[*ent, "dimension"])
         burst = GaugeMetricFamily(BURST, "Burst on this replica.", labels=[*ent, "dimension"])
+        ceiling = GaugeMetricFamily(
+            CEILING, "Never exceeded on this replica, backfill included.", labels=[*ent, "dimension"]
+        )
         for s in list(self.stats.values()):
             labels = [p, r, s.name, s.tier]
             requests.add_metric([*labels, "admitted"], s.admitted)
@@ -183,6 +188,7 @@ class SidecarMetrics(Collector):
             for k, dim in enumerate(DIMENSIONS):
                 limit.add_metric([*labels, dim], gate.limits.limit[k])
                 burst.add_metric([*labels, dim], gate.limits.burst[k])
+                ceiling.add_metric([*labels, dim], gate.limits.ceiling[k])
         yield requests
         yield rejections
         yield from counters.values()
@@ -192,6 +198,7 @@ class SidecarMetrics(Collector):
         yield backfill
         yield limit
         yield burst
+        yield ceiling
         age = GaugeMetricFamily(
             LIMITS_AGE_SECONDS, "Seconds since the limits were confirmed.", labels=["pool", "replica"]
         )
