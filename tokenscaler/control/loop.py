@@ -30,8 +30,9 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -45,6 +46,8 @@ from tokenscaler.core.usage import DemandState, Observation, derive_inputs, rout
 from tokenscaler.sources.base import MetricsSource, SourceError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Controller:
@@ -109,23 +112,29 @@ class Controller:
             self.metrics.state_write_errors.inc()
             log.error("could not write state to %s: %s (will retry next interval)", self.state_path, e)
 
+    async def _read(self, what: str, read: Awaitable[T]) -> T | SourceError:
+        """Await a read of the source. A failure comes back as the :class:`SourceError` it
+        stands for (a bug in the source: kind ``internal``, logged), counted by kind."""
+        try:
+            return await read
+        except SourceError as e:
+            error = e
+        except Exception as e:  # a bug in a source must not stop the loop
+            log.exception("%s failed unexpectedly", what)
+            error = SourceError("internal", repr(e))
+        self.metrics.source_errors.labels(error.kind).inc()
+        return error
+
     # ------------------------------------------------------------------ one interval
 
     async def step(self) -> PublishedPlan | None:
         """One interval. Returns what was published (None if there was nothing to publish)."""
         started = time.perf_counter()
         now = self.clock()
-        try:
-            obs = await self.source.read(now)
-        except SourceError as e:
-            self.metrics.source_errors.labels(e.kind).inc()
+        obs = await self._read("metrics source", self.source.read(now))
+        if isinstance(obs, SourceError):
             self.metrics.intervals.labels("stale").inc()
-            return self._republish_stale(now, str(e))
-        except Exception as e:  # a bug in a source must not stop the loop
-            log.exception("metrics source failed unexpectedly")
-            self.metrics.source_errors.labels("internal").inc()
-            self.metrics.intervals.labels("stale").inc()
-            return self._republish_stale(now, repr(e))
+            return self._republish_stale(now, str(obs))
         read_done = time.perf_counter()
         for (query, kind), n in obs.answers.items():
             self.metrics.source_answers.labels(query, kind.value).inc(n)
@@ -182,15 +191,9 @@ class Controller:
         routing. False when the source failed (the previous profile stays) or has none."""
         now = self.clock()
         started = time.perf_counter()
-        try:
-            profile = await self.source.read_profile(now)
-        except SourceError as e:
-            self.metrics.source_errors.labels(e.kind).inc()
-            log.warning("profile not read (%s): the previous footprint and routing stay", e)
-            return False
-        except Exception:  # a bug in a source must not stop the loop
-            log.exception("profile read failed unexpectedly")
-            self.metrics.source_errors.labels("internal").inc()
+        profile = await self._read("profile read", self.source.read_profile(now))
+        if isinstance(profile, SourceError):
+            log.warning("profile not read (%s): the previous footprint and routing stay", profile)
             return False
         self._profile_read_at = now
         if profile is None:
