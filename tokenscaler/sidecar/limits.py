@@ -107,12 +107,15 @@ class _Rules:
         limit: Vector,
         burst: Vector,
         backfill: bool,
-        ceiling: tuple[Vector, Vector] | None = None,
+        ceiling: Vector | None = None,
+        ceiling_burst: Vector | None = None,
     ) -> GateLimits:
-        ceiling, ceiling_burst = self._ceilings[e.name] if ceiling is None else ceiling
+        """The gate for ``e``; a ceiling (or its burst) not given is the configured one."""
+        configured, configured_burst = self._ceilings[e.name]
         return GateLimits(
             tier=e.tier, priority=e.priority, limit=limit, burst=burst, backfill=backfill,
-            ceiling=ceiling, ceiling_burst=ceiling_burst,
+            ceiling=configured if ceiling is None else ceiling,
+            ceiling_burst=configured_burst if ceiling_burst is None else ceiling_burst,
         )  # fmt: skip
 
     def static(self, e: Entitlement) -> GateLimits:
@@ -146,11 +149,10 @@ class _Rules:
                 continue
             limit = _vec(el.limit.to_array())
             burst = _vec(el.burst.to_array())
-            ceiling = None
-            if el.ceiling is not None:  # sent by the controller: follows the ready replicas
-                ceiling_burst = el.ceiling_burst.to_array() if el.ceiling_burst is not None else np.zeros(3)
-                ceiling = (_vec(el.ceiling.to_array()), _vec(ceiling_burst))
-            out[name] = self.gate(e, limit, burst, backfill=True, ceiling=ceiling)
+            # sent by the controller, they follow the ready replicas
+            ceiling = None if el.ceiling is None else _vec(el.ceiling.to_array())
+            ceiling_burst = None if el.ceiling_burst is None else _vec(el.ceiling_burst.to_array())
+            out[name] = self.gate(e, limit, burst, backfill=True, ceiling=ceiling, ceiling_burst=ceiling_burst)
         return out
 
 
