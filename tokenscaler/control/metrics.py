@@ -29,6 +29,7 @@ ENTITLEMENT_USAGE = "tokenscaler_entitlement_usage"
 ENTITLEMENT_SHORTFALL = "tokenscaler_entitlement_guarantee_shortfall"
 # per entitlement, no dimension
 ENTITLEMENT_DEBT = "tokenscaler_entitlement_debt_share_seconds"
+ENTITLEMENT_DEBT_BOUND = "tokenscaler_entitlement_debt_bound_share_seconds"  # the configured |debt| bound
 # per pool
 POOL_DESIRED_REPLICAS = "tokenscaler_pool_desired_replicas"
 POOL_TARGET_REPLICAS = "tokenscaler_pool_target_replicas"
@@ -40,6 +41,7 @@ POOL_ALLOCATED = "tokenscaler_pool_allocated"  # label dimension
 POOL_DEMAND = "tokenscaler_pool_demand"  # label dimension
 POOL_GUARANTEE_SHORTFALL = "tokenscaler_pool_guarantee_shortfall"  # label dimension
 POOL_DATA_INCOMPLETE = "tokenscaler_pool_data_incomplete"
+POOL_CAPACITY_RATIO = "tokenscaler_pool_capacity_ratio"  # label dimension: observed / configured per replica
 # the plan
 PLAN_AGE = "tokenscaler_plan_age_seconds"
 PLAN_STALE = "tokenscaler_plan_stale"
@@ -138,6 +140,16 @@ class PlanCollector(Collector):
         debt = GaugeMetricFamily(
             ENTITLEMENT_DEBT, "Fair-share debt in dominant-share seconds.", labels=["pool", "entitlement", "tier"]
         )
+        debt_bound = GaugeMetricFamily(
+            ENTITLEMENT_DEBT_BOUND,
+            "The bound |debt| never exceeds (debt.bound_share_s of the entitlement's config).",
+            labels=["pool", "entitlement", "tier"],
+        )
+        capacity_ratio = GaugeMetricFamily(
+            POOL_CAPACITY_RATIO,
+            "Capacity the ready replicas show over what the config says they have (1: as configured).",
+            labels=["pool", "dimension"],
+        )
         pool_gauges = {
             name: GaugeMetricFamily(name, doc, labels=["pool"])
             for name, doc in (
@@ -179,8 +191,14 @@ class PlanCollector(Collector):
                     row = values[i]
                     for k, dim in enumerate(DIMENSIONS):
                         fam.add_metric([pool_name, ent, tiers[i], dim], row[k])
+            bounds = pp.rows.bound_share_s.tolist()
             for i, (ent, d) in enumerate(zip(pp.rows.names, pp.debt.tolist(), strict=True)):
                 debt.add_metric([pool_name, ent, tiers[i]], d)
+                debt_bound.add_metric([pool_name, ent, tiers[i]], bounds[i])
+            if pp.ready_replicas > 0:
+                configured = pp.rows.pool.replica.to_array() * pp.ready_replicas
+                for k, dim in enumerate(DIMENSIONS):
+                    capacity_ratio.add_metric([pool_name, dim], float(pp.capacity[k] / configured[k]))
             for name, value in (
                 (POOL_DESIRED_REPLICAS, pp.desired_replicas),
                 (POOL_TARGET_REPLICAS, pp.target_replicas),
@@ -200,5 +218,7 @@ class PlanCollector(Collector):
                     pool_dims[name].add_metric([pool_name, dim], float(vec[k]))
         yield from per_dim.values()
         yield debt
+        yield debt_bound
+        yield capacity_ratio
         yield from pool_gauges.values()
         yield from pool_dims.values()
