@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("tokenscaler.sim.cli", "run a vLLM-compatible engine simulator"),
     "sidecar": ("tokenscaler.sidecar.cli", "run the rate-limit sidecar in front of one vLLM replica"),
     "controller": ("tokenscaler.control.cli", "run the controller: metrics in, plan out (KEDA + sidecars)"),
+    "render-dashboards": ("tokenscaler.observe.render", "draw the dashboards' panels from Prometheus into PNGs"),
 }
 
 
