@@ -96,7 +96,7 @@ def _tier_join(expr: str) -> str:
     """Attach ``tier`` to a per-pool series: one copy per tier that has entitlements in the pool
     (engines know pools, not tiers)."""
     tiers = f'{c.ENTITLEMENT_ALLOCATION}{{{P}, tier=~"$tier"}}'
-    return f"({expr}) * on (pool) group_left (tier) group by (pool, tier) ({tiers})"
+    return f"group by (pool, tier) ({tiers}) * on (pool) group_left () ({expr})"
 
 
 def pools() -> Dashboard:
