@@ -129,6 +129,7 @@ def draw(path: Path, title: str, unit: str, series: list[Series], start: float, 
         ax.set_xlabel("time (UTC)")
         ax.set_ylabel(_unit_label(unit))
         ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=7))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
         ax.grid(True, alpha=0.3)
         if unit == "percentunit":
