@@ -82,6 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="FILE", help="scaler server certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="scaler server private key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
+    # HTTP API security (tokenscaler.serve.http_security); none of them: plain HTTP, open
+    sec = p.add_argument_group("HTTP API security")
+    sec.add_argument("--http-tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM; re-read)")
+    sec.add_argument("--http-tls-key", metavar="FILE", help="the HTTPS private key (PEM, unencrypted; re-read)")
+    sec.add_argument("--http-tls-client-ca", metavar="FILE", help="require client certificates signed by this CA")
+    sec.add_argument("--http-token-file", metavar="FILE", help="require a bearer token listed in FILE (re-read)")
+    sec.add_argument("--metrics-auth", action="store_true", help="require the same authentication on /metrics")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -99,7 +106,9 @@ def _check(args: argparse.Namespace) -> list[str]:
         errors.append("--recording-rules needs --prometheus-url")
     if args.tls_client_ca and not args.tls_cert:
         errors.append("--tls-client-ca needs --tls-cert and --tls-key")
-    return errors
+    from tokenscaler.serve.http_security import check_arguments
+
+    return errors + check_arguments(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    import logging
+
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
@@ -127,6 +138,7 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.control.store import PlanStore
     from tokenscaler.core.model import ConfigError, load_config
     from tokenscaler.serve.admission import AdmissionApi
+    from tokenscaler.serve.http_security import HttpSecurity
     from tokenscaler.serve.scaler import ScalerTLS, start_scaler
     from tokenscaler.sources.base import MetricsSource
     from tokenscaler.sources.prometheus import PrometheusSource
@@ -155,6 +167,11 @@ async def _main(args: argparse.Namespace) -> int:
         return 1
 
     registry = CollectorRegistry()
+    try:
+        security = HttpSecurity.from_args(args, registry)
+    except ValueError as e:
+        print(f"tokenscaler controller: {e}", file=sys.stderr)
+        return 1
     metrics = ControllerMetrics(registry)
     store = PlanStore()
     registry.register(PlanCollector(store))
@@ -176,12 +193,14 @@ async def _main(args: argparse.Namespace) -> int:
     runtime.settle_heap()
 
     api = AdmissionApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    app = api.app()
+    security.install(app)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     http_host, http_port = args.http_listen
     grpc_host, grpc_port = args.grpc_listen
     try:
-        site = web.TCPSite(runner, http_host, http_port)
+        site = web.TCPSite(runner, http_host, http_port, ssl_context=security.ssl_context)
         await site.start()
         grpc_server, bound_grpc = await start_scaler(store, f"{grpc_host}:{grpc_port}", tls, registry=registry)
     except OSError as e:
@@ -189,7 +208,9 @@ async def _main(args: argparse.Namespace) -> int:
         await runner.cleanup()
         return 1
     bound_http = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    print(f"tokenscaler controller listening on http://{http_host}:{bound_http}", flush=True)
+    logging.getLogger("tokenscaler.controller").info("%s", security.describe())
+    security.start()
+    print(f"tokenscaler controller listening on {security.scheme}://{http_host}:{bound_http}", flush=True)
     print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
 
     runtime.on_signal(controller.stop)
@@ -197,6 +218,7 @@ async def _main(args: argparse.Namespace) -> int:
         await controller.run(first_delay_s=args.interval_s if restored is not None else 0.0)
     finally:
         await grpc_server.stop(1.0)
+        await security.stop()
         await runner.cleanup()
         await source.close()
     return 0

@@ -51,6 +51,7 @@ SOURCE_ERRORS = "tokenscaler_source_errors_total"  # label kind
 SOURCE_ANSWERS = "tokenscaler_source_answers_total"  # labels query, kind
 STATE_WRITE_ERRORS = "tokenscaler_state_write_errors_total"
 ADMISSION_REQUESTS = "tokenscaler_admission_requests_total"  # labels route, code
+HTTP_AUTH_FAILURES = "tokenscaler_http_auth_failures_total"  # label reason (tokenscaler.serve.auth)
 
 ALL_NAMES: tuple[str, ...] = tuple(
     v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith("tokenscaler_")

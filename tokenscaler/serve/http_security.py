@@ -1,0 +1,78 @@
+"""The controller's HTTP API security, assembled from its flags: TLS, tokens, the path policy.
+
+``--http-tls-cert``/``--http-tls-key`` serve HTTPS (and only HTTPS) with
+:class:`tokenscaler.tlsfiles.ServerTLS`, whose files are re-read when they change;
+``--http-tls-client-ca`` adds mutual TLS; ``--http-token-file`` requires a bearer token;
+``--metrics-auth`` extends the requirement to ``/metrics``. With none of them the API is
+plain HTTP and open, as on one machine. See :mod:`tokenscaler.serve.auth` for the policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ssl
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from tokenscaler.credfiles import TokenFile
+from tokenscaler.serve.auth import HttpAuth
+from tokenscaler.tlsfiles import ServerTLS
+
+
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """Errors in the combination of the HTTP security flags (one line each)."""
+    errors = []
+    if bool(args.http_tls_cert) != bool(args.http_tls_key):
+        errors.append("--http-tls-cert and --http-tls-key go together")
+    if args.http_tls_client_ca and not args.http_tls_cert:
+        errors.append("--http-tls-client-ca needs --http-tls-cert and --http-tls-key")
+    if args.metrics_auth and not (args.http_token_file or args.http_tls_client_ca):
+        errors.append("--metrics-auth needs --http-token-file or --http-tls-client-ca")
+    return errors
+
+
+class HttpSecurity:
+    """What the HTTP listener needs: an SSL context (or None), the auth middleware, a file watcher."""
+
+    def __init__(self, tls: ServerTLS | None, auth: HttpAuth) -> None:
+        self.tls = tls
+        self.auth = auth
+        self._watcher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, registry: CollectorRegistry | None) -> HttpSecurity:
+        """Read the files named by the flags; ``ValueError`` (naming the file) if one is unusable."""
+        tls = ServerTLS(args.http_tls_cert, args.http_tls_key, args.http_tls_client_ca) if args.http_tls_cert else None
+        tokens = TokenFile(args.http_token_file, "HTTP token file") if args.http_token_file else None
+        auth = HttpAuth(registry, tokens=tokens, client_certificates=bool(args.http_tls_client_ca),
+                        metrics_auth=args.metrics_auth)  # fmt: skip
+        return cls(tls, auth)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls.context if self.tls is not None else None
+
+    def describe(self) -> str:
+        tls = "off (plain HTTP)" if self.tls is None else ("mutual TLS" if self.tls.mutual else "TLS")
+        return f"HTTP API: {tls}; authentication: {self.auth.describe()}"
+
+    def install(self, app: web.Application) -> None:
+        """Put the auth middleware in front of every route of ``app`` (before it is started)."""
+        app.middlewares.insert(0, self.auth.middleware)
+
+    def start(self) -> None:
+        if self.tls is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self.tls.watch(), name="http-tls-watch")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
