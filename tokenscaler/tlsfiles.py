@@ -44,7 +44,7 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, TLSFileError):
         return str(e)
     if isinstance(e, ssl.SSLError):
-        return e.reason or e.strerror or type(e).__name__
+        return getattr(e, "reason", None) or e.strerror or type(e).__name__
     if isinstance(e, OSError):
         return e.strerror or type(e).__name__
     return type(e).__name__

@@ -123,7 +123,7 @@ def classify(e: BaseException, *, https: bool, client_cert: bool) -> tuple[str, 
         return "tls", f"the controller's certificate was not accepted: {why} (check --limits-ca)"
     cause = _ssl_cause(e)
     if cause is not None or isinstance(e, aiohttp.ClientSSLError):
-        why = (cause.reason or cause.strerror) if cause is not None else str(e)
+        why = (getattr(cause, "reason", None) or cause.strerror or str(cause)) if cause is not None else str(e)
         hint = " (the controller may not accept this client certificate)" if client_cert else ""
         return "tls", f"TLS handshake failed: {why}{hint}"
     if isinstance(e, aiohttp.ServerDisconnectedError) and https:
