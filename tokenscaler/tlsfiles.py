@@ -23,6 +23,7 @@ Errors name the file and OpenSSL's reason, never the content; encrypted keys are
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import ssl
 from pathlib import Path
@@ -62,6 +63,40 @@ def _load_ca(ctx: ssl.SSLContext, ca: Path, what: str) -> None:
         ctx.load_verify_locations(cafile=ca)
     except (OSError, ssl.SSLError) as e:
         raise TLSFileError(f"cannot load the {what} {str(ca)!r}: {_reason(e)}") from None
+
+
+def _der(data: bytes, i: int) -> tuple[int, bytes, int]:
+    """One DER item at ``i``: (tag, content, index after it)."""
+    tag, n = data[i], data[i + 1]
+    i += 2
+    if n & 0x80:
+        k = n & 0x7F
+        n = int.from_bytes(data[i : i + k], "big")
+        i += k
+    return tag, data[i : i + n], i + n
+
+
+def certificate_not_after(path: str | Path) -> datetime.datetime | None:
+    """The end of validity of the first certificate in a PEM file (None if it cannot be read)."""
+    try:
+        text = Path(path).read_text()
+        start = text.index("-----BEGIN CERTIFICATE-----")
+        end = text.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
+        der = ssl.PEM_cert_to_DER_cert(text[start:end])
+        _, cert, _ = _der(der, 0)
+        _, tbs, _ = _der(cert, 0)
+        tag, _, i = _der(tbs, 0)
+        if tag != 0xA0:  # no explicit version: the serial came first
+            i = 0
+        for _ in range(3):  # serial number, signature algorithm, issuer
+            _, _, i = _der(tbs, i)
+        _, validity, _ = _der(tbs, i)
+        _, _, j = _der(validity, 0)
+        tag, value, _ = _der(validity, j)
+        fmt = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime or GeneralizedTime
+        return datetime.datetime.strptime(value.decode("ascii"), fmt).replace(tzinfo=datetime.UTC)
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
 
 
 class _Watched:
@@ -154,6 +189,7 @@ class ClientTLS:
         self.cert = Path(cert) if cert is not None else None
         self.key = Path(key) if key is not None else None
         self._watch = _Watched(tuple(p for p in (self.ca, self.cert, self.key) if p is not None))
+        self.not_after: datetime.datetime | None = None
         self._context = self._build()  # raises TLSFileError at start
         self.reloads = 0
 
@@ -166,7 +202,14 @@ class ClientTLS:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert is not None and self.key is not None:
             _load_chain(ctx, self.cert, self.key, "client certificate")
+            self.not_after = certificate_not_after(self.cert)
+            if self.expired():
+                log.warning("the client certificate %s expired at %s: servers refuse it", self.cert, self.not_after)
         return ctx
+
+    def expired(self) -> bool:
+        """Whether the client certificate (as last loaded) is past its end of validity."""
+        return self.not_after is not None and self.not_after <= datetime.datetime.now(datetime.UTC)
 
     def changed(self) -> bool:
         """Whether a file changed since the context was last built (cheap: a few ``stat``)."""

@@ -178,6 +178,10 @@ def test_unusable_tls_files_are_startup_errors_naming_the_file(tmp_path: Path) -
         ClientTLS(tmp_path / "missing.pem")
     with pytest.raises(TLSFileError, match="go together"):
         ClientTLS(ca.pem, a.cert)
+    expired = ca.issue("old", server=False, expired=True)
+    client = ClientTLS(ca.pem, expired.cert, expired.key)  # loads (the server is the judge), but knows
+    assert client.expired() and client.not_after is not None and client.not_after.year >= 2020
+    assert not ClientTLS(ca.pem, a.cert, a.key).expired()
 
 
 def test_failure_reasons_of_the_sidecar(tmp_path: Path) -> None:

@@ -259,7 +259,7 @@ def test_mutual_tls_with_rotated_certificates_and_refusals_that_say_why(sim: Ser
 
         # the sidecar's certificate is replaced by an expired one: refused, fail-static
         expired.install(cli_cert, cli_key)
-        _refused(good, "tls", "TLS", before=_errors(good, "tls"))
+        _refused(good, "tls", "client certificate .* expired at", before=_errors(good, "tls"))
         _fail_static(good, snapshot)
         # by a certificate of a CA the controller does not trust: refused too
         before = _errors(good, "tls")

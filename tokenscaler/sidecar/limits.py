@@ -274,6 +274,8 @@ class HttpLimitsSource:
                     failures += 1
                     self.fetch_errors += 1
                     reason, why = classify(e, https=self.url.startswith("https:"), client_cert=self._client_cert)
+                    if reason == "tls" and self.auth is not None:
+                        why += self.auth.tls_hint()
                     self.fetch_errors_by_reason[reason] = self.fetch_errors_by_reason.get(reason, 0) + 1
                     if failures == 1 or failures % 30 == 0 or reason != last_reason:
                         log.warning(

@@ -78,6 +78,12 @@ class LimitsClientAuth:
         tokens = self.tokens is not None and self.tokens.changed()
         return tokens or (self.tls is not None and self.tls.changed())
 
+    def tls_hint(self) -> str:
+        """What this side knows about a TLS failure: an expired client certificate."""
+        if self.tls is not None and self.tls.expired():
+            return f" (this sidecar's client certificate {self.tls.cert} expired at {self.tls.not_after})"
+        return ""
+
     def redact(self, text: str) -> str:
         if self.tokens is not None and self.tokens.first in text:
             text = text.replace(self.tokens.first, "[redacted]")
