@@ -105,6 +105,7 @@ SOURCE_ERRORS = "tokenscaler_source_errors_total"  # label kind
 SOURCE_ANSWERS = "tokenscaler_source_answers_total"  # labels query, kind
 STATE_WRITE_ERRORS = "tokenscaler_state_write_errors_total"
 API_REQUESTS = "tokenscaler_api_requests_total"  # labels route, code: the HTTP API (limits, plan)
+HTTP_AUTH_FAILURES = "tokenscaler_http_auth_failures_total"  # label reason (tokenscaler.serve.auth)
 
 CONTROLLER_NAMES: tuple[str, ...] = tuple(
     v
