@@ -39,7 +39,9 @@ CUSTOM = re.compile(
     r"^/apis/(?P<group>tokenpools\.io)/v1alpha1/namespaces/(?P<ns>[^/]+)/(?P<res>tokenpools|entitlements)"
     r"(?:/(?P<name>[^/]+)(?P<sub>/status)?)?$"
 )
-LEASES = re.compile(r"^/apis/(?P<group>coordination\.k8s\.io)/v1/namespaces/(?P<ns>[^/]+)/(?P<res>leases)(?:/(?P<name>[^/]+))?$")
+LEASES = re.compile(
+    r"^/apis/(?P<group>coordination\.k8s\.io)/v1/namespaces/(?P<ns>[^/]+)/(?P<res>leases)(?:/(?P<name>[^/]+))?$"
+)
 CONFIGMAPS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<res>configmaps)(?:/(?P<name>[^/]+))?$")
 
 KINDS = {
@@ -218,7 +220,8 @@ class ApiServer:
         self._send(
             h,
             code,
-            {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason, "code": code},
+            {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason,
+             "code": code},
         )
 
     def _dispatch(self, h: BaseHTTPRequestHandler, method: str) -> None:
@@ -409,10 +412,11 @@ class ApiServer:
         cursor = since
         while True:
             with self.lock:
+                after = cursor
                 self.lock.wait_for(
                     lambda: deadline.is_set()
                     or self.drops != drops
-                    or any(rv > cursor and n == ns and r == res for rv, n, r, _, _ in self.events),
+                    or any(rv > after and n == ns and r == res for rv, n, r, _, _ in self.events),  # noqa: B023
                     timeout=1.0,
                 )
                 if self.drops != drops:

@@ -190,7 +190,7 @@ def _prev_conditions(obj: Mapping[str, Any]) -> dict[str, Any]:
 def _stale(stale: bool, incomplete: str | None) -> tuple[bool, str, str]:
     """(is stale, reason, message)."""
     if stale:
-        return True, "MetricsUnavailable", "the published plan is a stale copy: the last interval could not read metrics"
+        return True, "MetricsUnavailable", "the published plan is a stale copy: the last interval read no metrics"
     if incomplete:
         return True, "MetricsIncomplete", incomplete
     return False, "Fresh", "planned from this interval's metrics"
