@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("tokenscaler.sim.cli", "run a vLLM-compatible engine simulator"),
     "sidecar": ("tokenscaler.sidecar.cli", "run the rate-limit sidecar in front of one vLLM replica"),
     "controller": ("tokenscaler.control.cli", "run the controller: metrics in, plan out (KEDA + sidecars)"),
+    "webhook": ("tokenscaler.kube.webhook_cmd", "run the admission webhooks (validate CRs, inject sidecars)"),
+    "convert": ("tokenscaler.kube.convert_cmd", "write a config as TokenPool/Entitlement CRs, or CRs as a config"),
 }
 
 

@@ -42,6 +42,9 @@ class LeaseConfig:
             )
 
 
+DEFAULT_LEASE = LeaseConfig()
+
+
 class Action(enum.Enum):
     ACQUIRE = "acquire"  # write the lease with us as holder (create when there is none)
     RENEW = "renew"  # we hold it: write a fresh renewTime
@@ -84,7 +87,7 @@ def decide(
     previous: Observation | None,
     identity: str,
     now: float,
-    config: LeaseConfig = LeaseConfig(),
+    config: LeaseConfig = DEFAULT_LEASE,
 ) -> Decision:
     """What to do with the Lease ``spec`` (None: there is no Lease) at ``now``."""
     duration = max(1, round(config.lease_duration_s))
@@ -148,7 +151,7 @@ class LeaderElector:
         leases: Any,
         identity: str,
         *,
-        config: LeaseConfig = LeaseConfig(),
+        config: LeaseConfig = DEFAULT_LEASE,
         clock: Callable[[], float] = time.time,
         on_change: Callable[[bool], None] | None = None,
         release_on_stop: bool = True,
