@@ -274,3 +274,50 @@ class KubeOperator(CrWatch):
                 return False
             await asyncio.to_thread(self.state.save_state, doc)
         return True
+
+
+def lease_config_from_env(env: Mapping[str, str] | None = None) -> LeaseConfig:
+    """Lease timings from ``TOKENSCALER_LEASE_{DURATION,RENEW_DEADLINE,RETRY_PERIOD}_S``
+    (the controller Deployment sets them), client-go's defaults where unset."""
+    import os
+
+    env = os.environ if env is None else env
+    d = DEFAULT_LEASE
+
+    def num(key: str, default: float) -> float:
+        raw = env.get(key)
+        if raw is None or raw == "":
+            return default
+        try:
+            return float(raw)
+        except ValueError as e:
+            raise ValueError(f"{key}: expected seconds, got {raw!r}") from e
+
+    return LeaseConfig(
+        lease_duration_s=num("TOKENSCALER_LEASE_DURATION_S", d.lease_duration_s),
+        renew_deadline_s=num("TOKENSCALER_LEASE_RENEW_DEADLINE_S", d.renew_deadline_s),
+        retry_period_s=num("TOKENSCALER_LEASE_RETRY_PERIOD_S", d.retry_period_s),
+    )
+
+
+def from_environment(
+    api: Any = None, *, on_leading: Callable[[bool], None] | None = None, env: Mapping[str, str] | None = None
+) -> KubeOperator:
+    """The operator as the controller Deployment configures it: in-cluster client, namespace
+    ``POD_NAMESPACE``, identity ``POD_NAME`` (else the host name), Lease and ConfigMap names
+    and timings from ``TOKENSCALER_*`` (see ``k8s/base/controller.yaml``)."""
+    import os
+    import socket
+
+    from tokenscaler.kube.client import api_client, in_cluster_namespace
+
+    env = os.environ if env is None else env
+    return KubeOperator(
+        api if api is not None else api_client(),
+        env.get("POD_NAMESPACE") or in_cluster_namespace(),
+        env.get("POD_NAME") or socket.gethostname(),
+        lease=lease_config_from_env(env),
+        lease_name=env.get("TOKENSCALER_LEASE_NAME") or LEASE_NAME,
+        state_configmap=env.get("TOKENSCALER_STATE_CONFIGMAP") or STATE_CONFIGMAP,
+        on_leading=on_leading,
+    )
