@@ -232,3 +232,58 @@ def test_bad_certificate_files_are_named(tmp_path: Path) -> None:
     assert p.popen.wait(20) == 1
     p.stop()
     assert f"--tls-cert {bad}" in p.output
+
+
+def test_webhook_with_source_kubernetes(tmp_path: Path) -> None:
+    """--source kubernetes: the webhook lists and watches the CRs (through a kubeconfig pointing at
+    the stand-in), is ready once both are listed, and judges against what the cluster holds."""
+    import os
+
+    from tests.kube.apiserver import ApiServer
+    from tests.support import wait_until
+    from tokenscaler.kube.client import WEBHOOK_RULES
+
+    api = ApiServer().start()
+    try:
+        for d in yaml.safe_load_all(CRS.read_text()):
+            if d:
+                api.put("tokenscaler", "tokenpools" if d["kind"] == "TokenPool" else "entitlements", d)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "stand-in",
+            "clusters": [{"name": "stand-in", "cluster": {"server": api.url}}],
+            "users": [{"name": "u", "user": {"token": "test"}}],
+            "contexts": [{"name": "stand-in", "context": {"cluster": "stand-in", "user": "u"}}],
+        }))  # fmt: skip
+        ca, cert, key = make_certs(tmp_path)
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        args = ["webhook", "--listen", "127.0.0.1:0", "--tls-cert", str(cert), "--tls-key", str(key)]
+        args += ["--source", "kubernetes", "--namespace", "tokenscaler"]
+        with running(args, env=env) as server:
+            h = (server, ssl.create_default_context(cafile=str(ca)))
+
+            def ready() -> bool:
+                with urllib.request.urlopen(f"https://127.0.0.1:{server.port}/readyz", context=h[1], timeout=5) as r:
+                    return r.status == 200
+
+            wait_until(ready, timeout=15, message="webhook ready")
+            e = copy.deepcopy(example("search-prod"))
+            e["metadata"]["name"] = "greedy"
+            e["spec"]["guaranteed"]["throughput_tokens_per_s"] = 40000
+            e["spec"].pop("limit")
+            e["spec"]["api_keys"] = []
+            r = post(h, "/validate", entitlement_review(e))[1]["response"]
+            assert r["allowed"] is False and "58000" in r["status"]["message"]
+            # the pool grows in the cluster: the same Entitlement now fits (watch event -> new config)
+            pool = api.get("tokenscaler", "tokenpools", "llama-8b")
+            pool["spec"]["max_replicas"] = 12  # 12 x 8000 x 0.8 = 76800 >= 58000
+            api.put("tokenscaler", "tokenpools", pool)
+            wait_until(
+                lambda: post(h, "/validate", entitlement_review(e))[1]["response"]["allowed"],
+                timeout=10,
+                message="the webhook to see the bigger pool",
+            )
+        allowed = {(r.api_group, r.resource, v) for r in WEBHOOK_RULES for v in r.verbs}
+        assert {(c.group, c.resource, c.verb) for c in api.requests} <= allowed
+    finally:
+        api.close()

@@ -156,6 +156,8 @@ class Reflector:
                 log.info("%s: resourceVersion %s gone; listing again", self.objects.plural, self.resource_version)
                 need_list = True
             except ApiError as e:
+                if self._stop.is_set():  # stop() cut the watch on purpose
+                    return
                 self._note(str(e))
                 need_list = True
                 delay = self.backoff.next_delay()
