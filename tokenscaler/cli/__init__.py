@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("tokenscaler.cli.sim", "run a vLLM-compatible engine simulator"),
     "sidecar": ("tokenscaler.cli.sidecar", "run the rate-limit sidecar in front of one vLLM replica"),
     "controller": ("tokenscaler.cli.controller", "run the controller: metrics in, plan out (KEDA + sidecars)"),
+    "webhook": ("tokenscaler.cli.webhook", "run the admission webhooks (validate CRs, inject sidecars)"),
+    "convert": ("tokenscaler.cli.convert", "write a config as TokenPool/Entitlement CRs, or CRs as a config"),
     "render-dashboards": ("tokenscaler.cli.render_dashboards", "draw the dashboards' panels from Prometheus into PNGs"),
 }
 
