@@ -63,4 +63,3 @@ def test_waiting_on_something_nobody_will_set_is_a_deadlock_not_a_hang() -> None
 
     with pytest.raises(Deadlock, match="would wait forever"):
         run(go())
-
