@@ -32,8 +32,10 @@ from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
 
+# 100 examples, or more under a profile asking for more (HYPOTHESIS_PROFILE=thorough)
+_PROFILE_EXAMPLES = settings.default.max_examples
 PROPERTIES = settings(
-    max_examples=max(100, settings.default.max_examples) if settings.default.max_examples > 150 else 100,
+    max_examples=_PROFILE_EXAMPLES if _PROFILE_EXAMPLES > 150 else 100,
     deadline=None,
     derandomize=True,
     database=None,
