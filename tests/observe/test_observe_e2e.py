@@ -29,7 +29,7 @@ from tests.control.harness import POOL, KedaClient, demo_config
 from tests.observe.test_dashboards_static import all_targets, substitute
 from tests.observe.vllm_dashboard import EXPRS as VLLM_EXPRS
 from tests.prometheus import PrometheusServer, prometheus_binary, static_job
-from tests.support import Server, free_port, wait_until
+from tests.support import Relay, Server, wait_until
 from tokenscaler.observe import alerts, dashboards
 
 pytestmark = [
@@ -58,7 +58,8 @@ def rules_for_test(path: Path) -> Path:
 def stack(tmp: Path) -> Iterator[Fleet]:
     config = demo_config(tmp / "pools.yaml", max_replicas=3)
     with contextlib.ExitStack() as es:
-        http_port = free_port()
+        relay = Relay()  # the controller's stable address (a Service), before the controller starts
+        es.callback(relay.close)
         sims, sidecars, ports = [], [], []
         for i in range(2):
             sim = Server(["sim", "--port", "0", "--profile", "demo", "--seed", str(i), "--model-name", MODEL])
@@ -67,7 +68,7 @@ def stack(tmp: Path) -> Iterator[Fleet]:
             sc = Server(
                 ["sidecar", "--listen", "127.0.0.1:0", "--upstream", sim.url, "--config", str(config),
                  "--pool", POOL, "--metrics-port", "0", "--replicas", "2", "--replica-id", f"r{i}",
-                 "--limits-url", f"http://127.0.0.1:{http_port}", "--limits-expiry-s", "30"]
+                 "--limits-url", relay.url, "--limits-expiry-s", "30"]
             )  # fmt: skip
             es.callback(sc.stop)
             sidecars.append(sc)
@@ -77,17 +78,18 @@ def stack(tmp: Path) -> Iterator[Fleet]:
             [
                 static_job("vllm", [f"127.0.0.1:{s.port}" for s in sims], {"pool": POOL}),
                 static_job("tokenscaler-sidecar", [f"127.0.0.1:{p}" for p in ports], {"pool": POOL}, honor_labels=True),
-                static_job("tokenscaler-controller", [f"127.0.0.1:{http_port}"]),
+                static_job("tokenscaler-controller", [f"127.0.0.1:{relay.port}"]),
             ],
             scrape_interval="1s",
             rule_files=[rules_for_test(tmp / "alerts.rules.yml")],
         )
         es.callback(prom.stop)
-        ctl, grpc_port = start_controller(config, http_port, prometheus=prom, scrape_config=None)
+        ctl, grpc_port = start_controller(config, prometheus=prom, scrape_config=None)
         es.callback(ctl.stop)
+        relay.target = (ctl.host, ctl.port)
         keda = KedaClient(f"127.0.0.1:{grpc_port}")
         es.callback(keda.close)
-        yield Fleet(ctl, sims, sidecars, ports, keda, prom)
+        yield Fleet(ctl, sims, sidecars, ports, keda, relay, prom)
 
 
 @pytest.fixture(scope="module")
