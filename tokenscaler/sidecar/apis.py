@@ -233,6 +233,28 @@ class AnthropicStreamCounter(TypedStreamCounter):
 # ---- the APIs ----------------------------------------------------------------------------
 
 
+_DECODER = json.JSONDecoder()
+
+
+def _usage_pair(data: bytes, prompt_key: str, output_key: str) -> tuple[int, int] | None:
+    """The usage near the end of a body, decoding just that object (as for chat)."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = data.find(b"{", at)
+    if start < 0 or data[at + 7 : start].strip() != b":":
+        return None
+    try:
+        usage = _DECODER.raw_decode(data[start:].decode("utf-8"))[0]
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(usage, dict):
+        p, c = _int(usage.get(prompt_key)), _int(usage.get(output_key))
+        if p is not None and c is not None:
+            return p, c
+    return None
+
+
 def _loads(data: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(data)
@@ -358,14 +380,11 @@ class ResponsesApi(Api):
         return ResponsesStreamCounter()
 
     def response_usage(self, data: bytes) -> tuple[int | None, int | None]:
+        if (pair := _usage_pair(data, "input_tokens", "output_tokens")) is not None:
+            return pair
         obj = _loads(data)
         if obj is None:
             return None, None
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            p, c = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
-            if p is not None and c is not None:
-                return p, c
         total = 0
         for item in obj.get("output") or ():
             for part in (item.get("content") or ()) if isinstance(item, dict) else ():
@@ -400,14 +419,11 @@ class MessagesApi(Api):
         return AnthropicStreamCounter()
 
     def response_usage(self, data: bytes) -> tuple[int | None, int | None]:
+        if (pair := _usage_pair(data, "input_tokens", "output_tokens")) is not None:
+            return pair
         obj = _loads(data)
         if obj is None:
             return None, None
-        usage = obj.get("usage")
-        if isinstance(usage, dict):
-            p, c = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
-            if p is not None and c is not None:
-                return p, c
         total = 0
         for block in obj.get("content") or ():
             if isinstance(block, dict) and isinstance(block.get("text"), str):
