@@ -14,6 +14,8 @@ reconciliation, metrics) of one guaranteed entitlement whose limits never bind.
    floor of the HTTP stack on this machine) and through the sidecar: p50/p99 of the full response time
    (non-streamed) and of the time to the first chunk and to the end (streamed, 8 chunks),
    the difference (added) and the ratio. Goal: <= 0.5 ms p50 and <= 2 ms p99 added at 200 req/s.
+   The same rows for the Responses API (``/v1/responses``, typed SSE events, usage from
+   ``response.completed``), and the added latency of each next to chat's (goal: within 10%).
 2. Capacity: closed-loop clients saturating the sidecar: requests/s (non-streamed) and
    streamed chunks/s (streams of 200 chunks), with the sidecar's CPU use read from
    ``/proc``; "per core" is the throughput divided by the fraction of a core it used.
@@ -42,6 +44,11 @@ from tokenscaler.core.model import hash_api_key  # noqa: E402
 KEY = "sk-bench"
 LISTEN_RE = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark, please."}]}
+RESPONSES = {"model": "bench", "input": "Say hello to the benchmark, please."}
+APIS = {  # api -> (path, body, output-limit field)
+    "chat": ("/v1/chat/completions", CHAT, "max_tokens"),
+    "responses": ("/v1/responses", RESPONSES, "max_output_tokens"),
+}
 
 
 # ---- the upstream: a process of its own -------------------------------------------------
@@ -57,6 +64,32 @@ def serve_upstream(port: int) -> None:
         return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
     piece = chunk(0)
+
+    def event(kind: str, data: dict) -> bytes:  # type: ignore[type-arg]
+        payload = json.dumps({"type": kind, **data}, separators=(",", ":")).encode()
+        return b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"
+
+    where = {"item_id": "m", "output_index": 0, "content_index": 0}
+    delta = event("response.output_text.delta", {**where, "delta": "abcd"})
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        n = int(body.get("max_output_tokens") or 8)
+        usage = {"input_tokens": 12, "output_tokens": n, "total_tokens": 12 + n}
+        part = {"type": "output_text", "text": "abcd" * n, "annotations": []}
+        item = {"id": "m", "type": "message", "role": "assistant", "status": "completed", "content": [part]}
+        out = {"id": "r", "object": "response", "model": "bench", "status": "completed", "output": [item]}
+        out["usage"] = usage
+        if not body.get("stream"):
+            return web.json_response(out)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(event("response.created", {"response": {**out, "status": "in_progress", "output": []}}))
+        for _ in range(n):
+            await resp.write(delta)
+        await resp.write(event("response.completed", {"response": out}))
+        await resp.write_eof()
+        return resp
 
     async def completions(request: web.Request) -> web.StreamResponse:
         body = json.loads(await request.read())
@@ -82,6 +115,7 @@ def serve_upstream(port: int) -> None:
     async def main() -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", completions)
+        app.router.add_post("/v1/responses", responses)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -102,10 +136,11 @@ def serve_bare_proxy(port: int, upstream: str) -> None:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=512), skip_auto_headers=("Accept-Encoding",), auto_decompress=False
         )
-        url = URL(upstream + "/v1/chat/completions")
+        urls = {path: URL(upstream + path) for path, _, _ in APIS.values()}
 
         async def handler(request: web.Request) -> web.StreamResponse:
             body = await request.read()
+            url = urls[request.path]
             async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
                 if not r.headers.get("Content-Type", "").startswith("text/event-stream"):
                     return web.Response(body=await r.read(), headers={"Content-Type": r.headers["Content-Type"]})
@@ -117,7 +152,8 @@ def serve_bare_proxy(port: int, upstream: str) -> None:
                 return resp
 
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", handler)
+        for path in urls:
+            app.router.add_post(path, handler)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -202,8 +238,9 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(int(q * len(values)), len(values) - 1)]
 
 
-async def open_loop(session, url: str, rate: float, duration_s: float, stream: bool) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
-    body = json.dumps({**CHAT, "max_tokens": 8, "stream": stream}).encode()
+async def open_loop(session, url: str, rate: float, duration_s: float, stream: bool, api: str = "chat") -> dict[str, list[float]]:  # type: ignore[no-untyped-def]  # noqa: E501
+    path, base, limit = APIS[api]
+    body = json.dumps({**base, limit: 8, "stream": stream}).encode()
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     first: list[float] = []
     total: list[float] = []
@@ -212,7 +249,7 @@ async def open_loop(session, url: str, rate: float, duration_s: float, stream: b
     async def one() -> None:
         nonlocal errors
         t0 = time.perf_counter()
-        async with session.post(url + "/v1/chat/completions", data=body, headers=headers) as r:
+        async with session.post(url + path, data=body, headers=headers) as r:
             if r.status != 200:
                 errors += 1
             if stream:
@@ -274,37 +311,51 @@ async def run(rates: list[float], duration_s: float, cap_s: float) -> None:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
             for url in (up_url, bare_url, sc_url):  # warm up connections and code paths
-                await open_loop(session, url, 200, 1.0, False)
-                await open_loop(session, url, 200, 1.0, True)
+                for api in APIS:
+                    await open_loop(session, url, 200, 1.0, False, api)
+                    await open_loop(session, url, 200, 1.0, True, api)
             print(f"# latency (ms), {duration_s:g} s per cell in 1-s blocks, uniform arrivals, 8-token answers")
             print("# direct: client -> upstream; bare: a no-logic aiohttp pass-through proxy (the floor of the stack);")
             print("# sidecar: the full admission path. added = sidecar - direct; ratio = sidecar / direct")
             head = (
-                f"{'mode':<13}{'req/s':>6} | {'direct p50':>10}{'p99':>7} | {'bare p50':>8}{'p99':>7} | "
+                f"{'mode':<19}{'req/s':>6} | {'direct p50':>10}{'p99':>7} | {'bare p50':>8}{'p99':>7} | "
                 f"{'sidecar p50':>11}{'p99':>7} | {'added p50':>9}{'p99':>7} | {'ratio p50':>9}{'p99':>6}"
             )
             print(head)
             print("-" * len(head))
+            added: dict[tuple[str, str, float], tuple[float, float]] = {}
             for stream in (False, True):
                 for rate in rates:
-                    # interleave 1-second blocks so that drift in the machine's load hits every path alike
-                    results = {url: {"first": [], "total": []} for url in (up_url, bare_url, sc_url)}
+                    # interleave 1-second blocks (and the two APIs) so that drift in the machine's load hits all alike
+                    results = {
+                        (api, url): {"first": [], "total": []} for api in APIS for url in (up_url, bare_url, sc_url)
+                    }
                     for _ in range(max(int(duration_s), 1)):
-                        for url, out in results.items():
-                            block = await open_loop(session, url, rate, 1.0, stream)
+                        for (api, url), out in results.items():
+                            block = await open_loop(session, url, rate, 1.0, stream, api)
                             for k in out:
                                 out[k].extend(block[k])
-                    for key in ("first", "total") if stream else ("total",):
+                    for api, key in ((a, k) for a in APIS for k in (("first", "total") if stream else ("total",))):
                         label = ("stream " + ("first" if key == "first" else "end")) if stream else "non-stream"
+                        label = f"{'resp ' if api == 'responses' else ''}{label}"
                         (d50, d99), (b50, b99), (v50, v99) = (
-                            (_pct(results[u][key], 0.5) * 1e3, _pct(results[u][key], 0.99) * 1e3)
+                            (_pct(results[api, u][key], 0.5) * 1e3, _pct(results[api, u][key], 0.99) * 1e3)
                             for u in (up_url, bare_url, sc_url)
                         )
+                        added[api, ("stream " if stream else "") + key, rate] = (v50 - d50, v99 - d99)
                         print(
-                            f"{label:<13}{rate:>6g} | {d50:>10.3f}{d99:>7.2f} | {b50:>8.3f}{b99:>7.2f} | "
+                            f"{label:<19}{rate:>6g} | {d50:>10.3f}{d99:>7.2f} | {b50:>8.3f}{b99:>7.2f} | "
                             f"{v50:>11.3f}{v99:>7.2f} | {v50 - d50:>9.3f}{v99 - d99:>7.2f} | "
                             f"{v50 / d50:>9.2f}{v99 / d99:>6.2f}"
                         )
+            print()
+            print("# Responses API vs chat: added latency p50 (ms), and responses - chat as a share of chat's")
+            for (api, key, rate), (a50, _) in added.items():
+                if api != "responses":
+                    continue
+                c50 = added["chat", key, rate][0]
+                share = (a50 - c50) / c50 if c50 > 0 else float("nan")
+                print(f"{key:<14}{rate:>6g} req/s | chat {c50:>7.3f} | responses {a50:>7.3f} | {share:>+7.1%}")
             print()
             print(f"# capacity through the sidecar (pinned to CPU {cpus[0]}), {cap_s:g} s each, closed loop")
             for label, clients, chunks in (("non-streamed", 64, None), ("streamed x200", 16, 200)):

@@ -18,7 +18,7 @@ CORE = Path(__file__).resolve().parents[2] / "tokenscaler" / "core"
 ALLOWED_MODULES = {
     # stdlib without I/O or clocks
     "__future__", "base64", "bisect", "collections", "dataclasses", "enum", "functools", "hashlib", "heapq",
-    "itertools", "math", "re", "typing", "difflib", "numbers", "operator",
+    "itertools", "json", "math", "re", "typing", "difflib", "numbers", "operator",
     # the declared core dependencies
     "numpy", "pydantic",
 }  # fmt: skip

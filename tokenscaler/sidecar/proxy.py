@@ -1,8 +1,11 @@
 """The sidecar's HTTP server: identify, admit, forward, count, settle.
 
-Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` go through admission;
-``GET /v1/models``, ``GET /health``, ``POST /tokenize`` (and ``/detokenize``, ``/version``,
-``/ping``) pass through uncounted; anything else is a 404 in OpenAI's shape. One shared
+Routes: every route of :data:`~tokenscaler.sidecar.apis.METERED` (completions, chat, batch
+chat, the Responses API, Anthropic Messages, pooling) goes through admission, with its
+:class:`~tokenscaler.sidecar.apis.Api` saying how to parse, count and answer errors;
+``GET /v1/models``, ``GET /health``, ``POST /tokenize`` and the other non-generating routes
+of :data:`~tokenscaler.sidecar.apis.PASSTHROUGH` pass through uncounted; anything else is a
+404 in OpenAI's shape. One shared
 ``aiohttp.ClientSession`` with a sized connector talks to the upstream; streams are
 forwarded event by event as they arrive (:mod:`tokenscaler.sidecar.sse`).
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
 
@@ -29,26 +33,19 @@ from yarl import URL
 
 from tokenscaler.core.limiter import Reservation
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
-from tokenscaler.sidecar.errors import (
-    RATE_LIMIT_TYPES,
-    error_response,
-    ratelimit_headers,
-    retry_headers,
-    sse_error_event,
-)
-from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest, parse_request, tokenize_payload, upstream_body
+from tokenscaler.sidecar.apis import METERED, PASSTHROUGH, Api
+from tokenscaler.sidecar.errors import RATE_LIMIT_TYPES, error_response, ratelimit_headers, retry_headers
+from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest
 from tokenscaler.sidecar.gatekeeper import Gatekeeper
 from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
-from tokenscaler.sidecar.sse import StreamCounter, response_usage, usage_counts
+from tokenscaler.sidecar.sse import usage_counts
 
 log = logging.getLogger(__name__)
 
 _DROP_REQUEST = frozenset(
     ("host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-     "proxy-authorization", "proxy-connection", "authorization", "accept-encoding", "expect")
+     "proxy-authorization", "proxy-connection", "authorization", "x-api-key", "accept-encoding", "expect")
 )  # fmt: skip
-PASSTHROUGH = (("GET", "/v1/models"), ("GET", "/health"), ("POST", "/tokenize"), ("POST", "/detokenize"),
-               ("GET", "/version"), ("GET", "/ping"))  # fmt: skip
 PREEMPTED_MESSAGE = (
     "Request preempted: capacity reclaimed for guaranteed traffic on this replica; this {tier} request of "
     "entitlement {name} was using idle capacity (backfill). Retry later."
@@ -145,8 +142,8 @@ class Sidecar:
         self.session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
         self.app = web.Application(client_max_size=options.max_body_bytes)
-        self.app.router.add_post("/v1/completions", self._completions)
-        self.app.router.add_post("/v1/chat/completions", self._chat_completions)
+        for api in METERED:
+            self.app.router.add_post(api.route, self._handler(api))
         for method, path in PASSTHROUGH:
             self.app.router.add_route(method, path, self._passthrough)
         self.app.router.add_route("*", "/{tail:.*}", self._not_found)
@@ -172,36 +169,40 @@ class Sidecar:
             if name:
                 return self.by_name.get(name)
         auth = request.headers.get("Authorization")
-        if not auth:
-            return None
-        scheme, _, key = auth.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            return None
+        if auth:
+            scheme, _, key = auth.partition(" ")
+            key = key.strip()
+            if scheme.lower() != "bearer" or not key:
+                return None
+        else:  # Anthropic's clients send the key as x-api-key
+            key = request.headers.get("x-api-key", "").strip()
+            if not key:
+                return None
         return self.by_key.get(hash_api_key(key))
 
-    # ---- generation routes -------------------------------------------------------------
+    # ---- metered routes ----------------------------------------------------------------
 
-    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
+    def _handler(self, api: Api) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._generate(request, api)
 
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
+        return handle
 
-    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+    async def _generate(self, request: web.Request, api: Api) -> web.StreamResponse:
         t0 = perf_counter()
+        errors = api.errors
         ent = self.identify(request)
         if ent is None:
             self.metrics.unauthenticated += 1
-            missing = not request.headers.get("Authorization") and not (
+            missing = not request.headers.get("Authorization") and not request.headers.get("x-api-key") and not (
                 self.options.trust_header and request.headers.get(self.options.trust_header)
             )
             message = (
-                "You didn't provide an API key. Send it as 'Authorization: Bearer KEY'."
+                "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
                 if missing
                 else f"Incorrect API key provided: it identifies no entitlement of pool {self.pool.name}."
             )
-            return error_response(401, message, "authentication_error", None, "invalid_api_key")
+            return errors.response(401, message, "authentication_error", None, "invalid_api_key")
         name = ent.name
         stats = self.metrics.stats[name]
         try:
@@ -211,12 +212,12 @@ class Sidecar:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge as e:
                 raise BadRequest(self._too_large(None), status=413) from e
-            req = parse_request(raw, chat=chat, pool=self.pool)
+            req = api.parse(raw, self.pool)
         except BadRequest as e:
             stats.errors += 1
             code = "request_too_large" if e.status == 413 else None
-            return error_response(e.status, e.message, "invalid_request_error", e.param, code, self._headers(name))
-        prompts = await self._tokenize(req, chat) if self.options.tokenize else None
+            return errors.response(e.status, e.message, "invalid_request_error", e.param, code, self._headers(name))
+        prompts = await self._tokenize(req, api) if self.options.tokenize else None
         est = req.estimate(self.limiter, prompts)
         stats.offered_requests += 1
         decision = await self.gate.admit(name, est, ent.tier)
@@ -227,11 +228,11 @@ class Sidecar:
             headers = self._headers(name)
             headers.update(retry_headers(decision.retry_after_s, self.options.retry_after_max_s))
             headers["x-tokenscaler-dimension"] = dim
-            message = decision.message(name, ent.tier.value)
-            return error_response(429, message, RATE_LIMIT_TYPES[dim], None, "rate_limit_exceeded", headers)
+            message = api.refusal(req, decision.message(name, ent.tier.value))
+            return errors.response(429, message, RATE_LIMIT_TYPES[dim], None, "rate_limit_exceeded", headers)
         flight = Flight(self.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
         try:
-            return await self._forward(request, raw, req, flight, t0)
+            return await self._forward(request, raw, req, api, flight, t0)
         except asyncio.CancelledError:
             if not flight.preempted:
                 raise  # the client went away; finally settles
@@ -239,11 +240,11 @@ class Sidecar:
             if not flight.accepted:
                 stats.admitted += 1  # admitted, then cut before the engine answered
             flight.settle()
-            return self._preempted_response(ent)
+            return self._preempted_response(ent, api)
         except Exception as e:
             log.exception("internal error on %s", request.path)
             stats.errors += 1
-            return error_response(500, f"internal error in the sidecar: {type(e).__name__}", "server_error")
+            return errors.response(500, f"internal error in the sidecar: {type(e).__name__}", "server_error")
         finally:
             flight.settle()
 
@@ -254,9 +255,9 @@ class Sidecar:
     def _headers(self, name: str) -> dict[str, str]:
         return ratelimit_headers(self.limiter.status(name, self.gate.now()))
 
-    def _preempted_response(self, ent: Entitlement) -> web.Response:
+    def _preempted_response(self, ent: Entitlement, api: Api) -> web.Response:
         message = PREEMPTED_MESSAGE.format(tier=ent.tier.value, name=ent.name)
-        return error_response(503, message, "server_error", None, "preempted", self._headers(ent.name))
+        return api.errors.response(503, message, "server_error", None, "preempted", self._headers(ent.name))
 
     def _url(self, path_qs: str) -> URL:
         url = self._urls.get(path_qs)
@@ -271,20 +272,20 @@ class Sidecar:
         return {k: v for k, v in request.headers.items() if (lk := k.lower()) not in _DROP_REQUEST and lk != trust}
 
     async def _forward(
-        self, request: web.Request, raw: bytes, req: ParsedRequest, flight: Flight, t0: float
+        self, request: web.Request, raw: bytes, req: ParsedRequest, api: Api, flight: Flight, t0: float
     ) -> web.StreamResponse:
         assert self.session is not None
         name = flight.res.entitlement
         route = request.path
         url = self._url(request.path_qs)
-        body = upstream_body(raw, req)
+        body = api.upstream_body(raw, req)
         pre = perf_counter() - t0
         try:
             upstream = await self.session.post(url, data=body, headers=self._upstream_headers(request))
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             flight.stats.errors += 1
             flight.settle()
-            return error_response(
+            return api.errors.response(
                 502, f"The upstream engine at {self.upstream} is unreachable: {type(e).__name__}: {e}",
                 "server_error", None, "upstream_unavailable", self._headers(name),
             )  # fmt: skip
@@ -302,10 +303,10 @@ class Sidecar:
             if not req.stream or not ctype.startswith("text/event-stream"):
                 data = await upstream.read()
                 t2 = perf_counter()
-                prompt, generated = response_usage(data)
+                prompt, generated = api.response_usage(data)
                 if generated is None:  # an answer that cannot be counted is charged in full
                     generated = flight.res.estimate.max_new_tokens
-                flight.settle(prompt, generated, completed=True)
+                flight.settle(prompt, generated, completed=api.generates)
                 headers = self._headers(name)
                 headers["Content-Type"] = ctype
                 resp = web.Response(body=data, headers=headers)
@@ -314,7 +315,7 @@ class Sidecar:
             headers = self._headers(name)
             headers["Content-Type"] = ctype
             headers["Cache-Control"] = "no-cache"
-            return await self._stream(request, upstream, req.client_usage, flight, headers, pre, t1, route)
+            return await self._stream(request, upstream, api, req, flight, headers, pre, t1, route)
         finally:
             if upstream.content.at_eof() and flight.res.finished:
                 upstream.release()
@@ -325,7 +326,8 @@ class Sidecar:
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
-        client_usage: bool,
+        api: Api,
+        req: ParsedRequest,
         flight: Flight,
         headers: dict[str, str],
         pre: float,
@@ -333,7 +335,7 @@ class Sidecar:
         route: str,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=headers)
-        counter = StreamCounter(strip_usage=not client_usage)
+        counter = api.counter(req)
         failure: BaseException | None = None
         try:
             await resp.prepare(request)
@@ -355,14 +357,14 @@ class Sidecar:
             tail = counter.tail()
             counts = usage_counts(counter.usage)
             if counts is not None:
-                flight.settle(counts[0], counts[1], completed=counter.done and counter.error is None)
+                flight.settle(counts[0], counts[1], completed=counter.done and counter.error is None and api.generates)
             else:
                 flight.settle(completed=False)
             if failure is not None or not counter.done:
-                log.warning("upstream stream for %s ended early: %s", flight.res.entitlement, failure or "no [DONE]")
-                await resp.write(tail + sse_error_event(
-                    f"The upstream engine ended the stream early: {failure or 'no [DONE]'}", "server_error",
-                    "upstream_error",
+                why = failure or "no end-of-stream event"
+                log.warning("upstream stream for %s ended early: %s", flight.res.entitlement, why)
+                await resp.write(tail + api.errors.stream_error(
+                    f"The upstream engine ended the stream early: {why}", "server_error", "upstream_error",
                 ))  # fmt: skip
             elif tail:
                 await resp.write(tail)
@@ -376,7 +378,7 @@ class Sidecar:
             message = PREEMPTED_MESSAGE.format(tier=res.tier.value, name=res.entitlement)
             with contextlib.suppress(ConnectionError):
                 if resp.prepared:
-                    await resp.write(sse_error_event(message, "server_error", "preempted"))
+                    await resp.write(api.errors.stream_error(message, "server_error", "preempted"))
                     await resp.write_eof()
                 else:
                     raise
@@ -384,9 +386,9 @@ class Sidecar:
             flight.settle()
         return resp
 
-    async def _tokenize(self, req: ParsedRequest, chat: bool) -> tuple[int, ...] | None:
+    async def _tokenize(self, req: ParsedRequest, api: Api) -> tuple[int, ...] | None:
         assert self.session is not None
-        payloads = tokenize_payload(req, chat)
+        payloads = api.tokenize_payload(req)
         if payloads is None:
             return None
         counts = []

@@ -31,6 +31,7 @@ from prometheus_client import generate_latest
 
 from tokenscaler.sim import api
 from tokenscaler.sim.api import ApiError
+from tokenscaler.sim.endpoints import Endpoints
 from tokenscaler.sim.engine import Engine, QueueFullError, Request
 from tokenscaler.sim.metrics import CONTENT_TYPE, build_registry
 from tokenscaler.sim.profile import EngineProfile
@@ -115,6 +116,7 @@ class SimServer:
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/metrics", self._metrics)
         self.app.router.add_get("/metrics/", self._metrics)
+        self.endpoints = Endpoints(self)  # Responses, Anthropic Messages, batch chat, pooling
 
     # ---- lifecycle ---------------------------------------------------------------------
 
