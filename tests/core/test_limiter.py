@@ -74,6 +74,24 @@ def test_throughput_refusal_carries_numbers_and_retry_after() -> None:
     assert lim.admit("a", est, 2.0).admitted  # refilled as announced
 
 
+@pytest.mark.parametrize(
+    ("rate", "depth", "cost", "admitted"),
+    [
+        pytest.param(400.0, 768.0, 3000.0, True, id="long-prompt-low-rate-borrows-5.6s"),
+        pytest.param(10.0, 100.0, 250.0, True, id="borrows-exactly-the-horizon"),
+        pytest.param(20.0, 20.0, 507.0, False, id="would-borrow-24s-of-a-20-per-s-limit"),
+        pytest.param(0.0, 50.0, 60.0, False, id="no-refill-no-debt"),
+    ],
+)
+def test_debt_is_bounded_by_the_refill_horizon(rate: float, depth: float, cost: float, admitted: bool) -> None:
+    from tokenscaler.core.limiter import MAX_DEBT_S, Bucket
+
+    b = Bucket(rate, depth, 0.0)
+    assert b.allows(cost, 0.0) is admitted
+    assert (b.wait_s(cost) == INF) is (not admitted)  # refused on a full bucket: no wait helps
+    assert b.max_cost() == (depth + rate * MAX_DEBT_S if depth > 0 else 0.0)
+
+
 def test_a_request_larger_than_the_bucket_is_admitted_when_full_and_leaves_debt() -> None:
     lim = limiter({"a": gate(limit=(10.0, INF, INF), burst=(100.0, 0, 0))})
     big = lim.estimate(100, 100)

@@ -64,7 +64,9 @@ def upstream() -> Iterator[str]:
 def test_the_prompt_estimate_comes_from_the_chosen_counter(
     upstream: str, tmp_path: Path, mode: str, estimate: int
 ) -> None:
-    config = write_config(tmp_path / "c.yaml", [ent("e", "elastic", limit=vec(0.001, 10000, 10), burst=vec(1, 0, 0))])
+    # a bucket that holds exactly one estimate and (nearly) never refills: one passes, the next is refused
+    limits = {"limit": vec(0.001, 10000, 10), "burst": vec(estimate, 0, 0)}
+    config = write_config(tmp_path / "c.yaml", [ent("e", "elastic", **limits)])
     with sidecar(upstream, config, "--prompt-tokens", mode) as sc:
         body = {"prompt": "hi", "max_tokens": 5}
         assert post(sc.url, "/v1/completions", body, key_of("e")).status_code == 200  # the full bucket admits one

@@ -78,8 +78,16 @@ class Estimate:
     kv_tokens: int  # prompt tokens of every sequence + max_new_tokens
 
 
+MAX_DEBT_S = 15.0
+"""A request larger than its bucket is admitted on a full bucket, borrowing from the future
+(the level goes negative), when what it borrows refills within this many seconds: a long
+prompt from a low-rate tenant still passes, then waits its turn; a request that would
+borrow more (a 500-token request on a 20 tokens/s limit without burst) is refused. Over any
+window a bucket admits at most its refill, its depth and ``MAX_DEBT_S`` of refill."""
+
+
 class Bucket:
-    """A token bucket in weighted tokens whose level may go negative (debt)."""
+    """A token bucket in weighted tokens whose level may go negative (debt, bounded)."""
 
     __slots__ = ("depth", "level", "rate", "t")
 
@@ -98,10 +106,20 @@ class Bucket:
 
     def allows(self, cost: float, now: float) -> bool:
         level = self.refill(now)
-        return level >= cost or (cost > self.depth > 0 and level >= self.depth)
+        if level >= cost:
+            return True
+        # larger than the bucket: admitted on a full one, leaving bounded debt
+        return self.depth < cost <= self.max_cost() and level >= self.depth
+
+    def max_cost(self) -> float:
+        """The largest request this bucket ever admits: its depth plus ``MAX_DEBT_S`` of refill
+        (only the depth when it does not refill)."""
+        return self.depth + self.rate * MAX_DEBT_S if self.depth > 0 else 0.0
 
     def wait_s(self, cost: float) -> float:
         """Seconds until :meth:`allows` holds, with no other traffic (``inf`` if never)."""
+        if cost > self.depth and cost > self.max_cost():
+            return INF  # more than the bucket and the debt it may take on: never admitted
         deficit = min(cost, self.depth) - self.level
         if deficit <= 0:
             return 0.0
