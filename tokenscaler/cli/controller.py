@@ -29,7 +29,14 @@ _address = address("0.0.0.0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, metavar="FILE", help="token-pools config (YAML or JSON)")
+    p.add_argument("--config", metavar="FILE", help="token-pools config (YAML or JSON); with --source file")
+    p.add_argument(
+        "--source",
+        choices=["file", "kubernetes"],
+        default="file",
+        help="where pools and entitlements come from: --config (default), or the TokenPool and Entitlement "
+        "objects of this namespace, with a Lease so only one controller replica plans and publishes",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prometheus-url", metavar="URL", help="read metrics from this Prometheus")
     src.add_argument("--scrape-config", metavar="FILE", help="scrape these targets directly (no Prometheus)")
@@ -99,6 +106,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> list[str]:
     errors = []
+    if args.source == "file" and not args.config:
+        errors.append("--config FILE is required (or --source kubernetes)")
+    if args.source == "kubernetes" and (args.config or args.state):
+        errors.append("--source kubernetes reads the config from the CRs and keeps state in a ConfigMap: "
+                      "drop --config and --state")  # fmt: skip
     positive = ("interval_s", "rate_window_s", "query_timeout_s", "max_staleness_s", "limits_ttl_s")
     for flag in (*positive, "profile_refresh_s"):
         if getattr(args, flag) <= 0:
@@ -131,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    import asyncio
     import logging
 
     from aiohttp import web
@@ -142,7 +155,7 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.control.metrics import ControllerMetrics, PlanCollector
     from tokenscaler.control.persist import StateFileError
     from tokenscaler.control.store import PlanStore
-    from tokenscaler.core.model import ConfigError
+    from tokenscaler.core.model import ConfigError, TokenPoolsConfig
     from tokenscaler.serve.api import ControllerApi
     from tokenscaler.serve.http_security import HttpSecurity
     from tokenscaler.serve.scaler import ScalerTLS, start_scaler
@@ -150,8 +163,11 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.sources.prometheus import PrometheusSource
     from tokenscaler.sources.scrape import ScrapeConfig, ScrapeSource
 
+    log = logging.getLogger("tokenscaler.controller")
+    config: TokenPoolsConfig | None = None
     try:
-        config = load_config(args.config)
+        if args.source == "file":
+            config = load_config(args.config)
         source: MetricsSource
         if args.prometheus_url:
             source = PrometheusSource(
@@ -184,22 +200,8 @@ async def _main(args: argparse.Namespace) -> int:
     metrics = ControllerMetrics(registry)
     store = PlanStore()
     registry.register(PlanCollector(store))
-    controller = Controller(
-        config,
-        source,
-        store,
-        metrics,
-        interval_s=args.interval_s,
-        state_path=args.state,
-        demand_half_life_s=args.demand_half_life_s,
-        profile_refresh_s=args.profile_refresh_s,
-    )
-    try:
-        restored = controller.restore()
-    except StateFileError as e:
-        return fail("controller", f"{e} (move it away to start without state)")
-    runtime.settle_heap()
 
+    # the servers answer from the store alone: up before the first plan (not ready until then)
     api = ControllerApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
     app = api.app()
     security.install(app)
@@ -209,8 +211,7 @@ async def _main(args: argparse.Namespace) -> int:
     grpc_host, grpc_port = args.grpc_listen
     try:
         http_sock = bind("--http-listen", http_host, http_port)
-        site = web.SockSite(runner, http_sock, ssl_context=security.ssl_context)
-        await site.start()
+        await web.SockSite(runner, http_sock, ssl_context=security.ssl_context).start()
     except OSError as e:
         await runner.cleanup()
         await source.close()
@@ -221,18 +222,62 @@ async def _main(args: argparse.Namespace) -> int:
         await runner.cleanup()
         await source.close()
         return fail("controller", f"--grpc-listen {grpc_host}:{grpc_port}: {e}")
-    bound_http = http_sock.getsockname()[1]
-    logging.getLogger("tokenscaler.controller").info("%s", security.describe())
-    security.start()
-    print(f"tokenscaler controller listening on {security.scheme}://{http_host}:{bound_http}", flush=True)
-    print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
 
-    runtime.on_signal(controller.stop)
+    stopping = asyncio.Event()
+    controller: Controller | None = None
+
+    def stop() -> None:
+        stopping.set()
+        if controller is not None:
+            controller.stop()
+
+    runtime.on_signal(stop)
+    operator = None
+    code = EXIT_OK
     try:
-        await controller.run(first_delay_s=args.interval_s if restored is not None else 0.0)
+        options = {
+            "interval_s": args.interval_s,
+            "demand_half_life_s": args.demand_half_life_s,
+            "profile_refresh_s": args.profile_refresh_s,
+        }
+        if config is not None:
+            controller = Controller(config, source, store, metrics, state_path=args.state, **options)
+            try:
+                restored = await controller.restore()
+            except StateFileError as e:
+                return fail("controller", f"{e} (move it away to start without state)")
+        else:
+            from tokenscaler.kube.operator import KubeStateBackend, from_environment
+
+            operator = from_environment()
+            await operator.start()
+            log.info("watching TokenPools and Entitlements in %s as %s", operator.namespace, operator.identity)
+            while config is None and not stopping.is_set():
+                config = await operator.wait_config(timeout_s=5.0)
+                if config is None:
+                    log.info("waiting for a valid set of TokenPools and Entitlements")
+            if config is None:
+                return EXIT_OK
+            backend = KubeStateBackend(operator)
+            controller = Controller(
+                config, source, store, metrics, state_backend=backend, leading=operator.is_leader,
+                on_published=backend.write_status, **options,
+            )  # fmt: skip
+            operator.on_config(controller.set_config)
+            restored = None  # a leader restores when it starts leading
+        runtime.settle_heap()
+        log.info("%s", security.describe())
+        security.start()
+        bound_http = http_sock.getsockname()[1]
+        print(f"tokenscaler controller listening on {security.scheme}://{http_host}:{bound_http}", flush=True)
+        print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
+        if not stopping.is_set():
+            await controller.run(first_delay_s=args.interval_s if restored is not None else 0.0)
     finally:
         await grpc_server.stop(1.0)
         await security.stop()
         await runner.cleanup()
         await source.close()
-    return EXIT_OK
+        if operator is not None:
+            await operator.stop()
+    return code

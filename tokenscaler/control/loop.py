@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from tokenscaler.control.metrics import ControllerMetrics
-from tokenscaler.control.persist import StateFileError, load_state, save_state
+from tokenscaler.control.persist import FileStateBackend, StateBackend, StateFileError
 from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.rows import build_pool_rows
@@ -66,10 +66,18 @@ class Controller:
         *,
         interval_s: float = 5.0,
         state_path: str | Path | None = None,
+        state_backend: StateBackend | None = None,
         demand_half_life_s: float = 10.0,
         profile_refresh_s: float = 15.0,
         clock: Callable[[], float] = time.time,
+        leading: Callable[[], bool] = lambda: True,
+        on_published: Callable[[PublishedPlan], Awaitable[None]] | None = None,
     ) -> None:
+        """``state_path`` (or any ``state_backend``) keeps debt and the last plan across
+        restarts. ``leading`` gates every interval: a replica that does not lead plans and
+        publishes nothing (its servers then answer not-ready / UNAVAILABLE) and, when it
+        starts leading, first restores the state its predecessor saved. ``on_published``
+        runs after each publish (the operator writes status there)."""
         if profile_refresh_s <= 0:
             raise ValueError(f"profile_refresh_s ({profile_refresh_s}) must be > 0")
         self.config = config
@@ -79,7 +87,10 @@ class Controller:
         self.metrics = metrics
         self.settings = StepSettings(interval_s=interval_s, demand_half_life_s=demand_half_life_s)
         self.interval_s = interval_s
-        self.state_path = Path(state_path) if state_path else None
+        self.state_backend = state_backend or (FileStateBackend(state_path) if state_path else None)
+        self.leading = leading
+        self.on_published = on_published
+        self._led = False  # whether this replica led at the last tick
         self.profile_refresh_s = profile_refresh_s
         self.clock = clock
         self.timings: dict[str, float] = {}  # phase -> seconds, of the last interval that planned
@@ -89,29 +100,41 @@ class Controller:
 
     # ------------------------------------------------------------------ state
 
-    def restore(self) -> PublishedPlan | None:
-        """Load state from ``--state`` and publish the last plan it holds, if any."""
-        if self.state_path is None:
+    def set_config(self, config: TokenPoolsConfig) -> None:
+        """Plan with ``config`` from the next interval on (the operator's watch changed it).
+        Carried state maps onto the new rows by entitlement name."""
+        self.config = config
+        self.rows = build_pool_rows(config)
+
+    async def restore(self) -> PublishedPlan | None:
+        """Load the saved state and publish the last plan it holds, if any (from then on this
+        replica acts as the one that leads)."""
+        self._led = True
+        backend = self.state_backend
+        if backend is None:
             return None
         # a StateFileError propagates: the caller refuses to start rather than silently drop debt
-        planner = load_state(self.state_path)
+        planner = await backend.load()
+        if planner is None:
+            return None
         try:
             self.state = restored(self.rows, planner)
         except (ValueError, TypeError, KeyError) as e:
-            raise StateFileError(f"{self.state_path}: the saved plan cannot be restored: {e}") from e
+            raise StateFileError(f"{backend.name}: the saved plan cannot be restored: {e}") from e
         if self.state.plan is None:
             return None
-        log.info("restored plan version %d from %s", self.state.version, self.state_path)
+        log.info("restored plan version %d from %s", self.state.version, backend.name)
         return self.store.publish(self.state.plan, self.clock(), version=self.state.version)
 
-    def _persist(self) -> None:
-        if self.state_path is None:
+    async def _persist(self) -> None:
+        backend = self.state_backend
+        if backend is None:
             return
         try:
-            save_state(self.state_path, persisted(self.state))
+            await backend.save(persisted(self.state))
         except OSError as e:
             self.metrics.state_write_errors.inc()
-            log.error("could not write state to %s: %s (will retry next interval)", self.state_path, e)
+            log.error("could not write state to %s: %s (will retry next interval)", backend.name, e)
 
     async def _read(self, what: str, read: Awaitable[T]) -> T | SourceError:
         """Await a read of the source. A failure comes back as the :class:`SourceError` it
@@ -143,7 +166,9 @@ class Controller:
         result = await asyncio.to_thread(control_step, self.rows, obs, self.state, now, self.settings)
         planned = time.perf_counter()
         published = self._publish(result, now)
-        await asyncio.to_thread(self._persist)
+        await self._persist()
+        if published is not None and self.on_published is not None:
+            await self.on_published(published)
         done = time.perf_counter()
         # "published": from the start of the interval until servers answer with the new plan
         self.timings = {
@@ -216,6 +241,8 @@ class Controller:
                 if self._stop.is_set():
                     break
             next_at = max(next_at + self.interval_s, time.monotonic())
+            if not await self._lead():
+                continue
             if first:
                 first = False
                 await self.refresh_profile()
@@ -227,6 +254,26 @@ class Controller:
                 continue
             if published is not None and not published.stale and self.profile_due():
                 await self.refresh_profile()
+
+    async def _lead(self) -> bool:
+        """Whether to run this interval: yes while leading. Losing the lead withdraws the
+        plan (and forgets the state: the next leader owns it); gaining it restores the
+        state the last leader saved."""
+        leading = self.leading()
+        if leading and not self._led:
+            try:
+                await self.restore()
+            except StateFileError as e:
+                log.error("leading, but the saved state cannot be used: %s; not planning until it can", e)
+                self._led = False  # try again next interval: never plan over debt it could not read
+                return False
+            log.info("leading: planning and publishing")
+        elif self._led and not leading:
+            log.warning("no longer leading: the plan is withdrawn until this replica leads again")
+            self.store.clear()
+            self.state = ControlState()
+        self._led = leading
+        return leading
 
     def stop(self) -> None:
         self._stop.set()

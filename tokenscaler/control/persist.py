@@ -8,11 +8,13 @@ fresh (it never silently does).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Protocol
 
 from tokenscaler.core.model import ConfigError
 from tokenscaler.core.state import PlannerState
@@ -56,3 +58,35 @@ def save_state(path: str | Path, state: PlannerState) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class StateBackend(Protocol):
+    """Where the planner state lives between runs (and between leaders): a file on one
+    machine, a ConfigMap in Kubernetes (:class:`tokenscaler.kube.operator.KubeStateBackend`)."""
+
+    name: str  # for log lines: the file, the ConfigMap
+
+    async def load(self) -> PlannerState | None:
+        """The saved state, None when there is none yet. Raises :class:`StateFileError`
+        when what is stored cannot be used (the caller refuses rather than drop debt)."""
+        ...
+
+    async def save(self, state: PlannerState) -> None:
+        """Store ``state``; an :class:`OSError` when it could not be (retried next interval)."""
+        ...
+
+
+class FileStateBackend:
+    """The state file (``--state``), written atomically in a worker thread."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.name = str(self.path)
+
+    async def load(self) -> PlannerState | None:
+        if not self.path.exists():
+            return None
+        return await asyncio.to_thread(load_state, self.path)
+
+    async def save(self, state: PlannerState) -> None:
+        await asyncio.to_thread(save_state, self.path, state)

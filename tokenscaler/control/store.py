@@ -56,6 +56,10 @@ class PlanStore:
             self._changed = None
         return self._current
 
+    def clear(self) -> None:
+        """Withdraw the plan (this replica stopped leading): servers answer as before the first plan."""
+        self._current = None
+
     async def wait_for_change(self, seen_version: int, timeout: float | None = None) -> PublishedPlan | None:
         """The current plan once its version differs from ``seen_version``; None on timeout."""
         current = self._current

@@ -34,7 +34,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tokenscaler.core.model import TokenPoolsConfig
+from tokenscaler.control.persist import StateFileError
+from tokenscaler.control.store import PublishedPlan
+from tokenscaler.core.model import ConfigError, TokenPoolsConfig
+from tokenscaler.core.state import PlannerState
 from tokenscaler.kube import ENTITLEMENT_PLURAL, POOL_PLURAL
 from tokenscaler.kube.client import (
     LEASE_NAME,
@@ -321,3 +324,40 @@ def from_environment(
         state_configmap=env.get("TOKENSCALER_STATE_CONFIGMAP") or STATE_CONFIGMAP,
         on_leading=on_leading,
     )
+
+
+class KubeStateBackend:
+    """The controller's state backend in Kubernetes: the planner state in the operator's
+    ConfigMap, so a new leader continues with the debt and history the last one saved
+    (:class:`tokenscaler.control.persist.StateBackend`). Only the leader writes."""
+
+    def __init__(self, operator: KubeOperator) -> None:
+        self.operator = operator
+        self.name = f"ConfigMap {operator.namespace}/{operator.state.name}"
+
+    async def load(self) -> PlannerState | None:
+        try:
+            doc = await self.operator.load_state()
+        except (ApiError, ValueError) as e:
+            raise StateFileError(f"{self.name}: cannot read the state: {e}") from e
+        if doc is None:
+            return None
+        try:
+            return PlannerState.from_json(doc, self.name)
+        except ConfigError as e:
+            raise StateFileError(f"{self.name}: not a tokenscaler state document: {'; '.join(e.errors)}") from e
+
+    async def save(self, state: PlannerState) -> None:
+        try:
+            await self.operator.save_state(state.to_json())
+        except ApiError as e:
+            raise OSError(f"{self.name}: {e}") from e
+
+    async def write_status(self, published: PublishedPlan) -> None:
+        """The controller's ``on_published``: status of every object the plan changed."""
+        try:
+            await self.operator.write_status(
+                published.plan.to_json(), version=published.version, stale=published.stale
+            )
+        except ApiError as e:
+            log.warning("status not written for plan version %d: %s", published.version, e)
