@@ -34,6 +34,7 @@ from tokenscaler.core.metric_names import (
     PLAN_VERSION,
     POOL_ALLOCATED,
     POOL_CAPACITY,
+    POOL_CAPACITY_RATIO,
     POOL_DATA_INCOMPLETE,
     POOL_DEMAND,
     POOL_DESIRED_REPLICAS,
@@ -150,7 +151,8 @@ class PlanCollector(Collector):
                 (POOL_CAPACITY, "Capacity of the ready replicas."),
                 (POOL_ALLOCATED, "Sum of allocations."),
                 (POOL_DEMAND, "Sum of smoothed demand."),
-                (POOL_GUARANTEE_SHORTFALL, "Sum of guarantee shortfalls."),
+                (POOL_GUARANTEE_SHORTFALL, "Sum of guarantee shortfalls, and guarantees max_replicas cannot carry."),
+                (POOL_CAPACITY_RATIO, "Per-replica capacity the engines state / the configured replica."),
             )
         }
         for pool_name, pp in published.plan.pools.items():
@@ -189,10 +191,15 @@ class PlanCollector(Collector):
                 (POOL_CAPACITY, pp.capacity),
                 (POOL_ALLOCATED, pp.allocation.allocation.sum(axis=0)),
                 (POOL_DEMAND, pp.demand.sum(axis=0)),
-                (POOL_GUARANTEE_SHORTFALL, pp.allocation.guarantee_shortfall.sum(axis=0)),
+                (POOL_GUARANTEE_SHORTFALL, pp.pool_shortfall()),
             ):
                 for k, dim in enumerate(DIMENSIONS):
                     pool_dims[name].add_metric([pool_name, dim], float(vec[k]))
+            ratio = pp.capacity_ratio()
+            if ratio is not None:  # only the dimensions an engine states
+                for k, dim in enumerate(DIMENSIONS):
+                    if not np.isnan(ratio[k]):
+                        pool_dims[POOL_CAPACITY_RATIO].add_metric([pool_name, dim], float(ratio[k]))
         yield from per_dim.values()
         yield debt
         yield from pool_gauges.values()

@@ -60,12 +60,17 @@ QUEUE_WAIT_SECONDS = SIDECAR_PREFIX + "queue_wait_seconds"
 """Histogram: how long queued (guaranteed) requests waited, admitted or not."""
 QUEUED_REQUESTS = SIDECAR_PREFIX + "queued_requests"
 """Gauge {entitlement, tier}: requests waiting in the guaranteed queue now."""
+ENGINE_CAPACITY = SIDECAR_PREFIX + "engine_capacity"
+"""Gauge {dimension}: what this replica's engine says it holds (kv_tokens from its cache config);
+only the dimensions the engine states."""
+ENGINE_MAX_MODEL_LEN = SIDECAR_PREFIX + "engine_max_model_len"
+"""Gauge: the engine's context window (``max_model_len`` of its ``/v1/models``)."""
 
 SIDECAR_NAMES: tuple[str, ...] = (
     REQUESTS_TOTAL, REJECTIONS_TOTAL, PROMPT_TOKENS_TOTAL, GENERATION_TOKENS_TOTAL, ADMITTED_WEIGHTED_TOKENS_TOTAL,
     OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
     CEILING, BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
-    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS,
+    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS, ENGINE_CAPACITY, ENGINE_MAX_MODEL_LEN,
 )  # fmt: skip
 
 # --- controller (the plan and the loop)
@@ -91,6 +96,7 @@ POOL_ALLOCATED = "tokenscaler_pool_allocated"  # label dimension
 POOL_DEMAND = "tokenscaler_pool_demand"  # label dimension
 POOL_GUARANTEE_SHORTFALL = "tokenscaler_pool_guarantee_shortfall"  # label dimension
 POOL_DATA_INCOMPLETE = "tokenscaler_pool_data_incomplete"
+POOL_CAPACITY_RATIO = "tokenscaler_pool_capacity_ratio"  # label dimension: observed / configured per replica
 # the plan
 PLAN_AGE = "tokenscaler_plan_age_seconds"
 PLAN_STALE = "tokenscaler_plan_stale"
