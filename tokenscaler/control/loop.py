@@ -38,6 +38,7 @@ from typing import TypeVar
 from tokenscaler.control.metrics import ControllerMetrics
 from tokenscaler.control.persist import StateFileError, load_state, save_state
 from tokenscaler.control.store import PlanStore, PublishedPlan
+from tokenscaler.core.capacity import CAPACITY_TOLERANCE
 from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.step import (
@@ -68,6 +69,7 @@ class Controller:
         state_path: str | Path | None = None,
         demand_half_life_s: float = 10.0,
         profile_refresh_s: float = 15.0,
+        capacity_tolerance: float = CAPACITY_TOLERANCE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if profile_refresh_s <= 0:
@@ -77,7 +79,9 @@ class Controller:
         self.source = source
         self.store = store
         self.metrics = metrics
-        self.settings = StepSettings(interval_s=interval_s, demand_half_life_s=demand_half_life_s)
+        self.settings = StepSettings(
+            interval_s=interval_s, demand_half_life_s=demand_half_life_s, capacity_tolerance=capacity_tolerance
+        )
         self.interval_s = interval_s
         self.state_path = Path(state_path) if state_path else None
         self.profile_refresh_s = profile_refresh_s
