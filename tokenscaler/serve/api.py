@@ -8,7 +8,7 @@ Routes (all answers come from the :class:`PlanStore`; nothing is solved on a req
   and burst split by this replica's observed share of its offered load, so uneven routing
   never throttles a tenant below its entitlement). ``ETag`` is the document's version;
   ``If-None-Match`` with it answers 304. A replica the controller has not seen (no sidecar
-  metrics, no routed traffic) is a 404 naming the known ones; without ``replica=`` the
+  metrics, no routed traffic) while it has seen others is a 404 naming the known ones; without ``replica=`` the
   document is the even split over the ready replicas.
 * ``GET /v1/plan``: the whole plan, the shape ``tokenscaler plan`` prints, plus
   ``version``, ``stale`` and ``stale_since``.
@@ -80,9 +80,12 @@ class ControllerApi:
             self._count(route, 404)
             known = ", ".join(sorted(published.plan.pools)) or "none"
             return _error(404, f"unknown pool {pool!r} (known: {known})", "not_found")
-        if replica is not None and replica not in self._known_replicas(published, pool):
+        known_replicas = self._known_replicas(published, pool)
+        # a plan that has seen no replica at all (the first intervals, a plan restored from the
+        # state file) cannot tell: it answers, as it did before it knew replicas
+        if replica is not None and known_replicas and replica not in known_replicas:
             self._count(route, 404)
-            known = ", ".join(sorted(self._known_replicas(published, pool))) or "none seen yet"
+            known = ", ".join(sorted(known_replicas))
             return _error(
                 404,
                 f"unknown replica {replica!r} of pool {pool!r} (known: {known}; the controller learns a replica "
