@@ -27,13 +27,13 @@ def answers(**by_query):
 
 
 def test_query_set_is_fixed_and_aggregated() -> None:
-    assert len(QUERIES) == 10
+    assert len(QUERIES) == 13  # 10, plus per sidecar: seen, engine capacity, engine context window
     # two series per entitlement per interval; the footprint and routing come with the profile
     assert [q.name for q in QUERIES if q.keys[1:] == ("entitlement",)] == ["offered_tokens", "admitted_tokens"]
     assert [q.name for q in PROFILE] == ["admitted_tokens", "inflight", "reserved_kv", "replica_offered"]
     for q in (*QUERIES, *PROFILE):
         if q.name not in ("cache_config",):
-            assert q.promql.startswith(("sum by", "avg by", "count by", "max by")), q.promql
+            assert q.promql.startswith(("sum by", "avg by", "count by", "max by", "min by")), q.promql
         assert "[30s]" in q.promql or "rate(" not in q.promql
 
 
@@ -229,10 +229,12 @@ def test_finite() -> None:
 
 def test_the_sidecar_exports_every_metric_the_controller_reads() -> None:
     """The contract between the two: every name the sources query is one the sidecar defines."""
+    from tokenscaler.core import metric_names
     from tokenscaler.sidecar import metrics as sidecar
     from tokenscaler.sources.base import SIDECAR_FRESHNESS, SIDECAR_GAUGES, SIDECAR_RATES
 
     read = {*SIDECAR_RATES, *SIDECAR_GAUGES, SIDECAR_FRESHNESS}
+    read |= {metric_names.ENGINE_CAPACITY, metric_names.ENGINE_MAX_MODEL_LEN}
     assert read <= set(sidecar.ALL_NAMES)
     for q in (*QUERIES, *PROFILE):
         for name in read:

@@ -71,7 +71,7 @@ def test_scaled_objects_validate_against_kedas_crd(path: Path) -> None:
         assert beh["scaleUp"]["tolerance"] == beh["scaleDown"]["tolerance"] == "0"
         (trigger,) = so["spec"]["triggers"]
         assert trigger["type"] == "external" and trigger["metadata"]["pool"] == "llama-8b"
-        assert trigger["metadata"]["scalerAddress"] == "tokenscaler-controller.tokenscaler.svc:9090"
+        assert trigger["metadata"]["scalerAddress"] == "tokenscaler-controller.tokenscaler.svc:9491"
 
 
 def test_example_has_what_the_issue_lists() -> None:

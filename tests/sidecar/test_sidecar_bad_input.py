@@ -66,8 +66,9 @@ def test_each_bad_input_is_refused_counted_and_leaves_nothing_reserved(sim: Serv
 
 
 def test_an_engine_refusal_is_forwarded_and_everything_reserved_is_refunded(sim: Server, tmp_path: Path) -> None:
-    # the config allows longer contexts than the engine (2,048): the engine answers 400
-    with sidecar(sim.url, gold_config(tmp_path, max_model_len=8192)) as sc:
+    # the config allows longer contexts than the engine (2,048) and the sidecar does not read the
+    # engine's limits: the engine answers 400
+    with sidecar(sim.url, gold_config(tmp_path, max_model_len=8192), "--engine-limits", "off") as sc:
         r = post(sc.url, "/v1/chat/completions", chat("x" * 12000, 10), KEY)
         assert r.status_code == 400 and "maximum context length" in r.json()["error"]["message"]
         assert sc.value("tokenscaler_sidecar_requests_total", entitlement="gold", outcome="error") == 1

@@ -153,7 +153,8 @@ def test_streams_cut_short_by_the_client_return_in_flight_to_zero(sim: Server, t
 
 
 def test_batch_chat_is_admitted_or_refused_whole(sim: Server, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.yaml", [ent("e", "elastic", limit=vec(1000, 6000, 3), burst=vec(2000, 0, 0))])
+    # a deep bucket that refills slowly: what the first batch takes is missing for seconds
+    config = write_config(tmp_path / "c.yaml", [ent("e", "elastic", limit=vec(10, 6000, 3), burst=vec(2000, 0, 0))])
     convs = [[{"role": "user", "content": f"question {i}"}] for i in range(3)]
     h = {"Authorization": f"Bearer {key_of('e')}"}
     with sidecar(sim.url, config) as sc:
@@ -166,13 +167,18 @@ def test_batch_chat_is_admitted_or_refused_whole(sim: Server, tmp_path: Path) ->
         assert charged(sc, "e") == (out["usage"]["prompt_tokens"], out["usage"]["completion_tokens"]) == (
             out["usage"]["prompt_tokens"], 12,
         )  # fmt: skip
-        # four conversations need four in-flight sequences: the limit is 3, so none of it runs
+        # three long conversations need more tokens than the bucket holds now (not than it ever
+        # holds): none of them runs, and the 429 says the batch was refused whole
         big = requests.post(sc.url + "/v1/chat/completions/batch", headers=h, timeout=30,
-                            json={"model": MODEL, "messages": [*convs, convs[0]], "max_tokens": 4})  # fmt: skip
+                            json={"model": MODEL, "messages": convs, "max_tokens": 700})  # fmt: skip
         assert big.status_code == 429
         err = big.json()["error"]
-        assert "refused whole" in err["message"] and "4 conversations" in err["message"]
-        assert err["type"] == "requests" and big.headers["x-tokenscaler-dimension"] == "concurrency"
+        assert "refused whole" in err["message"] and "3 conversations" in err["message"]
+        assert err["type"] == "tokens" and big.headers["x-tokenscaler-dimension"] == "throughput_tokens_per_s"
+        # four conversations need four in-flight sequences, more than the whole ceiling of 3: never, a 400
+        never = requests.post(sc.url + "/v1/chat/completions/batch", headers=h, timeout=30,
+                              json={"model": MODEL, "messages": [*convs, convs[0]], "max_tokens": 4})  # fmt: skip
+        assert never.status_code == 400 and "can never be admitted" in never.json()["error"]["message"]
         broken = {"model": MODEL, "messages": [convs[0], [{"content": "x"}]], "max_tokens": 4}
         bad = requests.post(sc.url + "/v1/chat/completions/batch", headers=h, timeout=30, json=broken)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages[1][0].role"

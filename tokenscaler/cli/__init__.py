@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "webhook": ("tokenscaler.cli.webhook", "run the admission webhooks (validate CRs, inject sidecars)"),
     "convert": ("tokenscaler.cli.convert", "write a config as TokenPool/Entitlement CRs, or CRs as a config"),
     "render-dashboards": ("tokenscaler.cli.render_dashboards", "draw the dashboards' panels from Prometheus into PNGs"),
+    "probe": ("tokenscaler.cli.probe", "measure one engine and print the replica block for its pool"),
 }
 
 

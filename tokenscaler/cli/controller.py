@@ -22,10 +22,12 @@ from tokenscaler.cli.common import (
     config_error,
     fail,
     setup_logging,
+    shown,
     usage_errors,
 )
 
 _address = address("0.0.0.0")
+DEFAULT_GRPC_PORT = 9491  # unassigned by IANA, clear of Prometheus (9090), its exporters (9100-9400s) and 9464
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--grpc-listen",
         type=_address,
-        default="0.0.0.0:9090",
+        default=f"0.0.0.0:{DEFAULT_GRPC_PORT}",
         metavar="ADDR",
-        help="KEDA external scaler address (default 0.0.0.0:9090)",
+        help=f"KEDA external scaler address (default 0.0.0.0:{DEFAULT_GRPC_PORT}; not 9090, Prometheus's own)",
     )
     p.add_argument(
         "--http-listen",
@@ -91,6 +93,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="how long sidecars may enforce a limits document without a newer one (default 60)",
     )
+    p.add_argument(
+        "--capacity-tolerance",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="how far an engine's stated per-replica capacity may be from the configured replica before "
+        "the plan carries a CapacityMismatch condition (default 0.1)",
+    )
     p.add_argument("--tls-cert", metavar="FILE", help="scaler server certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="scaler server private key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
@@ -117,6 +127,8 @@ def _check(args: argparse.Namespace) -> list[str]:
             errors.append(f"--{flag.replace('_', '-')} ({getattr(args, flag):g}) must be > 0")
     if args.demand_half_life_s < 0:
         errors.append(f"--demand-half-life-s ({args.demand_half_life_s:g}) must be >= 0")
+    if not 0 <= args.capacity_tolerance < 1:
+        errors.append(f"--capacity-tolerance ({args.capacity_tolerance:g}) must be in [0, 1)")
     if bool(args.tls_cert) != bool(args.tls_key):
         errors.append("--tls-cert and --tls-key go together")
     if args.recording_rules and not args.prometheus_url:
@@ -221,7 +233,11 @@ async def _main(args: argparse.Namespace) -> int:
     except OSError as e:
         await runner.cleanup()
         await source.close()
-        return fail("controller", f"--grpc-listen {grpc_host}:{grpc_port}: {e}")
+        try:  # say why in the words bind() uses (in use, or cannot listen), naming the flag
+            bind("--grpc-listen", grpc_host, grpc_port).close()
+        except OSError as why:
+            return fail("controller", str(why))
+        return fail("controller", f"--grpc-listen {shown(grpc_host, grpc_port)}: {e}")
 
     stopping = asyncio.Event()
     controller: Controller | None = None
@@ -239,6 +255,7 @@ async def _main(args: argparse.Namespace) -> int:
             "interval_s": args.interval_s,
             "demand_half_life_s": args.demand_half_life_s,
             "profile_refresh_s": args.profile_refresh_s,
+            "capacity_tolerance": args.capacity_tolerance,
         }
         if config is not None:
             controller = Controller(config, source, store, metrics, state_path=args.state, **options)

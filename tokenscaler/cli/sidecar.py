@@ -3,7 +3,10 @@
 Prints ``tokenscaler sidecar listening on http://HOST:PORT`` (flushed) once the proxy
 accepts connections, then ``tokenscaler sidecar metrics on http://HOST:PORT`` for the
 Prometheus endpoint (``--listen HOST:0`` and ``--metrics-port 0`` pick free ports), and
-stops cleanly on SIGTERM or SIGINT. Limits come from the config split over ``--replicas``
+stops cleanly on SIGTERM or SIGINT. Before serving it reads its engine's KV capacity and
+context window (:mod:`tokenscaler.sidecar.engine`), and again whenever the engine restarts;
+each finished request is one JSON line on stderr (``--access-log off`` silences it).
+Limits come from the config split over ``--replicas``
 (the default) or from the controller (``--limits-url``); see
 :mod:`tokenscaler.sidecar.limits` for the fail-static rules.
 """
@@ -85,6 +88,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="depth of the replica-wide backfill bucket, in seconds of replica throughput (default: 1)",
     )  # fmt: skip
     group.add_argument("--upstream-connections", type=int, default=512, help="connection pool size to the upstream")
+    group.add_argument(
+        "--engine-limits", choices=["on", "off"], default="on",
+        help="read the engine's KV capacity (/metrics) and context window (/v1/models) at start and on each "
+        "restart; the smaller of engine and config governs admission (default: on)",
+    )  # fmt: skip
+    group.add_argument(
+        "--engine-poll-s", type=float, default=10.0,
+        help="how often to look for an engine restart (one /metrics read; default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--access-log", choices=["on", "off"], default="on",
+        help="one JSON line per finished request on stderr (entitlement, tier, status, tokens, refused "
+        "dimension, duration; never the API key), at INFO (default: on)",
+    )  # fmt: skip
     add_log_level(parser)
 
 
@@ -98,13 +115,17 @@ def run(args: argparse.Namespace) -> int:
     from tokenscaler.config import load_config
     from tokenscaler.core.limiter import Limiter
     from tokenscaler.core.model import ConfigError
+    from tokenscaler.sidecar.engine import EngineCapacity
     from tokenscaler.sidecar.gatekeeper import Gatekeeper
     from tokenscaler.sidecar.limits import HttpLimitsSource, LimitsSource, StaticLimitsSource, describe
     from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
     from tokenscaler.sidecar.proxy import Sidecar, SidecarOptions
 
     setup_logging(args.log_level)
+    _setup_access_log(args.log_level if args.access_log == "on" else None)
     log = logging.getLogger("tokenscaler.sidecar")
+    if args.engine_poll_s <= 0:
+        return fail("sidecar", f"--engine-poll-s ({args.engine_poll_s:g}) must be > 0", 2)
     host, port = args.listen
     try:
         config = load_config(args.config)
@@ -151,8 +172,12 @@ def run(args: argparse.Namespace) -> int:
             tokenize=args.prompt_tokens == "tokenize",
             retry_after_max_s=args.retry_after_max_s,
             upstream_connections=args.upstream_connections,
+            access_log=args.access_log == "on",
         )
         sidecar = Sidecar(config, pool.name, args.upstream, gate, metrics, options)
+        engine = EngineCapacity(args.upstream, poll_s=args.engine_poll_s) if args.engine_limits == "on" else None
+        if engine is not None:  # before serving, so the first request is judged against the engine
+            await engine.read_once(sidecar.apply_engine)
         runner = web.AppRunner(sidecar.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         await web.SockSite(runner, proxy_sock).start()
@@ -170,11 +195,14 @@ def run(args: argparse.Namespace) -> int:
 
         source_task = asyncio.create_task(source.run(apply), name="limits-source")
         source_task.add_done_callback(_log_source_failure)
+        engine_task = asyncio.create_task(engine.run(sidecar.apply_engine), name="engine") if engine else None
         # the config, models and modules are permanent: keep them out of every collection, and
         # collect the young generation less often (aiohttp allocates a few hundred objects per request)
         runtime.settle_heap(young_threshold=20_000)
         await runtime.until_signal()
         source_task.cancel()
+        if engine_task is not None:
+            engine_task.cancel()
         await runner.cleanup()
         await metrics_runner.cleanup()
         return EXIT_OK
@@ -201,6 +229,20 @@ def _limits_auth(args: argparse.Namespace) -> LimitsClientAuth | None:
         ca=args.limits_ca, client_cert=args.limits_client_cert, client_key=args.limits_client_key,
         token_file=args.limits_token_file,
     )  # fmt: skip
+def _setup_access_log(level: str | None) -> None:
+    """The access log: bare JSON lines on stderr (one per finished request), or silenced."""
+    import logging
+    import sys
+
+    access = logging.getLogger("tokenscaler.sidecar.access")
+    access.propagate = False
+    if level is None:
+        access.disabled = True
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(level)
 
 
 def _log_source_failure(task: asyncio.Task[None]) -> None:

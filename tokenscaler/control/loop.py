@@ -38,6 +38,7 @@ from typing import TypeVar
 from tokenscaler.control.metrics import ControllerMetrics
 from tokenscaler.control.persist import FileStateBackend, StateBackend, StateFileError
 from tokenscaler.control.store import PlanStore, PublishedPlan
+from tokenscaler.core.capacity import CAPACITY_TOLERANCE
 from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.step import (
@@ -69,6 +70,7 @@ class Controller:
         state_backend: StateBackend | None = None,
         demand_half_life_s: float = 10.0,
         profile_refresh_s: float = 15.0,
+        capacity_tolerance: float = CAPACITY_TOLERANCE,
         clock: Callable[[], float] = time.time,
         leading: Callable[[], bool] = lambda: True,
         on_published: Callable[[PublishedPlan], Awaitable[None]] | None = None,
@@ -85,7 +87,9 @@ class Controller:
         self.source = source
         self.store = store
         self.metrics = metrics
-        self.settings = StepSettings(interval_s=interval_s, demand_half_life_s=demand_half_life_s)
+        self.settings = StepSettings(
+            interval_s=interval_s, demand_half_life_s=demand_half_life_s, capacity_tolerance=capacity_tolerance
+        )
         self.interval_s = interval_s
         self.state_backend = state_backend or (FileStateBackend(state_path) if state_path else None)
         self.leading = leading

@@ -140,11 +140,6 @@ class PlanCollector(Collector):
             "The bound |debt| never exceeds (debt.bound_share_s of the entitlement's config).",
             labels=["pool", "entitlement", "tier"],
         )
-        capacity_ratio = GaugeMetricFamily(
-            POOL_CAPACITY_RATIO,
-            "Capacity the ready replicas show over what the config says they have (1: as configured).",
-            labels=["pool", "dimension"],
-        )
         pool_gauges = {
             name: GaugeMetricFamily(name, doc, labels=["pool"])
             for name, doc in (
@@ -162,7 +157,8 @@ class PlanCollector(Collector):
                 (POOL_CAPACITY, "Capacity of the ready replicas."),
                 (POOL_ALLOCATED, "Sum of allocations."),
                 (POOL_DEMAND, "Sum of smoothed demand."),
-                (POOL_GUARANTEE_SHORTFALL, "Sum of guarantee shortfalls."),
+                (POOL_GUARANTEE_SHORTFALL, "Sum of guarantee shortfalls, and guarantees max_replicas cannot carry."),
+                (POOL_CAPACITY_RATIO, "Per-replica capacity the engines state / the configured replica."),
             )
         }
         for pool_name, pp in published.plan.pools.items():
@@ -190,10 +186,6 @@ class PlanCollector(Collector):
             for i, (ent, d) in enumerate(zip(pp.rows.names, pp.debt.tolist(), strict=True)):
                 debt.add_metric([pool_name, ent, tiers[i]], d)
                 debt_bound.add_metric([pool_name, ent, tiers[i]], bounds[i])
-            if pp.ready_replicas > 0:
-                configured = pp.rows.pool.replica.to_array() * pp.ready_replicas
-                for k, dim in enumerate(DIMENSIONS):
-                    capacity_ratio.add_metric([pool_name, dim], float(pp.capacity[k] / configured[k]))
             for name, value in (
                 (POOL_DESIRED_REPLICAS, pp.desired_replicas),
                 (POOL_TARGET_REPLICAS, pp.target_replicas),
@@ -207,13 +199,17 @@ class PlanCollector(Collector):
                 (POOL_CAPACITY, pp.capacity),
                 (POOL_ALLOCATED, pp.allocation.allocation.sum(axis=0)),
                 (POOL_DEMAND, pp.demand.sum(axis=0)),
-                (POOL_GUARANTEE_SHORTFALL, pp.allocation.guarantee_shortfall.sum(axis=0)),
+                (POOL_GUARANTEE_SHORTFALL, pp.pool_shortfall()),
             ):
                 for k, dim in enumerate(DIMENSIONS):
                     pool_dims[name].add_metric([pool_name, dim], float(vec[k]))
+            ratio = pp.capacity_ratio()
+            if ratio is not None:  # only the dimensions an engine states
+                for k, dim in enumerate(DIMENSIONS):
+                    if not np.isnan(ratio[k]):
+                        pool_dims[POOL_CAPACITY_RATIO].add_metric([pool_name, dim], float(ratio[k]))
         yield from per_dim.values()
         yield debt
         yield debt_bound
-        yield capacity_ratio
         yield from pool_gauges.values()
         yield from pool_dims.values()

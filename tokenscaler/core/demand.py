@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenscaler.core.capacity import ReplicaCapacity
 from tokenscaler.core.inputs import PoolInput, align
 from tokenscaler.core.model import KV, N_DIMS, THROUGHPUT
 from tokenscaler.core.observation import (
@@ -215,6 +216,8 @@ def derive_inputs(
                 "generation_tokens_per_s": ps.generation_tokens_per_s,
                 "kv_capacity_tokens": ps.kv_capacity_tokens,
             },
+            stated=ReplicaCapacity(ps.stated) if ps.stated else None,
+            replicas=tuple(sorted(ps.sidecars)),
         )
         new_state.pools[pool_name] = PoolDemandState(r.names, demand, per_tps, per_request)
     shares = None if obs.replica_offered is None else routing_shares(rows, obs.replica_offered)

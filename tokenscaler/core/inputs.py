@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tokenscaler.core.capacity import ReplicaCapacity
 from tokenscaler.core.rows import PoolRows
 
 
@@ -26,6 +27,8 @@ class PoolInput:
     usage: np.ndarray | None = None  # (n, 3) service received last interval; NaN rows = unknown
     capacity: np.ndarray | None = None  # (3,) measured capacity; configured replica x ready when None
     signals: Mapping[str, float | None] | None = None  # engine saturation signals, reported as is
+    stated: ReplicaCapacity | None = None  # what each ready replica's engine states of its capacity
+    replicas: tuple[str, ...] = ()  # replica ids of the sidecars seen (the limits API knows these)
 
 
 def align(values: np.ndarray, names: tuple[str, ...], rows: PoolRows, fill: float) -> np.ndarray:

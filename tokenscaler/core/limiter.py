@@ -298,6 +298,8 @@ class Limiter:
         self.capacity: Vector = (
             pool.replica.throughput_tokens_per_s, pool.replica.kv_tokens, pool.replica.concurrency,
         )  # fmt: skip
+        self.configured: Vector = self.capacity
+        self.engine: tuple[float | None, float | None, float | None] = (None, None, None)
         depth = max(self.capacity[THROUGHPUT] * replica_window_s, float(pool.typical_request_vector()[THROUGHPUT]))
         self.replica = Bucket(self.capacity[THROUGHPUT], depth, now)
         self.preempt = preempt
@@ -322,6 +324,34 @@ class Limiter:
         for name, gate in self.gates.items():
             if name not in limits:
                 gate.update(GateLimits(tier=gate.limits.tier, priority=gate.limits.priority), now)
+
+    def set_engine_capacity(
+        self, kv_tokens: float | None = None, concurrency: float | None = None, throughput: float | None = None
+    ) -> Vector:
+        """What the engine states of itself (None: says nothing). The replica's capacity,
+        against which idle capacity (backfill) and preemption are judged, becomes the
+        smaller of engine and config on each dimension. Returns it."""
+        self.engine = (throughput, kv_tokens, concurrency)
+        self.capacity = tuple(  # type: ignore[assignment]
+            c if e is None or not math.isfinite(e) or e <= 0 else min(c, float(e))
+            for c, e in zip(self.configured, self.engine, strict=True)
+        )
+        return self.capacity
+
+    def never_fits(self, est: Estimate, whole: Vector = _UNLIMITED) -> Shortfall | None:
+        """The KV or concurrency bound a request exceeds by itself, so that no wait can admit
+        it here: ``whole``, the entitlement's whole configured limit plus burst (scope
+        ``ceiling``), or this replica's capacity (scope ``replica``); None if some wait could."""
+        bounds = (
+            ("ceiling", KV, whole[KV], est.kv_tokens),
+            ("ceiling", CONCURRENCY, whole[CONCURRENCY], est.sequences),
+            ("replica", KV, self.capacity[KV], est.kv_tokens),
+            ("replica", CONCURRENCY, self.capacity[CONCURRENCY], est.sequences),
+        )
+        for scope, k, allowed, requested in bounds:
+            if requested > allowed:
+                return Shortfall(DIMENSIONS[k], scope, requested, 0.0, allowed, allowed)
+        return None
 
     def estimate(
         self, prompt_tokens: int, max_new_tokens: int, sequences: int = 1, prompt_kv_tokens: int | None = None

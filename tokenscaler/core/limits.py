@@ -19,6 +19,10 @@ Per entitlement, per dimension:
   without them (an older controller) the sidecar splits the configured limit over its
   ``--replicas``.
 
+While the pool's guarantees do not fit (``guarantees_fit`` false: capacity was lost, or the
+engines hold less than the config says and ``max_replicas`` of them cannot carry the
+guarantees), spot ceilings are 0: there is no idle capacity that is not owed.
+
 ``expires_at`` tells the sidecar how long the document may be enforced without a newer
 one; past it, a sidecar falls back to guaranteed floors (see the sidecar's fail-static
 rules). ``version`` changes whenever the content changes and is also the HTTP ETag.
@@ -127,6 +131,11 @@ def limits_document(
     else:
         lim, bur = split_per_replica(pp.pool, pp.limit, pp.burst, p.limit, shares)
     ceiling, ceiling_burst = split_per_replica(pp.pool, p.limit, pp.burst, p.limit, shares)
+    if not pp.guarantees_fit:
+        # every bit of capacity is owed to guarantees that do not fit (capacity lost, or a config
+        # larger than the engines): spot has no idle capacity to backfill, throttled first, to zero
+        ceiling[p.is_spot] = 0.0
+        ceiling_burst[p.is_spot] = 0.0
     lim_rows, bur_rows = lim.tolist(), bur.tolist()
     ceil_rows, ceil_bur_rows = ceiling.tolist(), ceiling_burst.tolist()
     tiers, prios = p.tier.tolist(), p.priority.tolist()

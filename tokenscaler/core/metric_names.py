@@ -61,12 +61,17 @@ QUEUE_WAIT_SECONDS = "tokenscaler_sidecar_queue_wait_seconds"
 """Histogram: how long queued (guaranteed) requests waited, admitted or not."""
 QUEUED_REQUESTS = "tokenscaler_sidecar_queued_requests"
 """Gauge {entitlement, tier}: requests waiting in the guaranteed queue now."""
+ENGINE_CAPACITY = SIDECAR_PREFIX + "engine_capacity"
+"""Gauge {dimension}: what this replica's engine says it holds (kv_tokens from its cache config);
+only the dimensions the engine states."""
+ENGINE_MAX_MODEL_LEN = SIDECAR_PREFIX + "engine_max_model_len"
+"""Gauge: the engine's context window (``max_model_len`` of its ``/v1/models``)."""
 
 SIDECAR_NAMES: tuple[str, ...] = (
     REQUESTS_TOTAL, REJECTIONS_TOTAL, PROMPT_TOKENS_TOTAL, GENERATION_TOKENS_TOTAL, ADMITTED_WEIGHTED_TOKENS_TOTAL,
     OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
     CEILING, BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
-    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS,
+    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS, ENGINE_CAPACITY, ENGINE_MAX_MODEL_LEN,
 )  # fmt: skip
 
 # --- controller (the plan and the loop)

@@ -15,13 +15,14 @@ of :data:`DIMENSIONS`; those keys are used verbatim in config, JSON output and t
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -381,12 +382,46 @@ def _join_path(path: str, message: str) -> str:
     return f"{path}.{message}"
 
 
-def format_validation_error(err: ValidationError, data: Any) -> list[str]:
-    """One line per pydantic error, naming the field path and the offending value."""
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``X``, ``X | None``, ``list[X]``), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(model: type[BaseModel] | None, loc: Sequence[int | str]) -> list[str]:
+    """The field names of the object holding the last item of ``loc`` (walked from ``model``)."""
+    node = model
+    for item in loc[:-1]:
+        if node is None:
+            return []
+        if isinstance(item, int):
+            continue
+        info = node.model_fields.get(str(item))
+        node = _model_of(info.annotation) if info is not None else None
+    return list(node.model_fields) if node is not None else []
+
+
+def _did_you_mean(model: type[BaseModel] | None, loc: Sequence[int | str]) -> str:
+    if not loc or not isinstance(loc[-1], str):
+        return ""
+    close = difflib.get_close_matches(loc[-1], _fields_at(model, loc), n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def format_validation_error(err: ValidationError, data: Any, model: type[BaseModel] | None = None) -> list[str]:
+    """One line per pydantic error, naming the field path and the offending value (and, for an
+    unknown field close to a known one of ``model``'s, which one was probably meant)."""
     lines = []
     for e in err.errors(include_url=False):
         path = _loc_to_path(e["loc"], data)
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg += _did_you_mean(model, e["loc"])
         if e["type"] in ("value_error", "assertion_error"):
             # our own messages already name the field (relative to the object) and the values
             for part in msg.split("; "):
@@ -408,7 +443,7 @@ def validate_document(model: type[M], data: Any, source: str, what: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(source, format_validation_error(e, data)) from e
+        raise ConfigError(source, format_validation_error(e, data, model)) from e
 
 
 def parse_config(data: Any, source: str = "<config>") -> TokenPoolsConfig:

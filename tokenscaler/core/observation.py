@@ -38,6 +38,15 @@ class PoolSignals:
     kv_cache_usage: float | None = None  # mean fraction 0..1
     prompt_tokens_per_s: float = 0.0
     generation_tokens_per_s: float = 0.0
+    # replica -> dimension -> what that replica's engine states (kv_tokens, max_model_len),
+    # from the engines' cache config and from what each sidecar read of its engine
+    stated: dict[str, dict[str, float]] = field(default_factory=dict)
+    sidecars: set[str] = field(default_factory=set)  # replica ids of the sidecars seen
+
+    def state(self, replica: str, dimension: str, value: float) -> None:
+        """Record what a replica states; the smaller wins when two readings of one replica differ."""
+        mine = self.stated.setdefault(replica, {})
+        mine[dimension] = min(mine.get(dimension, value), value)
 
 
 SIGNALS: tuple[str, ...] = (

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from tokenscaler.core.allocator import BOUND_NAMES, Allocation
-from tokenscaler.core.model import TIER_ORDER, Pool
+from tokenscaler.core.capacity import CapacityCondition
+from tokenscaler.core.model import DIMENSIONS, TIER_ORDER, Pool
 from tokenscaler.core.rows import PoolRows, vector_dict
 
 
@@ -45,6 +46,32 @@ class PoolPlan:
     signals: Mapping[str, float | None] | None = None
     usage: np.ndarray | None = None  # (n, 3) service received last interval, NaN where unknown
     incomplete: str | None = None  # why part of this pool's metrics were missing, if they were
+    observed: np.ndarray | None = None  # (3,) per-replica capacity the engines state; NaN: nothing said
+    unit: np.ndarray | None = None  # (3,) per-replica capacity planned with (configured, lowered to observed)
+    conditions: tuple[CapacityCondition, ...] = ()  # CapacityMismatch, one per dimension
+    promise_shortfall: np.ndarray | None = None  # (3,) guarantees beyond max_replicas x unit x utilization
+    replicas: tuple[str, ...] = ()  # replica ids of the sidecars seen
+
+    @property
+    def guarantees_fit(self) -> bool:
+        """The guarantees fit this interval's capacity and what ``max_replicas`` of the
+        replicas as observed can ever carry: never true on numbers that disagree."""
+        promise_ok = self.promise_shortfall is None or not np.any(self.promise_shortfall > 0)
+        return bool(self.allocation.guarantees_fit and promise_ok)
+
+    def pool_shortfall(self) -> np.ndarray:
+        """(3,) the guarantee shortfall of the pool: demand not allocated, or the part of the
+        guarantees ``max_replicas`` of the observed replicas cannot carry, whichever is larger."""
+        short = self.allocation.guarantee_shortfall.sum(axis=0)
+        if self.promise_shortfall is not None:
+            short = np.maximum(short, self.promise_shortfall)
+        return short
+
+    def capacity_ratio(self) -> np.ndarray | None:
+        """(3,) observed / configured per replica; NaN where nothing was observed."""
+        if self.observed is None:
+            return None
+        return np.asarray(self.observed, dtype=float) / self.pool.replica.to_array()
 
     @property
     def pool(self) -> Pool:
@@ -81,11 +108,21 @@ class PoolPlan:
             "capacity": vector_dict(self.capacity),
             "allocated": vector_dict(self.allocation.allocation.sum(axis=0)),
             "need": vector_dict(self.need),
-            "guarantees_fit": self.allocation.guarantees_fit,
-            "guarantee_shortfall": vector_dict(self.allocation.guarantee_shortfall.sum(axis=0)),
+            "guarantees_fit": self.guarantees_fit,
+            "guarantee_shortfall": vector_dict(self.pool_shortfall()),
+            "replica": {
+                "configured": vector_dict(self.pool.replica.to_array()),
+                "observed": None if self.observed is None else _nullable(self.observed),
+                "planned": vector_dict(self.pool.replica.to_array() if self.unit is None else self.unit),
+            },
+            "conditions": [c.to_json(self.pool.name) for c in self.conditions],
             "engine": dict(self.signals or {}),
             "incomplete": self.incomplete,
         }
+
+
+def _nullable(values: np.ndarray) -> dict[str, float | None]:
+    return {d: None if np.isnan(v) else float(v) for d, v in zip(DIMENSIONS, values.tolist(), strict=True)}
 
 
 @dataclass(frozen=True)

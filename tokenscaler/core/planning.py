@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tokenscaler.core.allocator import Allocation, allocate, dominant_share
+from tokenscaler.core.capacity import CAPACITY_TOLERANCE, capacity_conditions, planning_unit, promise_shortfall
 from tokenscaler.core.debt import effective_weights, update_debt
 from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.limits import split_per_replica
@@ -39,8 +40,11 @@ from tokenscaler.core.state import PlannerState, PoolState
 
 
 def pool_capacity(rows: PoolRows, inp: PoolInput) -> np.ndarray:
-    """(3,) capacity of the ready replicas: configured replica x ready, lowered to what was measured."""
-    capacity = rows.pool.replica.to_array() * max(int(inp.ready_replicas), 0)
+    """(3,) capacity of the ready replicas: the planning unit (configured replica lowered to
+    what the engines state, :func:`~tokenscaler.core.capacity.planning_unit`) x ready,
+    lowered to what was measured in total."""
+    observed = inp.stated.per_replica() if inp.stated is not None else None
+    capacity = planning_unit(rows.pool, observed) * max(int(inp.ready_replicas), 0)
     if inp.capacity is not None:  # measured capacity (e.g. the engines' KV cache) may be lower
         capacity = np.minimum(capacity, np.maximum(np.asarray(inp.capacity, dtype=float), 0.0))
     return capacity
@@ -111,9 +115,10 @@ def replica_need(rows: PoolRows, demand: np.ndarray) -> np.ndarray:
     return need_rows.sum(axis=0)
 
 
-def replica_target(pool: Pool, need: np.ndarray) -> int:
-    """Phase 4b: smallest R in [min_replicas, max_replicas] with ``need <= R x replica x target_utilization``."""
-    per_replica = pool.replica.to_array() * pool.target_utilization
+def replica_target(pool: Pool, need: np.ndarray, unit: np.ndarray | None = None) -> int:
+    """Phase 4b: smallest R in [min_replicas, max_replicas] with ``need <= R x unit x target_utilization``
+    (``unit``: the per-replica capacity observed, default the configured replica)."""
+    per_replica = (pool.replica.to_array() if unit is None else unit) * pool.target_utilization
     ratio = float(np.max(need / per_replica)) if need.size else 0.0
     # tolerate float noise: 3.0000000001 replicas is 3
     r = math.ceil(ratio - 1e-9) if ratio > 0 else 0
@@ -150,10 +155,17 @@ def next_limits(rows: PoolRows, alloc: Allocation, ready: int) -> tuple[np.ndarr
 
 
 def plan_pool(
-    rows: PoolRows, inp: PoolInput, state: PoolState, now: float, interval_s: float
+    rows: PoolRows,
+    inp: PoolInput,
+    state: PoolState,
+    now: float,
+    interval_s: float,
+    capacity_tolerance: float = CAPACITY_TOLERANCE,
 ) -> tuple[PoolPlan, PoolState]:
     pool = rows.pool
     ready = max(int(inp.ready_replicas), 0)
+    observed = inp.stated.per_replica() if inp.stated is not None else None
+    unit = planning_unit(pool, observed)
     capacity = pool_capacity(rows, inp)
     demand = np.maximum(np.nan_to_num(np.asarray(inp.demand, dtype=float), nan=0.0), 0.0)
 
@@ -162,7 +174,7 @@ def plan_pool(
     alloc = debt_allocation(rows, capacity, demand, debt, owed)
 
     need = replica_need(rows, demand)
-    target = replica_target(pool, need)
+    target = replica_target(pool, need, unit)
     previous, history = state.desired_replicas, state.scale_history
     if previous is None and ready > target:
         # no memory of earlier targets (first interval, lost state): hold what runs (up to
@@ -197,6 +209,11 @@ def plan_pool(
         burst_per_replica=burst_per_replica,
         signals=inp.signals,
         usage=None if inp.usage is None else np.asarray(inp.usage, dtype=float),
+        observed=observed,
+        unit=unit,
+        conditions=capacity_conditions(pool, inp.stated, capacity_tolerance),
+        promise_shortfall=promise_shortfall(pool, rows.problem.guarantee, unit),
+        replicas=inp.replicas,
     )
     return plan, new_state
 
@@ -207,11 +224,16 @@ def plan_interval(
     state: PlannerState,
     now: float,
     interval_s: float,
+    capacity_tolerance: float = CAPACITY_TOLERANCE,
 ) -> tuple[Plan, PlannerState]:
-    """Plan every pool of ``rows``; a pool missing from ``inputs`` has no replicas and no demand."""
+    """Plan every pool of ``rows``; a pool missing from ``inputs`` has no replicas and no demand.
+    ``capacity_tolerance``: how far an engine's stated capacity may be from the configured
+    replica before the plan carries a ``CapacityMismatch`` condition."""
     pools: dict[str, PoolPlan] = {}
     new_state = PlannerState(pools={}, updated_at=now)
     for name, r in rows.items():
         inp = inputs.get(name) or PoolInput(ready_replicas=0, demand=np.zeros((r.n, N_DIMS)))
-        pools[name], new_state.pools[name] = plan_pool(r, inp, state.pools.get(name, PoolState()), now, interval_s)
+        pools[name], new_state.pools[name] = plan_pool(
+            r, inp, state.pools.get(name, PoolState()), now, interval_s, capacity_tolerance
+        )
     return Plan(now=now, interval_s=interval_s, pools=pools), new_state

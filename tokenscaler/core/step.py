@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenscaler.core.capacity import CAPACITY_TOLERANCE
 from tokenscaler.core.demand import DemandState, derive_inputs, routing_shares, update_footprint
+from tokenscaler.core.model import DIMENSIONS
 from tokenscaler.core.observation import LoadProfile, Observation
 from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
@@ -44,12 +46,15 @@ class StepSettings:
 
     interval_s: float = 5.0
     demand_half_life_s: float = 10.0  # half-life of the demand moving average (0: none)
+    capacity_tolerance: float = CAPACITY_TOLERANCE  # engine vs configured replica, before a mismatch
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
             raise ValueError(f"interval_s ({self.interval_s}) must be > 0")
         if self.demand_half_life_s < 0:
             raise ValueError(f"demand_half_life_s ({self.demand_half_life_s}) must be >= 0")
+        if not 0 <= self.capacity_tolerance < 1:
+            raise ValueError(f"capacity_tolerance ({self.capacity_tolerance}) must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,11 @@ def control_step(
         return _stale(state, now, failure or "no observation")
     notes: list[Note] = []
     derived = derive_inputs(rows, observation, state.demand, settings.interval_s, settings.demand_half_life_s)
-    plan, planner = plan_interval(rows, derived.inputs, state.planner, now, settings.interval_s)
+    plan, planner = plan_interval(
+        rows, derived.inputs, state.planner, now, settings.interval_s, settings.capacity_tolerance
+    )
     previous = state.plan
+    notes.extend(capacity_notes(plan, previous))
     for name, why in observation.incomplete.items():
         pp = plan.pools.get(name)
         if pp is None:
@@ -128,6 +136,32 @@ def control_step(
         stale_since=None,
     )
     return StepResult(state=new_state, plan=plan, version=version, stale=False, notes=tuple(notes))
+
+
+def capacity_notes(plan: Plan, previous: Plan | None) -> list[Note]:
+    """A log line per capacity condition that appeared or changed since ``previous`` (naming
+    pool, replica, dimension and both numbers), and one per condition that cleared: once
+    per change, not every interval."""
+    notes: list[Note] = []
+    for name, pp in plan.pools.items():
+        before = previous.pools.get(name) if previous is not None else None
+        old = {c.dimension: c for c in before.conditions} if before is not None else {}
+        new = {c.dimension: c for c in pp.conditions}
+        for dim, c in new.items():
+            if dim not in old or old[dim].key() != c.key():
+                notes.append(Note(f"capacity mismatch: {c.message(name)}"))
+        for dim, c in old.items():
+            if dim not in new:
+                notes.append(Note(f"pool {name}: {dim} now agrees with the config (was {c.observed:g} on "
+                                  f"replica {c.replica} vs {c.configured:g})", warning=False))  # fmt: skip
+        if (before is None or before.guarantees_fit) and not pp.guarantees_fit and pp.promise_shortfall is not None:
+            short = ", ".join(
+                f"{d} {v:g}" for d, v in zip(DIMENSIONS, pp.promise_shortfall.tolist(), strict=True) if v > 0
+            )
+            if short:
+                notes.append(Note(f"pool {name}: the guarantees no longer fit max_replicas x the observed replica "
+                                  f"capacity: short by {short}"))  # fmt: skip
+    return notes
 
 
 def _stale(state: ControlState, now: float, why: str) -> StepResult:

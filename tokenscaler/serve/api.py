@@ -7,10 +7,13 @@ Routes (all answers come from the :class:`PlanStore`; nothing is solved on a req
   :func:`~tokenscaler.core.limits.limits_document` (each entitlement's pool-level limit
   and burst split by this replica's observed share of its offered load, so uneven routing
   never throttles a tenant below its entitlement). ``ETag`` is the document's version;
-  ``If-None-Match`` with it answers 304.
+  ``If-None-Match`` with it answers 304. A replica the controller has not seen (no sidecar
+  metrics, no routed traffic) while it has seen others is a 404 naming the known ones; without ``replica=`` the
+  document is the even split over the ready replicas.
 * ``GET /v1/plan``: the whole plan, the shape ``tokenscaler plan`` prints, plus
   ``version``, ``stale`` and ``stale_since``.
-* ``GET /healthz`` (the process serves), ``GET /readyz`` (a plan exists), ``GET /metrics``.
+* ``GET /healthz`` (the process serves), ``GET /readyz`` (a plan exists; its detail lists
+  each pool's ``CapacityMismatch`` conditions and whether its guarantees fit), ``GET /metrics``.
 
 Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 """
@@ -77,6 +80,18 @@ class ControllerApi:
             self._count(route, 404)
             known = ", ".join(sorted(published.plan.pools)) or "none"
             return _error(404, f"unknown pool {pool!r} (known: {known})", "not_found")
+        known_replicas = self._known_replicas(published, pool)
+        # a plan that has seen no replica at all (the first intervals, a plan restored from the
+        # state file) cannot tell: it answers, as it did before it knew replicas
+        if replica is not None and known_replicas and replica not in known_replicas:
+            self._count(route, 404)
+            known = ", ".join(sorted(known_replicas))
+            return _error(
+                404,
+                f"unknown replica {replica!r} of pool {pool!r} (known: {known}; the controller learns a replica "
+                "from its sidecar's metrics within an interval; without ?replica= the document is the even split)",
+                "not_found",
+            )
         etag = f'"{published.version}"'
         if request.headers.get("If-None-Match") == etag:
             self._count(route, 304)
@@ -90,6 +105,11 @@ class ControllerApi:
             self._cache[(pool, replica)] = body
         self._count(route, 200)
         return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+    @staticmethod
+    def _known_replicas(published: PublishedPlan, pool: str) -> set[str]:
+        """Replicas whose sidecars the controller has seen, or whose traffic it has routed."""
+        return set(published.plan.pools[pool].replicas) | set(published.shares.get(pool, {}))
 
     async def plan(self, request: web.Request) -> web.Response:
         published = self.store.current()
@@ -108,7 +128,19 @@ class ControllerApi:
         published = self.store.current()
         if published is None:
             return web.json_response({"status": "waiting for the first plan"}, status=503)
-        return web.json_response({"status": "ready", "version": published.version, "stale": published.stale})
+        conditions = {
+            name: [c.to_json(name) for c in pp.conditions] for name, pp in published.plan.pools.items() if pp.conditions
+        }
+        guarantees = {name: pp.guarantees_fit for name, pp in published.plan.pools.items()}
+        return web.json_response(
+            {
+                "status": "ready",
+                "version": published.version,
+                "stale": published.stale,
+                "conditions": conditions,
+                "guarantees_fit": guarantees,
+            }
+        )
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

@@ -41,6 +41,7 @@ from tokenscaler.sidecar.estimates import (
     BadRequest,
     ParsedRequest,
     _max_new,
+    context_error,
     parse_body,
     parse_request,
     tokenize_payload,
@@ -273,17 +274,21 @@ def _stream_flag(body: dict[str, Any]) -> bool:
 
 
 def _output_limit(body: dict[str, Any], key: str, prompt: int, pool: Pool, required: bool) -> int:
+    """The output budget ``key`` asks for; a prompt (or prompt plus the budget asked) beyond the
+    context window is a 400 in vLLM's words, before anything is forwarded."""
     value = body.get(key)
-    room = max(pool.max_model_len - prompt, 0)
+    window = pool.max_model_len
+    if prompt > window:
+        raise BadRequest(context_error(prompt, window), "input")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1 and prompt + value > window:
+        raise BadRequest(context_error(prompt, window, value, key), key)
+    room = max(window - prompt, 0)
     if value is None:
         if required:
             raise BadRequest(f"{key}: Field required", key)
         return min(pool.default_max_tokens, room)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BadRequest(f"{key} must be an integer of at least 1, got {value!r}", key)
-    if value > pool.max_model_len:
-        window = pool.max_model_len
-        raise BadRequest(f"{key} ({value}) is larger than the model's context window ({window} tokens).", key)
     return min(value, room)
 
 
@@ -331,7 +336,7 @@ class BatchChatApi(Api):
         try:
             n = requested_n(body)
             prompts = api_tokens.batch_prompt_tokens(body)
-            max_new = tuple(_max_new(body, True, p, pool) for p in prompts)
+            max_new = tuple(_max_new(body, True, p, pool, pool.max_model_len) for p in prompts)
         except RequestShapeError as e:
             raise BadRequest(e.message, e.param) from e
         return ParsedRequest(body, tuple(prompts), n, max_new, False, True)

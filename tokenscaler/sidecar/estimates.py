@@ -11,8 +11,10 @@ stream). ``n`` choices of ``p`` prompts are ``n x p`` sequences.
 
 Bad input is refused here, before admission, as :class:`BadRequest` (400): a body that is
 not JSON or not an object, a wrong ``stream``/``stream_options`` type, an uncountable
-prompt, ``n`` out of range, and a ``max_tokens`` that is not a positive integer or is
-larger than the model's context window (absurd).
+prompt, ``n`` out of range, a ``max_tokens`` that is not a positive integer, and a prompt
+(or a prompt plus its explicit ``max_tokens``) beyond the context window in force (the
+engine's ``max_model_len`` when the sidecar has read it): vLLM's ``Input length (N) exceeds
+model's maximum context length (M)``, answered before anything is forwarded.
 
 For streams the sidecar needs the engine's final usage, so it asks for
 ``stream_options.include_usage`` when the client did not, and strips that chunk from what
@@ -24,6 +26,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from tokenscaler.core.limiter import Estimate, Limiter
 from tokenscaler.core.model import Pool
@@ -68,31 +72,47 @@ class ParsedRequest:
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"We could not parse the JSON body of your request: {e}") from e
+        body = orjson.loads(raw)  # ~2x json's speed on a long prompt (a 1M-token one: ~4 ms)
+    except orjson.JSONDecodeError:
+        try:  # what orjson refuses and json takes (integers beyond 64 bits, NaN): same answers as before
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"We could not parse the JSON body of your request: {e}") from e
     if not isinstance(body, dict):
         raise BadRequest(f"The request body must be a JSON object, got {type(body).__name__}.")
     return body
 
 
-def _max_new(body: dict[str, Any], chat: bool, prompt: int, pool: Pool) -> int:
+def context_error(prompt: int, max_model_len: int, asked: int | None = None, key: str = "max_tokens") -> str:
+    """vLLM's words for a request that can never fit the context window."""
+    if asked is None:
+        return f"Input length ({prompt}) exceeds model's maximum context length ({max_model_len})."
+    return (
+        f"Input length ({prompt + asked}) exceeds model's maximum context length ({max_model_len}): "
+        f"{prompt} prompt tokens + {key} {asked}. Reduce the prompt or {key}."
+    )
+
+
+def _max_new(body: dict[str, Any], chat: bool, prompt: int, pool: Pool, max_model_len: int) -> int:
+    if prompt > max_model_len:
+        raise BadRequest(context_error(prompt, max_model_len), "messages" if chat else "prompt")
     keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
     for key in keys:
         value = body.get(key)
         if value is None:
             continue
-        if isinstance(value, int) and not isinstance(value, bool) and value > pool.max_model_len:
-            raise BadRequest(
-                f"{key} ({value}) is larger than the model's context window ({pool.max_model_len} tokens).", key
-            )
-        return requested_max_tokens(body, chat=chat, prompt_tokens=prompt, max_model_len=pool.max_model_len)
-    room = max(pool.max_model_len - prompt, 0)
+        if isinstance(value, int) and not isinstance(value, bool) and prompt + value > max_model_len:
+            raise BadRequest(context_error(prompt, max_model_len, value, key), key)
+        return requested_max_tokens(body, chat=chat, prompt_tokens=prompt, max_model_len=max_model_len)
+    room = max(max_model_len - prompt, 0)
     return min(pool.default_max_tokens if chat else COMPLETIONS_DEFAULT_MAX_TOKENS, room)
 
 
-def parse_request(raw: bytes, *, chat: bool, pool: Pool) -> ParsedRequest:
-    """Validate and count a generation request; raises :class:`BadRequest`."""
+def parse_request(raw: bytes, *, chat: bool, pool: Pool, max_model_len: int | None = None) -> ParsedRequest:
+    """Validate and count a generation request; raises :class:`BadRequest`. ``max_model_len``:
+    the context window in force (the smaller of the engine's and the pool's; default the
+    pool's): a prompt, or a prompt plus an explicit ``max_tokens``, beyond it is a 400."""
+    window = pool.max_model_len if max_model_len is None else max_model_len
     body = parse_body(raw)
     stream = body.get("stream", False)
     if stream is None:
@@ -111,7 +131,7 @@ def parse_request(raw: bytes, *, chat: bool, pool: Pool) -> ParsedRequest:
             if "prompt" not in body:
                 raise BadRequest("prompt is required", "prompt")
             prompts = completion_prompt_tokens(body["prompt"])
-        max_new = tuple(_max_new(body, chat, p, pool) for p in prompts)
+        max_new = tuple(_max_new(body, chat, p, pool, window) for p in prompts)
     except RequestShapeError as e:
         raise BadRequest(e.message, e.param) from e
     return ParsedRequest(body, tuple(prompts), n, max_new, stream, client_usage)

@@ -30,6 +30,8 @@ from tokenscaler.core.metric_names import (
     BACKFILL_ALLOWED,
     BURST,
     CEILING,
+    ENGINE_CAPACITY,
+    ENGINE_MAX_MODEL_LEN,
     GENERATION_TOKENS_TOTAL,
     INFLIGHT_REQUESTS,
     LIMIT,
@@ -96,6 +98,9 @@ class SidecarMetrics(Collector):
         self.limits_fetch_errors: Callable[[], Mapping[str, int]] = lambda: dict.fromkeys(FETCH_ERROR_REASONS, 0)
         self.limits_state = "static"
         self.limits_age: Callable[[], float] = lambda: 0.0
+        # what the engine stated of itself (set when the sidecar reads it): dimension -> value
+        self.engine_capacity: dict[str, float] = {}
+        self.engine_max_model_len: int | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         base = ("pool", "replica")
@@ -192,3 +197,16 @@ class SidecarMetrics(Collector):
         for reason, count in self.limits_fetch_errors().items():
             errors.add_metric([p, r, reason], count)
         yield errors
+        capacity = GaugeMetricFamily(
+            ENGINE_CAPACITY, "What this replica's engine states it holds (kv_tokens: its cache config).",
+            labels=["pool", "replica", "dimension"],
+        )  # fmt: skip
+        for dim, value in self.engine_capacity.items():
+            capacity.add_metric([p, r, dim], value)
+        yield capacity
+        window = GaugeMetricFamily(
+            ENGINE_MAX_MODEL_LEN, "The engine's context window (/v1/models max_model_len).", labels=["pool", "replica"]
+        )
+        if self.engine_max_model_len is not None:
+            window.add_metric([p, r], float(self.engine_max_model_len))
+        yield window

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -31,9 +33,11 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tokenscaler.core.limiter import Reservation
+from tokenscaler.core.capacity import CAPACITY_TOLERANCE
+from tokenscaler.core.limiter import Reservation, Shortfall
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
 from tokenscaler.sidecar.apis import METERED, PASSTHROUGH, Api
+from tokenscaler.sidecar.engine import EngineLimits
 from tokenscaler.sidecar.errors import RATE_LIMIT_TYPES, error_response, ratelimit_headers, retry_headers
 from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest
 from tokenscaler.sidecar.gatekeeper import Gatekeeper
@@ -41,6 +45,20 @@ from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
 from tokenscaler.sidecar.sse import usage_counts
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("tokenscaler.sidecar.access")
+_ACCESS_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class AccessEntry:
+    """What the access log says of one request, filled in as it is handled."""
+
+    __slots__ = ("dimension", "entitlement", "flight", "tier")
+
+    def __init__(self) -> None:
+        self.entitlement: str | None = None
+        self.tier: str | None = None
+        self.dimension: str | None = None
+        self.flight: Flight | None = None
 
 _DROP_REQUEST = frozenset(
     ("host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
@@ -60,6 +78,7 @@ class SidecarOptions:
     retry_after_max_s: float = 60.0
     upstream_connections: int = 512
     connect_timeout_s: float = 5.0
+    access_log: bool = True  # one JSON line per finished generation request (logger tokenscaler.sidecar.access)
 
 
 class Flight:
@@ -138,7 +157,13 @@ class Sidecar:
         ents = config.entitlements_of(pool)
         self.by_name: dict[str, Entitlement] = {e.name: e for e in ents}
         self.by_key: dict[str, Entitlement] = {k: e for e in ents for k in e.api_keys}
+        # each entitlement's whole configured limit plus burst: a request above it can never run
+        self.whole: dict[str, tuple[float, float, float]] = {
+            e.name: tuple((e.limit.to_array() + e.burst.to_array()).tolist()) for e in ents  # type: ignore[misc]
+        }
         self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
+        self.max_model_len = self.pool.max_model_len  # the smaller of the engine's and the pool's
+        self.admission_pool = self.pool  # the pool with that context window
         self.session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
         self.app = web.Application(client_max_size=options.max_body_bytes)
@@ -188,8 +213,81 @@ class Sidecar:
 
         return handle
 
+    # ---- the engine's own limits -------------------------------------------------------
+
+    def apply_engine(self, limits: EngineLimits) -> None:
+        """What the engine states of itself governs where it is smaller than the config:
+        the replica capacity of admission (KV) and the context window of the 400 check."""
+        capacity = self.limiter.set_engine_capacity(kv_tokens=limits.kv_tokens)
+        window = self.pool.max_model_len
+        if limits.max_model_len is not None:
+            window = min(window, limits.max_model_len)
+        self.max_model_len = window
+        # the parsers judge the context window on this pool's max_model_len
+        self.admission_pool = self.pool.model_copy(update={"max_model_len": window})
+        self.metrics.engine_capacity = {} if limits.kv_tokens is None else {"kv_tokens": float(limits.kv_tokens)}
+        self.metrics.engine_max_model_len = limits.max_model_len
+        configured = self.pool.replica
+        log.info(
+            "engine %s states kv_tokens %s, max_model_len %s (config: replica.kv_tokens %g, max_model_len %d): "
+            "admitting against kv_tokens %g, context window %d",
+            self.upstream, _shown(limits.kv_tokens), _shown(limits.max_model_len), configured.kv_tokens,
+            self.pool.max_model_len, capacity[1], window,
+        )  # fmt: skip
+        for what, stated, conf in (
+            ("replica.kv_tokens", limits.kv_tokens, configured.kv_tokens),
+            ("max_model_len", limits.max_model_len, self.pool.max_model_len),
+        ):
+            if stated is not None and abs(stated / conf - 1.0) > CAPACITY_TOLERANCE:
+                log.warning(
+                    "capacity mismatch: pool %s, replica %s: the engine states %s %g, the config says %g; "
+                    "the smaller governs admission",
+                    self.pool.name, self.metrics.replica, what.removeprefix("replica."), stated, conf,
+                )  # fmt: skip
+
+    # ---- generation routes, with the access log ------------------------------------------
+
     async def _generate(self, request: web.Request, api: Api) -> web.StreamResponse:
+        if not self.options.access_log:
+            return await self._handle(request, api, perf_counter(), None)
         t0 = perf_counter()
+        entry = AccessEntry()
+        status = 500
+        try:
+            resp = await self._handle(request, api, t0, entry)
+            status = resp.status
+            return resp
+        except asyncio.CancelledError:
+            status = 499  # the client went away
+            raise
+        finally:
+            self._log_access(request, entry, status, t0)
+
+    def _log_access(self, request: web.Request, entry: AccessEntry, status: int, t0: float) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        flight = entry.flight
+        record = {
+            "ts": round(time.time(), 3),
+            "event": "request",
+            "pool": self.pool.name,
+            "replica": self.metrics.replica,
+            "route": request.path,
+            "entitlement": entry.entitlement,
+            "tier": entry.tier,
+            "status": status,
+            "prompt_tokens": flight.counted_prompt if flight is not None else 0,
+            "output_tokens": flight.counted_gen if flight is not None else 0,
+            "dimension": entry.dimension,
+            "backfill": flight.res.backfill if flight is not None else None,
+            "preempted": flight.preempted if flight is not None else False,
+            "duration_ms": round((perf_counter() - t0) * 1000, 3),
+        }
+        access_log.info("%s", _ACCESS_DUMPS(record))
+
+    async def _handle(
+        self, request: web.Request, api: Api, t0: float, entry: AccessEntry | None
+    ) -> web.StreamResponse:
         errors = api.errors
         ent = self.identify(request)
         if ent is None:
@@ -204,6 +302,8 @@ class Sidecar:
             )
             return errors.response(401, message, "authentication_error", None, "invalid_api_key")
         name = ent.name
+        if entry is not None:
+            entry.entitlement, entry.tier = name, ent.tier.value
         stats = self.metrics.stats[name]
         try:
             if (request.content_length or 0) > self.options.max_body_bytes:
@@ -212,17 +312,28 @@ class Sidecar:
                 raw = await request.read()
             except web.HTTPRequestEntityTooLarge as e:
                 raise BadRequest(self._too_large(None), status=413) from e
-            req = api.parse(raw, self.pool)
+            req = api.parse(raw, self.admission_pool)
         except BadRequest as e:
             stats.errors += 1
             code = "request_too_large" if e.status == 413 else None
             return errors.response(e.status, e.message, "invalid_request_error", e.param, code, self._headers(name))
         prompts = await self._tokenize(req, api) if self.options.tokenize else None
         est = req.estimate(self.limiter, prompts)
+        never = self.limiter.never_fits(est, self.whole[name])
+        if never is not None:  # no wait can admit it here: 400, not a 429 a client retries for minutes
+            stats.errors += 1
+            if entry is not None:
+                entry.dimension = never.dimension
+            return errors.response(
+                400, self._never_message(ent, never), "invalid_request_error", "max_tokens", "request_too_large",
+                self._headers(name),
+            )  # fmt: skip
         stats.offered_requests += 1
         decision = await self.gate.admit(name, est, ent.tier)
         if not decision.admitted:
             dim = decision.dimension or "concurrency"
+            if entry is not None:
+                entry.dimension = dim
             stats.rejected[dim] += 1
             stats.offered_weighted += self.limiter.expected_weighted(name, est)
             headers = self._headers(name)
@@ -231,6 +342,8 @@ class Sidecar:
             message = api.refusal(req, decision.message(name, ent.tier.value))
             return errors.response(429, message, RATE_LIMIT_TYPES[dim], None, "rate_limit_exceeded", headers)
         flight = Flight(self.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
+        if entry is not None:
+            entry.flight = flight
         try:
             return await self._forward(request, raw, req, api, flight, t0)
         except asyncio.CancelledError:
@@ -247,6 +360,19 @@ class Sidecar:
             return errors.response(500, f"internal error in the sidecar: {type(e).__name__}", "server_error")
         finally:
             flight.settle()
+
+    def _never_message(self, ent: Entitlement, sf: Shortfall) -> str:
+        unit = "KV tokens (prompt + max_tokens)" if sf.dimension == "kv_tokens" else "sequences"
+        where = (
+            f"entitlement {ent.name}'s whole {sf.dimension} ceiling ({sf.allowed:g}: its configured limit "
+            "plus burst)"
+            if sf.scope == "ceiling"
+            else f"this replica's whole {sf.dimension} capacity ({sf.allowed:g})"
+        )
+        return (
+            f"This request needs {sf.requested:g} {unit}, more than {where}: it can never be admitted here. "
+            "Reduce max_tokens or the prompt (or n)."
+        )
 
     def _too_large(self, length: int | None) -> str:
         got = f" ({length} bytes)" if length else ""
@@ -426,6 +552,10 @@ class Sidecar:
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return error_response(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+
+
+def _shown(value: float | None) -> str:
+    return "nothing" if value is None else f"{value:g}"
 
 
 def _uncancel() -> None:

@@ -16,7 +16,9 @@ plans them but never lowers their target).
 Answer shapes each have one named behaviour and a counter (``AnswerKind``):
 
 * ``empty``: a query returned no series: every key it covers is zero.
-* ``nan``: a sample was NaN or infinite: the sample is dropped (as if absent).
+* ``nan``: a sample the source consumes was NaN or infinite: the sample is dropped (as if
+  absent). Only consumed samples are judged: a sidecar's ``+Inf`` ceiling ("unlimited") is
+  a valid value the controller does not read.
 * ``multi``: two series for one key (labels beyond the key differ): the largest is kept.
 * ``stale``: the freshest sample of a pool is older than the staleness bound: the pool is
   reported incomplete.
@@ -32,6 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from tokenscaler.core import metric_names as names
+from tokenscaler.core.capacity import CONTEXT_DIMENSION
+from tokenscaler.core.model import DIMENSIONS, KV
 from tokenscaler.core.observation import (
     ADMITTED_TPS,
     INFLIGHT,
@@ -63,6 +67,7 @@ __all__ = [
     "PoolSignals",
     "SourceError",
     "add_engine",
+    "add_sidecar_capacity",
     "collect",
     "collect_columns",
     "finite",
@@ -93,15 +98,31 @@ class MetricsSource(Protocol):
         ...
 
 
-def add_engine(ps: PoolSignals, labels: Mapping[str, str]) -> None:
+def add_engine(ps: PoolSignals, labels: Mapping[str, str], replica: str | None = None) -> None:
     """Count one engine's ``vllm:cache_config_info`` series: a ready replica, and its KV
-    capacity (``num_gpu_blocks x block_size``) when its labels carry it."""
+    capacity (``num_gpu_blocks x block_size``) when its labels carry it, stated for
+    ``replica`` (default: its ``instance`` and ``engine`` labels)."""
     ps.ready_replicas += 1
     try:
         kv = float(labels["num_gpu_blocks"]) * float(labels["block_size"])
     except (KeyError, ValueError):
         return
+    if not finite(kv) or kv <= 0:
+        return
     ps.kv_capacity_tokens = (ps.kv_capacity_tokens or 0.0) + kv
+    if replica is None:
+        replica = "/".join(x for x in (labels.get("instance", ""), labels.get("engine", "")) if x) or "engine"
+    ps.state(replica, DIMENSIONS[KV], kv)
+
+
+def add_sidecar_capacity(ps: PoolSignals, labels: Mapping[str, str], value: float, default_replica: str) -> bool:
+    """Record what a sidecar read of its engine (``ENGINE_CAPACITY{dimension}`` or
+    ``ENGINE_MAX_MODEL_LEN``), keyed by the sidecar's replica id; False if ``value`` is unusable."""
+    if not finite(value) or value <= 0:
+        return False
+    dimension = labels.get("dimension") or CONTEXT_DIMENSION
+    ps.state(labels.get("replica") or default_replica, dimension, value)
+    return True
 
 
 def finite(value: float) -> bool:

@@ -51,6 +51,7 @@ from tokenscaler.sources.base import (
     Observation,
     SourceError,
     add_engine,
+    add_sidecar_capacity,
     collect,
     collect_columns,
     sample_value,
@@ -111,8 +112,9 @@ def _entitlement_queries(rate_window_s: float, recorded: bool) -> dict[str, Quer
 def build_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query]:
     """The fixed query set of one interval (documented in README's controller section).
 
-    Two per-entitlement aggregations (offered and admitted weighted tokens/s) and eight
-    per-pool ones; what the requests look like is read with the profile
+    Two per-entitlement aggregations (offered and admitted weighted tokens/s), eight
+    per-pool ones and three per-replica ones (the sidecars seen, and the capacity and
+    context window each read of its engine); what the requests look like is read with the profile
     (:func:`profile_queries`). With ``recorded`` the two read the series the rules of
     :func:`recording_rules` precompute (``alerts/tokenscaler-recording.rules.yml``)
     instead of aggregating at query time: at 10,000 entitlements a selection of 10,000
@@ -133,6 +135,14 @@ def build_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query
         Query("generation_tokens", f"sum by (pool) (rate({names.VLLM_GENERATION_TOKENS_TOTAL}[{w}]))", ("pool",)),
         Query("targets_down", 'count by (pool) (up{pool!=""} == 0)', ("pool",)),
         Query("freshest", f"max by (pool) (timestamp({SIDECAR_FRESHNESS}))", ("pool",)),
+        # one series per sidecar: the replicas the limits API knows, and what each read of its engine
+        Query("sidecars", f"count by (pool, replica) ({SIDECAR_FRESHNESS})", ("pool", "replica")),
+        Query(
+            "engine_capacity",
+            f"min by (pool, replica, dimension) ({names.ENGINE_CAPACITY})",
+            ("pool", "replica", "dimension"),
+        ),
+        Query("engine_context", f"min by (pool, replica) ({names.ENGINE_MAX_MODEL_LEN})", ("pool", "replica")),
     ]
 
 
@@ -349,12 +359,19 @@ def assemble(
     by_name = {q.name: q for q in queries}
     obs.signals = _signal_table(results, queries, answers)
     small = ("running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens", "targets_down", "freshest")
+    small += tuple(name for name in ("sidecars", "engine_capacity", "engine_context") if name in by_name)
     v = {name: collect(_samples(results.get(name, [])), by_name[name].keys, name, answers) for name in small}
     answers[("cache_config", AnswerKind.OK if results.get("cache_config") else AnswerKind.EMPTY)] += 1
     # readiness and KV capacity from the cache config labels
     for series in results.get("cache_config", []):
         labels = series.get("metric", {})
         add_engine(obs.pool(labels.get("pool", "")), labels)
+    for pool, replica in v.get("sidecars", {}):
+        obs.pool(pool).sidecars.add(replica)
+    for (pool, replica, dimension), x in v.get("engine_capacity", {}).items():
+        add_sidecar_capacity(obs.pool(pool), {"replica": replica, "dimension": dimension}, x, replica)
+    for (pool, replica), x in v.get("engine_context", {}).items():
+        add_sidecar_capacity(obs.pool(pool), {"replica": replica}, x, replica)
     for (pool,), x in v["running"].items():
         obs.pool(pool).requests_running = x
     for (pool,), x in v["waiting"].items():

@@ -32,14 +32,28 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from tokenscaler.core import metric_names as names
 from tokenscaler.core.observation import OFFERED_TPS, LoadProfile, ReplicaTable, SignalTableBuilder
 from tokenscaler.sources.base import (
+    SIDECAR_FRESHNESS,
     SIDECAR_GAUGES,
     SIDECAR_RATES,
     AnswerKind,
     Observation,
     SourceError,
     add_engine,
+    add_sidecar_capacity,
     finite,
 )
+
+_ENGINE_CONSUMED = frozenset(
+    (
+        names.VLLM_CACHE_CONFIG_INFO,
+        names.VLLM_NUM_REQUESTS_RUNNING,
+        names.VLLM_NUM_REQUESTS_WAITING,
+        names.VLLM_KV_CACHE_USAGE_PERC,
+        names.VLLM_PROMPT_TOKENS_TOTAL,
+        names.VLLM_GENERATION_TOKENS_TOTAL,
+    )
+)
+_SIDECAR_CAPACITY = frozenset((names.ENGINE_CAPACITY, names.ENGINE_MAX_MODEL_LEN))
 
 
 class PoolTargets(BaseModel):
@@ -164,11 +178,13 @@ class ScrapeSource:
         ps = obs.pool(pool)
         current: dict[tuple, float] = {}
         for name, labels, value in samples:
-            if not finite(value):
+            if name not in _ENGINE_CONSUMED:
+                continue
+            if not finite(value):  # only what is consumed is judged
                 obs.answers[("engine", AnswerKind.NAN)] += 1
                 continue
             if name == names.VLLM_CACHE_CONFIG_INFO:
-                add_engine(ps, labels)
+                add_engine(ps, labels, replica=url)
             elif name == names.VLLM_NUM_REQUESTS_RUNNING:
                 ps.requests_running += value
             elif name == names.VLLM_NUM_REQUESTS_WAITING:
@@ -196,6 +212,15 @@ class ScrapeSource:
     ) -> None:
         current: dict[tuple, float] = {}
         for name, labels, value in samples:
+            if name == SIDECAR_FRESHNESS:  # every sidecar exports it: the replicas the limits API knows
+                obs.pool(labels.get("pool") or pool).sidecars.add(labels.get("replica") or url)
+                continue
+            if name in _SIDECAR_CAPACITY:
+                if not add_sidecar_capacity(obs.pool(labels.get("pool") or pool), labels, value, url):
+                    obs.answers[("sidecar", AnswerKind.NAN)] += 1
+                continue
+            if name not in SIDECAR_GAUGES and name not in SIDECAR_RATES:
+                continue  # not read (e.g. a +Inf ceiling, "unlimited", is valid there): not judged
             if not finite(value):
                 obs.answers[("sidecar", AnswerKind.NAN)] += 1
                 continue
