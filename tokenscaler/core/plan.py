@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from tokenscaler.core.allocator import BOUND_NAMES, Allocation, allocate, dominant_share
+from tokenscaler.core.allocator import BOUND_NAMES, Allocation, allocate
 from tokenscaler.core.codec import decode_array, encode_array
-from tokenscaler.core.debt import effective_weights, update_debt
 from tokenscaler.core.model import N_DIMS, THROUGHPUT, Pool
 from tokenscaler.core.rows import PoolRows, vector_dict
+from tokenscaler.core.weighting import DEFAULT_WEIGHTING, Weighting
 
 STATE_VERSION = 1
 
@@ -337,7 +337,12 @@ def split_per_replica(
 
 
 def plan_pool(
-    rows: PoolRows, inp: PoolInput, state: PoolState, now: float, interval_s: float
+    rows: PoolRows,
+    inp: PoolInput,
+    state: PoolState,
+    now: float,
+    interval_s: float,
+    weighting: Weighting = DEFAULT_WEIGHTING,
 ) -> tuple[PoolPlan, PoolState]:
     pool = rows.pool
     problem = rows.problem
@@ -353,9 +358,8 @@ def plan_pool(
 
     # 2. debt: owed minus received, in dominant shares of the pool
     debt = state.debt_array(rows)
-    elastic = problem.is_elastic
+    received = owed.copy()
     if ready > 0 and rows.n:
-        received = owed.copy()
         last = state.last_allocation_array(rows)
         if last is not None:
             known = ~np.isnan(last).any(axis=1)
@@ -364,23 +368,11 @@ def plan_pool(
             usage = np.asarray(inp.usage, dtype=float)
             known = ~np.isnan(usage).any(axis=1)
             received[known] = np.maximum(usage[known], 0.0)
-        debt = update_debt(
-            debt,
-            owed_share=dominant_share(owed, problem.normalization) / ready,
-            received_share=dominant_share(received, problem.normalization) / ready,
-            has_demand=(demand > 0).any(axis=1),
-            eligible=elastic,
-            interval_s=interval_s,
-            half_life_s=rows.half_life_s,
-            bound_share_s=rows.bound_share_s,
-        )
+        debt = weighting.update(rows, debt, owed, received, demand, ready, interval_s)
 
-    # 3. the allocation, with debt-adjusted weights
-    if np.any(debt[elastic] != 0):
-        weights = effective_weights(problem.weight, debt, rows.doubling_share_s, elastic)
-        alloc = allocate(problem, capacity, demand, weights)
-    else:
-        alloc = owed_alloc
+    # 3. the allocation, with debt-adjusted weights (:mod:`tokenscaler.core.weighting`)
+    weights = weighting.weights(rows, debt, owed, received) if rows.n else None
+    alloc = owed_alloc if weights is None else allocate(problem, capacity, demand, weights)
 
     # 4. replica target: guarantees in full + elastic demand up to limits; never spot
     capped = np.minimum(demand, problem.limit)
@@ -437,13 +429,17 @@ def plan_interval(
     state: PlannerState,
     now: float,
     interval_s: float,
+    weighting: Weighting = DEFAULT_WEIGHTING,
 ) -> tuple[Plan, PlannerState]:
-    """Plan every pool of ``rows``; a pool missing from ``inputs`` has no replicas and no demand."""
+    """Plan every pool of ``rows``; a pool missing from ``inputs`` has no replicas and no demand.
+    ``weighting``: how debt moves and bends the weights (tokenscaler's rule by default)."""
     pools: dict[str, PoolPlan] = {}
     new_state = PlannerState(pools={}, updated_at=now)
     for name, r in rows.items():
         inp = inputs.get(name) or PoolInput(ready_replicas=0, demand=np.zeros((r.n, N_DIMS)))
-        pools[name], new_state.pools[name] = plan_pool(r, inp, state.pools.get(name, PoolState()), now, interval_s)
+        pools[name], new_state.pools[name] = plan_pool(
+            r, inp, state.pools.get(name, PoolState()), now, interval_s, weighting
+        )
     return Plan(now=now, interval_s=interval_s, pools=pools), new_state
 
 
