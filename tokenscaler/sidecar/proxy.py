@@ -75,7 +75,7 @@ class Flight:
         self.res = res
         self.stats = stats
         self.w = w
-        self.task = asyncio.current_task()
+        self.task = _current_task()  # None outside an event loop (the experiments' virtual time)
         self.accepted = False
         self.preempted = False
         self.counted_prompt = 0
@@ -424,6 +424,13 @@ class Sidecar:
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return error_response(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
+
+
+def _current_task() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 def _uncancel() -> None:

@@ -166,9 +166,11 @@ class Engine:
         min_tokens: int = 0,
         ignore_eos: bool = False,
         tenant: str = "",
+        output_tokens: int | None = None,
     ) -> Request:
         """Queue a request; it may generate up to ``max_tokens`` tokens. ``tenant`` names
-        whom it is served for (the VTC policy's counters).
+        whom it is served for (the VTC policy's counters); ``output_tokens`` replaces the
+        profile's output-length draw (a replayed trace knows when each request stopped).
 
         Raises :class:`QueueFullError` when ``max_num_queued_reqs`` requests already wait,
         ``ValueError`` for a duplicate id or lengths outside ``1 <= prompt``,
@@ -186,7 +188,12 @@ class Engine:
             raise QueueFullError(
                 f"the waiting queue is full (max_num_queued_reqs={self.max_num_queued_reqs})"
             )
-        target, reason = self._output_target(max_tokens, min_tokens, ignore_eos)
+        if output_tokens is not None and output_tokens < max_tokens:
+            target, reason = max(1, output_tokens, min_tokens), "stop"
+        elif output_tokens is not None:
+            target, reason = max_tokens, "length"
+        else:
+            target, reason = self._output_target(max_tokens, min_tokens, ignore_eos)
         req = Request(
             self, request_id, prompt_tokens, max_tokens, target, reason, priority, now, tuple(block_hashes)
         )
