@@ -25,9 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.core.reference import ref_allocate
 from tokenscaler.core.allocator import PoolProblem, allocate
+from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.model import Pool, ResourceVector
-from tokenscaler.core.plan import PoolInput, PoolState, plan_pool
+from tokenscaler.core.planning import plan_pool
 from tokenscaler.core.rows import PoolRows
+from tokenscaler.core.state import PoolState
 
 REPLICA = np.array([8000.0, 410128.0, 256.0])
 

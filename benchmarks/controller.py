@@ -39,11 +39,11 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from tests.prometheus import PrometheusServer, static_job  # noqa: E402
 from tests.support import Proc, wait_until  # noqa: E402
+from tokenscaler.cli.runtime import settle_heap  # noqa: E402
 from tokenscaler.control.loop import Controller  # noqa: E402
 from tokenscaler.control.metrics import ControllerMetrics  # noqa: E402
 from tokenscaler.control.store import PlanStore  # noqa: E402
 from tokenscaler.core.model import parse_config  # noqa: E402
-from tokenscaler.runtime import settle_heap  # noqa: E402
 from tokenscaler.sources.prometheus import PrometheusSource, recording_rules  # noqa: E402
 
 

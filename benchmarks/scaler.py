@@ -46,10 +46,13 @@ sys.path.insert(0, str(REPO))
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tokenscaler.config import load_config  # noqa: E402
 from tokenscaler.control.store import PlanStore  # noqa: E402
-from tokenscaler.core.model import load_config  # noqa: E402
-from tokenscaler.core.plan import Plan, PlannerState, PoolInput, plan_interval  # noqa: E402
+from tokenscaler.core.inputs import PoolInput  # noqa: E402
+from tokenscaler.core.plan import Plan  # noqa: E402
+from tokenscaler.core.planning import plan_interval  # noqa: E402
 from tokenscaler.core.rows import build_pool_rows  # noqa: E402
+from tokenscaler.core.state import PlannerState  # noqa: E402
 from tokenscaler.serve._proto import externalscaler_pb2 as pb  # noqa: E402
 from tokenscaler.serve._proto import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 

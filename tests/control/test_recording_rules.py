@@ -16,7 +16,7 @@ import yaml
 
 from tests.prometheus import PrometheusServer, prometheus_binary, static_job
 from tests.support import REPO, Proc
-from tokenscaler.core.usage import ADMITTED_TPS, INFLIGHT, OFFERED_TPS, RESERVED_KV
+from tokenscaler.core.observation import ADMITTED_TPS, INFLIGHT, OFFERED_TPS, RESERVED_KV
 from tokenscaler.sources.prometheus import RULES_FILE, PrometheusSource, main, recording_rules
 
 

@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 
 from tests.core.builders import config, make_entitlement, make_pool, vec
+from tokenscaler.core.demand import DEFAULT_REQUEST_DURATION_S, DemandState, derive_inputs, update_footprint
+from tokenscaler.core.observation import SIGNALS, AnswerKind, Observation, SignalTableBuilder
 from tokenscaler.core.rows import build_pool_rows
-from tokenscaler.core.usage import (
-    DEFAULT_REQUEST_DURATION_S,
-    SIGNALS,
-    AnswerKind,
-    DemandState,
-    Observation,
-    SignalTableBuilder,
-    derive_inputs,
-    update_footprint,
-)
 from tokenscaler.sources.prometheus import assemble, assemble_profile, build_queries, profile_queries
 
 NOW = 1_800_000_000.0

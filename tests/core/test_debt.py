@@ -7,8 +7,10 @@ import pytest
 
 from tests.core.builders import config, make_entitlement, make_pool
 from tokenscaler.core.debt import MAX_DOUBLINGS, effective_weights, update_debt
-from tokenscaler.core.plan import PlannerState, PoolInput, plan_interval
+from tokenscaler.core.inputs import PoolInput
+from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.state import PlannerState
 
 DEBT = {"half_life_s": 300, "bound_share_s": 60, "doubling_share_s": 5}
 TARGET = np.array([0.25, 0.25, 0.5])  # weights 1 : 1 : 2

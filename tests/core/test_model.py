@@ -10,13 +10,8 @@ import pytest
 import yaml
 
 from tests.core.builders import make_config, make_entitlement, make_pool, vec
-from tokenscaler.core.model import (
-    ConfigError,
-    check_oversubscription,
-    hash_api_key,
-    load_config,
-    parse_config,
-)
+from tokenscaler.config import load_config
+from tokenscaler.core.model import ConfigError, check_oversubscription, hash_api_key, parse_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tokenpools.yaml"
 

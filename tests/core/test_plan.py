@@ -12,9 +12,11 @@ import pytest
 
 from tests.core.builders import config, make_entitlement, make_pool, vec
 from tokenscaler.control.persist import StateFileError, load_state, save_state
+from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.model import DIMENSIONS
-from tokenscaler.core.plan import PlannerState, PoolInput, PoolState, plan_interval, replica_target, stabilize
+from tokenscaler.core.planning import plan_interval, replica_target, stabilize
 from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.state import PlannerState, PoolState
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "tokenpools.yaml"
@@ -226,7 +228,7 @@ def test_cli_plan_rejects_unknown_names_in_usage(tmp_path: Path) -> None:
 
 def test_plan_survives_the_state_file(tmp_path: Path) -> None:
     """The last plan, stored compactly, comes back equal: what a restarted controller serves."""
-    from tokenscaler.core.plan import Plan
+    from tokenscaler.core.state import restore_plan, snapshot_plan
 
     ents = [
         make_entitlement("g", "guaranteed", guaranteed=vec(400, 1000, 4)),
@@ -236,13 +238,13 @@ def test_plan_survives_the_state_file(tmp_path: Path) -> None:
     rows = build_pool_rows(config([POOL], ents))
     demand = np.array([[300.0, 900, 3], [2000, 5000, 20], [500, 0, 1]])
     plan, state = plan_interval(rows, {"p": PoolInput(2, demand, demand * 0.5)}, PlannerState(), 0.0, 5.0)
-    state.last_plan = plan.to_state()
+    state.last_plan = snapshot_plan(plan)
     save_state(tmp_path / "s.json", state)
-    restored = Plan.from_state(load_state(tmp_path / "s.json").last_plan, rows)
+    restored = restore_plan(load_state(tmp_path / "s.json").last_plan, rows)
     assert restored.to_json() == plan.to_json()
     # a config that dropped an entitlement and added another maps rows by name
     rows2 = build_pool_rows(config([POOL], [ents[1], make_entitlement("new"), ents[0]]))
-    moved = Plan.from_state(plan.to_state(), rows2).to_json()["entitlements"]
+    moved = restore_plan(snapshot_plan(plan), rows2).to_json()["entitlements"]
     assert moved["a"]["allocation"] == plan.to_json()["entitlements"]["a"]["allocation"]
     assert moved["new"]["allocation"] == vec(0, 0, 0)
     assert "s" not in moved

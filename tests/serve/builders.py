@@ -7,9 +7,12 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.model import TokenPoolsConfig
-from tokenscaler.core.plan import Plan, PlannerState, PoolInput, plan_interval
+from tokenscaler.core.plan import Plan
+from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.state import PlannerState
 from tokenscaler.serve._proto import externalscaler_pb2 as pb
 
 PER_REPLICA_TOKENS_PER_S = 1000.0

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.serve.builders import hpa_average_value_replicas
-from tokenscaler.core.model import load_config
+from tokenscaler.config import load_config
 from tokenscaler.serve.scaler import KEDA_AUTH_PARAMS, KEDA_METADATA_KEYS, metric_name
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,10 +23,12 @@ from tests.serve.builders import (
     ref,
 )
 from tests.serve.harness import CALL_TIMEOUT_S, Pki, make_pki, run, sample, scaler, wait_for
+from tokenscaler.config import load_config
 from tokenscaler.control.store import PlanStore
-from tokenscaler.core.model import load_config
-from tokenscaler.core.plan import PlannerState, PoolInput, plan_interval
+from tokenscaler.core.inputs import PoolInput
+from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.state import PlannerState
 from tokenscaler.serve import scaler_metrics as m
 from tokenscaler.serve._proto import externalscaler_pb2 as pb
 from tokenscaler.serve.scaler import ScalerTLS, TriggerMetadata, metric_name, start_scaler

@@ -9,18 +9,18 @@ import math
 from tests.core.builders import config, make_entitlement, make_pool, vec
 from tokenscaler.core.limiter import GateLimits, Limiter
 from tokenscaler.core.model import Tier
-from tokenscaler.sidecar.admission import Admission
+from tokenscaler.sidecar.gatekeeper import Gatekeeper
 from tokenscaler.sidecar.limits import LimitsUpdate
 from tokenscaler.sidecar.metrics import QUEUE_WAIT_SECONDS, EntitlementStats, SidecarMetrics
 
 INF = math.inf
 
 
-def admission(limits: GateLimits, **kw: object) -> Admission:
+def admission(limits: GateLimits, **kw: object) -> Gatekeeper:
     pool = config([make_pool()], [make_entitlement("g", "guaranteed", guaranteed=vec(1, 1, 1))]).pool("p")
     limiter = Limiter(pool, now=asyncio.get_running_loop().time())
     metrics = SidecarMetrics("p", "r", limiter, [EntitlementStats("g", "guaranteed")])
-    adm = Admission(limiter, metrics, **kw)  # type: ignore[arg-type]
+    adm = Gatekeeper(limiter, metrics, **kw)  # type: ignore[arg-type]
     adm.apply(LimitsUpdate({"g": limits}, "static"), adm.now())
     return adm
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from tokenscaler.sim.engine import Engine, Request, StepResult
-from tokenscaler.sim.profile import Profile, load_profile
+from tokenscaler.sim.profile import EngineProfile, load_profile
 
 
-def make_profile(base: str = "demo", **overrides: Any) -> Profile:
+def make_profile(base: str = "demo", **overrides: Any) -> EngineProfile:
     """A built-in profile with fields replaced; outputs run to max_tokens unless overridden."""
     overrides.setdefault("output_length", {"kind": "fixed"})
     return load_profile(base).with_overrides(**overrides)

@@ -1,12 +1,14 @@
 """The interval loop: read metrics, derive demand, plan, publish, persist.
 
 Every ``interval_s`` the :class:`Controller` reads an :class:`Observation` from its
-metrics source, derives per-entitlement demand and usage, runs the pure planning step
-(debt, allocation, replica targets, limits) in a worker thread, publishes the result to
-the :class:`PlanStore` and writes its state atomically. Servers only read the store, so
-nothing they do waits on the solver, and the solver never runs on the event loop.
+metrics source, runs the pure control step (:func:`tokenscaler.core.step.control_step`:
+demand, debt, allocation, replica targets, limits, and the rules below) in a worker
+thread, publishes the result to the :class:`PlanStore` and writes its state atomically.
+Servers only read the store, so nothing they do waits on the solver, and the solver never
+runs on the event loop. The loop itself decides nothing: it reads, calls, publishes, logs
+the step's notes and persists.
 
-Failure behaviour, each a tested rule:
+Failure behaviour, each a tested rule (the first two live in the control step):
 
 * the source fails (Prometheus down, timeout, nothing scrapeable): the last good plan is
   published again, marked stale (with ``stale_since``); targets, limits and guaranteed
@@ -27,22 +29,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
-
 from tokenscaler.control.metrics import ControllerMetrics
 from tokenscaler.control.persist import StateFileError, load_state, save_state
 from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.model import TokenPoolsConfig
-from tokenscaler.core.plan import Plan, PlannerState, plan_interval
 from tokenscaler.core.rows import build_pool_rows
-from tokenscaler.core.usage import DemandState, Observation, derive_inputs, routing_shares, update_footprint
+from tokenscaler.core.step import (
+    ControlState,
+    StepResult,
+    StepSettings,
+    apply_profile,
+    control_step,
+    persisted,
+    restored,
+)
 from tokenscaler.sources.base import MetricsSource, SourceError
 
 log = logging.getLogger(__name__)
@@ -64,8 +70,6 @@ class Controller:
         profile_refresh_s: float = 15.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"interval_s ({interval_s}) must be > 0")
         if profile_refresh_s <= 0:
             raise ValueError(f"profile_refresh_s ({profile_refresh_s}) must be > 0")
         self.config = config
@@ -73,17 +77,14 @@ class Controller:
         self.source = source
         self.store = store
         self.metrics = metrics
+        self.settings = StepSettings(interval_s=interval_s, demand_half_life_s=demand_half_life_s)
         self.interval_s = interval_s
         self.state_path = Path(state_path) if state_path else None
-        self.demand_half_life_s = demand_half_life_s
         self.profile_refresh_s = profile_refresh_s
         self.clock = clock
-        self.shares: dict[str, dict[str, np.ndarray]] = {}  # pool -> replica -> (n,) offered share
         self.timings: dict[str, float] = {}  # phase -> seconds, of the last interval that planned
         self._profile_read_at: float | None = None
-        self.state = PlannerState()
-        self.demand_state = DemandState()
-        self._stale_since: float | None = None
+        self.state = ControlState()  # what the control step carries between intervals
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -93,21 +94,21 @@ class Controller:
         if self.state_path is None:
             return None
         # a StateFileError propagates: the caller refuses to start rather than silently drop debt
-        self.state = load_state(self.state_path)
-        if self.state.last_plan is None:
-            return None
+        planner = load_state(self.state_path)
         try:
-            plan = Plan.from_state(self.state.last_plan, self.rows)
+            self.state = restored(self.rows, planner)
         except (ValueError, TypeError, KeyError) as e:
             raise StateFileError(f"{self.state_path}: the saved plan cannot be restored: {e}") from e
-        log.info("restored plan version %d from %s", self.state.plan_version, self.state_path)
-        return self.store.publish(plan, self.clock(), version=self.state.plan_version)
+        if self.state.plan is None:
+            return None
+        log.info("restored plan version %d from %s", self.state.version, self.state_path)
+        return self.store.publish(self.state.plan, self.clock(), version=self.state.version)
 
     def _persist(self) -> None:
         if self.state_path is None:
             return
         try:
-            save_state(self.state_path, self.state)
+            save_state(self.state_path, persisted(self.state))
         except OSError as e:
             self.metrics.state_write_errors.inc()
             log.error("could not write state to %s: %s (will retry next interval)", self.state_path, e)
@@ -134,21 +135,14 @@ class Controller:
         obs = await self._read("metrics source", self.source.read(now))
         if isinstance(obs, SourceError):
             self.metrics.intervals.labels("stale").inc()
-            return self._republish_stale(now, str(obs))
+            return self._publish(control_step(self.rows, None, self.state, now, self.settings, failure=str(obs)), now)
         read_done = time.perf_counter()
         for (query, kind), n in obs.answers.items():
             self.metrics.source_answers.labels(query, kind.value).inc(n)
 
-        plan = await asyncio.to_thread(self._plan, obs, now)
+        result = await asyncio.to_thread(control_step, self.rows, obs, self.state, now, self.settings)
         planned = time.perf_counter()
-        previous = self.store.current()
-        version = previous.version + 1 if previous is not None else self.state.plan_version + 1
-        published = self.store.publish(plan, now, shares=self.shares, version=version)
-        if self._stale_since is not None:
-            log.info("metrics are back after %.0fs: publishing fresh plans", now - self._stale_since)
-        self._stale_since = None
-        self.state.last_plan = plan.to_state()
-        self.state.plan_version = published.version
+        published = self._publish(result, now)
         await asyncio.to_thread(self._persist)
         done = time.perf_counter()
         # "published": from the start of the interval until servers answer with the new plan
@@ -164,27 +158,21 @@ class Controller:
         self.metrics.intervals.labels("ok").inc()
         return published
 
-    def _plan(self, obs: Observation, now: float) -> Plan:
-        derived = derive_inputs(self.rows, obs, self.demand_state, self.interval_s, self.demand_half_life_s)
-        self.demand_state = derived.state
-        if derived.shares is not None:  # the source read the routing with everything else
-            self.shares = derived.shares
-        plan, new_state = plan_interval(self.rows, derived.inputs, self.state, now, self.interval_s)
-        previous = self.store.current()
-        for name, why in obs.incomplete.items():
-            pp = plan.pools.get(name)
-            if pp is None:
-                continue
-            held = pp.desired_replicas
-            if previous is not None and name in previous.plan.pools:
-                held = max(held, previous.plan.pools[name].desired_replicas)
-            plan.pools[name] = dataclasses.replace(pp, desired_replicas=held, incomplete=why)
-            new_state.pools[name].desired_replicas = held
-            log.warning("pool %s: incomplete metrics (%s): target held at %d or above", name, why, held)
-        new_state.last_plan = self.state.last_plan
-        new_state.plan_version = self.state.plan_version
-        self.state = new_state
-        return plan
+    def _publish(self, result: StepResult, now: float) -> PublishedPlan | None:
+        """Adopt the step's state, log its notes and publish its plan (if there is one)."""
+        self.state = result.state
+        for note in result.notes:
+            log.log(logging.WARNING if note.warning else logging.INFO, "%s", note.text)
+        if result.plan is None:
+            return None
+        return self.store.publish(
+            result.plan,
+            now,
+            stale=result.stale,
+            stale_since=result.state.stale_since,
+            shares=result.state.shares,
+            version=result.version,
+        )
 
     async def refresh_profile(self) -> bool:
         """Read the profile now: the next interval plans with its footprint and publishes its
@@ -202,8 +190,7 @@ class Controller:
             self.metrics.source_answers.labels(query, kind.value).inc(n)
 
         def apply() -> None:
-            self.demand_state = update_footprint(self.rows, self.demand_state, profile.signals)
-            self.shares = routing_shares(self.rows, profile.routing)
+            self.state = apply_profile(self.rows, self.state, profile)
 
         await asyncio.to_thread(apply)
         self.metrics.interval_duration.labels("profile").observe(time.perf_counter() - started)
@@ -212,15 +199,6 @@ class Controller:
     def profile_due(self) -> bool:
         last = self._profile_read_at
         return last is None or self.clock() - last >= self.profile_refresh_s
-
-    def _republish_stale(self, now: float, why: str) -> PublishedPlan | None:
-        current = self.store.current()
-        if self._stale_since is None:
-            self._stale_since = now
-            log.warning("metrics unavailable (%s): serving the last good plan, marked stale", why)
-        if current is None:
-            return None
-        return self.store.publish(current.plan, now, stale=True, stale_since=self._stale_since, shares=current.shares)
 
     # ------------------------------------------------------------------ the loop
 

@@ -1,4 +1,4 @@
-"""The controller's own metrics: every ``tokenscaler_*`` name it exports, in one place.
+"""The controller's own metrics (names: :mod:`tokenscaler.core.metric_names`).
 
 Dashboards and alert rules are built on these names; a test fails when one of them uses a
 name this module does not define. Per-pool and per-entitlement series are produced at
@@ -17,44 +17,39 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenscaler.control.store import PlanStore
+from tokenscaler.core.metric_names import (
+    API_REQUESTS,
+    ENTITLEMENT_ALLOCATION,
+    ENTITLEMENT_BURST,
+    ENTITLEMENT_DEBT,
+    ENTITLEMENT_DEMAND,
+    ENTITLEMENT_GUARANTEE,
+    ENTITLEMENT_LIMIT,
+    ENTITLEMENT_SHORTFALL,
+    ENTITLEMENT_USAGE,
+    INTERVAL_DURATION,
+    INTERVALS,
+    PLAN_AGE,
+    PLAN_STALE,
+    PLAN_VERSION,
+    POOL_ALLOCATED,
+    POOL_CAPACITY,
+    POOL_DATA_INCOMPLETE,
+    POOL_DEMAND,
+    POOL_DESIRED_REPLICAS,
+    POOL_GUARANTEE_SHORTFALL,
+    POOL_MAX_REPLICAS,
+    POOL_MIN_REPLICAS,
+    POOL_READY_REPLICAS,
+    POOL_TARGET_REPLICAS,
+    SOURCE_ANSWERS,
+    SOURCE_ERRORS,
+    STATE_WRITE_ERRORS,
+)
+from tokenscaler.core.metric_names import CONTROLLER_NAMES as ALL_NAMES
 from tokenscaler.core.model import DIMENSIONS, TIER_ORDER
 
-# per entitlement, label dimension (and pool, entitlement, tier)
-ENTITLEMENT_GUARANTEE = "tokenscaler_entitlement_guarantee"
-ENTITLEMENT_LIMIT = "tokenscaler_entitlement_limit"
-ENTITLEMENT_BURST = "tokenscaler_entitlement_burst"
-ENTITLEMENT_ALLOCATION = "tokenscaler_entitlement_allocation"
-ENTITLEMENT_DEMAND = "tokenscaler_entitlement_demand"
-ENTITLEMENT_USAGE = "tokenscaler_entitlement_usage"
-ENTITLEMENT_SHORTFALL = "tokenscaler_entitlement_guarantee_shortfall"
-# per entitlement, no dimension
-ENTITLEMENT_DEBT = "tokenscaler_entitlement_debt_share_seconds"
-# per pool
-POOL_DESIRED_REPLICAS = "tokenscaler_pool_desired_replicas"
-POOL_TARGET_REPLICAS = "tokenscaler_pool_target_replicas"
-POOL_READY_REPLICAS = "tokenscaler_pool_ready_replicas"
-POOL_MIN_REPLICAS = "tokenscaler_pool_min_replicas"
-POOL_MAX_REPLICAS = "tokenscaler_pool_max_replicas"
-POOL_CAPACITY = "tokenscaler_pool_capacity"  # label dimension
-POOL_ALLOCATED = "tokenscaler_pool_allocated"  # label dimension
-POOL_DEMAND = "tokenscaler_pool_demand"  # label dimension
-POOL_GUARANTEE_SHORTFALL = "tokenscaler_pool_guarantee_shortfall"  # label dimension
-POOL_DATA_INCOMPLETE = "tokenscaler_pool_data_incomplete"
-# the plan
-PLAN_AGE = "tokenscaler_plan_age_seconds"
-PLAN_STALE = "tokenscaler_plan_stale"
-PLAN_VERSION = "tokenscaler_plan_version"
-# the loop and its inputs
-INTERVAL_DURATION = "tokenscaler_interval_duration_seconds"  # label phase
-INTERVALS = "tokenscaler_intervals_total"  # label outcome
-SOURCE_ERRORS = "tokenscaler_source_errors_total"  # label kind
-SOURCE_ANSWERS = "tokenscaler_source_answers_total"  # labels query, kind
-STATE_WRITE_ERRORS = "tokenscaler_state_write_errors_total"
-ADMISSION_REQUESTS = "tokenscaler_admission_requests_total"  # labels route, code
-
-ALL_NAMES: tuple[str, ...] = tuple(
-    v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str) and v.startswith("tokenscaler_")
-)
+__all__ = ["ALL_NAMES", "ControllerMetrics", "PlanCollector"]
 
 _TIERS = [t.value for t in TIER_ORDER]
 
@@ -90,9 +85,9 @@ class ControllerMetrics:
         self.state_write_errors = Counter(
             _without_total(STATE_WRITE_ERRORS), "State file writes that failed.", registry=registry
         )
-        self.admission_requests = Counter(
-            _without_total(ADMISSION_REQUESTS),
-            "Admission API requests by route and status code.",
+        self.api_requests = Counter(
+            _without_total(API_REQUESTS),
+            "HTTP API requests (limits, plan) by route and status code.",
             ["route", "code"],
             registry=registry,
         )

@@ -1,8 +1,9 @@
 """Planner state on disk: written atomically (temp file, fsync, rename), restored at start.
 
 A crash mid-write leaves the previous file intact, so a restart never loses debt. A state
-file that cannot be read is an error that names the file; the caller decides whether to
-start fresh (it never silently does).
+file that cannot be read, or whose keys do not match :class:`~tokenscaler.core.state.StateFile`
+exactly, is an error that names the file and the key; the caller decides whether to start
+fresh (it never silently does).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from tokenscaler.core.plan import PlannerState
+from tokenscaler.core.model import ConfigError
+from tokenscaler.core.state import PlannerState
 
 
 class StateFileError(Exception):
@@ -30,9 +32,13 @@ def load_state(path: str | Path) -> PlannerState:
     except OSError as e:
         raise StateFileError(f"{path}: cannot read state: {e.strerror or e}") from e
     try:
-        return PlannerState.from_json(json.loads(text))
-    except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
         raise StateFileError(f"{path}: not a tokenscaler state file: {e}") from e
+    try:
+        return PlannerState.from_json(data, str(path))
+    except ConfigError as e:
+        raise StateFileError(f"{path}: not a tokenscaler state file: {'; '.join(e.errors)}") from e
 
 
 def save_state(path: str | Path, state: PlannerState) -> None:
@@ -42,7 +48,7 @@ def save_state(path: str | Path, state: PlannerState) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state.to_json(), f, separators=(",", ":"))
+            f.write(state.to_file().model_dump_json())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

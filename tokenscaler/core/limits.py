@@ -1,9 +1,10 @@
-"""The limits document: what the controller's admission API serves to each sidecar.
+"""Per-replica limits: the split rule and the limits document each sidecar enforces.
 
-``GET /v1/pools/{pool}/limits?replica={id}`` returns a :class:`LimitsDocument` (JSON) with
-this replica's share of every entitlement's limits. The sidecar's HTTP limits source parses
-exactly this model; the controller builds it from the plan. Both sides import it from here,
-so the wire format has one definition.
+``GET /v1/pools/{pool}/limits?replica={id}`` (the controller's limits API) returns a
+:class:`LimitsDocument` (JSON) with this replica's share of every entitlement's limits,
+built by :func:`limits_document` from the plan; the sidecar's HTTP limits source parses
+exactly this model. Both sides import it from here, so the wire format has one definition,
+and so does the split (:func:`split_per_replica`), which the sidecar's static limits use too.
 
 Per entitlement, per dimension:
 
@@ -25,11 +26,15 @@ rules). ``version`` changes whenever the content changes and is also the HTTP ET
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenscaler.core.model import LimitVector, ResourceVector, Tier
+from tokenscaler.core.model import DIMENSIONS, KV, THROUGHPUT, TIER_ORDER, LimitVector, Pool, ResourceVector, Tier
+from tokenscaler.core.plan import PoolPlan
 
 API_VERSION = "tokenscaler.io/v1alpha1"
 
@@ -59,3 +64,93 @@ class LimitsDocument(BaseModel):
     expires_at: float = Field(description="Unix seconds after which it must not be enforced as is.")
     stale: bool = Field(False, description="The controller is serving its last good plan (metrics missing).")
     entitlements: dict[str, EntitlementLimits]
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def split_per_replica(
+    pool: Pool, limit: np.ndarray, burst: np.ndarray, ceiling: np.ndarray, share: np.ndarray | float
+) -> tuple[np.ndarray, np.ndarray]:
+    """One replica's part of pool-level limits (n, 3), given its share (n,) or a scalar of the load.
+
+    Floors keep a non-zero limit usable: the replica's throughput bucket holds at least one
+    typical request, and its KV and concurrency limits admit at least one typical request.
+    Floors never exceed the configured ``ceiling`` (n, 3; inf where unlimited).
+    """
+    share_col = np.asarray(share, dtype=float)
+    if share_col.ndim == 1:
+        share_col = share_col[:, None]
+    limit_part = limit * share_col
+    burst_part = burst * share_col
+    floor = np.minimum(pool.typical_request_vector()[None, :], ceiling)
+    has = limit > 0
+    # KV and concurrency (columns KV:) floor the sustained limit; throughput floors the bucket depth
+    limit_part[:, KV:] = np.where(has[:, KV:], np.maximum(limit_part[:, KV:], floor[:, KV:]), limit_part[:, KV:])
+    burst_part[:, THROUGHPUT] = np.where(
+        has[:, THROUGHPUT], np.maximum(burst_part[:, THROUGHPUT], floor[:, THROUGHPUT]), burst_part[:, THROUGHPUT]
+    )
+    return limit_part, burst_part
+
+
+def replica_shares(pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: str | None) -> np.ndarray:
+    """This replica's share (n,) of each entitlement's pool-level limits.
+
+    ``observed`` maps replica -> (n,) share of offered load seen there (NaN where unseen):
+    ``max(observed, 1 / (2 x ready))`` where the replica has seen the entitlement's traffic,
+    ``1 / ready`` (even) where it has not (a new replica, or no traffic yet).
+    """
+    even = 1.0 / max(pp.ready_replicas, 1)
+    shares = np.full(pp.rows.n, even)
+    seen = observed.get(replica) if replica is not None else None
+    if seen is not None and seen.shape == shares.shape:
+        known = ~np.isnan(seen)
+        shares[known] = np.clip(np.maximum(seen[known], even / 2.0), 0.0, 1.0)
+    return shares
+
+
+def limits_document(
+    pp: PoolPlan,
+    observed: Mapping[str, np.ndarray],
+    replica: str | None,
+    *,
+    version: str,
+    generated_at: float,
+    expires_at: float,
+    stale: bool,
+) -> LimitsDocument:
+    """The document for ``replica`` of pool ``pp`` (``None``: the even split)."""
+    shares = replica_shares(pp, observed, replica)
+    p = pp.rows.problem
+    if replica is None:
+        lim, bur = pp.limit_per_replica, pp.burst_per_replica
+    else:
+        lim, bur = split_per_replica(pp.pool, pp.limit, pp.burst, p.limit, shares)
+    ceiling, ceiling_burst = split_per_replica(pp.pool, p.limit, pp.burst, p.limit, shares)
+    lim_rows, bur_rows = lim.tolist(), bur.tolist()
+    ceil_rows, ceil_bur_rows = ceiling.tolist(), ceiling_burst.tolist()
+    tiers, prios = p.tier.tolist(), p.priority.tolist()
+    tier_names = [t.value for t in TIER_ORDER]
+    entitlements = {
+        name: {
+            "tier": tier_names[tiers[i]],
+            "priority": prios[i],
+            "limit": dict(zip(DIMENSIONS, lim_rows[i], strict=True)),
+            "burst": dict(zip(DIMENSIONS, bur_rows[i], strict=True)),
+            # unlimited components are null on the wire (JSON has no infinity)
+            "ceiling": {d: None if math.isinf(v) else v for d, v in zip(DIMENSIONS, ceil_rows[i], strict=True)},
+            "ceiling_burst": dict(zip(DIMENSIONS, ceil_bur_rows[i], strict=True)),
+        }
+        for i, name in enumerate(pp.rows.names)
+    }
+    return LimitsDocument.model_validate(
+        {
+            "pool": pp.pool.name,
+            "replica": replica,
+            "version": version,
+            "generated_at": generated_at,
+            "expires_at": expires_at,
+            "stale": stale,
+            "entitlements": entitlements,
+        }
+    )

@@ -5,7 +5,8 @@ them. Every model is a frozen pydantic v2 model that forbids unknown fields, so 
 config is an error that names the field, never a silently ignored key. The same models
 back the Kubernetes CRDs; :func:`check_config` (cross-object rules) and
 :func:`check_oversubscription` are the single place those rules live, reused by
-``tokenscaler validate`` and by the admission webhook.
+``tokenscaler validate`` and by the Kubernetes webhook. :func:`parse_config` validates a
+decoded document; reading files is :mod:`tokenscaler.config`'s.
 
 Every capacity, guarantee, limit, demand and usage is a vector over the three dimensions
 of :data:`DIMENSIONS`; those keys are used verbatim in config, JSON output and the
@@ -15,17 +16,14 @@ of :data:`DIMENSIONS`; those keys are used verbatim in config, JSON output and t
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DIMENSIONS: tuple[str, str, str] = ("throughput_tokens_per_s", "kv_tokens", "concurrency")
@@ -335,7 +333,7 @@ def check_oversubscription(pools: Sequence[Pool], entitlements: Sequence[Entitle
     return errors
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- validation
 
 
 class ConfigError(Exception):
@@ -400,19 +398,6 @@ def format_validation_error(err: ValidationError, data: Any) -> list[str]:
     return lines
 
 
-def read_document(path: str | Path, *, fmt: str = "yaml") -> Any:
-    """Read and decode a YAML (or JSON) file; :class:`ConfigError` names the file and why."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
-    try:
-        return json.loads(text) if fmt == "json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(str(path), [f"not valid {fmt.upper()}: {e}"]) from e
-
-
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -429,8 +414,3 @@ def validate_document(model: type[M], data: Any, source: str, what: str) -> M:
 def parse_config(data: Any, source: str = "<config>") -> TokenPoolsConfig:
     """Validate a decoded config document; raises :class:`ConfigError` naming each field."""
     return validate_document(TokenPoolsConfig, data, source, "'pools' and 'entitlements'")
-
-
-def load_config(path: str | Path) -> TokenPoolsConfig:
-    """Read and validate a YAML or JSON config file."""
-    return parse_config(read_document(path), str(path))

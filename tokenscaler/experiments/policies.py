@@ -70,7 +70,8 @@ def parse_policies(text: str) -> list[str]:
     names = [p.strip() for p in text.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if unknown or not names:
-        raise ValueError(f"--policy: unknown policy {', '.join(unknown) or '(none)'} (known: {', '.join(POLICIES)}, all)")
+        known = ", ".join(POLICIES)
+        raise ValueError(f"--policy: unknown policy {', '.join(unknown) or '(none)'} (known: {known}, all)")
     return list(dict.fromkeys(names))
 
 

@@ -1,4 +1,4 @@
-"""The KEDA scaler's own Prometheus metrics: every name is a constant here, and nowhere else.
+"""The KEDA scaler's own Prometheus metrics (names: :mod:`tokenscaler.core.metric_names`).
 
 :class:`ScalerMetrics` registers them on a ``CollectorRegistry`` the caller passes in (the
 controller owns the registry; tests pass a fresh one). Label values are bounded: ``rpc`` is one
@@ -20,15 +20,23 @@ import time
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tokenscaler.core.metric_names import (
+    SCALER_NAMES,
+    SCALER_REQUEST_DURATION_SECONDS,
+    SCALER_REQUESTS_TOTAL,
+    SCALER_STALE_ANSWERS_TOTAL,
+    SCALER_STREAM_MESSAGES_TOTAL,
+    SCALER_STREAMS_OPEN,
+)
+
 PREFIX = "tokenscaler_scaler_"
 
-REQUESTS_TOTAL = "tokenscaler_scaler_requests_total"
-REQUEST_DURATION_SECONDS = "tokenscaler_scaler_request_duration_seconds"
-STALE_ANSWERS_TOTAL = "tokenscaler_scaler_stale_answers_total"
-STREAMS_OPEN = "tokenscaler_scaler_streams_open"
-STREAM_MESSAGES_TOTAL = "tokenscaler_scaler_stream_messages_total"
-
-METRIC_NAMES = (REQUESTS_TOTAL, REQUEST_DURATION_SECONDS, STALE_ANSWERS_TOTAL, STREAMS_OPEN, STREAM_MESSAGES_TOTAL)
+REQUESTS_TOTAL = SCALER_REQUESTS_TOTAL
+REQUEST_DURATION_SECONDS = SCALER_REQUEST_DURATION_SECONDS
+STALE_ANSWERS_TOTAL = SCALER_STALE_ANSWERS_TOTAL
+STREAMS_OPEN = SCALER_STREAMS_OPEN
+STREAM_MESSAGES_TOTAL = SCALER_STREAM_MESSAGES_TOTAL
+METRIC_NAMES = SCALER_NAMES
 
 RPCS = ("IsActive", "StreamIsActive", "GetMetricSpec", "GetMetrics")
 UNARY_RPCS = ("IsActive", "GetMetricSpec", "GetMetrics")

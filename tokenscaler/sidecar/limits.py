@@ -2,7 +2,7 @@
 
 :class:`StaticLimitsSource` (the embedded default) derives limits from the config alone,
 split evenly over ``--replicas`` with the planner's floors
-(:func:`tokenscaler.core.plan.split_per_replica`):
+(:func:`tokenscaler.core.limits.split_per_replica`):
 
 * guaranteed: its guarantee split; its configured burst split; may backfill above it;
 * elastic: its configured limit split (an unlimited component: one replica's capacity);
@@ -44,9 +44,8 @@ import numpy as np
 from pydantic import ValidationError
 
 from tokenscaler.core.limiter import GateLimits, Vector
-from tokenscaler.core.limits import LimitsDocument
+from tokenscaler.core.limits import LimitsDocument, split_per_replica
 from tokenscaler.core.model import Entitlement, Pool, Tier, TokenPoolsConfig
-from tokenscaler.core.plan import split_per_replica
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ def _split(
     return _vec(lpr[0]), _vec(bpr[0])
 
 
-class _Rules:
+class LimitRules:
     """The per-entitlement limit rules of one pool for ``replicas`` replicas."""
 
     def __init__(self, config: TokenPoolsConfig, pool: str, replicas: int) -> None:
@@ -160,7 +159,7 @@ class StaticLimitsSource:
     """Limits from the config, split evenly over ``replicas``; never changes."""
 
     def __init__(self, config: TokenPoolsConfig, pool: str, replicas: int = 1) -> None:
-        self.rules = _Rules(config, pool, replicas)
+        self.rules = LimitRules(config, pool, replicas)
         self.state = "static"
         self.fetch_errors = 0
 
@@ -194,7 +193,7 @@ class HttpLimitsSource:
         max_backoff_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.rules = _Rules(config, pool, replicas)
+        self.rules = LimitRules(config, pool, replicas)
         self.url = self._document_url(url, pool)
         self.replica = replica
         self.poll_s = poll_s
@@ -299,6 +298,14 @@ class HttpLimitsSource:
             self.state = "stale"
             apply(LimitsUpdate(self.rules.from_document(self._doc), "stale", self.version) if self._doc else
                   LimitsUpdate(self.rules.all_static(), "stale"))  # fmt: skip
+
+
+def gate_limits_from_document(
+    config: TokenPoolsConfig, pool: str, document: LimitsDocument, replicas: int = 1
+) -> dict[str, GateLimits]:
+    """What a sidecar enforces given a limits document (entitlements it omits get their
+    floors; a missing ceiling is the configured limit split over ``replicas``)."""
+    return LimitRules(config, pool, replicas).from_document(document)
 
 
 def describe(limits: dict[str, GateLimits]) -> str:

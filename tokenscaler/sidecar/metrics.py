@@ -1,4 +1,4 @@
-"""Every metric the sidecar exports: the names (one constant each) and the collector.
+"""Every metric the sidecar exports: the collector (names: :mod:`tokenscaler.core.metric_names`).
 
 All names start with ``tokenscaler_sidecar_`` and carry the labels ``pool`` and ``replica``
 (this sidecar's replica id). The controller reads demand and usage from them:
@@ -24,57 +24,33 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenscaler.core.limiter import Limiter
+from tokenscaler.core.metric_names import (
+    ADDED_LATENCY_SECONDS,
+    ADMITTED_WEIGHTED_TOKENS_TOTAL,
+    BACKFILL_ALLOWED,
+    BURST,
+    CEILING,
+    GENERATION_TOKENS_TOTAL,
+    INFLIGHT_REQUESTS,
+    LIMIT,
+    LIMITS_AGE_SECONDS,
+    LIMITS_FETCH_ERRORS_TOTAL,
+    LIMITS_STATE,
+    OFFERED_REQUESTS_TOTAL,
+    OFFERED_WEIGHTED_TOKENS_TOTAL,
+    PREEMPTED_STREAMS_TOTAL,
+    PROMPT_TOKENS_TOTAL,
+    QUEUE_WAIT_SECONDS,
+    QUEUED_REQUESTS,
+    REJECTIONS_TOTAL,
+    REQUESTS_TOTAL,
+    RESERVED_KV_TOKENS,
+)
+from tokenscaler.core.metric_names import SIDECAR_NAMES as ALL_NAMES
+from tokenscaler.core.metric_names import SIDECAR_PREFIX as PREFIX
 from tokenscaler.core.model import DIMENSIONS
 
-PREFIX = "tokenscaler_sidecar_"
-
-REQUESTS_TOTAL = PREFIX + "requests_total"
-"""Counter {entitlement, tier, outcome}: outcome admitted | rejected | error | unauthenticated."""
-REJECTIONS_TOTAL = PREFIX + "rejections_total"
-"""Counter {entitlement, tier, dimension}: rejections by the binding dimension."""
-PROMPT_TOKENS_TOTAL = PREFIX + "prompt_tokens_total"
-"""Counter {entitlement, tier}: prompt tokens of admitted requests the engine accepted."""
-GENERATION_TOKENS_TOTAL = PREFIX + "generation_tokens_total"
-"""Counter {entitlement, tier}: generated tokens, counted as they stream."""
-ADMITTED_WEIGHTED_TOKENS_TOTAL = PREFIX + "admitted_weighted_tokens_total"
-"""Counter {entitlement, tier}: weighted tokens served (the usage signal)."""
-OFFERED_WEIGHTED_TOKENS_TOTAL = PREFIX + "offered_weighted_tokens_total"
-"""Counter {entitlement, tier}: served weighted tokens plus rejected requests' estimates (demand)."""
-OFFERED_REQUESTS_TOTAL = PREFIX + "offered_requests_total"
-"""Counter {entitlement, tier}: requests that reached admission (admitted, rejected or queued)."""
-INFLIGHT_REQUESTS = PREFIX + "inflight_requests"
-"""Gauge {entitlement, tier}: sequences in flight (a request with ``n`` choices counts ``n``)."""
-RESERVED_KV_TOKENS = PREFIX + "reserved_kv_tokens"
-"""Gauge {entitlement, tier}: KV tokens reserved by in-flight requests (prompt + max new tokens)."""
-LIMIT = PREFIX + "limit"
-"""Gauge {entitlement, tier, dimension}: this replica's sustained limit (+Inf: unlimited)."""
-BURST = PREFIX + "burst"
-"""Gauge {entitlement, tier, dimension}: this replica's burst (bucket depth; overshoot for kv/concurrency)."""
-CEILING = PREFIX + "ceiling"
-"""Gauge {entitlement, tier, dimension}: never exceeded on this replica, backfill included (+Inf: unlimited)."""
-BACKFILL_ALLOWED = PREFIX + "backfill_allowed"
-"""Gauge {entitlement, tier}: 1 when the entitlement may use this replica's idle capacity."""
-LIMITS_AGE_SECONDS = PREFIX + "limits_age_seconds"
-"""Gauge: seconds since the limits in force were last confirmed by their source (static: 0)."""
-LIMITS_STATE = PREFIX + "limits_state"
-"""Gauge {state}: 1 for the current state among static, fresh, stale, expired."""
-LIMITS_FETCH_ERRORS_TOTAL = PREFIX + "limits_fetch_errors_total"
-"""Counter: failed polls of the limits source."""
-ADDED_LATENCY_SECONDS = PREFIX + "added_latency_seconds"
-"""Histogram {route}: time in the sidecar before forwarding plus the per-response overhead."""
-PREEMPTED_STREAMS_TOTAL = PREFIX + "preempted_streams_total"
-"""Counter {entitlement, tier}: backfilled requests cut to give capacity back."""
-QUEUE_WAIT_SECONDS = PREFIX + "queue_wait_seconds"
-"""Histogram: how long queued (guaranteed) requests waited, admitted or not."""
-QUEUED_REQUESTS = PREFIX + "queued_requests"
-"""Gauge {entitlement, tier}: requests waiting in the guaranteed queue now."""
-
-ALL_NAMES: tuple[str, ...] = (
-    REQUESTS_TOTAL, REJECTIONS_TOTAL, PROMPT_TOKENS_TOTAL, GENERATION_TOKENS_TOTAL, ADMITTED_WEIGHTED_TOKENS_TOTAL,
-    OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
-    CEILING, BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
-    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS,
-)  # fmt: skip
+__all__ = ["ALL_NAMES", "PREFIX", "EntitlementStats", "SidecarMetrics"]
 
 OUTCOMES = ("admitted", "rejected", "error")
 LIMITS_STATES = ("static", "fresh", "stale", "expired")

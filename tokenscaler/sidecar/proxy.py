@@ -29,7 +29,6 @@ from yarl import URL
 
 from tokenscaler.core.limiter import Reservation
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
-from tokenscaler.sidecar.admission import Admission
 from tokenscaler.sidecar.errors import (
     RATE_LIMIT_TYPES,
     error_response,
@@ -38,6 +37,7 @@ from tokenscaler.sidecar.errors import (
     sse_error_event,
 )
 from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest, parse_request, tokenize_payload, upstream_body
+from tokenscaler.sidecar.gatekeeper import Gatekeeper
 from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
 from tokenscaler.sidecar.sse import StreamCounter, response_usage, usage_counts
 
@@ -68,10 +68,10 @@ class SidecarOptions:
 class Flight:
     """One admitted request: what has been counted for it, and how to cut it."""
 
-    __slots__ = ("accepted", "admission", "counted_gen", "counted_prompt", "preempted", "res", "stats", "task", "w")
+    __slots__ = ("accepted", "counted_gen", "counted_prompt", "gate", "preempted", "res", "stats", "task", "w")
 
-    def __init__(self, admission: Admission, res: Reservation, stats: EntitlementStats, w: tuple[float, float]) -> None:
-        self.admission = admission
+    def __init__(self, gate: Gatekeeper, res: Reservation, stats: EntitlementStats, w: tuple[float, float]) -> None:
+        self.gate = gate
         self.res = res
         self.stats = stats
         self.w = w
@@ -107,7 +107,7 @@ class Flight:
     def streamed(self, generated: int) -> None:
         if generated > self.counted_gen:
             self._count(0, generated - self.counted_gen)
-            self.admission.charge(self.res, generated)
+            self.gate.charge(self.res, generated)
 
     def settle(self, prompt: int | None = None, generated: int | None = None, completed: bool = False) -> None:
         if self.res.finished:
@@ -117,7 +117,7 @@ class Flight:
         prompt = self.counted_prompt if prompt is None else prompt
         generated = self.counted_gen if generated is None else generated
         self._count(max(prompt - self.counted_prompt, 0), max(generated - self.counted_gen, 0))
-        self.admission.finish(self.res, prompt_tokens=prompt, generated_tokens=generated, completed=completed)
+        self.gate.finish(self.res, prompt_tokens=prompt, generated_tokens=generated, completed=completed)
 
 
 class Sidecar:
@@ -128,14 +128,14 @@ class Sidecar:
         config: TokenPoolsConfig,
         pool: str,
         upstream: str,
-        admission: Admission,
+        gate: Gatekeeper,
         metrics: SidecarMetrics,
         options: SidecarOptions = SidecarOptions(),
     ) -> None:
         self.pool: Pool = config.pool(pool)
         self.upstream = upstream.rstrip("/")
-        self.admission = admission
-        self.limiter = admission.limiter
+        self.gate = gate
+        self.limiter = gate.limiter
         self.metrics = metrics
         self.options = options
         ents = config.entitlements_of(pool)
@@ -219,7 +219,7 @@ class Sidecar:
         prompts = await self._tokenize(req, chat) if self.options.tokenize else None
         est = req.estimate(self.limiter, prompts)
         stats.offered_requests += 1
-        decision = await self.admission.admit(name, est, ent.tier)
+        decision = await self.gate.admit(name, est, ent.tier)
         if not decision.admitted:
             dim = decision.dimension or "concurrency"
             stats.rejected[dim] += 1
@@ -229,7 +229,7 @@ class Sidecar:
             headers["x-tokenscaler-dimension"] = dim
             message = decision.message(name, ent.tier.value)
             return error_response(429, message, RATE_LIMIT_TYPES[dim], None, "rate_limit_exceeded", headers)
-        flight = Flight(self.admission, decision.reservation, stats, self.w)  # type: ignore[arg-type]
+        flight = Flight(self.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
         try:
             return await self._forward(request, raw, req, flight, t0)
         except asyncio.CancelledError:
@@ -252,7 +252,7 @@ class Sidecar:
         return f"The request body{got} is larger than the limit of {self.options.max_body_bytes} bytes."
 
     def _headers(self, name: str) -> dict[str, str]:
-        return ratelimit_headers(self.limiter.status(name, self.admission.now()))
+        return ratelimit_headers(self.limiter.status(name, self.gate.now()))
 
     def _preempted_response(self, ent: Entitlement) -> web.Response:
         message = PREEMPTED_MESSAGE.format(tier=ent.tier.value, name=ent.name)

@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from tokenscaler.sim.kv_cache import BlockPool
-from tokenscaler.sim.profile import Profile
+from tokenscaler.sim.profile import EngineProfile
 from tokenscaler.sim.request import QueueFullError, Request, RequestStatus, StepResult
 from tokenscaler.sim.stats import EngineStats
 
@@ -69,7 +69,7 @@ VTC_OUTPUT_WEIGHT = 2.0  # VTC's w_q (output tokens cost 2, as in the paper's ev
 class Engine:
     """A simulated vLLM engine for one profile. See the module docstring for the model."""
 
-    def __init__(self, profile: Profile, *, seed: int = 0, max_num_queued_reqs: int | None = None) -> None:
+    def __init__(self, profile: EngineProfile, *, seed: int = 0, max_num_queued_reqs: int | None = None) -> None:
         self.profile = profile
         self.max_num_queued_reqs = max_num_queued_reqs
         self.stats = EngineStats(max_model_len=profile.max_model_len)
@@ -147,6 +147,10 @@ class Engine:
     def busy_until_s(self) -> float:
         """End of the last step; the next step starts no earlier."""
         return self._busy_until
+
+    def slot_tokens(self, slot: int) -> int:
+        """Prompt plus generated tokens of the request running in ``slot`` (:class:`SlotTokens`)."""
+        return int(self._total[slot])
 
     def get(self, request_id: str) -> Request | None:
         """A live (waiting or running) request."""

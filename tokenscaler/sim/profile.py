@@ -1,6 +1,6 @@
 """Engine profiles: the numbers that make a simulated engine behave like one model on one GPU.
 
-A profile is a YAML document validated by :class:`Profile`. Built-in profiles live beside
+A profile is a YAML document validated by :class:`EngineProfile`. Built-in profiles live beside
 this module in ``profiles/NAME.yaml`` (``llama-3.1-8b-h100``, the default,
 ``llama-3.1-70b-h100-tp4`` and ``demo``); ``--profile`` takes a built-in name or the path
 of a user's YAML file with the same fields. Every number in the built-in files carries a
@@ -87,7 +87,7 @@ class OutputLength(_Frozen):
         return self
 
 
-class Profile(_Frozen):
+class EngineProfile(_Frozen):
     """One simulated engine: its cache, its scheduler limits, its speed, its outputs."""
 
     name: str
@@ -130,7 +130,7 @@ class Profile(_Frozen):
         return self.num_gpu_blocks * self.block_size
 
     @model_validator(mode="after")
-    def _limits_fit(self) -> Profile:
+    def _limits_fit(self) -> EngineProfile:
         if self.max_model_len > self.kv_capacity_tokens:
             raise ValueError(
                 f"max_model_len ({self.max_model_len}) must be <= KV capacity num_gpu_blocks * block_size "
@@ -143,13 +143,13 @@ class Profile(_Frozen):
             )
         return self
 
-    def with_overrides(self, **overrides: Any) -> Profile:
+    def with_overrides(self, **overrides: Any) -> EngineProfile:
         """A copy with the given fields replaced (``None`` values are ignored), validated again."""
         updates = {k: v for k, v in overrides.items() if v is not None}
         if not updates:
             return self
         try:
-            return Profile.model_validate({**self.model_dump(), **updates})
+            return EngineProfile.model_validate({**self.model_dump(), **updates})
         except ValidationError as e:
             raise ProfileError(f"profile {self.name!r} with overrides {updates}: {_errors(e)}") from e
 
@@ -172,17 +172,17 @@ def builtin_profile_names() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def parse_profile(document: Any, source: str) -> Profile:
+def parse_profile(document: Any, source: str) -> EngineProfile:
     """Validate a parsed YAML document; errors name ``source`` and the offending field."""
     if not isinstance(document, dict):
         raise ProfileError(f"{source}: a profile must be a mapping, got {type(document).__name__}")
     try:
-        return Profile.model_validate(document)
+        return EngineProfile.model_validate(document)
     except ValidationError as e:
         raise ProfileError(f"{source}: {_errors(e)}") from e
 
 
-def load_profile(name_or_path: str) -> Profile:
+def load_profile(name_or_path: str) -> EngineProfile:
     """A built-in profile by name, or a profile from a YAML file path."""
     if name_or_path in builtin_profile_names():
         text = _profile_dir().joinpath(f"{name_or_path}.yaml").read_text("utf-8")

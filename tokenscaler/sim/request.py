@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from tokenscaler.sim.engine import Engine
+
+class SlotTokens(Protocol):
+    """Where a running request's token count lives (the engine's arrays)."""
+
+    def slot_tokens(self, slot: int) -> int:
+        """Prompt plus generated tokens of the request running in ``slot``."""
+        ...
 
 
 class QueueFullError(RuntimeError):
@@ -37,7 +42,7 @@ class Request:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: SlotTokens,
         request_id: str,
         prompt_tokens: int,
         max_tokens: int,
@@ -76,7 +81,7 @@ class Request:
     def output_tokens(self) -> int:
         """Tokens generated so far."""
         if self.slot >= 0:
-            return int(self._engine._total[self.slot]) - self.prompt_tokens
+            return self._engine.slot_tokens(self.slot) - self.prompt_tokens
         return self.num_tokens - self.prompt_tokens
 
     @property

@@ -33,7 +33,7 @@ from tokenscaler.sim import api
 from tokenscaler.sim.api import ApiError
 from tokenscaler.sim.engine import Engine, QueueFullError, Request
 from tokenscaler.sim.metrics import CONTENT_TYPE, build_registry
-from tokenscaler.sim.profile import Profile
+from tokenscaler.sim.profile import EngineProfile
 from tokenscaler.sim.prompt import block_hashes, filler_text, token_ids
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class SimServer:
 
     def __init__(
         self,
-        profile: Profile,
+        profile: EngineProfile,
         *,
         model_name: str | None = None,
         seed: int = 0,
@@ -120,17 +120,19 @@ class SimServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Listen on ``host:port`` (0: a free port) and run the engine; returns the port."""
-        loop = asyncio.get_running_loop()
-        self._ready_at = loop.time() + self.startup_s
-        self._loop_task = asyncio.create_task(self._engine_loop(), name="sim-engine")
-        self._runner = web.AppRunner(
-            self.app, handler_cancellation=True, access_log=None, shutdown_timeout=0.25
-        )
-        await self._runner.setup()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        return await self.start_on(sock)
+
+    async def start_on(self, sock: socket.socket) -> int:
+        """Serve on an already bound socket and run the engine; returns the port."""
+        loop = asyncio.get_running_loop()
+        self._ready_at = loop.time() + self.startup_s
+        self._loop_task = asyncio.create_task(self._engine_loop(), name="sim-engine")
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=0.25)
+        await self._runner.setup()
         site = web.SockSite(self._runner, sock)
         await site.start()
         return int(sock.getsockname()[1])

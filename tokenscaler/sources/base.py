@@ -31,27 +31,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tokenscaler.core.usage import (
+from tokenscaler.core import metric_names as names
+from tokenscaler.core.observation import (
     ADMITTED_TPS,
     INFLIGHT,
     OFFERED_TPS,
     RESERVED_KV,
     AnswerKind,
+    LoadProfile,
     Observation,
     PoolSignals,
-    Profile,
 )
-from tokenscaler.sidecar import metrics as sidecar
 
-# The sidecar metrics the controller reads (names from the sidecar's one list) and the
-# signal column each feeds: four series per entitlement and replica, whatever else the
-# sidecars export. The offered load per replica (routing) is the offered-tokens counter.
+# The sidecar metrics the controller reads (names from the one list) and the signal column
+# each feeds: four series per entitlement and replica, whatever else the sidecars export.
+# The offered load per replica (routing) is the offered-tokens counter.
 SIDECAR_RATES: dict[str, int] = {
-    sidecar.OFFERED_WEIGHTED_TOKENS_TOTAL: OFFERED_TPS,
-    sidecar.ADMITTED_WEIGHTED_TOKENS_TOTAL: ADMITTED_TPS,
+    names.OFFERED_WEIGHTED_TOKENS_TOTAL: OFFERED_TPS,
+    names.ADMITTED_WEIGHTED_TOKENS_TOTAL: ADMITTED_TPS,
 }
-SIDECAR_GAUGES: dict[str, int] = {sidecar.INFLIGHT_REQUESTS: INFLIGHT, sidecar.RESERVED_KV_TOKENS: RESERVED_KV}
-SIDECAR_FRESHNESS = sidecar.LIMITS_AGE_SECONDS  # every sidecar exports it: its timestamp is the last scrape
+SIDECAR_GAUGES: dict[str, int] = {names.INFLIGHT_REQUESTS: INFLIGHT, names.RESERVED_KV_TOKENS: RESERVED_KV}
+SIDECAR_FRESHNESS = names.LIMITS_AGE_SECONDS  # every sidecar exports it: its timestamp is the last scrape
 
 __all__ = [
     "SIDECAR_FRESHNESS",
@@ -79,14 +79,14 @@ class SourceError(Exception):
 
 
 class MetricsSource(Protocol):
-    """Reads one :class:`Observation` per interval, and a :class:`Profile` on its own cadence."""
+    """Reads one :class:`Observation` per interval, and a :class:`LoadProfile` on its own cadence."""
 
     async def read(self, now: float) -> Observation:
         """What the interval plans with: at least offered and admitted tokens/s per
         entitlement and the pools' engine signals (gauges and routing if they come free)."""
         ...
 
-    async def read_profile(self, now: float) -> Profile | None:
+    async def read_profile(self, now: float) -> LoadProfile | None:
         """The footprint of each entitlement's requests and the routing, read off the
         interval's path (the controller calls it after publishing, every
         ``profile_refresh_s``); None when :meth:`read` already carries them."""

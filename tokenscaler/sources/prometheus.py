@@ -32,12 +32,13 @@ from prometheus_api_client import PrometheusApiClientException, PrometheusConnec
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from tokenscaler.core.usage import (
+from tokenscaler.core import metric_names as names
+from tokenscaler.core.observation import (
     ADMITTED_TPS,
     INFLIGHT,
     OFFERED_TPS,
     RESERVED_KV,
-    Profile,
+    LoadProfile,
     ReplicaTable,
     SignalTable,
     SignalTableBuilder,
@@ -124,12 +125,12 @@ def build_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query
         ent["offered_tokens"],
         ent["admitted_tokens"],
         # one series per engine: readiness and KV capacity (labels carry the cache config)
-        Query("cache_config", 'vllm:cache_config_info{pool!=""}', ("pool", "instance", "engine")),
-        Query("running", "sum by (pool) (vllm:num_requests_running)", ("pool",)),
-        Query("waiting", "sum by (pool) (vllm:num_requests_waiting)", ("pool",)),
-        Query("kv_usage", "avg by (pool) (vllm:kv_cache_usage_perc)", ("pool",)),
-        Query("prompt_tokens", f"sum by (pool) (rate(vllm:prompt_tokens_total[{w}]))", ("pool",)),
-        Query("generation_tokens", f"sum by (pool) (rate(vllm:generation_tokens_total[{w}]))", ("pool",)),
+        Query("cache_config", f'{names.VLLM_CACHE_CONFIG_INFO}{{pool!=""}}', ("pool", "instance", "engine")),
+        Query("running", f"sum by (pool) ({names.VLLM_NUM_REQUESTS_RUNNING})", ("pool",)),
+        Query("waiting", f"sum by (pool) ({names.VLLM_NUM_REQUESTS_WAITING})", ("pool",)),
+        Query("kv_usage", f"avg by (pool) ({names.VLLM_KV_CACHE_USAGE_PERC})", ("pool",)),
+        Query("prompt_tokens", f"sum by (pool) (rate({names.VLLM_PROMPT_TOKENS_TOTAL}[{w}]))", ("pool",)),
+        Query("generation_tokens", f"sum by (pool) (rate({names.VLLM_GENERATION_TOKENS_TOTAL}[{w}]))", ("pool",)),
         Query("targets_down", 'count by (pool) (up{pool!=""} == 0)', ("pool",)),
         Query("freshest", f"max by (pool) (timestamp({SIDECAR_FRESHNESS}))", ("pool",)),
     ]
@@ -270,7 +271,7 @@ class PrometheusSource:
         results = await self._gather(self.queries, now)
         return assemble(now, results, self.queries, self.max_staleness_s)
 
-    async def read_profile(self, now: float) -> Profile:
+    async def read_profile(self, now: float) -> LoadProfile:
         results = await self._gather(self.profile, now)
         return assemble_profile(now, results, self.profile)
 
@@ -324,9 +325,9 @@ def _signal_table(results: Mapping[str, Any], queries: list[Query], answers: Cou
     return table.build()
 
 
-def assemble_profile(now: float, results: Mapping[str, Any], queries: list[Query]) -> Profile:
-    """The profile's answers (raw or collected) as a :class:`Profile`; the last query is the routing."""
-    profile = Profile(time=now)
+def assemble_profile(now: float, results: Mapping[str, Any], queries: list[Query]) -> LoadProfile:
+    """The profile's answers (raw or collected) as a :class:`LoadProfile`; the last query is the routing."""
+    profile = LoadProfile(time=now)
     routing = _column(queries[-1], results, profile.answers)
     profile.routing = ReplicaTable(
         pools=[k[0] for k in routing.keys],

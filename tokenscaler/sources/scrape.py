@@ -2,7 +2,8 @@
 
 For one machine (the local demo, tests, a laptop trial) the controller reads the same
 quantities the Prometheus source gets from PromQL by fetching every configured target
-once per interval and parsing it with prometheus-client's text parser. Counters become
+once per interval and parsing it with prometheus-client's text parser
+(:meth:`ScrapeSource.observe` turns one round of samples into an observation, without I/O). Counters become
 rates from the previous scrape of the same target (a counter that went down was reset:
 its new value is the increase). A target that cannot be scraped marks its pool
 incomplete, as ``up == 0`` does with Prometheus; when no target at all answers the read
@@ -22,15 +23,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from tokenscaler.core.model import read_document, validate_document
-from tokenscaler.core.usage import OFFERED_TPS, Profile, ReplicaTable, SignalTableBuilder
+from tokenscaler.core import metric_names as names
+from tokenscaler.core.observation import OFFERED_TPS, LoadProfile, ReplicaTable, SignalTableBuilder
 from tokenscaler.sources.base import (
     SIDECAR_GAUGES,
     SIDECAR_RATES,
@@ -54,8 +54,19 @@ class ScrapeConfig(BaseModel):
     timeout_s: float = Field(2.0, gt=0)
 
 
-def load_scrape_config(path: str | Path) -> ScrapeConfig:
-    return validate_document(ScrapeConfig, read_document(path), str(path), "'pools'")
+Sample = tuple[str, dict[str, str], float]
+
+
+@dataclass(frozen=True)
+class ScrapeResult:
+    """One target's answer in one round: its samples, or why there are none."""
+
+    pool: str
+    kind: str  # "engine" or "sidecar"
+    target: str  # the URL (or any stable id): counters are rated against its previous round
+    samples: list[Sample] | None = None
+    error: str | None = None
+    malformed: bool = False  # answered, but not parseable as the exposition format
 
 
 @dataclass
@@ -90,7 +101,6 @@ class ScrapeSource:
         return increase / (now - prev.time)
 
     async def read(self, now: float) -> Observation:
-        obs = Observation(time=now)
         jobs: list[tuple[str, str, str]] = [
             (pool, kind, str(url))
             for pool, targets in self.config.pools.items()
@@ -98,28 +108,45 @@ class ScrapeSource:
             for url in urls
         ]
         texts = await asyncio.gather(*(self._fetch(url) for _, _, url in jobs), return_exceptions=True)
+        results = []
+        for (pool, kind, url), text in zip(jobs, texts, strict=True):
+            if isinstance(text, BaseException):
+                results.append(ScrapeResult(pool, kind, url, error=f"scrape of {url} failed: {text!s:.200}"))
+                continue
+            try:
+                samples = list(_samples(text))
+            except ValueError as e:  # the text parser's error for malformed exposition
+                results.append(
+                    ScrapeResult(pool, kind, url, error=f"{url}: malformed exposition: {e!s:.200}", malformed=True)
+                )
+                continue
+            results.append(ScrapeResult(pool, kind, url, samples=samples))
+        return self.observe(results, now)
+
+    def observe(self, results: Iterable[ScrapeResult], now: float) -> Observation:
+        """The :class:`Observation` of one round of scrapes (no I/O: :meth:`read` fetches,
+        a virtual-time harness passes samples collected in process). Counters become rates
+        from the previous round's samples of the same target."""
+        obs = Observation(time=now)
+        results = list(results)
         answered = 0
         kv_usage: dict[str, list[float]] = {}
         table = SignalTableBuilder()
         replica_offered: dict[tuple[str, str, str], float] = {}
-        for (pool, kind, url), text in zip(jobs, texts, strict=True):
-            obs.pool(pool)
-            if isinstance(text, BaseException):
-                obs.incomplete.setdefault(pool, f"scrape of {url} failed: {text!s:.200}")
+        for r in results:
+            obs.pool(r.pool)
+            if r.samples is None:
+                obs.incomplete.setdefault(r.pool, r.error or f"scrape of {r.target} failed")
+                if r.malformed:
+                    obs.answers[(r.kind, AnswerKind.NAN)] += 1
                 continue
             answered += 1
-            try:
-                samples = list(_samples(text))
-            except ValueError as e:  # the text parser's error for malformed exposition
-                obs.incomplete.setdefault(pool, f"{url}: malformed exposition: {e!s:.200}")
-                obs.answers[(kind, AnswerKind.NAN)] += 1
-                continue
-            if kind == "engine":
-                self._engine(obs, pool, url, samples, now, kv_usage.setdefault(pool, []))
+            if r.kind == "engine":
+                self._engine(obs, r.pool, r.target, r.samples, now, kv_usage.setdefault(r.pool, []))
             else:
-                self._sidecar(obs, table, replica_offered, pool, url, samples, now)
-        if jobs and answered == 0:
-            raise SourceError("unreachable", f"none of the {len(jobs)} scrape targets answered")
+                self._sidecar(obs, table, replica_offered, r.pool, r.target, r.samples, now)
+        if results and answered == 0:
+            raise SourceError("unreachable", f"none of the {len(results)} scrape targets answered")
         for pool, values in kv_usage.items():
             if values:
                 obs.pool(pool).kv_cache_usage = sum(values) / len(values)
@@ -140,18 +167,18 @@ class ScrapeSource:
             if not finite(value):
                 obs.answers[("engine", AnswerKind.NAN)] += 1
                 continue
-            if name == "vllm:cache_config_info":
+            if name == names.VLLM_CACHE_CONFIG_INFO:
                 add_engine(ps, labels)
-            elif name == "vllm:num_requests_running":
+            elif name == names.VLLM_NUM_REQUESTS_RUNNING:
                 ps.requests_running += value
-            elif name == "vllm:num_requests_waiting":
+            elif name == names.VLLM_NUM_REQUESTS_WAITING:
                 ps.requests_waiting += value
-            elif name == "vllm:kv_cache_usage_perc":
+            elif name == names.VLLM_KV_CACHE_USAGE_PERC:
                 usage.append(value)
-            elif name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+            elif name in (names.VLLM_PROMPT_TOKENS_TOTAL, names.VLLM_GENERATION_TOKENS_TOTAL):
                 rate = self._rate(url, (name, labels.get("engine", "")), value, now, current)
                 if rate is not None:
-                    if name == "vllm:prompt_tokens_total":
+                    if name == names.VLLM_PROMPT_TOKENS_TOTAL:
                         ps.prompt_tokens_per_s += rate
                     else:
                         ps.generation_tokens_per_s += rate
@@ -192,7 +219,7 @@ class ScrapeSource:
                 replica_offered[rkey] = replica_offered.get(rkey, 0.0) + rate
         self._previous[url] = _Previous(now, current)
 
-    async def read_profile(self, now: float) -> Profile | None:
+    async def read_profile(self, now: float) -> LoadProfile | None:
         return None  # read() carries the gauges and the routing, from the same scrape
 
     async def close(self) -> None:
@@ -201,7 +228,7 @@ class ScrapeSource:
             self._session = None
 
 
-def _samples(text: str) -> Iterable[tuple[str, dict[str, str], float]]:
+def _samples(text: str) -> Iterable[Sample]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             yield s.name, s.labels, float(s.value)

@@ -1,4 +1,4 @@
-"""The limits document the admission API serves: each entitlement's ceiling follows the ready
+"""The limits document the controller's API serves: each entitlement's ceiling follows the ready
 replicas and the replica's share of the load, as its limits do."""
 
 from __future__ import annotations
@@ -7,13 +7,17 @@ import json
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
-from tokenscaler.control.store import PublishedPlan
+from tokenscaler.control.metrics import ControllerMetrics
+from tokenscaler.control.store import PlanStore, PublishedPlan
+from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.limits import LimitsDocument
 from tokenscaler.core.model import TokenPoolsConfig
-from tokenscaler.core.plan import PlannerState, PoolInput, plan_interval
+from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
-from tokenscaler.serve.admission import limits_document
+from tokenscaler.core.state import PlannerState
+from tokenscaler.serve.api import ControllerApi
 
 CONFIG = TokenPoolsConfig.model_validate(
     {
@@ -47,6 +51,13 @@ def published(ready: int, shares: dict[str, list[float]] | None = None) -> Publi
     )
     observed = {"p": {r: np.array(s) for r, s in (shares or {}).items()}}
     return PublishedPlan(plan=plan, version=7, published_at=1000.0, shares=observed)
+
+
+def limits_document(pub: PublishedPlan, pool: str, replica: str | None, ttl_s: float) -> dict:
+    """The document as the API serves it (JSON)."""
+    registry = CollectorRegistry()
+    api = ControllerApi(PlanStore(), registry, ControllerMetrics(registry), limits_ttl_s=ttl_s)
+    return json.loads(api.document(pub, pool, replica).model_dump_json())
 
 
 def document(pub: PublishedPlan, replica: str | None) -> LimitsDocument:

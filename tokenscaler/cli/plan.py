@@ -7,11 +7,14 @@ import json
 import sys
 import time
 
+from tokenscaler.cli.common import EXIT_OK, config_error, fail, usage_errors
+from tokenscaler.config import load_config, load_usage
 from tokenscaler.control.persist import StateFileError, load_state, save_state
-from tokenscaler.core.model import ConfigError, load_config
-from tokenscaler.core.plan import PlannerState, plan_interval
+from tokenscaler.core.model import ConfigError
+from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
-from tokenscaler.core.usage import load_usage, to_inputs
+from tokenscaler.core.state import PlannerState
+from tokenscaler.core.usage import to_inputs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,24 +28,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.interval_s <= 0:
-        print(f"--interval-s ({args.interval_s:g}) must be > 0", file=sys.stderr)
-        return 2
+        return usage_errors("plan", [f"--interval-s ({args.interval_s:g}) must be > 0"])
     try:
         config = load_config(args.config)
         rows = build_pool_rows(config)
         inputs = to_inputs(load_usage(args.usage), rows, args.usage)
     except ConfigError as e:
-        for line in e.errors:
-            print(f"{e.source}: {line}", file=sys.stderr)
-        return 1
+        return config_error(e)
     try:
         state = load_state(args.state) if args.state else PlannerState()
     except StateFileError as e:
-        print(str(e), file=sys.stderr)
-        return 1
+        return fail("plan", str(e))
     plan, new_state = plan_interval(rows, inputs, state, now=time.time(), interval_s=args.interval_s)
     if args.state:
         save_state(args.state, new_state)
     json.dump(plan.to_json(), sys.stdout, indent=2)
     sys.stdout.write("\n")
-    return 0
+    return EXIT_OK

@@ -1,15 +1,13 @@
-"""The admission API (HTTP): limits for the sidecars, the plan, health, metrics.
+"""The controller's HTTP API: limits for the sidecars, the plan, health, metrics.
 
 Routes (all answers come from the :class:`PlanStore`; nothing is solved on a request):
 
-* ``GET /v1/pools/{pool}/limits?replica={id}``: the :class:`LimitsDocument` for one
-  replica's sidecar. Each entitlement's pool-level limit and burst are split by this
-  replica's observed share of the entitlement's offered load, so uneven routing never
-  throttles a tenant below its entitlement: ``share = max(observed, 1 / (2 x ready))``
-  where the replica has seen the entitlement's traffic, ``1 / ready`` (even) where it has
-  not (a new replica, or no traffic yet). The floors of
-  :func:`~tokenscaler.core.plan.split_per_replica` keep every non-zero limit usable.
-  ``ETag`` is the document's version; ``If-None-Match`` with it answers 304.
+* ``GET /v1/pools/{pool}/limits?replica={id}``: the
+  :class:`~tokenscaler.core.limits.LimitsDocument` for one replica's sidecar, built by
+  :func:`~tokenscaler.core.limits.limits_document` (each entitlement's pool-level limit
+  and burst split by this replica's observed share of its offered load, so uneven routing
+  never throttles a tenant below its entitlement). ``ETag`` is the document's version;
+  ``If-None-Match`` with it answers 304.
 * ``GET /v1/plan``: the whole plan, the shape ``tokenscaler plan`` prints, plus
   ``version``, ``stale`` and ``stale_since``.
 * ``GET /healthz`` (the process serves), ``GET /readyz`` (a plan exists), ``GET /metrics``.
@@ -19,73 +17,12 @@ Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tokenscaler.control.metrics import ControllerMetrics
 from tokenscaler.control.store import PlanStore, PublishedPlan
-from tokenscaler.core.limits import API_VERSION
-from tokenscaler.core.model import DIMENSIONS
-from tokenscaler.core.plan import PoolPlan, split_per_replica
-
-_TIERS = ("guaranteed", "elastic", "spot")
-
-
-def replica_shares(pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: str | None) -> np.ndarray:
-    """This replica's share (n,) of each entitlement's pool-level limits.
-
-    ``observed`` maps replica -> (n,) share of offered load seen there (NaN where unseen).
-    """
-    even = 1.0 / max(pp.ready_replicas, 1)
-    shares = np.full(pp.rows.n, even)
-    seen = observed.get(replica) if replica is not None else None
-    if seen is not None and seen.shape == shares.shape:
-        known = ~np.isnan(seen)
-        shares[known] = np.clip(np.maximum(seen[known], even / 2.0), 0.0, 1.0)
-    return shares
-
-
-def limits_document(published: PublishedPlan, pool: str, replica: str | None, ttl_s: float) -> dict[str, Any]:
-    pp = published.plan.pools[pool]
-    shares = replica_shares(pp, published.shares.get(pool, {}), replica)
-    p = pp.rows.problem
-    if replica is None:
-        lim, bur = pp.limit_per_replica, pp.burst_per_replica
-    else:
-        lim, bur = split_per_replica(pp.pool, pp.limit, pp.burst, p.limit, shares)
-    ceiling, ceiling_burst = split_per_replica(pp.pool, p.limit, pp.burst, p.limit, shares)
-    lim_rows, bur_rows = lim.tolist(), bur.tolist()
-    ceil_rows, ceil_bur_rows = ceiling.tolist(), ceiling_burst.tolist()
-    tiers, prios = p.tier.tolist(), p.priority.tolist()
-    entitlements = {
-        name: {
-            "tier": _TIERS[tiers[i]],
-            "priority": prios[i],
-            "limit": dict(zip(DIMENSIONS, lim_rows[i], strict=True)),
-            "burst": dict(zip(DIMENSIONS, bur_rows[i], strict=True)),
-            # unlimited components are null on the wire (JSON has no infinity)
-            "ceiling": {d: None if math.isinf(v) else v for d, v in zip(DIMENSIONS, ceil_rows[i], strict=True)},
-            "ceiling_burst": dict(zip(DIMENSIONS, ceil_bur_rows[i], strict=True)),
-        }
-        for i, name in enumerate(pp.rows.names)
-    }
-    return {
-        "api_version": API_VERSION,
-        "kind": "Limits",
-        "pool": pool,
-        "replica": replica,
-        "version": str(published.version),
-        "generated_at": published.plan.now,
-        "expires_at": published.published_at + ttl_s,
-        "stale": published.stale,
-        "entitlements": entitlements,
-    }
+from tokenscaler.core.limits import LimitsDocument, limits_document
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -93,7 +30,7 @@ def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
-class AdmissionApi:
+class ControllerApi:
     def __init__(
         self, store: PlanStore, registry: CollectorRegistry, metrics: ControllerMetrics, *, limits_ttl_s: float = 60.0
     ) -> None:
@@ -103,6 +40,18 @@ class AdmissionApi:
         self.limits_ttl_s = limits_ttl_s
         self._cache: dict[tuple[str, str | None], bytes] = {}  # documents of plan _cache_version
         self._cache_version: int | None = None
+
+    def document(self, published: PublishedPlan, pool: str, replica: str | None) -> LimitsDocument:
+        """The limits document of ``replica`` (None: the even split) in the published plan."""
+        return limits_document(
+            published.plan.pools[pool],
+            published.shares.get(pool, {}),
+            replica,
+            version=str(published.version),
+            generated_at=published.plan.now,
+            expires_at=published.published_at + self.limits_ttl_s,
+            stale=published.stale,
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
@@ -114,7 +63,7 @@ class AdmissionApi:
         return app
 
     def _count(self, route: str, status: int) -> None:
-        self.metrics.admission_requests.labels(route, str(status)).inc()
+        self.metrics.api_requests.labels(route, str(status)).inc()
 
     async def limits(self, request: web.Request) -> web.StreamResponse:
         route = "limits"
@@ -137,7 +86,7 @@ class AdmissionApi:
             self._cache_version = published.version
         body = self._cache.get((pool, replica))
         if body is None:
-            body = json.dumps(limits_document(published, pool, replica, self.limits_ttl_s)).encode()
+            body = self.document(published, pool, replica).model_dump_json().encode()
             self._cache[(pool, replica)] = body
         self._count(route, 200)
         return web.Response(body=body, content_type="application/json", headers={"ETag": etag})

@@ -1,4 +1,4 @@
-"""The asyncio runtime every server role shares: uvloop where available, stop on a signal.
+"""The asyncio runtime every server role shares: uvloop where available, stop on a signal, GC tuning.
 
 ``run(main)`` runs the coroutine function ``main`` on a uvloop event loop (plain asyncio
 where uvloop is not installed) and returns its exit code; ``until_signal()`` waits for
@@ -41,10 +41,16 @@ async def until_signal() -> None:
     await stop.wait()
 
 
-def settle_heap() -> None:
+def settle_heap(young_threshold: int | None = None) -> None:
     """Move every object alive now (a role's configuration, indexes, restored state) to the
     collector's permanent generation (``gc.freeze``): they live as long as the process,
     and at 10,000 entitlements each full collection would re-scan them while an interval
-    decodes its metrics (measured: ~390 -> ~260 ms per interval, BENCHMARKS.md)."""
+    decodes its metrics (measured: ~390 -> ~260 ms per interval, BENCHMARKS.md).
+
+    ``young_threshold`` raises the youngest generation's threshold (the sidecar: aiohttp
+    allocates a few hundred objects per request, so collect them less often)."""
     gc.collect()
     gc.freeze()
+    if young_threshold is not None:
+        _, middle, old = gc.get_threshold()
+        gc.set_threshold(young_threshold, max(middle, 20), max(old, 20))

@@ -1,10 +1,10 @@
-"""`tokenscaler controller`: the interval loop, the KEDA scaler and the admission API in one process.
+"""`tokenscaler controller`: the interval loop, the KEDA scaler and the HTTP API in one process.
 
     tokenscaler controller --config FILE [--prometheus-url URL | --scrape-config FILE]
         [--grpc-listen ADDR] [--http-listen ADDR] [--state FILE] [--interval-s N] ...
 
 One asyncio loop (uvloop where available) hosts the planning loop, the gRPC server for KEDA
-and the HTTP admission API. Once both servers accept connections it prints
+and the HTTP API (limits for the sidecars, the plan). Once both servers accept connections it prints
 ``tokenscaler controller listening on http://HOST:PORT`` then
 ``tokenscaler controller scaler on grpc://HOST:PORT``. SIGTERM stops it cleanly: servers
 close, the last state is already on disk (it is written after every interval).
@@ -13,14 +13,19 @@ close, the last state is already on disk (it is written after every interval).
 from __future__ import annotations
 
 import argparse
-import sys
 
+from tokenscaler.cli.common import (
+    EXIT_OK,
+    add_log_level,
+    address,
+    bind,
+    config_error,
+    fail,
+    setup_logging,
+    usage_errors,
+)
 
-def _address(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host or "0.0.0.0", int(port)
+_address = address("0.0.0.0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="FILE", help="scaler server certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="scaler server private key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_log_level(p)
 
 
 def _check(args: argparse.Namespace) -> list[str]:
@@ -103,16 +108,12 @@ def _check(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
+    from tokenscaler.cli import runtime
 
-    from tokenscaler import runtime
-
-    errors = _check(args)
-    if errors:
-        for e in errors:
-            print(f"tokenscaler controller: {e}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code = usage_errors("controller", _check(args))
+    if code:
+        return code
+    setup_logging(args.log_level)
     return runtime.run(lambda: _main(args))
 
 
@@ -120,17 +121,18 @@ async def _main(args: argparse.Namespace) -> int:
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
-    from tokenscaler import runtime
+    from tokenscaler.cli import runtime
+    from tokenscaler.config import load_config, load_model
     from tokenscaler.control.loop import Controller
     from tokenscaler.control.metrics import ControllerMetrics, PlanCollector
     from tokenscaler.control.persist import StateFileError
     from tokenscaler.control.store import PlanStore
-    from tokenscaler.core.model import ConfigError, load_config
-    from tokenscaler.serve.admission import AdmissionApi
+    from tokenscaler.core.model import ConfigError
+    from tokenscaler.serve.api import ControllerApi
     from tokenscaler.serve.scaler import ScalerTLS, start_scaler
     from tokenscaler.sources.base import MetricsSource
     from tokenscaler.sources.prometheus import PrometheusSource
-    from tokenscaler.sources.scrape import ScrapeSource, load_scrape_config
+    from tokenscaler.sources.scrape import ScrapeConfig, ScrapeSource
 
     try:
         config = load_config(args.config)
@@ -144,15 +146,12 @@ async def _main(args: argparse.Namespace) -> int:
                 recorded=args.recording_rules,
             )
         else:
-            source = ScrapeSource(load_scrape_config(args.scrape_config))
+            source = ScrapeSource(load_model(ScrapeConfig, args.scrape_config, "'pools'"))
         tls = ScalerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     except ConfigError as e:
-        for line in e.errors:
-            print(f"{e.source}: {line}", file=sys.stderr)
-        return 1
+        return config_error(e)
     except ValueError as e:
-        print(f"tokenscaler controller: {e}", file=sys.stderr)
-        return 1
+        return fail("controller", str(e))
 
     registry = CollectorRegistry()
     metrics = ControllerMetrics(registry)
@@ -171,24 +170,29 @@ async def _main(args: argparse.Namespace) -> int:
     try:
         restored = controller.restore()
     except StateFileError as e:
-        print(f"tokenscaler controller: {e} (move it away to start without state)", file=sys.stderr)
-        return 1
+        return fail("controller", f"{e} (move it away to start without state)")
     runtime.settle_heap()
 
-    api = AdmissionApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
+    api = ControllerApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
     runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
     await runner.setup()
     http_host, http_port = args.http_listen
     grpc_host, grpc_port = args.grpc_listen
     try:
-        site = web.TCPSite(runner, http_host, http_port)
+        http_sock = bind("--http-listen", http_host, http_port)
+        site = web.SockSite(runner, http_sock)
         await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await source.close()
+        return fail("controller", str(e))
+    try:
         grpc_server, bound_grpc = await start_scaler(store, f"{grpc_host}:{grpc_port}", tls, registry=registry)
     except OSError as e:
-        print(f"tokenscaler controller: {e}", file=sys.stderr)
         await runner.cleanup()
-        return 1
-    bound_http = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await source.close()
+        return fail("controller", f"--grpc-listen {grpc_host}:{grpc_port}: {e}")
+    bound_http = http_sock.getsockname()[1]
     print(f"tokenscaler controller listening on http://{http_host}:{bound_http}", flush=True)
     print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
 
@@ -199,4 +203,4 @@ async def _main(args: argparse.Namespace) -> int:
         await grpc_server.stop(1.0)
         await runner.cleanup()
         await source.close()
-    return 0
+    return EXIT_OK

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from tokenscaler.core.model import ConfigError, Tier, load_config
+from tokenscaler.cli.common import EXIT_OK, config_error
+from tokenscaler.config import load_config
+from tokenscaler.core.model import ConfigError, Tier
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,12 +17,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as e:
-        for line in e.errors:
-            print(f"{e.source}: {line}", file=sys.stderr)
-        return 1
+        return config_error(e)
     tiers = {t: sum(1 for e in config.entitlements if e.tier is t) for t in Tier}
     print(
         f"{args.config}: ok: {len(config.pools)} pool(s), {len(config.entitlements)} entitlement(s) "
         f"({', '.join(f'{n} {t.value}' for t, n in tiers.items())})"
     )
-    return 0
+    return EXIT_OK

@@ -1,4 +1,4 @@
-"""The asynchronous edge of admission: the guaranteed queue, preemption and settling.
+"""The gatekeeper: the asynchronous edge of a sidecar's admission decisions (queue, preemption, settling).
 
 The decisions are the pure limiter's (:mod:`tokenscaler.core.limiter`); this module adds
 what needs the event loop:
@@ -13,7 +13,7 @@ what needs the event loop:
   the queue full.
 * **Preemption.** The victims a decision names are cut through the handle their handler
   registered (:class:`Preemptible`).
-* **Settling.** :meth:`Admission.finish` reconciles a reservation and wakes its queue.
+* **Settling.** :meth:`Gatekeeper.finish` reconciles a reservation and wakes its queue.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ class _Waiter:
         self.event = asyncio.Event()
 
 
-class Admission:
-    """Admission for one sidecar: the limiter plus queues, preemption and metrics."""
+class Gatekeeper:
+    """Who goes through one sidecar: the limiter plus the guaranteed queue, preemption and metrics."""
 
     def __init__(
         self,

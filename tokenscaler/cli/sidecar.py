@@ -1,4 +1,4 @@
-"""``tokenscaler sidecar``: run the rate-limit proxy in front of one vLLM replica.
+"""``tokenscaler sidecar``: wire the rate-limit proxy in front of one vLLM replica into a process.
 
 Prints ``tokenscaler sidecar listening on http://HOST:PORT`` (flushed) once the proxy
 accepts connections, then ``tokenscaler sidecar metrics on http://HOST:PORT`` for the
@@ -15,6 +15,8 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from tokenscaler.cli.common import EXIT_OK, add_log_level, address, bind, config_error, fail, setup_logging
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -25,7 +27,10 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default="127.0.0.1:8001", help="HOST:PORT to serve on (default: %(default)s)")
+    parser.add_argument(
+        "--listen", type=address("127.0.0.1"), default="127.0.0.1:8001", metavar="HOST:PORT",
+        help="address to serve on (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--upstream", required=True, help="base URL of the engine, e.g. http://127.0.0.1:8000")
     parser.add_argument("--config", required=True, help="token-pools config file (YAML or JSON)")
     parser.add_argument("--pool", required=True, help="the pool this replica belongs to")
@@ -74,64 +79,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="depth of the replica-wide backfill bucket, in seconds of replica throughput (default: 1)",
     )  # fmt: skip
     group.add_argument("--upstream-connections", type=int, default=512, help="connection pool size to the upstream")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
-
-
-def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen must be HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    add_log_level(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
-    import gc
     import logging
-    import socket
-    import sys
 
     from aiohttp import web
 
-    from tokenscaler import runtime
+    from tokenscaler.cli import runtime
+    from tokenscaler.config import load_config
     from tokenscaler.core.limiter import Limiter
-    from tokenscaler.core.model import ConfigError, load_config
-    from tokenscaler.sidecar.admission import Admission
+    from tokenscaler.core.model import ConfigError
+    from tokenscaler.sidecar.gatekeeper import Gatekeeper
     from tokenscaler.sidecar.limits import HttpLimitsSource, LimitsSource, StaticLimitsSource, describe
     from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
     from tokenscaler.sidecar.proxy import Sidecar, SidecarOptions
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level)
     log = logging.getLogger("tokenscaler.sidecar")
+    host, port = args.listen
     try:
-        host, port = _listen(args.listen)
         config = load_config(args.config)
         pool = config.pool(args.pool)
     except ConfigError as e:
-        print(f"tokenscaler sidecar: invalid config {e.source}:", file=sys.stderr)
-        for line in e.errors:
-            print(f"  {line}", file=sys.stderr)
-        return 2
+        return config_error(e)
     except KeyError:
-        print(f"tokenscaler sidecar: pool {args.pool!r} is not in {args.config}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"tokenscaler sidecar: {e}", file=sys.stderr)
-        return 2
-
-    def bind(h: str, p: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET6 if ":" in h else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((h, p))
-        return sock
+        known = ", ".join(p.name for p in config.pools)
+        return fail("sidecar", f"--pool {args.pool!r} is not in {args.config} (pools: {known})")
 
     async def serve() -> int:
         try:
-            proxy_sock = bind(host, port)
-            metrics_sock = bind(host, args.metrics_port)
+            proxy_sock = bind("--listen", host, port)
+            metrics_sock = bind("--metrics-port", host, args.metrics_port)
         except OSError as e:
-            print(f"tokenscaler sidecar: cannot listen: {e}", file=sys.stderr)
-            return 1
+            return fail("sidecar", str(e))
         shown = f"[{host}]" if ":" in host else host
         actual_port = proxy_sock.getsockname()[1]
         replica = args.replica_id or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or f"{host}:{actual_port}"
@@ -139,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         limiter = Limiter(pool, now=loop.time(), preempt=args.preempt, replica_window_s=args.replica_window_s)
         stats = [EntitlementStats(e.name, e.tier.value) for e in config.entitlements_of(pool.name)]
         metrics = SidecarMetrics(pool.name, replica, limiter, stats)
-        admission = Admission(limiter, metrics, queue_size=args.queue_size, max_wait_s=args.queue_max_wait_s)
+        gate = Gatekeeper(limiter, metrics, queue_size=args.queue_size, max_wait_s=args.queue_max_wait_s)
         source: LimitsSource
         if args.limits_url:
             source = HttpLimitsSource(
@@ -151,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         metrics.limits_age = source.age_s
         metrics.limits_fetch_errors = lambda: source.fetch_errors
         initial = source.initial()
-        admission.apply(initial, loop.time())
+        gate.apply(initial, loop.time())
         log.info("limits (%s): %s", initial.state, describe(initial.limits))
         options = SidecarOptions(
             max_body_bytes=args.max_body_bytes,
@@ -160,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             retry_after_max_s=args.retry_after_max_s,
             upstream_connections=args.upstream_connections,
         )
-        sidecar = Sidecar(config, pool.name, args.upstream, admission, metrics, options)
+        sidecar = Sidecar(config, pool.name, args.upstream, gate, metrics, options)
         runner = web.AppRunner(sidecar.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         await web.SockSite(runner, proxy_sock).start()
@@ -174,20 +157,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokenscaler sidecar metrics on http://{shown}:{metrics_sock.getsockname()[1]}", flush=True)
 
         def apply(update: LimitsUpdate) -> None:
-            admission.apply(update, loop.time())
+            gate.apply(update, loop.time())
 
         source_task = asyncio.create_task(source.run(apply), name="limits-source")
         source_task.add_done_callback(_log_source_failure)
         # the config, models and modules are permanent: keep them out of every collection, and
         # collect the young generation less often (aiohttp allocates a few hundred objects per request)
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 20, 20)
+        runtime.settle_heap(young_threshold=20_000)
         await runtime.until_signal()
         source_task.cancel()
         await runner.cleanup()
         await metrics_runner.cleanup()
-        return 0
+        return EXIT_OK
 
     return runtime.run(serve)
 

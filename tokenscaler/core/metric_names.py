@@ -1,0 +1,146 @@
+"""Every ``tokenscaler_*`` metric name, and the engine metrics the controller reads: one list.
+
+The sidecar exports its names from here and the controller's sources query the same
+constants, so a rename cannot split producer and consumer; the controller's own names
+(the plan, the loop, the KEDA scaler) sit beside them. Dashboards and alert rules are
+tested against :data:`ALL_NAMES` and :data:`ENGINE_NAMES`.
+
+Label sets: every sidecar series carries ``pool`` and ``replica``; per-entitlement ones add
+``entitlement`` and ``tier`` (:data:`SIDECAR_ENTITLEMENT_LABELS`), and per-dimension ones
+``dimension`` (one of :data:`~tokenscaler.core.model.DIMENSIONS`). Controller series carry
+``pool`` (and ``entitlement``, ``tier``, ``dimension`` where per entitlement or dimension).
+"""
+
+from __future__ import annotations
+
+# --- sidecar (produced by each sidecar, read by the controller)
+
+SIDECAR_LABELS: tuple[str, ...] = ("pool", "replica")
+SIDECAR_ENTITLEMENT_LABELS: tuple[str, ...] = ("pool", "replica", "entitlement", "tier")
+
+SIDECAR_PREFIX = "tokenscaler_sidecar_"
+
+REQUESTS_TOTAL = SIDECAR_PREFIX + "requests_total"
+"""Counter {entitlement, tier, outcome}: outcome admitted | rejected | error | unauthenticated."""
+REJECTIONS_TOTAL = SIDECAR_PREFIX + "rejections_total"
+"""Counter {entitlement, tier, dimension}: rejections by the binding dimension."""
+PROMPT_TOKENS_TOTAL = SIDECAR_PREFIX + "prompt_tokens_total"
+"""Counter {entitlement, tier}: prompt tokens of admitted requests the engine accepted."""
+GENERATION_TOKENS_TOTAL = SIDECAR_PREFIX + "generation_tokens_total"
+"""Counter {entitlement, tier}: generated tokens, counted as they stream."""
+ADMITTED_WEIGHTED_TOKENS_TOTAL = SIDECAR_PREFIX + "admitted_weighted_tokens_total"
+"""Counter {entitlement, tier}: weighted tokens served (the usage signal)."""
+OFFERED_WEIGHTED_TOKENS_TOTAL = SIDECAR_PREFIX + "offered_weighted_tokens_total"
+"""Counter {entitlement, tier}: served weighted tokens plus rejected requests' estimates (demand)."""
+OFFERED_REQUESTS_TOTAL = SIDECAR_PREFIX + "offered_requests_total"
+"""Counter {entitlement, tier}: requests that reached admission (admitted, rejected or queued)."""
+INFLIGHT_REQUESTS = SIDECAR_PREFIX + "inflight_requests"
+"""Gauge {entitlement, tier}: sequences in flight (a request with ``n`` choices counts ``n``)."""
+RESERVED_KV_TOKENS = SIDECAR_PREFIX + "reserved_kv_tokens"
+"""Gauge {entitlement, tier}: KV tokens reserved by in-flight requests (prompt + max new tokens)."""
+LIMIT = SIDECAR_PREFIX + "limit"
+"""Gauge {entitlement, tier, dimension}: this replica's sustained limit (+Inf: unlimited)."""
+BURST = SIDECAR_PREFIX + "burst"
+"""Gauge {entitlement, tier, dimension}: this replica's burst (bucket depth; overshoot for kv/concurrency)."""
+CEILING = SIDECAR_PREFIX + "ceiling"
+"""Gauge {entitlement, tier, dimension}: never exceeded on this replica, backfill included (+Inf: unlimited)."""
+BACKFILL_ALLOWED = SIDECAR_PREFIX + "backfill_allowed"
+"""Gauge {entitlement, tier}: 1 when the entitlement may use this replica's idle capacity."""
+LIMITS_AGE_SECONDS = SIDECAR_PREFIX + "limits_age_seconds"
+"""Gauge: seconds since the limits in force were last confirmed by their source (static: 0)."""
+LIMITS_STATE = SIDECAR_PREFIX + "limits_state"
+"""Gauge {state}: 1 for the current state among static, fresh, stale, expired."""
+LIMITS_FETCH_ERRORS_TOTAL = SIDECAR_PREFIX + "limits_fetch_errors_total"
+"""Counter: failed polls of the limits source."""
+ADDED_LATENCY_SECONDS = SIDECAR_PREFIX + "added_latency_seconds"
+"""Histogram {route}: time in the sidecar before forwarding plus the per-response overhead."""
+PREEMPTED_STREAMS_TOTAL = SIDECAR_PREFIX + "preempted_streams_total"
+"""Counter {entitlement, tier}: backfilled requests cut to give capacity back."""
+QUEUE_WAIT_SECONDS = SIDECAR_PREFIX + "queue_wait_seconds"
+"""Histogram: how long queued (guaranteed) requests waited, admitted or not."""
+QUEUED_REQUESTS = SIDECAR_PREFIX + "queued_requests"
+"""Gauge {entitlement, tier}: requests waiting in the guaranteed queue now."""
+
+SIDECAR_NAMES: tuple[str, ...] = (
+    REQUESTS_TOTAL, REJECTIONS_TOTAL, PROMPT_TOKENS_TOTAL, GENERATION_TOKENS_TOTAL, ADMITTED_WEIGHTED_TOKENS_TOTAL,
+    OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
+    CEILING, BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
+    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS,
+)  # fmt: skip
+
+# --- controller (the plan and the loop)
+
+# per entitlement, label dimension (and pool, entitlement, tier)
+ENTITLEMENT_GUARANTEE = "tokenscaler_entitlement_guarantee"
+ENTITLEMENT_LIMIT = "tokenscaler_entitlement_limit"
+ENTITLEMENT_BURST = "tokenscaler_entitlement_burst"
+ENTITLEMENT_ALLOCATION = "tokenscaler_entitlement_allocation"
+ENTITLEMENT_DEMAND = "tokenscaler_entitlement_demand"
+ENTITLEMENT_USAGE = "tokenscaler_entitlement_usage"
+ENTITLEMENT_SHORTFALL = "tokenscaler_entitlement_guarantee_shortfall"
+# per entitlement, no dimension
+ENTITLEMENT_DEBT = "tokenscaler_entitlement_debt_share_seconds"
+# per pool
+POOL_DESIRED_REPLICAS = "tokenscaler_pool_desired_replicas"
+POOL_TARGET_REPLICAS = "tokenscaler_pool_target_replicas"
+POOL_READY_REPLICAS = "tokenscaler_pool_ready_replicas"
+POOL_MIN_REPLICAS = "tokenscaler_pool_min_replicas"
+POOL_MAX_REPLICAS = "tokenscaler_pool_max_replicas"
+POOL_CAPACITY = "tokenscaler_pool_capacity"  # label dimension
+POOL_ALLOCATED = "tokenscaler_pool_allocated"  # label dimension
+POOL_DEMAND = "tokenscaler_pool_demand"  # label dimension
+POOL_GUARANTEE_SHORTFALL = "tokenscaler_pool_guarantee_shortfall"  # label dimension
+POOL_DATA_INCOMPLETE = "tokenscaler_pool_data_incomplete"
+# the plan
+PLAN_AGE = "tokenscaler_plan_age_seconds"
+PLAN_STALE = "tokenscaler_plan_stale"
+PLAN_VERSION = "tokenscaler_plan_version"
+# the loop and its inputs
+INTERVAL_DURATION = "tokenscaler_interval_duration_seconds"  # label phase
+INTERVALS = "tokenscaler_intervals_total"  # label outcome
+SOURCE_ERRORS = "tokenscaler_source_errors_total"  # label kind
+SOURCE_ANSWERS = "tokenscaler_source_answers_total"  # labels query, kind
+STATE_WRITE_ERRORS = "tokenscaler_state_write_errors_total"
+API_REQUESTS = "tokenscaler_api_requests_total"  # labels route, code: the HTTP API (limits, plan)
+
+CONTROLLER_NAMES: tuple[str, ...] = tuple(
+    v
+    for k, v in dict(globals()).items()
+    if k.isupper() and isinstance(v, str) and v.startswith("tokenscaler_") and not v.startswith(SIDECAR_PREFIX)
+)
+
+# --- the KEDA scaler (inside the controller)
+
+SCALER_REQUESTS_TOTAL = "tokenscaler_scaler_requests_total"
+SCALER_REQUEST_DURATION_SECONDS = "tokenscaler_scaler_request_duration_seconds"
+SCALER_STALE_ANSWERS_TOTAL = "tokenscaler_scaler_stale_answers_total"
+SCALER_STREAMS_OPEN = "tokenscaler_scaler_streams_open"
+SCALER_STREAM_MESSAGES_TOTAL = "tokenscaler_scaler_stream_messages_total"
+
+SCALER_NAMES: tuple[str, ...] = (
+    SCALER_REQUESTS_TOTAL,
+    SCALER_REQUEST_DURATION_SECONDS,
+    SCALER_STALE_ANSWERS_TOTAL,
+    SCALER_STREAMS_OPEN,
+    SCALER_STREAM_MESSAGES_TOTAL,
+)
+
+ALL_NAMES: tuple[str, ...] = (*SIDECAR_NAMES, *CONTROLLER_NAMES, *SCALER_NAMES)
+
+# --- vLLM's (produced by each engine, read by the controller)
+
+VLLM_CACHE_CONFIG_INFO = "vllm:cache_config_info"
+"""Info gauge; labels ``num_gpu_blocks`` and ``block_size`` (read by name) give KV capacity."""
+VLLM_NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
+VLLM_NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
+VLLM_KV_CACHE_USAGE_PERC = "vllm:kv_cache_usage_perc"
+VLLM_PROMPT_TOKENS_TOTAL = "vllm:prompt_tokens_total"
+VLLM_GENERATION_TOKENS_TOTAL = "vllm:generation_tokens_total"
+ENGINE_NAMES: tuple[str, ...] = (
+    VLLM_CACHE_CONFIG_INFO,
+    VLLM_NUM_REQUESTS_RUNNING,
+    VLLM_NUM_REQUESTS_WAITING,
+    VLLM_KV_CACHE_USAGE_PERC,
+    VLLM_PROMPT_TOKENS_TOTAL,
+    VLLM_GENERATION_TOKENS_TOTAL,
+)
