@@ -12,7 +12,8 @@ with its arrival, first token and last token) and, every interval, a sample of t
   (replica KV x ready); concurrency = running sequences / (replica concurrency x ready);
 * fairness, for every policy alike: each interval, what weighted max-min fairness at the
   configured weights *owes* each tenant at the demand and capacity derived from the
-  observation (:func:`~tokenscaler.core.allocator.allocate`, the planner's own kernel) and
+  observation (a closed-loop tenant's demand scaled to its active slots, so refused retries
+  do not count as more demand) (:func:`~tokenscaler.core.allocator.allocate`, the planner's own kernel) and
   what it *received* (its usage), both as dominant shares x interval. A tenant's
   ``cumulative_share_over_time`` is its received total over everyone's; ``fair_share`` is
   its owed total over everyone's at the end; Jain's index is over ``share / fair_share`` of
@@ -176,7 +177,7 @@ class Recorder:
             inp = derived.inputs[pool.name]
             if inp.ready_replicas > 0:
                 capacity = np.minimum(cap * inp.ready_replicas, inp.capacity if inp.capacity is not None else np.inf)
-                owed = allocate(self.rows.problem, capacity, inp.demand).allocation
+                owed = allocate(self.rows.problem, capacity, self._true_demand(t, inp.demand)).allocation
                 usage = np.nan_to_num(inp.usage if inp.usage is not None else np.zeros_like(owed), nan=0.0)
                 norm = self.rows.problem.normalization
                 self.cum_owed += dominant_share(owed, norm) * dt
@@ -193,6 +194,21 @@ class Recorder:
         self.admitted_t.append(self.completed_n - self._last_completed)
         self._last_offered = self.offered_n.copy()
         self._last_completed = self.completed_n.copy()
+
+    def _true_demand(self, t: float, derived: np.ndarray) -> np.ndarray:
+        """The derived demand, with closed-loop tenants' retries taken out: a tenant whose
+        traffic is slots wants exactly its active slots in flight (its derived demand, which
+        counts every refused retry as offered load, is scaled to that concurrency)."""
+        demand = derived.copy()
+        for i, name in enumerate(self.names):
+            slots = sum(
+                s.slots.count
+                for s in self.loaded.scenario.traffic.get(name, [])
+                if s.slots is not None and s.start_s <= t < (s.end_s if s.end_s is not None else math.inf)
+            )
+            if slots and demand[i, 2] > 0:
+                demand[i] *= slots / demand[i, 2]
+        return demand
 
     # ---- results -----------------------------------------------------------------------
 

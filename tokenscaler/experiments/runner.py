@@ -112,6 +112,8 @@ class Run:
         self.seed = seed
         self.duration = duration_s
         profile = load_profile(self._profile_path())
+        if self.sc.profile_overrides:
+            profile = profile.with_overrides(**self.sc.profile_overrides)
         if self.policy.engine == "vtc":
             profile = profile.with_overrides(scheduling_policy="vtc")
         self.profile = profile
