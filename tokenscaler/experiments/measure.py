@@ -7,7 +7,8 @@ with its arrival, first token and last token) and, every interval, a sample of t
 * per tier: TTFT and TPOT percentiles of completed requests, goodput (generated tokens/s of
   requests within their entitlement's SLO), the throttled fraction (refused / offered), SLO
   attainment (completed within SLO / completed, for tiers with an SLO);
-* utilization per dimension, time-averaged over samples with ready replicas: throughput =
+* utilization per dimension, time-averaged over the samples with ready replicas while spot
+  traffic is offered (the contended window; ``utilization_whole_run`` over all of them): throughput =
   weighted tokens the engines computed / (replica throughput x ready); KV = blocks held /
   (replica KV x ready); concurrency = running sequences / (replica concurrency x ready);
 * fairness, for every policy alike: each interval, what weighted max-min fairness at the
@@ -272,7 +273,12 @@ class Recorder:
             over_time[tier] = series
         util = np.asarray(self.util, dtype=float)
         valid = ~np.isnan(util).any(axis=1) if util.size else np.zeros(0, bool)
-        utilization = {d: float(util[valid, k].mean()) if valid.any() else 0.0 for k, d in enumerate(DIMENSIONS)}
+        whole = {d: float(util[valid, k].mean()) if valid.any() else 0.0 for k, d in enumerate(DIMENSIONS)}
+        # the contended window: while spot traffic is offered (the whole run without spot)
+        lo, hi = self._spot_window(end)
+        tt = np.asarray(self.t)
+        peak = valid & (tt > lo) & (tt <= hi) if util.size else valid
+        utilization = {d: float(util[peak, k].mean()) if peak.any() else whole[d] for k, d in enumerate(DIMENSIONS)}
         share_t = np.asarray(self.share_t)
         fair_t = np.asarray(self.fair_t)
         fair_end = fair_t[-1] if len(fair_t) else np.zeros(len(self.names))
@@ -295,6 +301,8 @@ class Recorder:
         return {
             "tiers": tiers,
             "utilization": utilization,
+            "utilization_window_s": [lo, hi],
+            "utilization_whole_run": whole,
             "replica_seconds": float(self.replica_s),
             "queue_depth_max": int(self.queue_max),
             "ttft_p99_s_over_time": over_time,
@@ -316,6 +324,17 @@ class Recorder:
                 "debt": {n: [float(x[i]) for x in self.debt_t] for i, n in enumerate(self.names)},
             },
         }
+
+    def _spot_window(self, end: float) -> tuple[float, float]:
+        spans = [
+            (s.start_s, s.end_s if s.end_s is not None else end)
+            for name, sources in self.loaded.scenario.traffic.items()
+            if name in self.loaded.spot
+            for s in sources
+        ]
+        if not spans:
+            return 0.0, end
+        return min(a for a, _ in spans), min(max(b for _, b in spans), end)
 
     def _jain_and_convergence(
         self, share_t: np.ndarray, fair_t: np.ndarray, elastic: np.ndarray
