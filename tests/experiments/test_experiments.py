@@ -53,7 +53,7 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
 
 
 def test_paper_fairshare_converges_and_rate_limits_do_not() -> None:
-    res = run_experiment("paper-fairshare", ["tokenpools", "rpm"], 7, 240.0, 1)
+    res = run_experiment("paper-fairshare", ["tokenpools", "rpm"], 7, 300.0, 1)
     for pol, ok in (("tokenpools", True), ("rpm", False)):
         tenants = res["policies"][pol]["tenants"]
         off = max(abs(t["cumulative_share_over_time"][-1][1] / t["fair_share"] - 1) for t in tenants.values())
