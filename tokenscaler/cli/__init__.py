@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("tokenscaler.cli.convert", "write a config as TokenPool/Entitlement CRs, or CRs as a config"),
     "render-dashboards": ("tokenscaler.cli.render_dashboards", "draw the dashboards' panels from Prometheus into PNGs"),
     "probe": ("tokenscaler.cli.probe", "measure one engine and print the replica block for its pool"),
+    "experiment": ("tokenscaler.experiments.cli", "virtual-time experiments: policies on a scenario"),
 }
 
 

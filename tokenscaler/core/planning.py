@@ -7,7 +7,8 @@ planning every caller shares (``tokenscaler plan``, and through the control step
 
 1. :func:`owed_allocation`: allocate the capacity of the ready replicas with the
    configured weights: what each entitlement is *owed* this interval;
-2. :func:`updated_debt`: debt from owed and received service (:mod:`tokenscaler.core.debt`);
+2. :func:`updated_debt`: debt from owed and received service (:mod:`tokenscaler.core.debt`,
+   or another :class:`~tokenscaler.core.weighting.Weighting`: the paper's, or none);
 3. :func:`debt_allocation`: allocate again with debt-adjusted weights: the *allocation*;
 4. :func:`replica_need` + :func:`replica_target` + :func:`stabilize`: the smallest ``R``
    in ``[min_replicas, max_replicas]`` such that every guarantee in full (used or not: what
@@ -17,7 +18,9 @@ planning every caller shares (``tokenscaler plan``, and through the control step
    ``scale_down.stabilization_s`` seconds and then moves at most
    ``scale_down.max_step_replicas`` per interval;
 5. :func:`next_limits`: the sustained limit is the allocation (never below the guarantee
-   for the guaranteed tier), the burst is the configured allowance; both are split over
+   for the guaranteed tier; zero for spot, which lives on backfill of idle capacity and is
+   preempted when a request within its allowance needs the room), the burst is the
+   configured allowance; both are split over
    replicas (:func:`tokenscaler.core.limits.split_per_replica`).
 """
 
@@ -28,15 +31,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from tokenscaler.core.allocator import Allocation, allocate, dominant_share
+from tokenscaler.core.allocator import Allocation, allocate
 from tokenscaler.core.capacity import CAPACITY_TOLERANCE, capacity_conditions, planning_unit, promise_shortfall
-from tokenscaler.core.debt import effective_weights, update_debt
 from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.limits import split_per_replica
 from tokenscaler.core.model import N_DIMS, Pool
 from tokenscaler.core.plan import Plan, PoolPlan
 from tokenscaler.core.rows import PoolRows
 from tokenscaler.core.state import PlannerState, PoolState
+from tokenscaler.core.weighting import DEFAULT_WEIGHTING, Weighting
 
 
 def pool_capacity(rows: PoolRows, inp: PoolInput) -> np.ndarray:
@@ -55,23 +58,9 @@ def owed_allocation(rows: PoolRows, capacity: np.ndarray, demand: np.ndarray) ->
     return allocate(rows.problem, capacity, demand)
 
 
-def updated_debt(
-    rows: PoolRows,
-    state: PoolState,
-    inp: PoolInput,
-    owed: np.ndarray,
-    demand: np.ndarray,
-    ready: int,
-    interval_s: float,
-) -> np.ndarray:
-    """Phase 2: (n,) debt after this interval: owed minus received, in dominant shares of the pool.
-
-    Received service is the measured usage where known, else last interval's allocation,
-    else what was owed (no evidence of a shortfall)."""
-    problem = rows.problem
-    debt = state.debt_array(rows)
-    if ready <= 0 or not rows.n:
-        return debt
+def received_service(rows: PoolRows, state: PoolState, inp: PoolInput, owed: np.ndarray) -> np.ndarray:
+    """(n, 3) service received last interval: the measured usage where known, else last
+    interval's allocation, else what was owed (no evidence of a shortfall)."""
     received = owed.copy()
     last = state.last_allocation_array(rows)
     if last is not None:
@@ -81,28 +70,45 @@ def updated_debt(
         usage = np.asarray(inp.usage, dtype=float)
         known = ~np.isnan(usage).any(axis=1)
         received[known] = np.maximum(usage[known], 0.0)
-    return update_debt(
-        debt,
-        owed_share=dominant_share(owed, problem.normalization) / ready,
-        received_share=dominant_share(received, problem.normalization) / ready,
-        has_demand=(demand > 0).any(axis=1),
-        eligible=problem.is_elastic,
-        interval_s=interval_s,
-        half_life_s=rows.half_life_s,
-        bound_share_s=rows.bound_share_s,
-    )
+    return received
+
+
+def updated_debt(
+    rows: PoolRows,
+    state: PoolState,
+    inp: PoolInput,
+    owed: np.ndarray,
+    demand: np.ndarray,
+    ready: int,
+    interval_s: float,
+    weighting: Weighting = DEFAULT_WEIGHTING,
+) -> np.ndarray:
+    """Phase 2: (n,) debt after this interval: owed minus received (:func:`received_service`),
+    in dominant shares of the pool, by ``weighting``'s rule."""
+    debt = state.debt_array(rows)
+    if ready <= 0 or not rows.n:
+        return debt
+    received = received_service(rows, state, inp, owed)
+    return weighting.update(rows, debt, owed, received, demand, ready, interval_s)
 
 
 def debt_allocation(
-    rows: PoolRows, capacity: np.ndarray, demand: np.ndarray, debt: np.ndarray, owed: Allocation
+    rows: PoolRows,
+    capacity: np.ndarray,
+    demand: np.ndarray,
+    debt: np.ndarray,
+    owed: Allocation,
+    weighting: Weighting = DEFAULT_WEIGHTING,
+    received: np.ndarray | None = None,
 ) -> Allocation:
-    """Phase 3: the allocation with debt-adjusted weights (``owed`` itself when nobody has debt)."""
-    problem = rows.problem
-    elastic = problem.is_elastic
-    if not np.any(debt[elastic] != 0):
+    """Phase 3: the allocation with ``weighting``'s weights given the debt (``owed`` itself
+    when they are the configured ones: nobody has debt)."""
+    if not rows.n:
         return owed
-    weights = effective_weights(problem.weight, debt, rows.doubling_share_s, elastic)
-    return allocate(problem, capacity, demand, weights)
+    weights = weighting.weights(rows, debt, owed.allocation, owed.allocation if received is None else received)
+    if weights is None:
+        return owed
+    return allocate(rows.problem, capacity, demand, weights)
 
 
 def replica_need(rows: PoolRows, demand: np.ndarray) -> np.ndarray:
@@ -147,6 +153,9 @@ def next_limits(rows: PoolRows, alloc: Allocation, ready: int) -> tuple[np.ndarr
     limit = alloc.allocation.copy()
     g = problem.is_guaranteed
     limit[g] = np.maximum(limit[g], problem.guarantee[g])
+    # spot runs on idle capacity only (backfill, preemptible): a sustained spot allowance
+    # would be capacity lent from guarantees that cannot be taken back when they return
+    limit[problem.is_spot] = 0.0
     burst = rows.burst.copy()
     limit_per_replica, burst_per_replica = split_per_replica(
         rows.pool, limit, burst, problem.limit, 1.0 / max(ready, 1)
@@ -161,6 +170,7 @@ def plan_pool(
     now: float,
     interval_s: float,
     capacity_tolerance: float = CAPACITY_TOLERANCE,
+    weighting: Weighting = DEFAULT_WEIGHTING,
 ) -> tuple[PoolPlan, PoolState]:
     pool = rows.pool
     ready = max(int(inp.ready_replicas), 0)
@@ -170,8 +180,9 @@ def plan_pool(
     demand = np.maximum(np.nan_to_num(np.asarray(inp.demand, dtype=float), nan=0.0), 0.0)
 
     owed = owed_allocation(rows, capacity, demand)
-    debt = updated_debt(rows, state, inp, owed.allocation, demand, ready, interval_s)
-    alloc = debt_allocation(rows, capacity, demand, debt, owed)
+    debt = updated_debt(rows, state, inp, owed.allocation, demand, ready, interval_s, weighting)
+    received = received_service(rows, state, inp, owed.allocation) if rows.n else owed.allocation
+    alloc = debt_allocation(rows, capacity, demand, debt, owed, weighting, received)
 
     need = replica_need(rows, demand)
     target = replica_target(pool, need, unit)
@@ -225,15 +236,17 @@ def plan_interval(
     now: float,
     interval_s: float,
     capacity_tolerance: float = CAPACITY_TOLERANCE,
+    weighting: Weighting = DEFAULT_WEIGHTING,
 ) -> tuple[Plan, PlannerState]:
     """Plan every pool of ``rows``; a pool missing from ``inputs`` has no replicas and no demand.
     ``capacity_tolerance``: how far an engine's stated capacity may be from the configured
-    replica before the plan carries a ``CapacityMismatch`` condition."""
+    replica before the plan carries a ``CapacityMismatch`` condition; ``weighting``: how debt
+    moves and bends the weights (tokenscaler's rule by default)."""
     pools: dict[str, PoolPlan] = {}
     new_state = PlannerState(pools={}, updated_at=now)
     for name, r in rows.items():
         inp = inputs.get(name) or PoolInput(ready_replicas=0, demand=np.zeros((r.n, N_DIMS)))
         pools[name], new_state.pools[name] = plan_pool(
-            r, inp, state.pools.get(name, PoolState()), now, interval_s, capacity_tolerance
+            r, inp, state.pools.get(name, PoolState()), now, interval_s, capacity_tolerance, weighting
         )
     return Plan(now=now, interval_s=interval_s, pools=pools), new_state

@@ -35,6 +35,7 @@ from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import PoolRows
 from tokenscaler.core.state import PlannerState, restore_plan, snapshot_plan
+from tokenscaler.core.weighting import DEFAULT_WEIGHTING, Weighting
 
 # pool -> replica -> (n,) share of each entitlement's offered load seen there, NaN if unseen
 Shares = dict[str, dict[str, np.ndarray]]
@@ -47,6 +48,8 @@ class StepSettings:
     interval_s: float = 5.0
     demand_half_life_s: float = 10.0  # half-life of the demand moving average (0: none)
     capacity_tolerance: float = CAPACITY_TOLERANCE  # engine vs configured replica, before a mismatch
+    # how debt moves and bends the weights (tokenscaler.core.weighting): ours, none, the paper's
+    weighting: Weighting = DEFAULT_WEIGHTING
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
@@ -108,7 +111,13 @@ def control_step(
     notes: list[Note] = []
     derived = derive_inputs(rows, observation, state.demand, settings.interval_s, settings.demand_half_life_s)
     plan, planner = plan_interval(
-        rows, derived.inputs, state.planner, now, settings.interval_s, settings.capacity_tolerance
+        rows,
+        derived.inputs,
+        state.planner,
+        now,
+        settings.interval_s,
+        capacity_tolerance=settings.capacity_tolerance,
+        weighting=settings.weighting,
     )
     previous = state.plan
     notes.extend(capacity_notes(plan, previous))

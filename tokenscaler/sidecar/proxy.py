@@ -91,7 +91,7 @@ class Flight:
         self.res = res
         self.stats = stats
         self.w = w
-        self.task = asyncio.current_task()
+        self.task = _current_task()  # None outside an event loop (the experiments' virtual time)
         self.accepted = False
         self.preempted = False
         self.counted_prompt = 0
@@ -556,6 +556,11 @@ class Sidecar:
 
 def _shown(value: float | None) -> str:
     return "nothing" if value is None else f"{value:g}"
+def _current_task() -> asyncio.Task | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 def _uncancel() -> None:

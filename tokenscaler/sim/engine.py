@@ -14,9 +14,10 @@ vLLM V1's ``Scheduler.schedule()``:
    scheduling, the one with the largest ``(priority, arrival)``) is preempted: its blocks
    are freed, it goes back to the front of the waiting queue and will recompute its
    prompt and output so far (recompute preemption).
-2. If nothing was preempted, waiting requests are admitted in order (FCFS, or by
-   ``(priority, arrival)``) while the token budget, ``max_num_seqs`` and free blocks allow;
-   the first that does not fit, or that arrives after the step starts, stops admission.
+2. If nothing was preempted, waiting requests are admitted in order (FCFS, by
+   ``(priority, arrival)``, or by the Virtual Token Counter, see below) while the token
+   budget, ``max_num_seqs`` and free blocks allow; the first that does not fit, or that
+   arrives after the step starts, stops admission.
    Prompt blocks found in the prefix cache are not computed again.
 3. The step lasts the profile's step time for what was scheduled
    (:class:`~tokenscaler.sim.profile.StepTimeModel`); every request whose computed tokens
@@ -27,6 +28,15 @@ vLLM V1's ``Scheduler.schedule()``:
 The running set lives in numpy arrays indexed by a stable slot, so a decode step costs a
 few vector operations whatever the batch size; Python touches a request only when it is
 admitted, produces its first token, is preempted or ends.
+
+``scheduling_policy: vtc`` is the Virtual Token Counter of Sheng et al., "Fairness in
+Serving Large Language Models" (OSDI 2024): every tenant (``add_request(tenant=...)``) has
+a counter of the service it received, ``VTC_PROMPT_WEIGHT`` per prompt token at admission
+and ``VTC_OUTPUT_WEIGHT`` per generated token as it is generated; the waiting queue is one
+FCFS queue per tenant and admission always takes the head of the tenant with the smallest
+counter (ties by tenant name). A tenant whose queue was empty is lifted on arrival to the
+smallest counter of the tenants waiting (or, when none waits, of the tenant served last), so
+idle time banks no credit. Preemption picks the newest running request, as FCFS does.
 
 Invariants of every step (asserted by the tests): tokens scheduled <= ``max_num_batched_tokens``;
 running <= ``max_num_seqs``; every running request holds ``ceil(computed / block_size)`` or
@@ -52,6 +62,8 @@ from tokenscaler.sim.stats import EngineStats
 __all__ = ["Engine", "QueueFullError", "Request", "RequestStatus", "StepResult"]
 
 _NO_SEQ = np.iinfo(np.int64).max
+VTC_PROMPT_WEIGHT = 1.0  # VTC's w_p (Sheng et al. 2024, section 4: input tokens cost 1)
+VTC_OUTPUT_WEIGHT = 2.0  # VTC's w_q (output tokens cost 2, as in the paper's evaluation)
 
 
 class Engine:
@@ -67,6 +79,12 @@ class Engine:
         self._thr = profile.long_prefill_token_threshold  # cap on one request's prefill chunk (0: none)
         self._max_seqs = profile.max_num_seqs
         self._priority = profile.scheduling_policy == "priority"
+        self._vtc = profile.scheduling_policy == "vtc"
+        self._vtc_queues: dict[str, deque[Request]] = {}
+        self._vtc_counter: dict[str, float] = {}
+        self._vtc_tenants: list[str] = []  # index -> tenant name (slot arrays hold the index)
+        self._vtc_index: dict[str, int] = {}
+        self._vtc_last = 0.0  # counter of the tenant served last
         self._caching = profile.enable_prefix_caching
         self._step_s = profile.step_time.step_s
         out = profile.output_length
@@ -89,6 +107,8 @@ class Engine:
         self._blocks = np.zeros(cap, dtype=np.int64)
         self._seq = np.full(cap, _NO_SEQ, dtype=np.int64)
         self._last_tok = np.zeros(cap, dtype=np.float64)
+        self._tenant = np.zeros(cap, dtype=np.int64)
+        self._vtc_gen = np.zeros(0, dtype=np.float64)  # generated tokens per tenant index (VTC)
         self._slots: list[Request | None] = [None] * cap
         self._free_slots = list(range(cap))
         self._hi = 0  # slots >= _hi are free
@@ -155,8 +175,12 @@ class Engine:
         block_hashes: Sequence[int] = (),
         min_tokens: int = 0,
         ignore_eos: bool = False,
+        tenant: str = "",
+        output_tokens: int | None = None,
     ) -> Request:
-        """Queue a request; it may generate up to ``max_tokens`` tokens.
+        """Queue a request; it may generate up to ``max_tokens`` tokens. ``tenant`` names
+        whom it is served for (the VTC policy's counters); ``output_tokens`` replaces the
+        profile's output-length draw (a replayed trace knows when each request stopped).
 
         Raises :class:`QueueFullError` when ``max_num_queued_reqs`` requests already wait,
         ``ValueError`` for a duplicate id or lengths outside ``1 <= prompt``,
@@ -174,10 +198,18 @@ class Engine:
             raise QueueFullError(
                 f"the waiting queue is full (max_num_queued_reqs={self.max_num_queued_reqs})"
             )
-        target, reason = self._output_target(max_tokens, min_tokens, ignore_eos)
+        if output_tokens is not None and output_tokens < max_tokens:
+            target, reason = max(1, output_tokens, min_tokens), "stop"
+        elif output_tokens is not None:
+            target, reason = max_tokens, "length"
+        else:
+            target, reason = self._output_target(max_tokens, min_tokens, ignore_eos)
         req = Request(
             self, request_id, prompt_tokens, max_tokens, target, reason, priority, now, tuple(block_hashes)
         )
+        req.tenant = tenant
+        if self._vtc:
+            self._vtc_arrive(tenant)
         if not self._requests:  # idle: the next step starts when this request arrives
             self._busy_until = max(self._busy_until, now)
         self._requests[request_id] = req
@@ -205,9 +237,46 @@ class Engine:
 
     # ---- waiting queue -----------------------------------------------------------------
 
+    def _vtc_arrive(self, tenant: str) -> None:
+        """VTC's counter lift for a tenant whose queue is empty."""
+        self._vtc_sync()
+        if tenant not in self._vtc_index:
+            self._vtc_index[tenant] = len(self._vtc_tenants)
+            self._vtc_tenants.append(tenant)
+            self._vtc_gen = np.append(self._vtc_gen, 0.0)
+            self._vtc_counter[tenant] = 0.0
+        if self._vtc_waiting(tenant):
+            return
+        waiting = [self._vtc_counter[t] for t, q in self._vtc_queues.items() if t != tenant and self._vtc_waiting(t)]
+        floor = min(waiting) if waiting else self._vtc_last
+        self._vtc_counter[tenant] = max(self._vtc_counter[tenant], floor)
+
+    def _vtc_waiting(self, tenant: str) -> bool:
+        q = self._vtc_queues.get(tenant)
+        while q and q[0].status is not RequestStatus.WAITING:
+            q.popleft()
+        return bool(q)
+
+    def vtc_counters(self) -> dict[str, float]:
+        """Each tenant's virtual token counter (VTC policy; generated tokens included)."""
+        self._vtc_sync()
+        return dict(self._vtc_counter)
+
+    def _vtc_sync(self) -> None:
+        if self._vtc_gen.size and self._vtc_gen.any():
+            for i in np.flatnonzero(self._vtc_gen).tolist():
+                self._vtc_counter[self._vtc_tenants[i]] += VTC_OUTPUT_WEIGHT * float(self._vtc_gen[i])
+            self._vtc_gen[:] = 0.0
+
     def _push_waiting(self, req: Request, *, front: bool) -> None:
         req.status = RequestStatus.WAITING
-        if self._priority:
+        if self._vtc:
+            q = self._vtc_queues.setdefault(req.tenant, deque())
+            if front:
+                q.appendleft(req)
+            else:
+                q.append(req)
+        elif self._priority:
             heapq.heappush(self._heap, (req.priority, req.arrival_s, self._next_seq, req))
             self._next_seq += 1
         elif front:
@@ -218,6 +287,10 @@ class Engine:
 
     def _peek_waiting(self) -> Request:
         # Aborted requests stay in the queue until they reach its head (lazy removal).
+        if self._vtc:
+            self._vtc_sync()
+            best = min((t for t in self._vtc_queues if self._vtc_waiting(t)), key=lambda t: (self._vtc_counter[t], t))
+            return self._vtc_queues[best][0]
         if self._priority:
             while self._heap[0][3].status is not RequestStatus.WAITING:
                 heapq.heappop(self._heap)
@@ -227,6 +300,13 @@ class Engine:
         return self._fcfs[0]
 
     def _pop_waiting(self) -> None:
+        if self._vtc:
+            req = self._peek_waiting()
+            self._vtc_queues[req.tenant].popleft()
+            self._vtc_counter[req.tenant] += VTC_PROMPT_WEIGHT * req.prompt_tokens
+            self._vtc_last = self._vtc_counter[req.tenant]
+            self._num_waiting -= 1
+            return
         if self._priority:
             heapq.heappop(self._heap)
         else:
@@ -336,6 +416,8 @@ class Engine:
         first = gen & (tot == prompt)
         tot += gen
         num_gen = int(np.count_nonzero(gen))
+        if self._vtc and num_gen:
+            np.add.at(self._vtc_gen, self._tenant[:hi][gen], 1.0)
         st = self.stats
         later = gen & ~first
         if num_gen > len(first_idx := np.flatnonzero(first)):
@@ -508,6 +590,8 @@ class Engine:
             self._blocks[s] = hits + new_blocks
             self._seq[s] = self._next_seq
             self._next_seq += 1
+            if self._vtc:
+                self._tenant[s] = self._vtc_index[req.tenant]
             self._last_tok[s] = req.last_token_s if req.last_token_s is not None else 0.0
             if req.scheduled_s is None:
                 req.scheduled_s = now

@@ -113,11 +113,15 @@ class EngineProfile(_Frozen):
     """Token budget of one step (chunked prefill splits longer prompts)."""
     long_prefill_token_threshold: int = Field(default=0, ge=0)
     """Most tokens one request may prefill in a step; 0 means only the step budget limits it."""
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
-    """``priority``: the request field ``priority`` (lower first) orders waiting and preemption."""
+    scheduling_policy: Literal["fcfs", "priority", "vtc"] = "fcfs"
+    """``priority``: the request field ``priority`` (lower first) orders waiting and preemption;
+    ``vtc``: the Virtual Token Counter orders waiting across tenants (see the engine)."""
     stream_interval: int = Field(default=1, ge=1)
     """Tokens per streamed chunk (vLLM's ``--stream-interval``); first and last are always sent."""
     step_time: StepTimeModel
+    startup_s: float = Field(default=0.0, ge=0)
+    """Seconds from a replica's start until it serves (model load); the experiments' replica
+    manager waits this long before a new replica is ready."""
     output_length: OutputLength = OutputLength()
 
     @property

@@ -37,7 +37,7 @@ class Request:
         "_engine", "arrival_s", "block_hashes", "finish_reason", "finished_s", "first_token_s", "held",
         "last_token_s", "max_tokens", "num_cached_tokens", "num_preemptions", "num_registered",
         "num_tokens", "output_target", "priority", "prompt_tokens", "request_id", "scheduled_s",
-        "slot", "status", "target_reason",
+        "slot", "status", "target_reason", "tenant",
     )  # fmt: skip
 
     def __init__(
@@ -75,6 +75,7 @@ class Request:
         self.finish_reason: str | None = None
         self.num_preemptions = 0
         self.num_cached_tokens = 0
+        self.tenant = ""  # whom it is served for (the VTC scheduling policy)
 
     @property
     def output_tokens(self) -> int:
