@@ -212,8 +212,10 @@ class Gate:
         self.ceiling = _bucket(limits.ceiling[THROUGHPUT], limits.ceiling_burst[THROUGHPUT], now)
         self.inflight = 0  # sequences admitted within the allowance
         self.kv = 0.0
+        # "bf_": what was admitted as backfill of idle replica capacity (beyond the gate's own
+        # allowance), counted apart from inflight/kv; the entitlement's totals are the sums
         self.bf_inflight = 0  # sequences admitted on idle capacity
-        self.bf_kv = 0.0
+        self.bf_kv = 0.0  # KV tokens reserved by them
         self.mean_generated: float | None = None  # per sequence, of completed requests
 
     def update(self, limits: GateLimits, now: float) -> None:

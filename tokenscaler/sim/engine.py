@@ -74,9 +74,9 @@ class Engine:
         self.max_num_queued_reqs = max_num_queued_reqs
         self.stats = EngineStats(max_model_len=profile.max_model_len)
         self._rng = random.Random(seed)
-        self._bs = profile.block_size
-        self._budget = profile.max_num_batched_tokens
-        self._thr = profile.long_prefill_token_threshold
+        self._bs = profile.block_size  # tokens per KV block
+        self._budget = profile.max_num_batched_tokens  # tokens one step may compute
+        self._thr = profile.long_prefill_token_threshold  # cap on one request's prefill chunk (0: none)
         self._max_seqs = profile.max_num_seqs
         self._priority = profile.scheduling_policy == "priority"
         self._vtc = profile.scheduling_policy == "vtc"
@@ -93,6 +93,12 @@ class Engine:
             self._lognormal = (math.log(out.median_tokens), out.sigma)
         self._pool = BlockPool(profile.num_gpu_blocks)
 
+        # Running requests live in slots: row s of every array below is the request in
+        # self._slots[s]. Invariants per running slot: 0 <= _computed <= _total <= _target
+        # (tokens whose KV exists <= prompt + tokens generated so far <= prompt + output
+        # target), _blocks = KV blocks held = ceil(_computed / block size) or more. Schedulers
+        # return ``nn``: (hi,) tokens to compute this step per slot (0: not scheduled;
+        # nn <= _total - _computed; sum(nn) <= the step's token budget).
         cap = profile.max_num_seqs
         self._computed = np.zeros(cap, dtype=np.int64)
         self._total = np.zeros(cap, dtype=np.int64)
