@@ -33,7 +33,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tokenscaler.core.model import ConfigError, TokenPoolsConfig, format_validation_error, load_config, parse_config
+from tokenscaler.config import load_config
+from tokenscaler.core.model import ConfigError, TokenPoolsConfig, format_validation_error, parse_config
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent.parent / "examples" / "experiments"
 
