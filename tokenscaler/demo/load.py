@@ -82,7 +82,7 @@ def prompt_messages(seq: int, tokens: int) -> list[dict[str, str]]:
     """One user message counted as exactly ``tokens`` prompt tokens (at least the chat overhead + 1);
     unique per ``seq`` so no two prompts share a cached prefix."""
     n = max(tokens - _OVERHEAD, 1) * BYTES_PER_TOKEN
-    head = f"request {seq:09d}: ".encode()
+    head = f"{seq} ".encode()  # the unique part first, so even short prompts differ
     body = (head + _FILLER * (n // len(_FILLER) + 1))[:n]
     return [{"role": "user", "content": body.decode("ascii")}]
 
