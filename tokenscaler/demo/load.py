@@ -28,7 +28,7 @@ from typing import Any
 
 import openai
 
-from tokenscaler.core.model import TokenPoolsConfig, hash_api_key
+from tokenscaler.core.model import DIMENSIONS, TokenPoolsConfig, hash_api_key
 from tokenscaler.core.tokens import BYTES_PER_TOKEN, CHAT_MESSAGE_OVERHEAD_TOKENS, CHAT_REPLY_PRIMING_TOKENS
 from tokenscaler.demo.fleet import Fleet, Replica
 from tokenscaler.experiments.scenario import LoadedScenario
@@ -51,7 +51,7 @@ class Record:
     replica: str = ""
     status: str = "open"  # open | answered | rejected | preempted | failed | unrouted
     dimension: str | None = None  # of a 429
-    own_limit: bool = True  # a 429 that names only the entitlement's own limit
+    own_limit: bool = True  # a 429 that names the entitlement's own limit (not only others' use)
     accepted: bool = False  # the sidecar admitted it (a 200 and its headers came back)
     first_token: float | None = None  # seconds since the traffic started
     end: float | None = None
@@ -259,7 +259,9 @@ class LoadGenerator:
         except openai.RateLimitError as e:
             rec.dimension = e.response.headers.get("x-tokenscaler-dimension") or "unknown"
             message = str(e.message)
-            rec.own_limit = "its ceiling" not in message and "no idle capacity" not in message
+            # "...on DIM; DIM: <own shortfall>; its ceiling: ...; no idle capacity on this replica: ..."
+            parts = message.split("; ")[1:]
+            rec.own_limit = any(p.startswith(DIMENSIONS) for p in parts)
             self._finish(rec, "rejected", detail=message)
             return
         except openai.APIStatusError as e:

@@ -9,9 +9,10 @@ Counting (checked by the tests): every request the generator issued is exactly o
 ``answered`` (a full completion), ``rejected`` (a 429, by dimension), ``preempted`` (a 503 from
 the sidecar cutting a backfilled request), ``failed`` (anything else: a timeout, a 5xx) or
 ``unrouted`` (no ready replica); ``sent`` is all but ``unrouted``, so
-``sent == answered + rejected + preempted + failed``. A 429 to a guaranteed request that names
-anything but its own limit (another's use of the replica, its ceiling) would be a guaranteed
-request rejected for spot's sake: ``rejected_not_own`` counts those.
+``sent == answered + rejected + preempted + failed``. A 429 whose message names no shortfall of
+the entitlement's own limit, only others' use of the replica or its ceiling, refused a request
+within its own allowance: for a guaranteed request that would be a rejection for spot's sake,
+and ``rejected_not_own`` counts those.
 """
 
 from __future__ import annotations
