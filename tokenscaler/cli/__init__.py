@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("tokenscaler.cli.sim", "run a vLLM-compatible engine simulator"),
     "sidecar": ("tokenscaler.cli.sidecar", "run the rate-limit sidecar in front of one vLLM replica"),
     "controller": ("tokenscaler.cli.controller", "run the controller: metrics in, plan out (KEDA + sidecars)"),
+    "experiment": ("tokenscaler.experiments.cli", "virtual-time experiments: policies on a scenario"),
     "demo": ("tokenscaler.cli.demo", "token pools live on this machine: a fleet, a scenario's traffic, a report"),
 }
 

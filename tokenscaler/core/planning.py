@@ -18,7 +18,9 @@ planning every caller shares (``tokenscaler plan``, and through the control step
    ``scale_down.stabilization_s`` seconds and then moves at most
    ``scale_down.max_step_replicas`` per interval;
 5. :func:`next_limits`: the sustained limit is the allocation (never below the guarantee
-   for the guaranteed tier), the burst is the configured allowance; both are split over
+   for the guaranteed tier; zero for spot, which lives on backfill of idle capacity and is
+   preempted when a request within its allowance needs the room), the burst is the
+   configured allowance; both are split over
    replicas (:func:`tokenscaler.core.limits.split_per_replica`).
 """
 
@@ -145,6 +147,9 @@ def next_limits(rows: PoolRows, alloc: Allocation, ready: int) -> tuple[np.ndarr
     limit = alloc.allocation.copy()
     g = problem.is_guaranteed
     limit[g] = np.maximum(limit[g], problem.guarantee[g])
+    # spot runs on idle capacity only (backfill, preemptible): a sustained spot allowance
+    # would be capacity lent from guarantees that cannot be taken back when they return
+    limit[problem.is_spot] = 0.0
     burst = rows.burst.copy()
     limit_per_replica, burst_per_replica = split_per_replica(
         rows.pool, limit, burst, problem.limit, 1.0 / max(ready, 1)

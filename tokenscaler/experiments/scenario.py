@@ -132,6 +132,9 @@ class Scenario(_Strict):
     description: str = ""
     duration_s: float = Field(gt=0)
     profile: str
+    profile_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Profile fields replaced for this scenario (e.g. max_num_seqs)."
+    )
     config: dict[str, Any] | None = None
     config_file: str | None = None
     interval_s: float = Field(5.0, gt=0)

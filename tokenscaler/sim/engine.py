@@ -239,6 +239,7 @@ class Engine:
 
     def _vtc_arrive(self, tenant: str) -> None:
         """VTC's counter lift for a tenant whose queue is empty."""
+        self._vtc_sync()
         if tenant not in self._vtc_index:
             self._vtc_index[tenant] = len(self._vtc_tenants)
             self._vtc_tenants.append(tenant)

@@ -1,0 +1,87 @@
+"""The experiments harness, end to end on shortened shipped scenarios: the orderings hold.
+
+Each scenario runs with ``--duration-s`` cut so the whole file stays well under two minutes
+on one core; the assertions are orderings between policies (who keeps the guarantee, who
+converges), not the absolute figures of the full-length runs (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenscaler.cli import main
+from tokenscaler.core.model import ConfigError
+from tokenscaler.experiments.cli import run_experiment
+from tokenscaler.experiments.scenario import load_scenario
+
+
+def _g(res: dict, pol: str, tier: str = "guaranteed") -> dict:
+    return res["policies"][pol]["tiers"][tier]
+
+
+def _ratio(res: dict, pol: str) -> float:
+    g = _g(res, pol)
+    return g["ttft_p99_s"] / g["uncontended_ttft_p99_s"]
+
+
+def test_paper_overload_guarantee_holds_only_with_token_pools(tmp_path: Path) -> None:
+    out = tmp_path / "po"
+    assert main(["experiment", "paper-overload", "--policy", "none,rpm,tokenpools", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert _ratio(res, "tokenpools") <= 1.5
+    assert _g(res, "tokenpools")["ttft_p99_s"] <= 1.2
+    assert _ratio(res, "none") >= 10 * _ratio(res, "tokenpools")
+    # token pools fill the slots spot leaves; a static request rate leaves them idle
+    tp = res["policies"]["tokenpools"]["utilization"]["concurrency"]
+    assert tp >= 0.9
+    assert res["policies"]["rpm"]["utilization"]["concurrency"] < tp - 0.2
+    assert (out / "report.md").is_file() and (out / "ttft_p99_over_time.png").is_file()
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert main(["experiment", "paper-overload", "--policy", "tokenpools,vtc", "--seed", "3",
+                     "--duration-s", "40", "--out", str(tmp_path / name), "--no-report"]) == 0  # fmt: skip
+    assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+    assert main(["experiment", "paper-overload", "--policy", "tokenpools", "--seed", "4",
+                 "--duration-s", "40", "--out", str(tmp_path / "c"), "--no-report"]) == 0  # fmt: skip
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert a["seed"] == 3 and set(a["policies"]) == {"tokenpools", "vtc"}
+
+
+def test_paper_fairshare_converges_and_rate_limits_do_not() -> None:
+    res = run_experiment("paper-fairshare", ["tokenpools", "rpm"], 7, 300.0, 1)
+    for pol, ok in (("tokenpools", True), ("rpm", False)):
+        tenants = res["policies"][pol]["tenants"]
+        off = max(abs(t["cumulative_share_over_time"][-1][1] / t["fair_share"] - 1) for t in tenants.values())
+        assert (off <= 0.05) is ok, (pol, off)
+    assert res["policies"]["tokenpools"]["jain_index_over_time"][-1][1] >= 0.99
+
+
+def test_overload_short_orders_policies() -> None:
+    res = run_experiment("overload", ["none", "tokenpools"], 7, 900.0, 2)
+    assert _ratio(res, "tokenpools") <= 1.5
+    assert _ratio(res, "none") >= 10
+    # no replica-second for spot: the same replicas with and without spot traffic
+    tp = res["policies"]["tokenpools"]
+    assert tp["replica_seconds"] == pytest.approx(tp["replica_seconds_uncontended"], rel=0.05)
+
+
+def test_scenario_errors_name_field_and_value(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "duration_s: 10\nprofile: demo\nconfig: {pools: [{name: p, replica: {throughput_tokens_per_s: 1, "
+        "kv_tokens: 1, concurrency: 1}, max_replicas: 1}]}\ntraffic: {nobody: [{poisson: {rate_rps: -1, "
+        "prompt_tokens: 1, output_tokens: 1}}]}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_scenario(str(bad))
+    assert "rate_rps" in str(e.value) and "-1" in str(e.value)
+    bad.write_text(bad.read_text().replace("rate_rps: -1", "rate_rps: 1"))
+    with pytest.raises(ConfigError) as e:
+        load_scenario(str(bad))
+    assert "traffic.nobody" in str(e.value)
+    assert main(["experiment", "paper-overload", "--policy", "nonsense", "--out", str(tmp_path)]) == 2

@@ -1,0 +1,446 @@
+"""The virtual-time loop: a fleet of engines, their sidecars, the controller and the HPA.
+
+One discrete-event loop (a heap of timed events, ties broken by insertion order, so a run
+is a pure function of scenario, policy and seed). Per replica it holds the simulator's
+:class:`~tokenscaler.sim.engine.Engine`, stepped one scheduler iteration at a time (a step
+event at each step's end delivers its tokens and starts the next), and the sidecar's
+:class:`~tokenscaler.core.limiter.Limiter` with the sidecar's own per-request accounting
+(:class:`~tokenscaler.sidecar.proxy.Flight` into :class:`~tokenscaler.sidecar.metrics.SidecarMetrics`):
+admit, accept, charge as tokens stream (at every scrape), settle at the end, preempt the
+victims a decision names. Every ``interval_s`` the sidecars' and engines' collectors are
+read in-process and parsed by the embedded scraper (:mod:`tokenscaler.experiments.control`);
+the policy's control step plans and every ready sidecar gets its replica's limits document.
+Every ``pollingInterval`` the HPA (:mod:`tokenscaler.experiments.replicas`) moves the
+Deployment; new replicas are ready after the profile's ``startup_s``; a scaled-down replica
+stops receiving requests and leaves when its requests are done.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tokenscaler.core.limiter import INF, GateLimits, Limiter, Reservation
+from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.step import StepSettings
+from tokenscaler.experiments.control import (
+    ControlLoop,
+    Scraper,
+    collect_samples,
+    replica_gate_limits,
+    static_gate_limits,
+)
+from tokenscaler.experiments.measure import Recorder
+from tokenscaler.experiments.policies import POLICIES, gateway_limiter
+from tokenscaler.experiments.replicas import HPA_DEFAULTS, Hpa, rules_from_scaledobject
+from tokenscaler.experiments.scenario import LoadedScenario, Skewed
+from tokenscaler.experiments.traffic import SlotSource, build_traffic
+from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
+from tokenscaler.sidecar.proxy import Flight
+from tokenscaler.sim.engine import Engine
+from tokenscaler.sim.metrics import build_registry
+from tokenscaler.sim.profile import load_profile
+from tokenscaler.sources.scrape import ScrapeResult
+
+ARRIVAL, SLOT, STEP, CONTROL, HPA, EVENT, READY = range(7)
+LIMITS_TTL_S = 60.0
+
+
+class _Gate:
+    """What :class:`Flight` calls on the sidecar's gatekeeper, at the loop's virtual now."""
+
+    __slots__ = ("limiter", "now")
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.now = 0.0
+
+    def charge(self, res: Reservation, generated: int) -> None:
+        self.limiter.charge(res, generated, self.now)
+
+    def finish(self, res: Reservation, *, prompt_tokens: int, generated_tokens: int, completed: bool) -> None:
+        self.limiter.finish(
+            res, self.now, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, completed=completed
+        )
+
+
+@dataclass(eq=False)
+class Call:
+    """One request a client sent: where it went and what became of it."""
+
+    tenant: str
+    arrival: float
+    prompt: int
+    output: int
+    max_tokens: int
+    slot: SlotSource | None
+    replica: Replica | None = None
+    flight: Flight | None = None
+    rid: str = ""
+    first_token: float | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class Replica:
+    id: str
+    engine: Engine
+    limiter: Limiter
+    gate: _Gate
+    metrics: SidecarMetrics
+    registry: object
+    ready_at: float
+    state: str = "starting"  # starting | ready | draining | gone
+    step_scheduled: bool = False
+    pending: object | None = None  # the StepResult whose tokens arrive at the next step event
+    calls: dict[str, Call] = field(default_factory=dict)  # engine request id -> call
+    by_seq: dict[int, Call] = field(default_factory=dict)  # reservation seq -> call (preemption)
+    served: float = 0.0  # weighted tokens at the last sample
+
+
+class Run:
+    """One policy on one scenario (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedScenario, policy: str, seed: int, duration_s: float, *, without_spot: bool):
+        self.loaded = loaded
+        self.sc = loaded.scenario
+        self.config = loaded.config
+        self.pool = loaded.pool
+        self.policy = POLICIES[policy]
+        self.seed = seed
+        self.duration = duration_s
+        profile = load_profile(self._profile_path())
+        if self.sc.profile_overrides:
+            profile = profile.with_overrides(**self.sc.profile_overrides)
+        if self.policy.engine == "vtc":
+            profile = profile.with_overrides(scheduling_policy="vtc")
+        self.profile = profile
+        self.rows = build_pool_rows(self.config)
+        self.ents = {e.name: e for e in self.config.entitlements}
+        self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
+        self.heap: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self.replicas: list[Replica] = []
+        self._next_id = 0
+        self._rr = 0
+        self.rng = np.random.default_rng(seed)
+        self.lost = 0
+        fixed = self.sc.replicas.fixed or self.pool.max_replicas
+        self.autoscaled = self.policy.replicas != "fixed"
+        self.ceiling = self.pool.max_replicas if self.autoscaled else fixed
+        initial = self.sc.replicas.initial if self.sc.replicas.initial is not None else self.pool.min_replicas
+        self.desired = max(initial, self.pool.min_replicas, 1) if self.autoscaled else fixed
+        self.static_replicas = self.desired
+        self.control: ControlLoop | None = None
+        if self.policy.admission == "tokenpools":
+            settings = StepSettings(interval_s=self.sc.interval_s, weighting=self.policy.make_weighting(self.config))
+            self.control = ControlLoop(self.rows, settings)
+        self.gateway = gateway_limiter(self.policy, self.config, fixed)
+        self.hpa: Hpa | None = None
+        if self.policy.replicas == "tokenpools":
+            self.hpa = Hpa(rules_from_scaledobject(), self.pool.min_replicas, self.pool.max_replicas)
+        elif self.policy.replicas == "keda-queue":
+            self.hpa = Hpa(HPA_DEFAULTS, self.pool.min_replicas, self.pool.max_replicas)
+        self.scraper = Scraper([self.pool.name])
+        self.recorder = Recorder(loaded, self.rows[self.pool.name], self.policy, duration_s)
+        arrivals, slots = build_traffic(loaded, seed, duration_s, without=loaded.spot if without_spot else frozenset())
+        self.arrivals = arrivals
+        self._cursor = [0] * len(arrivals)
+        for i, a in enumerate(arrivals):
+            if a.times.size:
+                self._push(float(a.times[0]), ARRIVAL, i)
+        for s in slots:
+            for _ in range(s.spec.count):
+                self._push(s.start_s, SLOT, s)
+        for i, ev in enumerate(self.sc.events):
+            self._push(ev.at_s, EVENT, i)
+        self._push(0.0, CONTROL, None)
+        if self.hpa is not None:
+            self._push(self.hpa.rules.polling_interval_s, HPA, None)
+        for _ in range(self.desired):
+            self._start_replica(0.0, ready_now=True)
+
+    def _profile_path(self) -> str:
+        p = self.loaded.path(self.sc.profile)
+        return str(p) if p.is_file() else self.sc.profile
+
+    # ---- events ------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self.heap, (t, self._seq, kind, payload))
+
+    def run(self, progress=None) -> dict:  # type: ignore[no-untyped-def]
+        heap, end = self.heap, self.duration
+        while heap and heap[0][0] < end:
+            t, _, kind, payload = heapq.heappop(heap)
+            if kind == STEP:
+                self._step(t, payload)  # type: ignore[arg-type]
+            elif kind == ARRIVAL:
+                i = payload
+                a = self.arrivals[i]  # type: ignore[index]
+                k = self._cursor[i]  # type: ignore[index]
+                self._cursor[i] = k + 1  # type: ignore[index]
+                if k + 1 < a.times.size:
+                    self._push(float(a.times[k + 1]), ARRIVAL, i)
+                self._send(t, Call(a.tenant, t, int(a.prompt[k]), int(a.output[k]), int(a.max_tokens[k]), None))
+            elif kind == SLOT:
+                s: SlotSource = payload  # type: ignore[assignment]
+                if t < s.end_s:
+                    p, o, m = s.draw()
+                    self._send(t, Call(s.tenant, t, p, o, m, s))
+            elif kind == CONTROL:
+                self._control(t)
+                if progress is not None:
+                    progress(t)
+                self._push(t + self.sc.interval_s, CONTROL, None)
+            elif kind == HPA:
+                self._autoscale(t)
+                self._push(t + self.hpa.rules.polling_interval_s, HPA, None)  # type: ignore[union-attr]
+            elif kind == EVENT:
+                self._event(t, self.sc.events[payload])  # type: ignore[index]
+            elif kind == READY:
+                self._ready(t, payload)  # type: ignore[arg-type]
+        return self.recorder.result(end)
+
+    # ---- requests ----------------------------------------------------------------------
+
+    def _route(self) -> Replica | None:
+        ready = [r for r in self.replicas if r.state == "ready"]
+        if not ready:
+            return None
+        routing = self.sc.routing
+        if routing == "random":
+            return ready[int(self.rng.integers(len(ready)))]
+        if isinstance(routing, Skewed) and len(ready) > 1:
+            if self.rng.random() < routing.skewed:
+                return ready[0]
+            self._rr += 1
+            return ready[1 + self._rr % (len(ready) - 1)]
+        self._rr += 1
+        return ready[self._rr % len(ready)]
+
+    def _refused(self, t: float, call: Call, why: str) -> None:
+        call.done = True
+        self.recorder.denied(t, call.tenant, why)
+        if call.slot is not None:
+            self._push(t + call.slot.spec.backoff_s, SLOT, call.slot)
+
+    def _send(self, t: float, call: Call) -> None:
+        self.recorder.offered(t, call.tenant)
+        gw = self.gateway
+        if gw is not None:
+            if not gw.allows(call.tenant, t):
+                return self._refused(t, call, "gateway")
+            if self.policy.admission == "rpm":
+                gw.count(call.tenant, 1.0, t)
+        r = self._route()
+        if r is None:
+            return self._refused(t, call, "no_replica")
+        limit = self.profile.max_model_len
+        call.max_tokens = min(call.max_tokens, limit - 1)
+        call.output = min(call.output, call.max_tokens)
+        call.prompt = min(call.prompt, limit - call.max_tokens)
+        stats = r.metrics.stats[call.tenant]
+        lim = r.limiter
+        est = lim.estimate(call.prompt, call.max_tokens)
+        stats.offered_requests += 1
+        decision = lim.admit(call.tenant, est, t)
+        if not decision.admitted:
+            stats.rejected[decision.dimension or "concurrency"] += 1
+            stats.offered_weighted += lim.expected_weighted(call.tenant, est)
+            return self._refused(t, call, decision.dimension or "concurrency")
+        r.gate.now = t
+        for victim in decision.victims:
+            self.recorder.preempted_count(victim.entitlement)
+            r.metrics.stats[victim.entitlement].preempted += 1
+            vcall = r.by_seq.get(victim.seq)
+            if vcall is not None:
+                self._cut(t, r, vcall, "preempted")
+        flight = Flight(r.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
+        self._seq += 1
+        rid = f"{r.id}-{self._seq}"
+        call.rid, call.replica, call.flight = rid, r, flight
+        r.calls[rid] = call
+        r.by_seq[decision.reservation.seq] = call  # type: ignore[union-attr]
+        r.engine.add_request(rid, call.prompt, call.max_tokens, t, tenant=call.tenant, output_tokens=call.output)
+        flight.accept()
+        self.recorder.queue_depth(r.engine.num_waiting)
+        if not r.step_scheduled:
+            r.step_scheduled = True
+            self._push(max(t, r.engine.busy_until_s), STEP, r)
+
+    def _cut(self, t: float, r: Replica, call: Call, why: str) -> None:
+        """End a call early (preempted by the sidecar, or its replica died)."""
+        if call.done:
+            return
+        call.done = True
+        r.calls.pop(call.rid, None)
+        if call.flight is not None:
+            r.by_seq.pop(call.flight.res.seq, None)
+        r.engine.abort(call.rid, t)
+        flight = call.flight
+        if flight is not None:
+            r.gate.now = t
+            flight.settle()
+        self.recorder.cut(t, call.tenant, why)
+        if call.slot is not None:
+            self._push(t + call.slot.spec.backoff_s, SLOT, call.slot)
+
+    def _step(self, t: float, r: Replica) -> None:
+        res = r.pending
+        r.pending = None
+        if res is not None:
+            r.gate.now = t
+            for req in res.first_token:  # type: ignore[attr-defined]
+                call = r.calls.get(req.request_id)
+                if call is not None:
+                    call.first_token = t
+            for req in res.finished:  # type: ignore[attr-defined]
+                call = r.calls.pop(req.request_id, None)
+                if call is None or call.done:
+                    continue
+                call.done = True
+                r.by_seq.pop(call.flight.res.seq, None)  # type: ignore[union-attr]
+                generated = req.output_tokens
+                call.flight.settle(call.prompt, generated, completed=True)  # type: ignore[union-attr]
+                if self.gateway is not None and self.policy.admission == "tpm":
+                    self.gateway.count(call.tenant, self.w[0] * call.prompt + self.w[1] * generated, t)
+                self.recorder.completed(call.tenant, call.arrival, call.first_token or t, t, generated)
+                if call.slot is not None:
+                    self._push(t + call.slot.spec.think_s, SLOT, call.slot)
+        if r.state == "gone":
+            r.step_scheduled = False
+            return
+        if r.engine.has_work:
+            nxt = r.engine.step(t)
+            if nxt.num_requests:
+                r.pending = nxt
+                self._push(nxt.end_s, STEP, r)
+                return
+        r.step_scheduled = False
+        if r.state == "draining" and not r.engine.has_work:
+            r.state = "gone"
+            self.recorder.replica_gone(t)
+
+    # ---- replicas ----------------------------------------------------------------------
+
+    def _unlimited(self) -> dict[str, GateLimits]:
+        return {
+            e.name: GateLimits(tier=e.tier, priority=e.priority, limit=(INF, INF, INF), ceiling=(INF, INF, INF))
+            for e in self.config.entitlements
+        }
+
+    def _limits_for(self, r: Replica, ready: int) -> dict[str, GateLimits]:
+        if self.control is None:
+            return self._unlimited()
+        if self.control.plan is None:
+            return static_gate_limits(self.config, self.pool.name, self.static_replicas)
+        return replica_gate_limits(self.config, self.control, self.pool.name, r.id, ready, LIMITS_TTL_S)
+
+    def _start_replica(self, t: float, *, ready_now: bool = False) -> None:
+        rid = f"r{self._next_id}"
+        self._next_id += 1
+        engine = Engine(self.profile, seed=self.seed * 1000 + self._next_id)
+        limiter = Limiter(self.pool, now=t)
+        stats = [EntitlementStats(e.name, e.tier.value) for e in self.config.entitlements]
+        metrics = SidecarMetrics(self.pool.name, rid, limiter, stats)
+        registry = build_registry(engine, self.profile.served_model_name, process_metrics=False)
+        r = Replica(rid, engine, limiter, _Gate(limiter), metrics, registry, t + self.profile.startup_s)
+        self.replicas.append(r)
+        self.recorder.replica_started(t)
+        if ready_now:
+            self._ready(t, r)
+        else:
+            self._push(r.ready_at, READY, r)
+
+    def _ready(self, t: float, r: Replica) -> None:
+        if r.state != "starting":
+            return
+        r.state = "ready"
+        r.limiter.set_limits(self._limits_for(r, self._count("ready")), t)
+
+    def _count(self, *states: str) -> int:
+        return sum(1 for r in self.replicas if r.state in states)
+
+    def _reconcile(self, t: float) -> None:
+        """The Deployment: run ``desired`` pods, as far as the replicas not lost allow."""
+        want = min(self.desired, self.ceiling - self.lost)
+        running = [r for r in self.replicas if r.state in ("starting", "ready")]
+        for _ in range(want - len(running)):
+            self._start_replica(t)
+        if len(running) > want:
+            # the newest go first: starting ones before ready ones
+            victims = sorted(running, key=lambda r: (r.state == "ready", -int(r.id[1:])))[: len(running) - want]
+            for r in victims:
+                self._retire(t, r)
+
+    def _retire(self, t: float, r: Replica) -> None:
+        if r.state == "starting":
+            r.state = "gone"
+            self.recorder.replica_gone(t)
+            return
+        r.state = "draining"
+        if not r.engine.has_work:
+            r.state = "gone"
+            self.recorder.replica_gone(t)
+
+    def _event(self, t: float, ev) -> None:  # type: ignore[no-untyped-def]
+        if ev.fail_replicas:
+            ready = [r for r in self.replicas if r.state == "ready"]
+            for r in ready[::-1][: ev.fail_replicas]:
+                for call in list(r.calls.values()):
+                    self._cut(t, r, call, "failed")
+                r.state = "gone"
+                self.recorder.replica_gone(t)
+            self.lost += ev.fail_replicas
+        else:
+            self.lost = max(self.lost - (ev.restore_replicas or 0), 0)
+        self.recorder.mark_event(t, ev)
+        self._reconcile(t)
+
+    def _autoscale(self, t: float) -> None:
+        assert self.hpa is not None
+        if self.policy.replicas == "tokenpools":
+            plan = self.control.plan if self.control is not None else None
+            if plan is None:
+                return  # GetMetrics is UNAVAILABLE until the first plan: KEDA keeps the replicas
+            metric, target = float(plan.pools[self.pool.name].desired_replicas), 1.0
+        else:
+            metric = float(sum(r.engine.num_waiting for r in self.replicas if r.state == "ready"))
+            target = self.sc.keda_queue.target_waiting
+        current = self._count("starting", "ready")
+        self.desired = self.hpa.desired(t, max(current, 1), metric, target)
+        self._reconcile(t)
+
+    # ---- the controller ----------------------------------------------------------------
+
+    def _control(self, t: float) -> None:
+        ready = [r for r in self.replicas if r.state == "ready"]
+        results: list[ScrapeResult] = []
+        for r in ready:
+            r.gate.now = t
+            for call in r.calls.values():  # tokens streamed so far are charged (the SSE path)
+                req = r.engine.get(call.rid)
+                if req is not None and call.flight is not None and req.first_token_s is not None:
+                    call.flight.streamed(req.output_tokens)
+            pool = self.pool.name
+            results.append(ScrapeResult(pool, "sidecar", f"{r.id}/sidecar", collect_samples(r.metrics.registry)))
+            results.append(ScrapeResult(pool, "engine", f"{r.id}/engine", collect_samples(r.registry)))
+        obs = self.scraper.observe(results, t) if results else None
+        plan = None
+        if self.control is not None:
+            plan = self.control.step(obs, t, failure=None if obs is not None else "no replica to scrape")
+            if plan is not None:
+                for r in ready:
+                    r.limiter.set_limits(self._limits_for(r, len(ready)), t)
+        self.recorder.sample(t, obs, plan, self.replicas, self.desired)
+
+
+def run_policy(loaded: LoadedScenario, policy: str, seed: int, duration_s: float, *, without_spot: bool = False,
+               progress=None) -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
+    """Run one policy (``without_spot``: the uncontended twin) and return its results."""
+    return Run(loaded, policy, seed, duration_s, without_spot=without_spot).run(progress)
+
