@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.parse
 import urllib.request
@@ -11,7 +12,10 @@ from typing import Any
 
 import yaml
 
-from tests.support import Proc, free_port, wait_until
+from tests.support import Proc, wait_until
+
+# Prometheus 2.x logs (at info) the address it bound: with port 0, the port the kernel picked.
+LISTENING_RE = re.compile(r'msg="Listening on" address=127\.0\.0\.1:(?P<port>\d+)')
 
 
 def prometheus_binary() -> str | None:
@@ -19,7 +23,8 @@ def prometheus_binary() -> str | None:
 
 
 class PrometheusServer:
-    """Starts ``prometheus`` scraping the given jobs every ``scrape_interval``."""
+    """Starts ``prometheus`` on 127.0.0.1, port 0, scraping the given jobs every
+    ``scrape_interval``; ``port`` and ``url`` are what it bound (read from its log)."""
 
     def __init__(
         self,
@@ -43,19 +48,23 @@ class PrometheusServer:
                 }
             )
         )
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.proc = Proc(
             [
                 binary,
                 f"--config.file={self.config_path}",
                 f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--web.listen-address=127.0.0.1:0",
                 "--storage.tsdb.retention.time=1h",
-                "--log.level=warn",
+                "--log.level=info",  # the "Listening on" line is at info
             ]
         )
-        wait_until(self._ready, timeout=30, message=f"prometheus ready on {self.url}")
+        try:
+            self.port = int(self.proc.wait_for_line(LISTENING_RE, timeout=30)["port"])
+            self.url = f"http://127.0.0.1:{self.port}"
+            wait_until(self._ready, timeout=30, message=f"prometheus ready on {self.url}")
+        except BaseException:
+            self.proc.stop()
+            raise
 
     def _ready(self) -> bool:
         if self.proc.popen.poll() is not None:

@@ -1,12 +1,16 @@
 """Shared test harness: real processes on loopback, bounded waits, no sleeps-and-hope.
 
 Every server role prints one line ``tokenscaler <role> listening on http://HOST:PORT``
-(flushed) once it accepts connections; :func:`start_process` waits for that line, so tests
-can pass ``--port 0`` and learn the port the kernel picked.
+(flushed) once it accepts connections; :class:`Server` waits for that line, so tests
+pass ``--port 0`` and learn the port the kernel picked. No test picks a port by binding
+and closing a socket and hoping it is still free: an address where nothing must listen is
+held by :func:`refusing_port` for the test's duration, and a server whose address others
+need before it starts sits behind a :class:`Relay` that binds at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -16,9 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 LISTEN_RE = re.compile(r"listening on (?P<scheme>https?|grpc)://(?P<host>[^:\s]+):(?P<port>\d+)")
@@ -26,10 +30,95 @@ LISTEN_RE = re.compile(r"listening on (?P<scheme>https?|grpc)://(?P<host>[^:\s]+
 T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def hold_port(port: int = 0, *, reuse_port: bool = False) -> socket.socket:
+    """A socket bound to 127.0.0.1:``port`` (0: the kernel picks) and not listening:
+    connections to it are refused, and while it is open no other socket can bind the port.
+    With ``reuse_port`` (SO_REUSEPORT) our own sockets that also set it may bind and listen
+    on the port beside it, so a stand-in server can stop and start again on one address
+    that nothing else can take in between."""
+    s = socket.socket()
+    try:
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port where nothing listens for as long as the block runs."""
+    with hold_port() as s:
+        yield s.getsockname()[1]
+
+
+class Relay:
+    """A fixed loopback address in front of a server that starts later or moves, as a
+    Kubernetes Service stands in front of a pod: it binds port 0 at once (``port``, ``url``)
+    and pipes each connection to ``target`` (host, port), which may be set or changed at
+    any time; while it is unset or refusing, connections are closed at once. Meant for
+    HTTP/1.1: either side closing ends the connection."""
+
+    def __init__(self) -> None:
+        self.target: tuple[str, int] | None = None
+        self.connections = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server = self._call(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            if self.target is None:
+                return
+            try:
+                up_reader, upstream = await asyncio.wait_for(asyncio.open_connection(*self.target), 5)
+            except (OSError, TimeoutError):
+                return
+            pipes = [asyncio.create_task(_pipe(reader, upstream)), asyncio.create_task(_pipe(up_reader, writer))]
+            try:
+                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for p in pipes:
+                    p.cancel()
+        finally:
+            for w in (writer, upstream):
+                if w is not None:
+                    w.close()
+            self._tasks.discard(task)
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self._server.close()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        self._call(shut())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._loop.is_running():
+            self._loop.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(1 << 16):
+            writer.write(data)
+            await writer.drain()
 
 
 def wait_until(

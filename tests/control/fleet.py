@@ -1,5 +1,12 @@
 """A whole fleet on loopback: simulators, sidecars polling the controller, the controller,
-and (optionally) a real Prometheus scraping all of them. Real processes, every one."""
+and (optionally) a real Prometheus scraping all of them. Real processes, every one.
+
+Every process binds port 0 and reports the port it got. The controller must know the
+sidecars' metrics ports (or Prometheus's URL) when it starts, and the sidecars (and
+Prometheus) the controller's address when they start; that cycle is broken as a cluster
+breaks it, by a stable address in front of the controller (:class:`tests.support.Relay`,
+standing in for its Kubernetes Service), bound first and pointed at the controller once
+it is listening, and again at a restarted one."""
 
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import yaml
 
 from tests.control.harness import KEYS, POOL, KedaClient, get_json
 from tests.prometheus import PrometheusServer, static_job
-from tests.support import Server, free_port, wait_until
+from tests.support import Relay, Server, wait_until
 
 METRICS_RE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)")
 MODEL = "tokenscaler/demo"
@@ -29,12 +36,17 @@ class Fleet:
     sidecars: list[Server]
     sidecar_metrics_ports: list[int]
     keda: KedaClient
+    relay: Relay  # the controller's stable address, as the sidecars and Prometheus see it
     prometheus: PrometheusServer | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def api(self) -> str:
         return self.controller.url
+
+    def serve(self, controller: Server) -> None:
+        """Point the controller's stable address at ``controller`` (e.g. a restarted one)."""
+        self.relay.target = (controller.host, controller.port)
 
     def plan(self) -> dict:
         return get_json(f"{self.api}/v1/plan")
@@ -45,7 +57,7 @@ class Fleet:
 
 def start_controller(
     config: Path,
-    http_port: int,
+    http_port: int = 0,
     *,
     prometheus: PrometheusServer | None,
     scrape_config: Path | None,
@@ -84,7 +96,8 @@ def fleet(
 ) -> Iterator[Fleet]:
     stack = contextlib.ExitStack()
     with stack:
-        http_port = free_port()
+        relay = Relay()
+        stack.callback(relay.close)
         sims, sidecars, metric_ports = [], [], []
         for i in range(replicas):
             sim = stack.enter_context(_server(["sim", "--port", "0", "--profile", "demo", "--seed", str(i)]))
@@ -108,7 +121,7 @@ def fleet(
                         "--replica-id",
                         f"r{i}",
                         "--limits-url",
-                        f"http://127.0.0.1:{http_port}",
+                        relay.url,
                         "--limits-expiry-s",
                         "30",
                     ]
@@ -124,7 +137,7 @@ def fleet(
                 [
                     static_job("vllm", [f"127.0.0.1:{s.port}" for s in sims], {"pool": POOL}),
                     static_job("sidecars", [f"127.0.0.1:{p}" for p in metric_ports], {"pool": POOL}, honor_labels=True),
-                    static_job("controller", [f"127.0.0.1:{http_port}"]),
+                    static_job("controller", [f"127.0.0.1:{relay.port}"]),
                 ],
                 scrape_interval="1s",
             )
@@ -144,11 +157,12 @@ def fleet(
                     }
                 )
             )
-        ctl, grpc_port = start_controller(config, http_port, prometheus=prometheus, scrape_config=scrape, state=state)
+        ctl, grpc_port = start_controller(config, prometheus=prometheus, scrape_config=scrape, state=state)
         stack.callback(ctl.stop)
+        relay.target = (ctl.host, ctl.port)
         keda = KedaClient(f"127.0.0.1:{grpc_port}")
         stack.callback(keda.close)
-        yield Fleet(ctl, sims, sidecars, metric_ports, keda, prometheus)
+        yield Fleet(ctl, sims, sidecars, metric_ports, keda, relay, prometheus)
 
 
 @contextlib.contextmanager

@@ -164,10 +164,10 @@ def test_restart_restores_debt_and_the_last_plan(tmp_path: Path) -> None:
         saved_debt = saved["pools"][POOL]["debt"]
         assert saved_debt, "debt was persisted"
         # a long interval: what the new process serves first is exactly the restored plan
-        port = int(fl.api.rsplit(":", 1)[1])
         ctl, grpc_port = start_controller(
-            config, port, prometheus=None, scrape_config=tmp_path / "scrape.yaml", state=state, interval_s=60
+            config, prometheus=None, scrape_config=tmp_path / "scrape.yaml", state=state, interval_s=60
         )
+        fl.serve(ctl)  # the sidecars' address for the controller now leads to the new process
         try:
             after = get_json(f"{ctl.url}/v1/plan")
             assert after["version"] == saved["plan_version"] >= before["version"]

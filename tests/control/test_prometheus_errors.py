@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tests.support import free_port
+from tests.support import refusing_port
 from tokenscaler.sources.base import SourceError
 from tokenscaler.sources.prometheus import PrometheusSource
 
@@ -69,7 +69,8 @@ def read_both(url: str, timeout_s: float = 2.0) -> list[SourceError]:
 
 
 def test_unreachable() -> None:
-    errors = read_both(f"http://127.0.0.1:{free_port()}")
+    with refusing_port() as port:  # bound, not listening: refused, and nobody else can take it
+        errors = read_both(f"http://127.0.0.1:{port}")
     assert {e.kind for e in errors} == {"unreachable"}
 
 

@@ -17,7 +17,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Server, running
+from tests.support import Server, hold_port, running
 from tokenscaler.core.limits import LimitsDocument
 from tokenscaler.core.model import hash_api_key
 
@@ -110,10 +110,17 @@ def chat(content: str = "hello", max_tokens: int = 8, **kw: Any) -> dict[str, An
 
 
 class LimitsServer:
-    """A stand-in for the controller's admission API, in a thread with its own loop."""
+    """A stand-in for the controller's admission API, in a thread with its own loop.
 
-    def __init__(self, port: int, doc: LimitsDocument) -> None:
-        self.port = port
+    Its address (``port``, ``url``) is fixed at construction, before it first listens, and
+    stays its own while it is stopped (connections refused) and started again: a
+    placeholder socket holds the port (SO_REUSEPORT lets each start's listener bind beside it).
+    """
+
+    def __init__(self, doc: LimitsDocument) -> None:
+        self._hold = hold_port(reuse_port=True)
+        self.port: int = self._hold.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self.doc = doc
         self.requests = 0
         self.not_modified = 0
@@ -138,7 +145,10 @@ class LimitsServer:
             app.router.add_get(f"/v1/pools/{POOL}/limits", self._handle)
             self.runner = web.AppRunner(app)
             await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True).start()
+            sock = hold_port(self.port, reuse_port=True)
+            sock.listen(128)
+            sock.setblocking(False)
+            await web.SockSite(self.runner, sock).start()
 
         asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
 
@@ -148,6 +158,9 @@ class LimitsServer:
             self.runner = None
 
     def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        try:
+            self.stop()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+        finally:
+            self._hold.close()

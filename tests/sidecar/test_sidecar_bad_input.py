@@ -11,7 +11,7 @@ import requests
 
 from tests.sidecar.harness import MODEL, chat, ent, key_of, post, sidecar, vec, write_config
 from tests.sim.builders import scrape, value
-from tests.support import Server, free_port, wait_until
+from tests.support import Server, refusing_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_an_engine_refusal_is_forwarded_and_everything_reserved_is_refunded(sim:
 
 
 def test_upstream_down_is_502_in_openai_shape(tmp_path: Path) -> None:
-    with sidecar(f"http://127.0.0.1:{free_port()}", gold_config(tmp_path)) as sc:
+    with refusing_port() as down, sidecar(f"http://127.0.0.1:{down}", gold_config(tmp_path)) as sc:
         r = post(sc.url, "/v1/chat/completions", chat("hi", 4), KEY)
         assert r.status_code == 502
         error = r.json()["error"]

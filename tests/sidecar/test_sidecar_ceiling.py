@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.sidecar.harness import LimitsServer, chat, ent, key_of, post, sidecar, vec, write_config
-from tests.support import Server, free_port, wait_until
+from tests.support import Server, wait_until
 from tokenscaler.core.limits import EntitlementLimits, LimitsDocument
 from tokenscaler.core.model import LimitVector, ResourceVector, Tier
 
@@ -30,10 +30,10 @@ def document(version: str, ceiling: LimitVector | None, ceiling_burst: ResourceV
 
 def test_backfill_is_bounded_by_the_controllers_ceiling(sim: Server, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", [ent("silver", "elastic", limit=vec(400, 4000, 4))])
-    controller = LimitsServer(free_port(), document("v1", None, None))
+    controller = LimitsServer(document("v1", None, None))
     controller.start()
     try:
-        args = ["--limits-url", f"http://127.0.0.1:{controller.port}", "--limits-poll-s", "0.1", "--replicas", "1"]
+        args = ["--limits-url", controller.url, "--limits-poll-s", "0.1", "--replicas", "1"]
         with sidecar(sim.url, config, *args) as sc:
 
             def ceiling(dim: str) -> float:

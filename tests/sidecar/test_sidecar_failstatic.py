@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.sidecar.harness import LimitsServer, chat, ent, key_of, post, sidecar, vec, write_config
-from tests.support import Server, free_port, wait_until
+from tests.support import Server, wait_until
 from tokenscaler.core.limits import EntitlementLimits, LimitsDocument
 from tokenscaler.core.model import ResourceVector, Tier
 
@@ -47,9 +47,9 @@ def test_limits_hold_while_the_source_is_down_and_floors_apply_after_the_expiry(
             ent("batch", "spot"),
         ],
     )
-    controller = LimitsServer(free_port(), document("v1"))
+    controller = LimitsServer(document("v1"))
     controller.start()
-    url = f"http://127.0.0.1:{controller.port}"
+    url = controller.url
     try:
         args = ["--limits-url", url, "--limits-poll-s", "0.1", "--limits-expiry-s", "3"]
         with sidecar(sim.url, config, *args) as sc:

@@ -1,12 +1,20 @@
 """The guaranteed queue in-process, on the event loop's clock: FIFO, woken by releases and
-refills, bounded in size and in wait, and never entered when waiting cannot help."""
+refills, bounded in size and in wait, and never entered when waiting cannot help.
+
+Every test runs on a virtual-time event loop (:mod:`tests.virtual_loop`): the gatekeeper
+reads the loop's clock and waits with ``asyncio.timeout`` on it, so a wait takes no real
+time and its length is exact, whatever the machine's load.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import math
 
+import pytest
+
 from tests.core.builders import config, make_entitlement, make_pool, vec
+from tests.virtual_loop import run
 from tokenscaler.core.limiter import GateLimits, Limiter
 from tokenscaler.core.model import Tier
 from tokenscaler.sidecar.gatekeeper import Gatekeeper
@@ -14,6 +22,11 @@ from tokenscaler.sidecar.limits import LimitsUpdate
 from tokenscaler.sidecar.metrics import QUEUE_WAIT_SECONDS, EntitlementStats, SidecarMetrics
 
 INF = math.inf
+EXACT = 1e-9  # virtual time is exact up to float rounding of the sums
+
+
+def elapsed(expected: float) -> object:
+    return pytest.approx(expected, abs=EXACT)
 
 
 def admission(limits: GateLimits, **kw: object) -> Gatekeeper:
@@ -34,48 +47,56 @@ async def _fifo_and_release() -> None:
     est = adm.limiter.estimate(10, 10)
     first = await adm.admit("g", est, Tier.GUARANTEED)
     assert first.admitted
-    order: list[int] = []
+    admitted_at: list[tuple[int, float]] = []
 
     async def wait(i: int) -> None:
         d = await adm.admit("g", est, Tier.GUARANTEED)
         assert d.admitted
-        order.append(i)
-        await asyncio.sleep(0.01)
+        admitted_at.append((i, adm.now() - start))
+        await asyncio.sleep(0.01)  # each holds its slot 10 ms
         adm.finish(d.reservation, prompt_tokens=10, generated_tokens=10, completed=True)
 
     tasks = [asyncio.create_task(wait(i)) for i in range(3)]
     await asyncio.sleep(0.05)
-    assert adm.metrics.stats["g"].queued == 3 and order == []
+    assert adm.metrics.stats["g"].queued == 3 and admitted_at == []
     start = adm.now()
     adm.finish(first.reservation, prompt_tokens=10, generated_tokens=10, completed=True)
     await asyncio.wait_for(asyncio.gather(*tasks), 2)
-    assert order == [0, 1, 2]
-    assert adm.now() - start < 0.5  # woken by releases, not by polling
+    # in order, each the moment the one before it ends: woken by releases, not by polling
+    assert [i for i, _ in admitted_at] == [0, 1, 2]
+    assert [t for _, t in admitted_at] == [elapsed(0.0), elapsed(0.01), elapsed(0.02)]
+    assert adm.now() - start == elapsed(0.03)
     assert adm.metrics.stats["g"].queued == 0
 
 
 def test_waiters_are_admitted_in_order_as_requests_end() -> None:
-    asyncio.run(_fifo_and_release())
+    run(_fifo_and_release())
 
 
 async def _bounded() -> None:
     adm = admission(one_at_a_time(), max_wait_s=0.2, queue_size=1)
     est = adm.limiter.estimate(10, 10)
     assert (await adm.admit("g", est, Tier.GUARANTEED)).admitted
+    start = adm.now()
     waiting = asyncio.create_task(adm.admit("g", est, Tier.GUARANTEED))
     await asyncio.sleep(0.01)
+    assert adm.metrics.stats["g"].queued == 1
     full = await adm.admit("g", est, Tier.GUARANTEED)  # the queue holds one: refused at once
     assert not full.admitted and full.dimension == "concurrency"
-    start = adm.now()
+    assert adm.now() - start == elapsed(0.01)
     timed_out = await waiting
-    assert not timed_out.admitted and 0.15 < adm.now() - start < 1.0
+    assert not timed_out.admitted and timed_out.dimension == "concurrency"
+    assert adm.now() - start == elapsed(0.2)  # refused at its max_wait, not before, not after
+    assert adm.metrics.stats["g"].queued == 0
     # a concurrency shortfall is worth waiting for even when the retry hint (1 s) exceeds the wait
-    waited = adm.metrics.registry.get_sample_value(QUEUE_WAIT_SECONDS + "_sum", {"pool": "p", "replica": "r"})
-    assert waited is not None and waited > 0.15
+    labels = {"pool": "p", "replica": "r"}
+    assert adm.metrics.registry.get_sample_value(QUEUE_WAIT_SECONDS + "_count", labels) == 1
+    waited = adm.metrics.registry.get_sample_value(QUEUE_WAIT_SECONDS + "_sum", labels)
+    assert waited == elapsed(0.2)
 
 
 def test_the_queue_is_bounded_in_size_and_wait() -> None:
-    asyncio.run(_bounded())
+    run(_bounded())
 
 
 async def _hopeless() -> None:
@@ -84,15 +105,16 @@ async def _hopeless() -> None:
     assert (await adm.admit("g", est, Tier.GUARANTEED)).admitted
     start = adm.now()
     d = await adm.admit("g", est, Tier.GUARANTEED)  # needs ~10 s of refill: waiting 1 s cannot help
-    assert not d.admitted and adm.now() - start < 0.15
+    assert not d.admitted and adm.now() - start == 0
     assert adm.metrics.stats["g"].queued == 0
-    start = adm.now()
     other = await adm.admit("g", est, Tier.ELASTIC)  # other tiers never queue
-    assert not other.admitted and adm.now() - start < 0.15
+    assert not other.admitted and adm.now() - start == 0
+    labels = {"pool": "p", "replica": "r"}
+    assert not adm.metrics.registry.get_sample_value(QUEUE_WAIT_SECONDS + "_count", labels)  # nobody queued
 
 
 def test_a_request_that_waiting_cannot_help_is_refused_at_once() -> None:
-    asyncio.run(_hopeless())
+    run(_hopeless())
 
 
 def test_a_waiting_request_is_admitted_when_its_bucket_has_refilled() -> None:
@@ -103,6 +125,6 @@ def test_a_waiting_request_is_admitted_when_its_bucket_has_refilled() -> None:
         start = adm.now()
         d = await adm.admit("g", est, Tier.GUARANTEED)
         assert d.admitted
-        assert 0.15 <= adm.now() - start < 0.6  # 10 missing tokens at 50/s: 0.2 s
+        assert adm.now() - start == elapsed(0.2)  # 10 missing tokens at 50/s: 0.2 s
 
-    asyncio.run(go())
+    run(go())

@@ -14,7 +14,6 @@ import pytest
 from aiohttp import web
 
 from tests.sidecar.harness import ent, key_of, post, sidecar, vec, write_config
-from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -40,7 +39,6 @@ def upstream() -> Iterator[str]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    port = free_port()
 
     async def start() -> web.AppRunner:
         app = web.Application()
@@ -48,10 +46,11 @@ def upstream() -> Iterator[str]:
         app.router.add_post("/v1/completions", completions)
         runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
         return runner
 
     runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    port = runner.addresses[0][1]  # the port the kernel picked
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

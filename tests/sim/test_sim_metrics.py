@@ -94,6 +94,7 @@ HISTOGRAMS = {
     "vllm:request_inference_time_seconds": REQUEST_LATENCY,
     "vllm:request_prompt_tokens": REQUEST_TOKENS,
     "vllm:request_generation_tokens": REQUEST_TOKENS,
+    "vllm:request_max_num_generation_tokens": REQUEST_TOKENS,
     "vllm:iteration_tokens_total": ITERATION,
 }
 
@@ -181,6 +182,7 @@ def test_counters_and_histograms_move_as_requests_complete(sim: Server) -> None:
     assert delta("vllm:e2e_request_latency_seconds_count") == 2
     assert delta("vllm:inter_token_latency_seconds_count") == 2 * 4  # tokens after the first
     assert delta("vllm:request_generation_tokens_sum") == 10
+    assert delta("vllm:request_max_num_generation_tokens_sum") == 10  # n=1: the one choice
     assert delta("vllm:request_prompt_tokens_sum") == 2 * prompt_tokens
     assert delta("vllm:iteration_tokens_total_count") >= 5
     assert delta("vllm:e2e_request_latency_seconds_sum") > 0

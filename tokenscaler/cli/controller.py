@@ -87,6 +87,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", metavar="FILE", help="scaler server certificate chain (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="scaler server private key (PEM)")
     p.add_argument("--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA (mTLS)")
+    # HTTP API security (tokenscaler.serve.http_security); none of them: plain HTTP, open
+    sec = p.add_argument_group("HTTP API security")
+    sec.add_argument("--http-tls-cert", metavar="FILE", help="serve HTTPS with this certificate chain (PEM; re-read)")
+    sec.add_argument("--http-tls-key", metavar="FILE", help="the HTTPS private key (PEM, unencrypted; re-read)")
+    sec.add_argument("--http-tls-client-ca", metavar="FILE", help="require client certificates signed by this CA")
+    sec.add_argument("--http-token-file", metavar="FILE", help="require a bearer token listed in FILE (re-read)")
+    sec.add_argument("--metrics-auth", action="store_true", help="require the same authentication on /metrics")
     add_log_level(p)
 
 
@@ -104,6 +111,12 @@ def _check(args: argparse.Namespace) -> list[str]:
         errors.append("--recording-rules needs --prometheus-url")
     if args.tls_client_ca and not args.tls_cert:
         errors.append("--tls-client-ca needs --tls-cert and --tls-key")
+    if bool(args.http_tls_cert) != bool(args.http_tls_key):
+        errors.append("--http-tls-cert and --http-tls-key go together")
+    if args.http_tls_client_ca and not args.http_tls_cert:
+        errors.append("--http-tls-client-ca needs --http-tls-cert and --http-tls-key")
+    if args.metrics_auth and not (args.http_token_file or args.http_tls_client_ca):
+        errors.append("--metrics-auth needs --http-token-file or --http-tls-client-ca")
     return errors
 
 
@@ -118,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    import logging
+
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
@@ -129,6 +144,7 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.control.store import PlanStore
     from tokenscaler.core.model import ConfigError
     from tokenscaler.serve.api import ControllerApi
+    from tokenscaler.serve.http_security import HttpSecurity
     from tokenscaler.serve.scaler import ScalerTLS, start_scaler
     from tokenscaler.sources.base import MetricsSource
     from tokenscaler.sources.prometheus import PrometheusSource
@@ -154,6 +170,17 @@ async def _main(args: argparse.Namespace) -> int:
         return fail("controller", str(e))
 
     registry = CollectorRegistry()
+    try:
+        security = HttpSecurity.from_files(
+            registry,
+            tls_cert=args.http_tls_cert,
+            tls_key=args.http_tls_key,
+            client_ca=args.http_tls_client_ca,
+            token_file=args.http_token_file,
+            metrics_auth=args.metrics_auth,
+        )
+    except ValueError as e:
+        return fail("controller", str(e))
     metrics = ControllerMetrics(registry)
     store = PlanStore()
     registry.register(PlanCollector(store))
@@ -174,13 +201,15 @@ async def _main(args: argparse.Namespace) -> int:
     runtime.settle_heap()
 
     api = ControllerApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    app = api.app()
+    security.install(app)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     http_host, http_port = args.http_listen
     grpc_host, grpc_port = args.grpc_listen
     try:
         http_sock = bind("--http-listen", http_host, http_port)
-        site = web.SockSite(runner, http_sock)
+        site = web.SockSite(runner, http_sock, ssl_context=security.ssl_context)
         await site.start()
     except OSError as e:
         await runner.cleanup()
@@ -193,7 +222,9 @@ async def _main(args: argparse.Namespace) -> int:
         await source.close()
         return fail("controller", f"--grpc-listen {grpc_host}:{grpc_port}: {e}")
     bound_http = http_sock.getsockname()[1]
-    print(f"tokenscaler controller listening on http://{http_host}:{bound_http}", flush=True)
+    logging.getLogger("tokenscaler.controller").info("%s", security.describe())
+    security.start()
+    print(f"tokenscaler controller listening on {security.scheme}://{http_host}:{bound_http}", flush=True)
     print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
 
     runtime.on_signal(controller.stop)
@@ -201,6 +232,7 @@ async def _main(args: argparse.Namespace) -> int:
         await controller.run(first_delay_s=args.interval_s if restored is not None else 0.0)
     finally:
         await grpc_server.stop(1.0)
+        await security.stop()
         await runner.cleanup()
         await source.close()
     return EXIT_OK

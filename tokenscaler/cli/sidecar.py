@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from tokenscaler.sidecar.limits import LimitsUpdate
+    from tokenscaler.sidecar.limits_auth import LimitsClientAuth
     from tokenscaler.sidecar.metrics import SidecarMetrics
 
 
@@ -55,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limits-expiry-s", type=float, default=60.0,
         help="after this long without a successful poll, fall back to guaranteed floors (default: %(default)s)",
     )  # fmt: skip
+    # credentials for an https:// or authenticated --limits-url (tokenscaler.sidecar.limits_auth); files are re-read
+    group.add_argument("--limits-ca", metavar="FILE", help="CA that signed the controller's certificate (PEM)")
+    group.add_argument("--limits-client-cert", metavar="FILE", help="client certificate for mutual TLS (PEM)")
+    group.add_argument("--limits-client-key", metavar="FILE", help="its private key (PEM, unencrypted)")
+    group.add_argument("--limits-token-file", metavar="FILE", help="send the first token in FILE as a bearer token")
     group = parser.add_argument_group("admission")
     group.add_argument(
         "--trust-header", default=None, metavar="NAME",
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         pool = config.pool(args.pool)
+        limits_auth = _limits_auth(args)
     except ConfigError as e:
         return config_error(e)
     except KeyError:
@@ -127,15 +134,17 @@ def run(args: argparse.Namespace) -> int:
         if args.limits_url:
             source = HttpLimitsSource(
                 config, pool.name, args.limits_url, replica=replica, replicas=args.replicas,
-                poll_s=args.limits_poll_s, expiry_s=args.limits_expiry_s,
+                poll_s=args.limits_poll_s, expiry_s=args.limits_expiry_s, auth=limits_auth,
             )  # fmt: skip
         else:
             source = StaticLimitsSource(config, pool.name, args.replicas)
         metrics.limits_age = source.age_s
-        metrics.limits_fetch_errors = lambda: source.fetch_errors
+        metrics.limits_fetch_errors = lambda: source.fetch_errors_by_reason
         initial = source.initial()
         gate.apply(initial, loop.time())
         log.info("limits (%s): %s", initial.state, describe(initial.limits))
+        if limits_auth is not None:
+            log.info("limits source credentials: %s", limits_auth.describe())
         options = SidecarOptions(
             max_body_bytes=args.max_body_bytes,
             trust_header=args.trust_header,
@@ -171,6 +180,27 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return runtime.run(serve)
+
+
+def _limits_auth(args: argparse.Namespace) -> LimitsClientAuth | None:
+    """The credentials for the limits source; ``ValueError`` naming a flag or a file that is unusable."""
+    from tokenscaler.sidecar.limits_auth import LimitsClientAuth
+
+    flags = ("limits_ca", "limits_client_cert", "limits_client_key", "limits_token_file")
+    given = [f for f in flags if getattr(args, f)]
+    if not given:
+        return None
+    if not args.limits_url:
+        raise ValueError(f"--{given[0].replace('_', '-')} needs --limits-url")
+    if bool(args.limits_client_cert) != bool(args.limits_client_key):
+        raise ValueError("--limits-client-cert and --limits-client-key go together")
+    tls = args.limits_ca or args.limits_client_cert
+    if tls and not args.limits_url.startswith("https://"):
+        raise ValueError(f"--limits-ca and --limits-client-cert need an https:// --limits-url, got {args.limits_url!r}")
+    return LimitsClientAuth(
+        ca=args.limits_ca, client_cert=args.limits_client_cert, client_key=args.limits_client_key,
+        token_file=args.limits_token_file,
+    )  # fmt: skip
 
 
 def _log_source_failure(task: asyncio.Task[None]) -> None:

@@ -22,6 +22,7 @@ from tokenscaler.core.metric_names import (
     ENTITLEMENT_ALLOCATION,
     ENTITLEMENT_BURST,
     ENTITLEMENT_DEBT,
+    ENTITLEMENT_DEBT_BOUND,
     ENTITLEMENT_DEMAND,
     ENTITLEMENT_GUARANTEE,
     ENTITLEMENT_LIMIT,
@@ -34,6 +35,7 @@ from tokenscaler.core.metric_names import (
     PLAN_VERSION,
     POOL_ALLOCATED,
     POOL_CAPACITY,
+    POOL_CAPACITY_RATIO,
     POOL_DATA_INCOMPLETE,
     POOL_DEMAND,
     POOL_DESIRED_REPLICAS,
@@ -133,6 +135,16 @@ class PlanCollector(Collector):
         debt = GaugeMetricFamily(
             ENTITLEMENT_DEBT, "Fair-share debt in dominant-share seconds.", labels=["pool", "entitlement", "tier"]
         )
+        debt_bound = GaugeMetricFamily(
+            ENTITLEMENT_DEBT_BOUND,
+            "The bound |debt| never exceeds (debt.bound_share_s of the entitlement's config).",
+            labels=["pool", "entitlement", "tier"],
+        )
+        capacity_ratio = GaugeMetricFamily(
+            POOL_CAPACITY_RATIO,
+            "Capacity the ready replicas show over what the config says they have (1: as configured).",
+            labels=["pool", "dimension"],
+        )
         pool_gauges = {
             name: GaugeMetricFamily(name, doc, labels=["pool"])
             for name, doc in (
@@ -174,8 +186,14 @@ class PlanCollector(Collector):
                     row = values[i]
                     for k, dim in enumerate(DIMENSIONS):
                         fam.add_metric([pool_name, ent, tiers[i], dim], row[k])
+            bounds = pp.rows.bound_share_s.tolist()
             for i, (ent, d) in enumerate(zip(pp.rows.names, pp.debt.tolist(), strict=True)):
                 debt.add_metric([pool_name, ent, tiers[i]], d)
+                debt_bound.add_metric([pool_name, ent, tiers[i]], bounds[i])
+            if pp.ready_replicas > 0:
+                configured = pp.rows.pool.replica.to_array() * pp.ready_replicas
+                for k, dim in enumerate(DIMENSIONS):
+                    capacity_ratio.add_metric([pool_name, dim], float(pp.capacity[k] / configured[k]))
             for name, value in (
                 (POOL_DESIRED_REPLICAS, pp.desired_replicas),
                 (POOL_TARGET_REPLICAS, pp.target_replicas),
@@ -195,5 +213,7 @@ class PlanCollector(Collector):
                     pool_dims[name].add_metric([pool_name, dim], float(vec[k]))
         yield from per_dim.values()
         yield debt
+        yield debt_bound
+        yield capacity_ratio
         yield from pool_gauges.values()
         yield from pool_dims.values()

@@ -19,46 +19,47 @@ SIDECAR_LABELS: tuple[str, ...] = ("pool", "replica")
 SIDECAR_ENTITLEMENT_LABELS: tuple[str, ...] = ("pool", "replica", "entitlement", "tier")
 
 SIDECAR_PREFIX = "tokenscaler_sidecar_"
+# each name is spelled out in full (not SIDECAR_PREFIX + ...) so that searching for a metric finds its definition
 
-REQUESTS_TOTAL = SIDECAR_PREFIX + "requests_total"
+REQUESTS_TOTAL = "tokenscaler_sidecar_requests_total"
 """Counter {entitlement, tier, outcome}: outcome admitted | rejected | error | unauthenticated."""
-REJECTIONS_TOTAL = SIDECAR_PREFIX + "rejections_total"
+REJECTIONS_TOTAL = "tokenscaler_sidecar_rejections_total"
 """Counter {entitlement, tier, dimension}: rejections by the binding dimension."""
-PROMPT_TOKENS_TOTAL = SIDECAR_PREFIX + "prompt_tokens_total"
+PROMPT_TOKENS_TOTAL = "tokenscaler_sidecar_prompt_tokens_total"
 """Counter {entitlement, tier}: prompt tokens of admitted requests the engine accepted."""
-GENERATION_TOKENS_TOTAL = SIDECAR_PREFIX + "generation_tokens_total"
+GENERATION_TOKENS_TOTAL = "tokenscaler_sidecar_generation_tokens_total"
 """Counter {entitlement, tier}: generated tokens, counted as they stream."""
-ADMITTED_WEIGHTED_TOKENS_TOTAL = SIDECAR_PREFIX + "admitted_weighted_tokens_total"
+ADMITTED_WEIGHTED_TOKENS_TOTAL = "tokenscaler_sidecar_admitted_weighted_tokens_total"
 """Counter {entitlement, tier}: weighted tokens served (the usage signal)."""
-OFFERED_WEIGHTED_TOKENS_TOTAL = SIDECAR_PREFIX + "offered_weighted_tokens_total"
+OFFERED_WEIGHTED_TOKENS_TOTAL = "tokenscaler_sidecar_offered_weighted_tokens_total"
 """Counter {entitlement, tier}: served weighted tokens plus rejected requests' estimates (demand)."""
-OFFERED_REQUESTS_TOTAL = SIDECAR_PREFIX + "offered_requests_total"
+OFFERED_REQUESTS_TOTAL = "tokenscaler_sidecar_offered_requests_total"
 """Counter {entitlement, tier}: requests that reached admission (admitted, rejected or queued)."""
-INFLIGHT_REQUESTS = SIDECAR_PREFIX + "inflight_requests"
+INFLIGHT_REQUESTS = "tokenscaler_sidecar_inflight_requests"
 """Gauge {entitlement, tier}: sequences in flight (a request with ``n`` choices counts ``n``)."""
-RESERVED_KV_TOKENS = SIDECAR_PREFIX + "reserved_kv_tokens"
+RESERVED_KV_TOKENS = "tokenscaler_sidecar_reserved_kv_tokens"
 """Gauge {entitlement, tier}: KV tokens reserved by in-flight requests (prompt + max new tokens)."""
-LIMIT = SIDECAR_PREFIX + "limit"
+LIMIT = "tokenscaler_sidecar_limit"
 """Gauge {entitlement, tier, dimension}: this replica's sustained limit (+Inf: unlimited)."""
-BURST = SIDECAR_PREFIX + "burst"
+BURST = "tokenscaler_sidecar_burst"
 """Gauge {entitlement, tier, dimension}: this replica's burst (bucket depth; overshoot for kv/concurrency)."""
-CEILING = SIDECAR_PREFIX + "ceiling"
+CEILING = "tokenscaler_sidecar_ceiling"
 """Gauge {entitlement, tier, dimension}: never exceeded on this replica, backfill included (+Inf: unlimited)."""
-BACKFILL_ALLOWED = SIDECAR_PREFIX + "backfill_allowed"
+BACKFILL_ALLOWED = "tokenscaler_sidecar_backfill_allowed"
 """Gauge {entitlement, tier}: 1 when the entitlement may use this replica's idle capacity."""
-LIMITS_AGE_SECONDS = SIDECAR_PREFIX + "limits_age_seconds"
+LIMITS_AGE_SECONDS = "tokenscaler_sidecar_limits_age_seconds"
 """Gauge: seconds since the limits in force were last confirmed by their source (static: 0)."""
-LIMITS_STATE = SIDECAR_PREFIX + "limits_state"
+LIMITS_STATE = "tokenscaler_sidecar_limits_state"
 """Gauge {state}: 1 for the current state among static, fresh, stale, expired."""
-LIMITS_FETCH_ERRORS_TOTAL = SIDECAR_PREFIX + "limits_fetch_errors_total"
+LIMITS_FETCH_ERRORS_TOTAL = "tokenscaler_sidecar_limits_fetch_errors_total"
 """Counter: failed polls of the limits source."""
-ADDED_LATENCY_SECONDS = SIDECAR_PREFIX + "added_latency_seconds"
+ADDED_LATENCY_SECONDS = "tokenscaler_sidecar_added_latency_seconds"
 """Histogram {route}: time in the sidecar before forwarding plus the per-response overhead."""
-PREEMPTED_STREAMS_TOTAL = SIDECAR_PREFIX + "preempted_streams_total"
+PREEMPTED_STREAMS_TOTAL = "tokenscaler_sidecar_preempted_streams_total"
 """Counter {entitlement, tier}: backfilled requests cut to give capacity back."""
-QUEUE_WAIT_SECONDS = SIDECAR_PREFIX + "queue_wait_seconds"
+QUEUE_WAIT_SECONDS = "tokenscaler_sidecar_queue_wait_seconds"
 """Histogram: how long queued (guaranteed) requests waited, admitted or not."""
-QUEUED_REQUESTS = SIDECAR_PREFIX + "queued_requests"
+QUEUED_REQUESTS = "tokenscaler_sidecar_queued_requests"
 """Gauge {entitlement, tier}: requests waiting in the guaranteed queue now."""
 
 SIDECAR_NAMES: tuple[str, ...] = (
@@ -80,6 +81,7 @@ ENTITLEMENT_USAGE = "tokenscaler_entitlement_usage"
 ENTITLEMENT_SHORTFALL = "tokenscaler_entitlement_guarantee_shortfall"
 # per entitlement, no dimension
 ENTITLEMENT_DEBT = "tokenscaler_entitlement_debt_share_seconds"
+ENTITLEMENT_DEBT_BOUND = "tokenscaler_entitlement_debt_bound_share_seconds"  # the configured |debt| bound
 # per pool
 POOL_DESIRED_REPLICAS = "tokenscaler_pool_desired_replicas"
 POOL_TARGET_REPLICAS = "tokenscaler_pool_target_replicas"
@@ -91,6 +93,7 @@ POOL_ALLOCATED = "tokenscaler_pool_allocated"  # label dimension
 POOL_DEMAND = "tokenscaler_pool_demand"  # label dimension
 POOL_GUARANTEE_SHORTFALL = "tokenscaler_pool_guarantee_shortfall"  # label dimension
 POOL_DATA_INCOMPLETE = "tokenscaler_pool_data_incomplete"
+POOL_CAPACITY_RATIO = "tokenscaler_pool_capacity_ratio"  # label dimension: observed / configured per replica
 # the plan
 PLAN_AGE = "tokenscaler_plan_age_seconds"
 PLAN_STALE = "tokenscaler_plan_stale"
@@ -102,6 +105,7 @@ SOURCE_ERRORS = "tokenscaler_source_errors_total"  # label kind
 SOURCE_ANSWERS = "tokenscaler_source_answers_total"  # labels query, kind
 STATE_WRITE_ERRORS = "tokenscaler_state_write_errors_total"
 API_REQUESTS = "tokenscaler_api_requests_total"  # labels route, code: the HTTP API (limits, plan)
+HTTP_AUTH_FAILURES = "tokenscaler_http_auth_failures_total"  # label reason (tokenscaler.serve.auth)
 
 CONTROLLER_NAMES: tuple[str, ...] = tuple(
     v

@@ -129,7 +129,8 @@ def replica_target(pool: Pool, need: np.ndarray) -> int:
 def stabilize(
     pool: Pool, target: int, previous: int | None, history: list[tuple[float, int]], now: float
 ) -> tuple[int, list[tuple[float, int]]]:
-    """Phase 4c: scale-up at once; scale-down to the highest target of the window, one bounded step at a time."""
+    """Phase 4c: scale-up at once; scale-down to the highest target of the window, one bounded
+    step at a time; never above ``max_replicas`` (a lowered maximum applies at once)."""
     window = pool.scale_down.stabilization_s
     history = [(t, r) for t, r in history if now - t < window and t <= now] + [(now, target)]
     if previous is None:
@@ -138,7 +139,7 @@ def stabilize(
         return target, history
     floor = max(r for _, r in history)
     desired = max(floor, previous - pool.scale_down.max_step_replicas, target)
-    return min(desired, previous), history
+    return min(desired, previous, pool.max_replicas), history
 
 
 def next_limits(rows: PoolRows, alloc: Allocation, ready: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -179,9 +180,10 @@ def plan_pool(
     target = replica_target(pool, need)
     previous, history = state.desired_replicas, state.scale_history
     if previous is None and ready > target:
-        # no memory of earlier targets (first interval, lost state): hold what runs for a
-        # full window instead of scaling down on no evidence
-        previous, history = ready, [(now, ready)]
+        # no memory of earlier targets (first interval, lost state): hold what runs (up to
+        # max_replicas) for a full window instead of scaling down on no evidence
+        held = min(ready, pool.max_replicas)
+        previous, history = held, [(now, held)]
     desired, history = stabilize(pool, target, previous, history, now)
 
     limit, burst, limit_per_replica, burst_per_replica = next_limits(rows, alloc, ready)

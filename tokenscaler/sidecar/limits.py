@@ -35,6 +35,7 @@ import asyncio
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,8 +47,17 @@ from pydantic import ValidationError
 from tokenscaler.core.limiter import GateLimits, Vector
 from tokenscaler.core.limits import LimitsDocument, split_per_replica
 from tokenscaler.core.model import Entitlement, Pool, Tier, TokenPoolsConfig
+from tokenscaler.sidecar.limits_auth import (
+    FETCH_ERROR_REASONS,
+    LimitsClientAuth,
+    LimitsHttpError,
+    LimitsRefused,
+    classify,
+    error_message,
+)
 
 log = logging.getLogger(__name__)
+_FAILED = {"tls": "refused the TLS connection", "auth": "refused this sidecar", "timeout": "timed out"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class LimitsSource(Protocol):
 
     state: str
     fetch_errors: int
+    fetch_errors_by_reason: dict[str, int]  # reasons: tokenscaler.sidecar.limits_auth.FETCH_ERROR_REASONS
 
     def initial(self) -> LimitsUpdate: ...
 
@@ -162,6 +173,7 @@ class StaticLimitsSource:
         self.rules = LimitRules(config, pool, replicas)
         self.state = "static"
         self.fetch_errors = 0
+        self.fetch_errors_by_reason: dict[str, int] = dict.fromkeys(FETCH_ERROR_REASONS, 0)
 
     def initial(self) -> LimitsUpdate:
         return LimitsUpdate(self.rules.all_static(), "static")
@@ -192,8 +204,10 @@ class HttpLimitsSource:
         timeout_s: float = 2.0,
         max_backoff_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        auth: LimitsClientAuth | None = None,
     ) -> None:
         self.rules = LimitRules(config, pool, replicas)
+        self.auth = auth  # credentials for the controller (tokenscaler.sidecar.limits_auth)
         self.url = self._document_url(url, pool)
         self.replica = replica
         self.poll_s = poll_s
@@ -203,6 +217,7 @@ class HttpLimitsSource:
         self.clock = clock
         self.state = "static"
         self.fetch_errors = 0
+        self.fetch_errors_by_reason: dict[str, int] = dict.fromkeys(FETCH_ERROR_REASONS, 0)
         self.version: str | None = None
         self._etag: str | None = None
         self._doc: LimitsDocument | None = None
@@ -226,12 +241,18 @@ class HttpLimitsSource:
         headers = {"Accept": "application/json"}
         if self._etag is not None:
             headers["If-None-Match"] = self._etag
-        async with session.get(self.url, params={"replica": self.replica}, headers=headers) as resp:
+        tls: ssl.SSLContext | bool = True  # aiohttp's default: verify with the system's CAs
+        if self.auth is not None:
+            headers.update(self.auth.headers())
+            tls = self.auth.ssl_context() or True
+        async with session.get(self.url, params={"replica": self.replica}, headers=headers, ssl=tls) as resp:
             if resp.status == 304:
                 return 304, None
             body = await resp.read()
+            if resp.status in (401, 403):
+                raise LimitsRefused(resp.status, self._redact(error_message(body)))
             if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
+                raise LimitsHttpError(f"HTTP {resp.status}: {self._redact(error_message(body))}")
             doc = LimitsDocument.model_validate_json(body)
             if doc.pool != self.rules.pool.name:
                 raise RuntimeError(f"document is for pool {doc.pool!r}, not {self.rules.pool.name!r}")
@@ -243,6 +264,7 @@ class HttpLimitsSource:
 
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         failures = 0
+        last_reason: str | None = None
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
                 try:
@@ -250,23 +272,49 @@ class HttpLimitsSource:
                 except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError, ValidationError, ValueError) as e:
                     failures += 1
                     self.fetch_errors += 1
-                    if failures == 1 or failures % 30 == 0:
+                    reason, why = classify(e, https=self.url.startswith("https:"), client_cert=self._client_cert)
+                    if reason == "tls" and self.auth is not None:
+                        why += self.auth.tls_hint()
+                    self.fetch_errors_by_reason[reason] = self.fetch_errors_by_reason.get(reason, 0) + 1
+                    if failures == 1 or failures % 30 == 0 or reason != last_reason:
                         log.warning(
-                            "limits source %s unreachable (%s failures): %s; %s", self.url, failures, e,
+                            "limits source %s %s (%s failures): %s; %s", self.url,
+                            _FAILED.get(reason, "failed"), failures, self._redact(why),
                             "keeping the last limits" if self.state != "expired" else "floors stay in force",
                         )  # fmt: skip
+                    last_reason = reason
                     self._on_failure(apply)
                 else:
                     if failures:
                         log.info("limits source %s reachable again after %d failures", self.url, failures)
                     failures = 0
+                    last_reason = None
                     self._on_success(status, doc, apply)
                 delay = self.poll_s if failures == 0 else min(self.poll_s * 2 ** min(failures, 10), self.max_backoff_s)
                 delay *= 1 + 0.1 * random.random()
                 until_expiry = self._last_ok + self.expiry_s - self.clock()
                 if self.state != "expired" and until_expiry > 0:
                     delay = min(delay, until_expiry + 0.01)
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less when a credential file changes (a fix is tried at once)."""
+        if self.auth is None:
+            await asyncio.sleep(delay)
+            return
+        loop = asyncio.get_running_loop()
+        end = loop.time() + delay
+        while (left := end - loop.time()) > 0:
+            await asyncio.sleep(min(left, 0.25))
+            if self.auth.changed():
+                return
+
+    @property
+    def _client_cert(self) -> bool:
+        return self.auth is not None and self.auth.tls is not None and self.auth.tls.cert is not None
+
+    def _redact(self, text: str) -> str:
+        return self.auth.redact(text) if self.auth is not None else text
 
     def _on_success(self, status: int, doc: LimitsDocument | None, apply: Callable[[LimitsUpdate], None]) -> None:
         self._last_ok = self.clock()

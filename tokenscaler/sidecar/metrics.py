@@ -16,7 +16,7 @@ histograms are prometheus-client objects. Each sidecar has its own ``CollectorRe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -54,6 +54,7 @@ __all__ = ["ALL_NAMES", "PREFIX", "EntitlementStats", "SidecarMetrics"]
 
 OUTCOMES = ("admitted", "rejected", "error")
 LIMITS_STATES = ("static", "fresh", "stale", "expired")
+FETCH_ERROR_REASONS = ("unreachable", "timeout", "tls", "auth", "http", "invalid")  # see sidecar.limits_auth
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003,
     0.005, 0.0075, 0.01, 0.02, 0.05,
@@ -92,7 +93,7 @@ class SidecarMetrics(Collector):
         self.limiter = limiter
         self.stats: dict[str, EntitlementStats] = {s.name: s for s in stats}
         self.unauthenticated = 0
-        self.limits_fetch_errors: Callable[[], int] = lambda: 0
+        self.limits_fetch_errors: Callable[[], Mapping[str, int]] = lambda: dict.fromkeys(FETCH_ERROR_REASONS, 0)
         self.limits_state = "static"
         self.limits_age: Callable[[], float] = lambda: 0.0
         self.registry = CollectorRegistry(auto_describe=False)
@@ -185,7 +186,9 @@ class SidecarMetrics(Collector):
             state.add_metric([p, r, st], 1.0 if st == self.limits_state else 0.0)
         yield state
         errors = CounterMetricFamily(
-            _counter(LIMITS_FETCH_ERRORS_TOTAL), "Failed polls of the limits source.", labels=["pool", "replica"]
-        )
-        errors.add_metric([p, r], self.limits_fetch_errors())
+            _counter(LIMITS_FETCH_ERRORS_TOTAL), "Failed polls of the limits source, by reason.",
+            labels=["pool", "replica", "reason"],
+        )  # fmt: skip
+        for reason, count in self.limits_fetch_errors().items():
+            errors.add_metric([p, r, reason], count)
         yield errors

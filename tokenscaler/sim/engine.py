@@ -377,6 +377,7 @@ class Engine:
         st.request_inference_time.observe(last - req.scheduled_s)
         st.request_prompt_tokens.observe(req.prompt_tokens)
         st.request_generation_tokens.observe(out)
+        st.request_max_num_generation_tokens.observe(out)
         if out > 1:
             st.request_time_per_output_token.observe((last - req.first_token_s) / (out - 1))
 

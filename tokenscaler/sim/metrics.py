@@ -55,6 +55,7 @@ REQUEST_DECODE_TIME_SECONDS = "vllm:request_decode_time_seconds"
 REQUEST_TIME_PER_OUTPUT_TOKEN_SECONDS = "vllm:request_time_per_output_token_seconds"
 REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
 REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
+REQUEST_MAX_NUM_GENERATION_TOKENS = "vllm:request_max_num_generation_tokens"
 REQUEST_PARAMS_MAX_TOKENS = "vllm:request_params_max_tokens"
 ITERATION_TOKENS_TOTAL = "vllm:iteration_tokens_total"
 
@@ -92,6 +93,11 @@ _HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
     ),
     (REQUEST_PROMPT_TOKENS, "Number of prefill tokens processed.", "request_prompt_tokens"),
     (REQUEST_GENERATION_TOKENS, "Number of generation tokens processed.", "request_generation_tokens"),
+    (
+        REQUEST_MAX_NUM_GENERATION_TOKENS,
+        "Histogram of maximum number of requested generation tokens.",
+        "request_max_num_generation_tokens",
+    ),
     (
         REQUEST_PARAMS_MAX_TOKENS,
         "Histogram of the max_tokens request parameter.",

@@ -112,6 +112,8 @@ class EngineStats:
     request_time_per_output_token: Histogram = field(init=False)
     request_prompt_tokens: Histogram = field(init=False)
     request_generation_tokens: Histogram = field(init=False)
+    request_max_num_generation_tokens: Histogram = field(init=False)
+    """Per engine request (one choice): equal to ``request_generation_tokens`` here, as in vLLM for n=1."""
     request_params_max_tokens: Histogram = field(init=False)
     iteration_tokens: Histogram = field(init=False)
 
@@ -127,5 +129,6 @@ class EngineStats:
         self.request_time_per_output_token = Histogram(INTER_TOKEN_LATENCY_BUCKETS)
         self.request_prompt_tokens = Histogram(token_buckets)
         self.request_generation_tokens = Histogram(token_buckets)
+        self.request_max_num_generation_tokens = Histogram(token_buckets)
         self.request_params_max_tokens = Histogram(token_buckets)
         self.iteration_tokens = Histogram(ITERATION_TOKENS_BUCKETS)

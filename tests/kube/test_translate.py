@@ -1,0 +1,149 @@
+"""CRs <-> config (pure), `tokenscaler convert` both ways, and which status patches a plan calls for."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tokenscaler.config import load_config, load_usage
+from tokenscaler.core.planning import plan_interval
+from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.state import PlannerState
+from tokenscaler.core.usage import to_inputs
+from tokenscaler.kube.translate import config_from_crs, config_to_crs, crs_yaml, merge_patch, status_patches
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "examples" / "tokenpools.yaml"
+USAGE = REPO / "examples" / "usage.json"
+NOW = "2026-01-01T00:00:00Z"
+
+
+def split(docs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return [d for d in docs if d["kind"] == "TokenPool"], [d for d in docs if d["kind"] == "Entitlement"]
+
+
+def test_config_round_trips_through_crs() -> None:
+    config = load_config(CONFIG)
+    t = config_from_crs(*split(config_to_crs(config, "ns")))
+    assert t.problems == {} and t.errors == []
+    assert t.config is not None
+    assert {p.name: p for p in t.config.pools} == {p.name: p for p in config.pools}
+    assert {e.name: e for e in t.config.entitlements} == {e.name: e for e in config.entitlements}
+
+
+def test_example_crs_are_the_convert_output() -> None:
+    text = crs_yaml(load_config(CONFIG), "tokenscaler", "examples/tokenpools.yaml")
+    assert (REPO / "examples" / "k8s" / "tokenpools.yaml").read_text() == text, (
+        "run: tokenscaler convert --config examples/tokenpools.yaml --out examples/k8s/tokenpools.yaml"
+    )
+    # the sidecars' ConfigMap in k8s/examples is the same config
+    assert (REPO / "k8s" / "examples" / "tokenpools.yaml").read_text() == CONFIG.read_text()
+
+
+def test_convert_command_both_ways(tmp_path: Path) -> None:
+    crs, back = tmp_path / "crs.yaml", tmp_path / "back.yaml"
+    run = [sys.executable, "-m", "tokenscaler", "convert"]
+    subprocess.run([*run, "--config", str(CONFIG), "--namespace", "x", "--out", str(crs)], check=True, timeout=60)
+    docs = [d for d in yaml.safe_load_all(crs.read_text()) if d]
+    assert {d["metadata"]["namespace"] for d in docs} == {"x"} and len(docs) == 6
+    subprocess.run([*run, "--from-crs", str(crs), "--out", str(back)], check=True, timeout=60)
+    a, b = load_config(CONFIG), load_config(back)
+    assert sorted(a.pools, key=str) == sorted(b.pools, key=str)
+    assert sorted(a.entitlements, key=lambda e: e.name) == sorted(b.entitlements, key=lambda e: e.name)
+    bad = copy.deepcopy(docs)
+    bad[1]["spec"]["tier"] = "gold"
+    crs.write_text(yaml.safe_dump_all(bad))
+    p = subprocess.run([*run, "--from-crs", str(crs)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "spec.tier" in p.stderr and "gold" in p.stderr
+
+
+def test_bad_objects_are_left_out_and_named() -> None:
+    pools, ents = split(config_to_crs(load_config(CONFIG), "ns"))
+    ents[0]["spec"]["weight"] = -2
+    ents[1]["spec"]["pool"] = "elsewhere"
+    t = config_from_crs(pools, ents)
+    assert t.config is not None and len(t.config.entitlements) == 3
+    assert set(t.problems) == {("Entitlement", ents[0]["metadata"]["name"]), ("Entitlement", "chat-prod")}
+    assert "spec.weight" in t.problems[("Entitlement", ents[0]["metadata"]["name"])]
+    assert "elsewhere" in t.problems[("Entitlement", "chat-prod")]
+    # valid one by one, oversubscribed together: no config (the caller keeps its last one)
+    ents = split(config_to_crs(load_config(CONFIG), "ns"))[1]
+    ents[0]["spec"]["guaranteed"]["throughput_tokens_per_s"] = 1e9
+    ents[0]["spec"].pop("limit")
+    t = config_from_crs(pools, ents)
+    assert t.config is None and any("oversubscribe" in e for e in t.errors)
+
+
+def plan_json() -> dict[str, Any]:
+    config = load_config(CONFIG)
+    rows = build_pool_rows(config)
+    plan, _ = plan_interval(rows, to_inputs(load_usage(USAGE), rows, str(USAGE)), PlannerState(), 1000.0, 5.0)
+    return json.loads(json.dumps(plan.to_json()))
+
+
+def stored(docs: list[dict[str, Any]], gen: int = 1) -> list[dict[str, Any]]:
+    for d in docs:
+        d["metadata"]["generation"] = gen
+    return docs
+
+
+def apply(docs: list[dict[str, Any]], patches: list[Any]) -> None:
+    by = {(("tokenpools" if d["kind"] == "TokenPool" else "entitlements"), d["metadata"]["name"]): d for d in docs}
+    for p in patches:
+        d = by[(p.plural, p.name)]
+        status = {**(d.get("status") or {}), **p.body["status"]}
+        d["status"] = {k: v for k, v in status.items() if v is not None}
+
+
+def test_status_is_written_once_and_again_only_when_it_changes() -> None:
+    config = load_config(CONFIG)
+    pools, ents = (stored(x) for x in split(config_to_crs(config, "ns")))
+    plan = plan_json()
+    patches = status_patches(pools, ents, config, plan, version=1, stale=False, now=NOW)
+    assert len(patches) == 6
+    pool_status = next(p for p in patches if p.plural == "tokenpools").body["status"]
+    assert pool_status["desiredReplicas"] == plan["pools"]["llama-8b"]["desired_replicas"]
+    assert pool_status["capacity"]["configured"]["concurrency"] == 256 * plan["pools"]["llama-8b"]["ready_replicas"]
+    assert {c["type"]: c["status"] for c in pool_status["conditions"]} == {
+        "Ready": "True", "GuaranteesFit": "True", "Stale": "False"
+    }  # fmt: skip
+    assert all(c["observedGeneration"] == 1 for c in pool_status["conditions"])
+    research = next(p for p in patches if p.name == "research").body["status"]
+    assert research["debt"] == float(f"{plan['entitlements']['research']['debt']:.4g}") != 0  # 4 significant digits
+    assert research["allocation"]["throughput_tokens_per_s"] > 0
+    apply(pools + ents, patches)
+    # the next plan with the same numbers: nothing to write (planVersion alone is not a change)
+    assert status_patches(pools, ents, config, plan, version=2, stale=False, now="2026-01-01T00:00:05Z") == []
+    # stale: every object's Stale condition flips, with a new transition time; Ready keeps its time
+    patches = status_patches(pools, ents, config, plan, version=3, stale=True, now="2026-01-01T00:00:10Z")
+    assert len(patches) == 6
+    conds = {c["type"]: c for c in patches[0].body["status"]["conditions"]}
+    assert conds["Stale"]["status"] == "True" and conds["Stale"]["lastTransitionTime"] == "2026-01-01T00:00:10Z"
+    assert conds["Ready"]["lastTransitionTime"] == NOW
+
+
+def test_status_of_invalid_objects_says_why() -> None:
+    config = load_config(CONFIG)
+    pools, ents = (stored(x) for x in split(config_to_crs(config, "ns")))
+    ghost = copy.deepcopy(ents[0])
+    ghost["metadata"]["name"] = "ghost"
+    patches = status_patches(
+        pools, [*ents, ghost], config, plan_json(), version=1, stale=False, now=NOW,
+        problems={("Entitlement", "ghost"): "spec.pool: no valid TokenPool 'x'"},
+    )  # fmt: skip
+    (g,) = [p for p in patches if p.name == "ghost"]
+    (cond,) = g.body["status"]["conditions"]
+    assert cond["reason"] == "Invalid" and "no valid TokenPool" in cond["message"]
+
+
+def test_merge_patch_deletes_keys_that_went_away() -> None:
+    assert merge_patch({"usage": {"kv_tokens": 1.0}, "debt": 1.0}, {"debt": 2.0}) == {
+        "status": {"debt": 2.0, "usage": None}
+    }
+    assert merge_patch({"debt": 1.0, "planVersion": 1}, {"debt": 1.0, "planVersion": 2}) is None

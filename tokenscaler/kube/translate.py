@@ -1,0 +1,366 @@
+"""Pure translations: CR objects <-> config models, and status documents from a plan.
+
+No I/O and no clock: the caller passes ``now`` (an RFC 3339 string) where a condition's
+``lastTransitionTime`` needs one. Objects are plain dicts, as the API server sends them.
+
+- :func:`config_to_crs` / :func:`config_from_crs`: a :class:`TokenPoolsConfig` as TokenPool
+  and Entitlement objects and back. A CR's spec is the model's fields minus ``name``
+  (``metadata.name``), defaults left out.
+- :func:`status_patches`: for a published plan (``Plan.to_json()``), the status of every
+  object that changed, as merge patches for the status subresource.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from tokenscaler.core.model import (
+    DIMENSIONS,
+    ConfigError,
+    Entitlement,
+    Pool,
+    Tier,
+    TokenPoolsConfig,
+    check_config,
+    format_validation_error,
+)
+from tokenscaler.kube import API_VERSION, ENTITLEMENT_KIND, ENTITLEMENT_PLURAL, POOL_KIND, POOL_PLURAL
+
+Obj = dict[str, Any]
+
+# --------------------------------------------------------------------------- models -> CRs
+
+
+def spec_of(model: BaseModel) -> dict[str, Any]:
+    """A model's fields as a CR spec: JSON types, no ``name``, no defaults, no nulls."""
+    return model.model_dump(mode="json", exclude={"name"}, exclude_defaults=True, exclude_none=True)
+
+
+def _cr(kind: str, name: str, namespace: str | None, spec: dict[str, Any], labels: Mapping[str, str]) -> Obj:
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    if labels:
+        meta["labels"] = dict(labels)
+    return {"apiVersion": API_VERSION, "kind": kind, "metadata": meta, "spec": spec}
+
+
+def pool_to_cr(pool: Pool, namespace: str | None = None) -> Obj:
+    return _cr(POOL_KIND, pool.name, namespace, spec_of(pool), {})
+
+
+def entitlement_to_cr(e: Entitlement, namespace: str | None = None) -> Obj:
+    labels = {"tokenpools.io/pool": e.pool, "tokenpools.io/tier": e.tier.value}
+    return _cr(ENTITLEMENT_KIND, e.name, namespace, spec_of(e), labels)
+
+
+def config_to_crs(config: TokenPoolsConfig, namespace: str | None = None) -> list[Obj]:
+    """Every pool, then every entitlement, as CR objects."""
+    return [pool_to_cr(p, namespace) for p in config.pools] + [
+        entitlement_to_cr(e, namespace) for e in config.entitlements
+    ]
+
+
+# --------------------------------------------------------------------------- CRs -> models
+
+
+def ref(obj: Mapping[str, Any]) -> str:
+    """``Kind namespace/name`` of an object, for messages."""
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{obj.get('kind', '?')} {ns + '/' if ns else ''}{meta.get('name', '?')}"
+
+
+def _from_cr(model: type[Pool] | type[Entitlement], obj: Mapping[str, Any]) -> Any:
+    meta = obj.get("metadata")
+    spec = obj.get("spec")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str):
+        raise ConfigError(ref(obj), ["metadata.name: missing"])
+    if not isinstance(spec, Mapping):
+        raise ConfigError(ref(obj), [f"spec: must be a mapping, got {type(spec).__name__}"])
+    data = {**spec, "name": meta["name"]}
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = [("spec." + line) if not line.startswith("name") else "metadata." + line for line in
+                 format_validation_error(err, data)]  # fmt: skip
+        raise ConfigError(ref(obj), lines) from err
+
+
+def pool_from_cr(obj: Mapping[str, Any]) -> Pool:
+    """A TokenPool object as a :class:`Pool`; :class:`ConfigError` names the object and field."""
+    return _from_cr(Pool, obj)
+
+
+def entitlement_from_cr(obj: Mapping[str, Any]) -> Entitlement:
+    """An Entitlement object as an :class:`Entitlement`; :class:`ConfigError` names the object and field."""
+    return _from_cr(Entitlement, obj)
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The config the objects make, and what was left out of it and why.
+
+    ``config`` is None when no valid pool remains, or when the valid objects together break
+    a cross-object rule (oversubscription, duplicate key digests): then ``errors`` says why,
+    and a caller keeps the config it had.
+    """
+
+    config: TokenPoolsConfig | None
+    problems: dict[tuple[str, str], str]  # (kind, name) -> why that object was left out
+    errors: list[str]
+
+
+def config_from_crs(pools: Iterable[Mapping[str, Any]], entitlements: Iterable[Mapping[str, Any]]) -> Translation:
+    """TokenPool and Entitlement objects as one config.
+
+    An object that fails its own validation, or an Entitlement naming a pool that is not
+    there, is left out (and named in ``problems``); the rest must pass the config's
+    cross-object checks together.
+    """
+    problems: dict[tuple[str, str], str] = {}
+    good_pools: list[Pool] = []
+    for obj in sorted(pools, key=_name):
+        try:
+            good_pools.append(pool_from_cr(obj))
+        except ConfigError as e:
+            problems[(POOL_KIND, _name(obj))] = "; ".join(e.errors)
+    known = {p.name for p in good_pools}
+    good_ents: list[Entitlement] = []
+    for obj in sorted(entitlements, key=_name):
+        try:
+            e = entitlement_from_cr(obj)
+        except ConfigError as err:
+            problems[(ENTITLEMENT_KIND, _name(obj))] = "; ".join(err.errors)
+            continue
+        if e.pool not in known:
+            problems[(ENTITLEMENT_KIND, e.name)] = f"spec.pool: no valid TokenPool {e.pool!r} in this namespace"
+            continue
+        good_ents.append(e)
+    if not good_pools:
+        return Translation(None, problems, ["no valid TokenPool"])
+    errors = check_config(good_pools, good_ents)
+    if errors:
+        return Translation(None, problems, errors)
+    return Translation(TokenPoolsConfig(pools=good_pools, entitlements=good_ents), problems, [])
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name", ""))
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _round(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits: a status that moves by noise is not re-written."""
+    if x == 0 or not math.isfinite(x):
+        return 0.0 if not math.isfinite(x) else float(x)
+    return float(f"{x:.{digits}g}")
+
+
+def _vector(v: Mapping[str, Any] | None) -> dict[str, float] | None:
+    if v is None:
+        return None
+    return {d: _round(float(v[d])) for d in DIMENSIONS if v.get(d) is not None and math.isfinite(float(v[d]))}
+
+
+def _condition(
+    type_: str, ok: bool, reason: str, message: str, generation: int | None, previous: Mapping[str, Any], now: str
+) -> dict[str, Any]:
+    status = "True" if ok else "False"
+    prev = previous.get(type_) or {}
+    since = prev.get("lastTransitionTime") if prev.get("status") == status else None
+    cond: dict[str, Any] = {"type": type_, "status": status, "lastTransitionTime": since or now}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    cond.update(reason=reason, message=message)
+    return cond
+
+
+def _prev_conditions(obj: Mapping[str, Any]) -> dict[str, Any]:
+    return {c.get("type"): c for c in ((obj.get("status") or {}).get("conditions") or []) if isinstance(c, Mapping)}
+
+
+def _stale(stale: bool, incomplete: str | None) -> tuple[bool, str, str]:
+    """(is stale, reason, message)."""
+    if stale:
+        return True, "MetricsUnavailable", "the published plan is a stale copy: the last interval read no metrics"
+    if incomplete:
+        return True, "MetricsIncomplete", incomplete
+    return False, "Fresh", "planned from this interval's metrics"
+
+
+def pool_status(
+    obj: Mapping[str, Any],
+    pool: Pool | None,
+    plan: Mapping[str, Any],
+    *,
+    version: int,
+    stale: bool,
+    now: str,
+    problem: str | None = None,
+) -> dict[str, Any]:
+    """The status of one TokenPool for a plan (``Plan.to_json()``)."""
+    gen = (obj.get("metadata") or {}).get("generation")
+    prev = _prev_conditions(obj)
+    pj = (plan.get("pools") or {}).get(_name(obj))
+    status: dict[str, Any] = {}
+    if gen is not None:
+        status["observedGeneration"] = gen
+    if pj is None or pool is None:
+        why = problem or "not in the published plan yet"
+        status["planVersion"] = version
+        status["conditions"] = [
+            _condition("Ready", False, "Invalid" if problem else "NotPlanned", why, gen, prev, now),
+        ]
+        return status
+    ready = int(pj.get("ready_replicas") or 0)
+    configured = {d: _round(getattr(pool.replica, d) * ready) for d in DIMENSIONS}
+    is_stale, s_reason, s_msg = _stale(stale, pj.get("incomplete"))
+    fit = bool(pj.get("guarantees_fit", True))
+    shortfall = _vector(pj.get("guarantee_shortfall")) or {}
+    fit_msg = (
+        "every guarantee fits the ready replicas"
+        if fit
+        else "guarantees short by " + ", ".join(f"{d} {v:g}" for d, v in shortfall.items() if v > 0)
+    )
+    status.update(
+        planVersion=version,
+        desiredReplicas=int(pj.get("desired_replicas") or 0),
+        readyReplicas=ready,
+        capacity={"observed": _vector(pj.get("capacity")) or {}, "configured": configured},
+        allocated=_vector(pj.get("allocated")) or {},
+        need=_vector(pj.get("need")) or {},
+        conditions=[
+            _condition("Ready", True, "Planned", f"desired replicas {pj.get('desired_replicas')}", gen, prev, now),
+            _condition("GuaranteesFit", fit, "Fit" if fit else "Shortfall", fit_msg, gen, prev, now),
+            _condition("Stale", is_stale, s_reason, s_msg, gen, prev, now),
+        ],
+    )
+    return status
+
+
+def entitlement_status(
+    obj: Mapping[str, Any],
+    plan: Mapping[str, Any],
+    *,
+    version: int,
+    stale: bool,
+    now: str,
+    problem: str | None = None,
+) -> dict[str, Any]:
+    """The status of one Entitlement for a plan (``Plan.to_json()``)."""
+    gen = (obj.get("metadata") or {}).get("generation")
+    prev = _prev_conditions(obj)
+    ej = (plan.get("entitlements") or {}).get(_name(obj))
+    status: dict[str, Any] = {}
+    if gen is not None:
+        status["observedGeneration"] = gen
+    if ej is None:
+        status["planVersion"] = version
+        why = problem or "not in the published plan yet"
+        status["conditions"] = [_condition("Ready", False, "Invalid" if problem else "NotPlanned", why, gen, prev, now)]
+        return status
+    pj = (plan.get("pools") or {}).get(ej.get("pool")) or {}
+    is_stale, s_reason, s_msg = _stale(stale, pj.get("incomplete"))
+    shortfall = _vector(ej.get("guarantee_shortfall")) or {}
+    short = {d: v for d, v in shortfall.items() if v > 0}
+    if ej.get("tier") != Tier.GUARANTEED.value:
+        fit, reason, msg = True, "NoGuarantee", f"the {ej.get('tier')} tier has no guarantee"
+    elif short:
+        fit, reason = False, "Shortfall"
+        msg = "guarantee short by " + ", ".join(f"{d} {v:g}" for d, v in short.items())
+    else:
+        fit, reason, msg = True, "Fit", "the guarantee fits the ready replicas"
+    status.update(planVersion=version, allocation=_vector(ej.get("allocation")) or {})
+    usage = _vector(ej.get("usage"))
+    if usage is not None:
+        status["usage"] = usage
+    status.update(
+        limit=_vector(ej.get("limit")) or {},
+        debt=_round(float(ej.get("debt") or 0.0)),
+        boundBy=str(ej.get("bound_by", "")),
+        conditions=[
+            _condition("Ready", True, "Planned", f"planned in pool {ej.get('pool')}", gen, prev, now),
+            _condition("GuaranteesFit", fit, reason, msg, gen, prev, now),
+            _condition("Stale", is_stale, s_reason, s_msg, gen, prev, now),
+        ],
+    )
+    return status
+
+
+@dataclass(frozen=True)
+class StatusPatch:
+    """A merge patch for the status subresource of one object."""
+
+    plural: str
+    name: str
+    body: dict[str, Any]  # {"status": {...}}, keys no longer present set to None
+
+
+def _without_version(status: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in status.items() if k != "planVersion"}
+
+
+def merge_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A status merge patch from ``old`` to ``new``; None when only ``planVersion`` differs
+    (a new plan with the same numbers writes nothing)."""
+    old = old or {}
+    if _without_version(old) == _without_version(new):
+        return None
+    body: dict[str, Any] = dict(new)
+    for key in old:
+        if key not in new:
+            body[key] = None
+    return {"status": body}
+
+
+def status_patches(
+    pools: Sequence[Mapping[str, Any]],
+    entitlements: Sequence[Mapping[str, Any]],
+    config: TokenPoolsConfig | None,
+    plan: Mapping[str, Any],
+    *,
+    version: int,
+    stale: bool,
+    now: str,
+    problems: Mapping[tuple[str, str], str] | None = None,
+) -> list[StatusPatch]:
+    """The status patches a published plan calls for: one per object whose status changed."""
+    problems = problems or {}
+    by_name = {p.name: p for p in config.pools} if config is not None else {}
+    out: list[StatusPatch] = []
+    for obj in pools:
+        name = _name(obj)
+        new = pool_status(
+            obj, by_name.get(name), plan, version=version, stale=stale, now=now, problem=problems.get((POOL_KIND, name))
+        )
+        if (body := merge_patch(obj.get("status"), new)) is not None:
+            out.append(StatusPatch(POOL_PLURAL, name, body))
+    for obj in entitlements:
+        name = _name(obj)
+        new = entitlement_status(
+            obj, plan, version=version, stale=stale, now=now, problem=problems.get((ENTITLEMENT_KIND, name))
+        )
+        if (body := merge_patch(obj.get("status"), new)) is not None:
+            out.append(StatusPatch(ENTITLEMENT_PLURAL, name, body))
+    return out
+
+
+HEADER = "# Generated by `tokenscaler convert --config {src} --namespace {ns}`.\n"
+
+
+def crs_yaml(config: TokenPoolsConfig, namespace: str, source: str) -> str:
+    """``config`` as a YAML stream of TokenPool and Entitlement objects, with a header naming its source."""
+    import yaml
+
+    docs = config_to_crs(config, namespace)
+    return HEADER.format(src=source, ns=namespace) + "".join(
+        "---\n" + yaml.safe_dump(d, sort_keys=False, width=120) for d in docs
+    )

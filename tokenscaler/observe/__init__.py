@@ -1,0 +1,1 @@
+"""Observability: Grafana dashboards and alert rules generated from one source, and panels drawn without Grafana."""

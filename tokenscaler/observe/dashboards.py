@@ -1,0 +1,683 @@
+"""The Grafana dashboards, built from one source: ``python -m tokenscaler.observe.dashboards --write``.
+
+Three dashboards, one per concern, written to ``dashboards/*.json`` as importable JSON
+("export for sharing externally": an ``__inputs`` entry ``DS_PROMETHEUS``) that also works
+when provisioned from files (a datasource variable of the same name). Every dashboard has
+the variables ``pool``, ``tier`` and ``entitlement`` (multi-value, "All" = ``.*``).
+
+Metric names come from :mod:`tokenscaler.observe.names`; the checked-in JSON is what this
+module writes (``--check`` fails on a difference, and so does a test).
+
+Label conventions the queries rely on: engine (vLLM) and sidecar series carry ``pool``
+(the sidecar sets it; engines get it from a relabelling of the pod's label, as the
+controller's Prometheus source expects), sidecars also ``replica``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenscaler.observe.names import controller as c
+from tokenscaler.observe.names import scaler as s
+from tokenscaler.observe.names import sidecar as sc
+from tokenscaler.observe.names import vllm as v
+
+REPO = Path(__file__).resolve().parents[2]
+OUT_DIR = REPO / "dashboards"
+DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+SCHEMA_VERSION = 39
+
+DIMENSIONS: tuple[tuple[str, str, str], ...] = (
+    # (dimension label value, title, Grafana unit)
+    ("throughput_tokens_per_s", "throughput", "suffix: tok/s"),
+    ("kv_tokens", "KV tokens", "short"),
+    ("concurrency", "concurrency", "short"),
+)
+
+P = 'pool=~"$pool"'
+E = 'pool=~"$pool", tier=~"$tier", entitlement=~"$entitlement"'
+RI = "$__rate_interval"
+
+
+def _base(name: str) -> str:
+    return name.removesuffix("_total")
+
+
+def total(name: str) -> str:
+    """A counter's series name (``_total``)."""
+    return _base(name) + "_total"
+
+
+@dataclass(frozen=True)
+class Target:
+    expr: str
+    legend: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    description: str
+    targets: tuple[Target, ...]
+    unit: str = "short"
+    kind: str = "timeseries"
+    width: int = 12
+    height: int = 8
+    min: float | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    title: str
+
+
+@dataclass
+class Dashboard:
+    uid: str
+    title: str
+    description: str
+    items: list[Panel | Row] = field(default_factory=list)
+    tags: tuple[str, ...] = ("tokenscaler",)
+
+    def panels(self) -> list[Panel]:
+        return [p for p in self.items if isinstance(p, Panel)]
+
+
+def _q(expr: str, legend: str) -> Target:
+    return Target(" ".join(expr.split()), legend)
+
+
+def _tier_join(expr: str) -> str:
+    """Attach ``tier`` to a per-pool series: one copy per tier that has entitlements in the pool
+    (engines know pools, not tiers)."""
+    tiers = f'{c.ENTITLEMENT_ALLOCATION}{{{P}, tier=~"$tier"}}'
+    return f"group by (pool, tier) ({tiers}) * on (pool) group_left () ({expr})"
+
+
+def pools() -> Dashboard:
+    d = Dashboard(
+        "tokenscaler-pools",
+        "tokenscaler / Pools",
+        "Per pool: capacity against demand and what is provisioned, replicas, the plan and engine load.",
+    )
+    d.items.append(Row("Capacity and demand"))
+    for dim, title, unit in DIMENSIONS:
+        sel = f'{P}, dimension="{dim}"'
+        d.items.append(
+            Panel(
+                f"Capacity and demand: {title}",
+                f"{title} of the ready replicas (capacity), what the desired replicas provision, smoothed demand, "
+                "the sum of allocations and the guarantee shortfall (should be 0).",
+                (
+                    _q(f"sum by (pool) ({c.POOL_CAPACITY}{{{sel}}})", "{{pool}} capacity (ready)"),
+                    _q(
+                        f"sum by (pool) ({c.POOL_CAPACITY}{{{sel}}})"
+                        f" / on (pool) (max by (pool) ({c.POOL_READY_REPLICAS}{{{P}}}) > 0)"
+                        f" * on (pool) max by (pool) ({c.POOL_DESIRED_REPLICAS}{{{P}}})",
+                        "{{pool}} provisioned (desired)",
+                    ),
+                    _q(f"sum by (pool) ({c.POOL_DEMAND}{{{sel}}})", "{{pool}} demand"),
+                    _q(f"sum by (pool) ({c.POOL_ALLOCATED}{{{sel}}})", "{{pool}} allocated"),
+                    _q(f"sum by (pool) ({c.POOL_GUARANTEE_SHORTFALL}{{{sel}}})", "{{pool}} guarantee shortfall"),
+                ),
+                unit=unit,
+                width=8,
+                min=0,
+            )
+        )
+    d.items.append(Row("Replicas and plan"))
+    d.items.append(
+        Panel(
+            "Replicas: desired against ready",
+            "Desired is what KEDA is told; target is before scale-down stabilization; min and max from the config.",
+            (
+                _q(f"{c.POOL_DESIRED_REPLICAS}{{{P}}}", "{{pool}} desired"),
+                _q(f"{c.POOL_TARGET_REPLICAS}{{{P}}}", "{{pool}} target"),
+                _q(f"{c.POOL_READY_REPLICAS}{{{P}}}", "{{pool}} ready"),
+                _q(f"{c.POOL_MAX_REPLICAS}{{{P}}}", "{{pool}} max"),
+                _q(f"{c.POOL_MIN_REPLICAS}{{{P}}}", "{{pool}} min"),
+            ),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Capacity observed vs configured",
+            "Observed per-replica capacity over the configured one, per dimension (1 = as configured; "
+            "below 1 the engines deliver less than the pool's replica spec).",
+            (_q(f"{c.POOL_CAPACITY_RATIO}{{{P}}}", "{{pool}} {{dimension}}"),),
+            unit="percentunit",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Plan age and staleness",
+            "Seconds since the published plan was made, and 1 while the controller serves its last good plan.",
+            (
+                _q(f"max by (instance) ({c.PLAN_AGE})", "plan age {{instance}}"),
+                _q(f"max by (instance) ({c.PLAN_STALE})", "stale {{instance}}"),
+            ),
+            unit="s",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Plan version",
+            "Version of the published plan; it rises once per planning interval.",
+            (_q(f"max by (instance) ({c.PLAN_VERSION})", "version {{instance}}"),),
+            kind="stat",
+            width=6,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Pool data incomplete",
+            "1 when part of the pool's metrics were missing in the last interval.",
+            (_q(f"{c.POOL_DATA_INCOMPLETE}{{{P}}}", "{{pool}}"),),
+            width=6,
+            min=0,
+        )
+    )
+    d.items.append(Row("Engines"))
+    d.items.append(
+        Panel(
+            "Engine KV cache usage",
+            "vLLM's KV-cache usage (fraction), averaged over the pool's engines.",
+            (_q(f"avg by (pool) ({v.KV_CACHE_USAGE_PERC}{{{P}}})", "{{pool}}"),),
+            unit="percentunit",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Engine requests running and waiting",
+            "vLLM's scheduler state summed over the pool's engines.",
+            (
+                _q(f"sum by (pool) ({v.NUM_REQUESTS_RUNNING}{{{P}}})", "{{pool}} running"),
+                _q(f"sum by (pool) ({v.NUM_REQUESTS_WAITING}{{{P}}})", "{{pool}} waiting"),
+            ),
+            min=0,
+        )
+    )
+    return d
+
+
+def entitlements() -> Dashboard:
+    d = Dashboard(
+        "tokenscaler-entitlements",
+        "tokenscaler / Entitlements",
+        "Per entitlement: allocation against guarantee, limit and usage; offered against admitted; 429s; "
+        "debt; SLO attainment and latency by tier.",
+    )
+    d.items.append(Row("Allocation"))
+    for dim, title, unit in DIMENSIONS:
+        sel = f'{E}, dimension="{dim}"'
+        d.items.append(
+            Panel(
+                f"Allocation, guarantee, limit and usage: {title}",
+                f"Per entitlement, {title}: the allocation of this interval, its guarantee (guaranteed tier), "
+                "the sustained limit the sidecars enforce (whole pool), service received and smoothed demand.",
+                (
+                    _q(f"{c.ENTITLEMENT_ALLOCATION}{{{sel}}}", "{{entitlement}} allocation"),
+                    _q(f'{c.ENTITLEMENT_GUARANTEE}{{{sel}, tier="guaranteed"}}', "{{entitlement}} guarantee"),
+                    _q(f"{c.ENTITLEMENT_LIMIT}{{{sel}}}", "{{entitlement}} limit"),
+                    _q(f"{c.ENTITLEMENT_USAGE}{{{sel}}}", "{{entitlement}} usage"),
+                    _q(f"{c.ENTITLEMENT_DEMAND}{{{sel}}}", "{{entitlement}} demand"),
+                ),
+                unit=unit,
+                width=8,
+                min=0,
+            )
+        )
+    d.items.append(
+        Panel(
+            "Guarantee shortfall",
+            "Guaranteed demand the plan could not allocate, per dimension: the breach signal (should be 0).",
+            (_q(f"{c.ENTITLEMENT_SHORTFALL}{{{E}}}", "{{entitlement}} {{dimension}}"),),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Debt over time",
+            "Fair-share debt in dominant-share seconds (positive: owed service), against its configured bound.",
+            (
+                _q(f"{c.ENTITLEMENT_DEBT}{{{E}}}", "{{entitlement}}"),
+                _q(f"{c.ENTITLEMENT_DEBT_BOUND}{{{E}}}", "{{entitlement}} bound"),
+            ),
+            unit="s",
+        )
+    )
+    d.items.append(Row("Admission at the sidecars"))
+    d.items.append(
+        Panel(
+            "Offered vs admitted weighted tokens",
+            "Weighted tokens/s offered (rejected requests' estimates included) and served, over all replicas.",
+            (
+                _q(
+                    f"sum by (entitlement) (rate({sc.OFFERED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                    "{{entitlement}} offered",
+                ),
+                _q(
+                    f"sum by (entitlement) (rate({sc.ADMITTED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                    "{{entitlement}} admitted",
+                ),
+            ),
+            unit="suffix: tok/s",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Requests by outcome",
+            "Requests/s reaching admission, and their outcome (admitted, rejected with 429, error).",
+            (
+                _q(f"sum by (entitlement) (rate({sc.OFFERED_REQUESTS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} offered"),
+                _q(
+                    f"sum by (entitlement, outcome) "
+                    f'(rate({sc.REQUESTS_TOTAL}{{{E}, outcome!="unauthenticated"}}[{RI}]))',
+                    "{{entitlement}} {{outcome}}",
+                ),
+            ),
+            unit="reqps",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "429s by dimension",
+            "Rejections/s by the dimension that bound them (throughput, KV tokens, concurrency).",
+            (
+                _q(
+                    f"sum by (entitlement, dimension) (rate({sc.REJECTIONS_TOTAL}{{{E}}}[{RI}]))",
+                    "{{entitlement}} {{dimension}}",
+                ),
+            ),
+            unit="reqps",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Guaranteed queue wait (p99)",
+            "How long queued guaranteed requests waited for admission at the sidecars.",
+            (
+                _q(
+                    f"histogram_quantile(0.99, sum by (pool, le) (rate({sc.QUEUE_WAIT_SECONDS}_bucket{{{P}}}[{RI}])))",
+                    "{{pool}} p99",
+                ),
+            ),
+            unit="s",
+            min=0,
+        )
+    )
+    d.items.append(Row("Latency and SLO by tier"))
+    ttft = f"{v.TIME_TO_FIRST_TOKEN_SECONDS}_bucket{{{P}}}"
+    d.items.append(
+        Panel(
+            "TTFT SLO attainment by tier",
+            "Share of requests whose time to first token was at most 1 s, on the pools serving each tier "
+            "(the engines see pools, not tiers).",
+            (
+                _q(
+                    _tier_join(
+                        f'sum by (pool) (rate({v.TIME_TO_FIRST_TOKEN_SECONDS}_bucket{{{P}, le=~"1|1\\\\.0"}}[{RI}]))'
+                        f" / sum by (pool) (rate({v.TIME_TO_FIRST_TOKEN_SECONDS}_count{{{P}}}[{RI}]))"
+                    ),
+                    "{{tier}} on {{pool}}",
+                ),
+            ),
+            unit="percentunit",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "TTFT by tier (p50, p99)",
+            "vLLM's time to first token on the pools serving each tier.",
+            tuple(
+                _q(
+                    _tier_join(f"histogram_quantile({q}, sum by (pool, le) (rate({ttft}[{RI}])))"),
+                    f"{{{{tier}}}} on {{{{pool}}}} p{int(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ),
+            unit="s",
+            min=0,
+        )
+    )
+    tpot = f"{v.INTER_TOKEN_LATENCY_SECONDS}_bucket{{{P}}}"
+    d.items.append(
+        Panel(
+            "TPOT by tier (p50, p99)",
+            "vLLM's inter-token latency (time per output token) on the pools serving each tier.",
+            tuple(
+                _q(
+                    _tier_join(f"histogram_quantile({q}, sum by (pool, le) (rate({tpot}[{RI}])))"),
+                    f"{{{{tier}}}} on {{{{pool}}}} p{int(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ),
+            unit="s",
+            min=0,
+        )
+    )
+    return d
+
+
+def health() -> Dashboard:
+    d = Dashboard(
+        "tokenscaler-health",
+        "tokenscaler / Sidecars and controller health",
+        "Sidecars: limits age and fail-static state per replica. Controller: intervals, the metrics source, "
+        "the KEDA scaler's calls.",
+    )
+    d.items.append(Row("Sidecars"))
+    d.items.append(
+        Panel(
+            "Limits age per replica",
+            "Seconds since each sidecar's limits were last confirmed by the controller (static limits: 0).",
+            (_q(f"{sc.LIMITS_AGE_SECONDS}{{{P}}}", "{{pool}}/{{replica}}"),),
+            unit="s",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Limits state (fail-static)",
+            "Replicas per limits state: fresh (the controller's), stale (its last limits kept: fail-static), "
+            "expired (floors), static (no controller).",
+            (_q(f"sum by (pool, state) ({sc.LIMITS_STATE}{{{P}}})", "{{pool}} {{state}}"),),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Limits fetch errors",
+            "Failed polls of the controller's limits per second, per replica.",
+            (
+                _q(
+                    f"sum by (pool, replica) (rate({total(sc.LIMITS_FETCH_ERRORS_TOTAL)}{{{P}}}[{RI}]))",
+                    "{{pool}}/{{replica}}",
+                ),
+            ),
+            unit="reqps",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Sidecar added latency (p99)",
+            "Time spent in the sidecar before forwarding plus the per-response overhead.",
+            (
+                _q(
+                    "histogram_quantile(0.99, sum by (pool, route, le) "
+                    f"(rate({sc.ADDED_LATENCY_SECONDS}_bucket{{{P}}}[{RI}])))",
+                    "{{pool}} {{route}}",
+                ),
+            ),
+            unit="s",
+            min=0,
+        )
+    )
+    d.items.append(Row("Controller"))
+    d.items.append(
+        Panel(
+            "Interval duration by phase (p99)",
+            "Time spent in one planning interval: read, plan, persist, total; and reading the profile.",
+            (
+                _q(
+                    "histogram_quantile(0.99, sum by (phase, le) "
+                    f"(rate({c.INTERVAL_DURATION}_bucket[{RI}])))",
+                    "{{phase}}",
+                ),
+            ),
+            unit="s",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Intervals by outcome",
+            "Planning intervals per second by outcome.",
+            (_q(f"sum by (outcome) (rate({total(c.INTERVALS)}[{RI}]))", "{{outcome}}"),),
+            unit="ops",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Metrics source answers by kind",
+            "Answers of the metrics source per second by shape (ok, empty, nan, multi, stale), and failed reads "
+            "by kind (0 when none).",
+            (
+                _q(f"sum by (kind) (rate({total(c.SOURCE_ANSWERS)}[{RI}]))", "answers {{kind}}"),
+                _q(f"sum by (kind) (rate({total(c.SOURCE_ERRORS)}[{RI}])) or vector(0)", "errors {{kind}}"),
+            ),
+            unit="ops",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Controller API requests",
+            "Requests/s to the controller's HTTP API (the sidecars' limits polls, the plan) by route and status.",
+            (_q(f"sum by (route, code) (rate({total(c.API_REQUESTS)}[{RI}]))", "{{route}} {{code}}"),),
+            unit="reqps",
+            min=0,
+        )
+    )
+    d.items.append(Row("KEDA scaler"))
+    d.items.append(
+        Panel(
+            "Scaler calls by RPC and code",
+            "KEDA external scaler RPCs per second, by RPC and gRPC status; open StreamIsActive streams.",
+            (
+                _q(f"sum by (rpc, code) (rate({s.REQUESTS_TOTAL}[{RI}])) > 0", "{{rpc}} {{code}}"),
+                _q(f"sum ({s.STREAMS_OPEN})", "open streams"),
+            ),
+            unit="reqps",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Scaler latency (p99)",
+            "Handler time of the unary KEDA scaler RPCs.",
+            (
+                _q(
+                    f"histogram_quantile(0.99, sum by (rpc, le) (rate({s.REQUEST_DURATION_SECONDS}_bucket[{RI}])))",
+                    "{{rpc}}",
+                ),
+            ),
+            unit="s",
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Scrape targets up",
+            "Prometheus' up for the pool's engines and sidecars (1 = scraped).",
+            (_q(f'sum by (pool, job) (up{{{P}, pool!=""}})', "{{pool}} {{job}} up"),),
+            min=0,
+        )
+    )
+    return d
+
+
+DASHBOARDS = {"pools": pools, "entitlements": entitlements, "sidecars-controller": health}
+
+
+def _variables() -> list[dict[str, Any]]:
+    def query_var(name: str, label: str, query: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "label": label,
+            "type": "query",
+            "datasource": DS,
+            "definition": query,
+            "query": {"query": query, "refId": "StandardVariableQuery"},
+            "refresh": 2,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".*",
+            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+            "sort": 1,
+            "hide": 0,
+            "options": [],
+            "regex": "",
+        }
+
+    return [
+        {
+            "name": "DS_PROMETHEUS",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+            "hide": 0,
+            "options": [],
+            "refresh": 1,
+            "regex": "",
+        },
+        query_var("pool", "pool", f"label_values({c.POOL_DESIRED_REPLICAS}, pool)"),
+        query_var("tier", "tier", f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool"}}, tier)'),
+        query_var(
+            "entitlement",
+            "entitlement",
+            f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool", tier=~"$tier"}}, entitlement)',
+        ),
+    ]
+
+
+def build(d: Dashboard) -> dict[str, Any]:
+    """Grafana dashboard JSON (schema 39) for ``d``: panels laid out left to right, rows full width."""
+    panels: list[dict[str, Any]] = []
+    x = y = row_h = 0
+    kinds = set()
+    for pid, item in enumerate(d.items, start=1):
+        if isinstance(item, Row):
+            if x:
+                x, y = 0, y + row_h
+            panels.append(
+                {
+                    "id": pid,
+                    "type": "row",
+                    "title": item.title,
+                    "collapsed": False,
+                    "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
+                    "panels": [],
+                }
+            )
+            y += 1
+            row_h = 0
+            continue
+        if x + item.width > 24:
+            x, y, row_h = 0, y + row_h, 0
+        kinds.add(item.kind)
+        defaults: dict[str, Any] = {"unit": item.unit, "color": {"mode": "palette-classic"}}
+        if item.min is not None:
+            defaults["min"] = item.min
+        options: dict[str, Any] = (
+            {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}, "tooltip": {"mode": "multi"}}
+            if item.kind == "timeseries"
+            else {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
+        )
+        panels.append(
+            {
+                "id": pid,
+                "type": item.kind,
+                "title": item.title,
+                "description": item.description,
+                "datasource": DS,
+                "gridPos": {"x": x, "y": y, "w": item.width, "h": item.height},
+                "fieldConfig": {"defaults": defaults, "overrides": []},
+                "options": options,
+                "targets": [
+                    {
+                        "refId": chr(ord("A") + i),
+                        "datasource": DS,
+                        "editorMode": "code",
+                        "expr": t.expr,
+                        "legendFormat": t.legend,
+                        "range": True,
+                        "instant": False,
+                    }
+                    for i, t in enumerate(item.targets)
+                ],
+            }
+        )
+        x += item.width
+        row_h = max(row_h, item.height)
+    return {
+        "__inputs": [
+            {
+                "name": "DS_PROMETHEUS",
+                "label": "Prometheus",
+                "description": "",
+                "type": "datasource",
+                "pluginId": "prometheus",
+                "pluginName": "Prometheus",
+            }
+        ],
+        "__requires": [
+            {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"},
+            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+        ]
+        + [{"type": "panel", "id": k, "name": k, "version": ""} for k in sorted(kinds)],
+        "id": None,
+        "uid": d.uid,
+        "title": d.title,
+        "description": d.description,
+        "tags": list(d.tags),
+        "editable": True,
+        "graphTooltip": 1,
+        "timezone": "",
+        "time": {"from": "now-1h", "to": "now"},
+        "timepicker": {},
+        "refresh": "30s",
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "links": [],
+        "annotations": {"list": []},
+        "templating": {"list": _variables()},
+        "panels": panels,
+    }
+
+
+def render_all() -> dict[str, str]:
+    """``{file name: JSON text}`` of every dashboard, as checked in."""
+    return {f"{name}.json": json.dumps(build(fn()), indent=2) + "\n" for name, fn in DASHBOARDS.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tokenscaler.observe.dashboards", description=__doc__.splitlines()[0])
+    group = ap.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", action="store_true", help="write dashboards/*.json")
+    group.add_argument("--check", action="store_true", help="fail when dashboards/*.json differ from this source")
+    ap.add_argument("--out", type=Path, default=OUT_DIR)
+    args = ap.parse_args(argv)
+    stale = []
+    for name, text in render_all().items():
+        path = args.out / name
+        if args.write:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        elif not path.exists() or path.read_text() != text:
+            stale.append(str(path))
+    if stale:
+        hint = "run python -m tokenscaler.observe.dashboards --write"
+        print(f"out of date ({hint}): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Every metric name the dashboards and alerts use, imported from where it is defined.
+
+The one place this package imports metric names: ours from :mod:`tokenscaler.core.metric_names`
+(the scaler's through its aliases), vLLM's from the simulator, which serves all of them.
+"""
+
+from __future__ import annotations
+
+from tokenscaler.core import metric_names as controller
+from tokenscaler.core import metric_names as sidecar
+from tokenscaler.serve import scaler_metrics as scaler
+from tokenscaler.sim import metrics as vllm
+
+__all__ = ["controller", "exported_names", "scaler", "sidecar", "vllm"]
+
+
+def exported_names() -> frozenset[str]:
+    """Every series name our processes and the simulator (vLLM's names) export, with the
+    ``_total`` / ``_bucket`` / ``_sum`` / ``_count`` forms Prometheus stores."""
+    bases = set(controller.ALL_NAMES) | set(sidecar.ALL_NAMES) | set(scaler.METRIC_NAMES)
+    bases |= {v for k, v in vars(vllm).items() if k.isupper() and isinstance(v, str) and v.startswith("vllm:")}
+    out: set[str] = set()
+    for name in bases:
+        stem = name.removesuffix("_total")
+        out |= {name, stem, stem + "_total", stem + "_bucket", stem + "_sum", stem + "_count"}
+    return frozenset(out)
