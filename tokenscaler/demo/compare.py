@@ -112,7 +112,10 @@ def blame(cmp: dict[str, Any]) -> list[str]:
         elif c["cut_live"] != c["cut_virtual"] and abs(c["cut_live"] - c["cut_virtual"]) > 0.05 * max(
             c["cut_live"], c["cut_virtual"], 1
         ):
-            found.append(f"preemption, {tier}: {c['cut_live']} requests cut live vs {c['cut_virtual']} virtual")
+            found.append(
+                f"preemption or failed replicas, {tier}: {c['cut_live']} requests cut or failed live vs "
+                f"{c['cut_virtual']} cut virtual (see the report's failures and the processes' logs)"
+            )
         else:
             found.append(
                 f"engine (the simulator's pace in real time vs virtual time), {tier}: admitted tokens "

@@ -76,6 +76,7 @@ class Fleet:
     settings: FleetSettings
     workdir: Path
     replicas: list[Replica] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # replicas whose processes died
     controller: Child | None = None
     controller_url: str = ""
     scaler_address: str = ""
@@ -222,6 +223,21 @@ class Fleet:
         )  # fmt: skip
         self.replicas.append(r)
         return r
+
+    async def reap_dead(self, now: float) -> list[Replica]:
+        """Ready replicas whose simulator or sidecar exited: out of the endpoints (as a crashed pod
+        leaves a Service), the surviving half stopped, the exit codes kept for the report."""
+        dead = [r for r in self.replicas if r.state in ("ready", "draining") and not (r.sim.alive and r.sidecar.alive)]
+        for r in dead:
+            r.state = "gone"
+            self.failures.append(
+                {"t": round(now, 2), "replica": r.id, "sim_exit": r.sim.popen.poll(),
+                 "sidecar_exit": r.sidecar.popen.poll(), "logs": [str(r.sim.log_path), str(r.sidecar.log_path)]}
+            )  # fmt: skip
+        if dead:
+            self.write_targets()
+            await self.sup.stop_async(*[c for r in dead for c in (r.sidecar, r.sim)])
+        return dead
 
     async def poll_ready(self) -> list[Replica]:
         """Mark starting replicas whose ``/health`` (through the sidecar) answers 200 as ready."""

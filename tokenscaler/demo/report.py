@@ -199,6 +199,11 @@ def markdown(summary: dict[str, Any], files: list[str], meta: dict[str, Any]) ->
     }
     for f in files:
         lines += [f"![{titles.get(f, f)}]({f})", ""]
+    if meta.get("replica_failures"):
+        lines += ["## Replicas that died", ""]
+        lines += [f"- t={f['t']} s: {f['replica']} (simulator exit {f['sim_exit']}, sidecar exit "
+                  f"{f['sidecar_exit']}); replaced. Logs: {', '.join(f['logs'])}" for f in meta["replica_failures"]]
+        lines.append("")
     cmp = meta.get("compare")
     if cmp:
         lines += compare_markdown(cmp)

@@ -145,9 +145,12 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
 
         async def ticker() -> None:
             while True:
+                now = gen.now()  # type: ignore[union-attr]
+                for r in await fleet.reap_dead(now):
+                    log(f"t={now:.1f}s replica {r.id} died ({fleet.failures[-1]}); the Deployment replaces it")
+                    await manager.reconcile()  # type: ignore[union-attr]
                 await fleet.poll_ready()
                 plan = await fleet.plan()
-                now = gen.now()  # type: ignore[union-attr]
                 p = (plan or {}).get("pools", {}).get(pool.name, {})
                 samples.append(
                     Sample(
@@ -216,6 +219,7 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
         "ports": ports,
         "scale_decisions": [asdict(d) for d in manager.decisions] if manager else [],
         "hpa": rules.source,
+        "replica_failures": fleet.failures,
     }
     if opts.compare:
         from tokenscaler.demo.compare import compare_live_virtual
