@@ -25,9 +25,12 @@ prometheus:
 	  fi; \
 	fi
 
+# The live demo (about 3 minutes): a fleet of simulators, sidecars, the controller and
+# (when Debian's prometheus is installed) Prometheus on 127.0.0.1; report in demo-out/.
+# `make demo DEMO_ARGS="--duration-s 60"` shortens it.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/tokenscaler validate --config examples/tokenpools.yaml
-	$(VENV)/bin/tokenscaler plan --config examples/tokenpools.yaml --usage examples/usage.json
+	$(VENV)/bin/tokenscaler demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -18,10 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tokenscaler.experiments.cli import run_experiment  # noqa: E402
 from tokenscaler.experiments.policies import POLICIES  # noqa: E402
 from tokenscaler.experiments.runner import run_policy  # noqa: E402
 from tokenscaler.experiments.scenario import load_scenario, shipped_scenarios  # noqa: E402
+from tokenscaler.experiments.suite import run_experiment  # noqa: E402
 
 
 def one_policy() -> float:

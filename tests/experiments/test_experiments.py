@@ -14,8 +14,8 @@ import pytest
 
 from tokenscaler.cli import main
 from tokenscaler.core.model import ConfigError
-from tokenscaler.experiments.cli import run_experiment
 from tokenscaler.experiments.scenario import load_scenario
+from tokenscaler.experiments.suite import run_experiment
 
 
 def _g(res: dict, pol: str, tier: str = "guaranteed") -> dict:

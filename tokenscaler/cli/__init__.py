@@ -25,11 +25,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("tokenscaler.cli.sim", "run a vLLM-compatible engine simulator"),
     "sidecar": ("tokenscaler.cli.sidecar", "run the rate-limit sidecar in front of one vLLM replica"),
     "controller": ("tokenscaler.cli.controller", "run the controller: metrics in, plan out (KEDA + sidecars)"),
+    "experiment": ("tokenscaler.cli.experiment", "virtual-time experiments: policies on a scenario"),
+    "demo": ("tokenscaler.cli.demo", "token pools live on this machine: a fleet, a scenario's traffic, a report"),
     "webhook": ("tokenscaler.cli.webhook", "run the admission webhooks (validate CRs, inject sidecars)"),
     "convert": ("tokenscaler.cli.convert", "write a config as TokenPool/Entitlement CRs, or CRs as a config"),
     "render-dashboards": ("tokenscaler.cli.render_dashboards", "draw the dashboards' panels from Prometheus into PNGs"),
     "probe": ("tokenscaler.cli.probe", "measure one engine and print the replica block for its pool"),
-    "experiment": ("tokenscaler.experiments.cli", "virtual-time experiments: policies on a scenario"),
 }
 
 

@@ -190,7 +190,7 @@ async def _main(args: argparse.Namespace) -> int:
                 recorded=args.recording_rules,
             )
         else:
-            source = ScrapeSource(load_model(ScrapeConfig, args.scrape_config, "'pools'"))
+            source = ScrapeSource(load_model(ScrapeConfig, args.scrape_config, "'pools'"), path=args.scrape_config)
         tls = ScalerTLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     except ConfigError as e:
         return config_error(e)

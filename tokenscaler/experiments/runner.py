@@ -5,7 +5,7 @@ is a pure function of scenario, policy and seed). Per replica it holds the simul
 :class:`~tokenscaler.sim.engine.Engine`, stepped one scheduler iteration at a time (a step
 event at each step's end delivers its tokens and starts the next), and the sidecar's
 :class:`~tokenscaler.core.limiter.Limiter` with the sidecar's own per-request accounting
-(:class:`~tokenscaler.sidecar.proxy.Flight` into :class:`~tokenscaler.sidecar.metrics.SidecarMetrics`):
+(:class:`~tokenscaler.sidecar.flight.Flight` into :class:`~tokenscaler.sidecar.metrics.SidecarMetrics`):
 admit, accept, charge as tokens stream (at every scrape), settle at the end, preempt the
 victims a decision names. Every ``interval_s`` the sidecars' and engines' collectors are
 read in-process and parsed by the embedded scraper (:mod:`tokenscaler.experiments.control`);
@@ -37,8 +37,8 @@ from tokenscaler.experiments.policies import POLICIES, gateway_limiter
 from tokenscaler.experiments.replicas import HPA_DEFAULTS, Hpa, rules_from_scaledobject
 from tokenscaler.experiments.scenario import LoadedScenario, Skewed
 from tokenscaler.experiments.traffic import SlotSource, build_traffic
+from tokenscaler.sidecar.flight import Flight
 from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
-from tokenscaler.sidecar.proxy import Flight
 from tokenscaler.sim.engine import Engine
 from tokenscaler.sim.metrics import build_registry
 from tokenscaler.sim.profile import load_profile

@@ -34,14 +34,15 @@ from aiohttp import web
 from yarl import URL
 
 from tokenscaler.core.capacity import CAPACITY_TOLERANCE
-from tokenscaler.core.limiter import Reservation, Shortfall
+from tokenscaler.core.limiter import Shortfall
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
 from tokenscaler.sidecar.apis import METERED, PASSTHROUGH, Api
 from tokenscaler.sidecar.engine import EngineLimits
 from tokenscaler.sidecar.errors import RATE_LIMIT_TYPES, error_response, ratelimit_headers, retry_headers
 from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest
+from tokenscaler.sidecar.flight import Flight
 from tokenscaler.sidecar.gatekeeper import Gatekeeper
-from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
+from tokenscaler.sidecar.metrics import SidecarMetrics
 from tokenscaler.sidecar.sse import usage_counts
 
 log = logging.getLogger(__name__)
@@ -79,61 +80,6 @@ class SidecarOptions:
     upstream_connections: int = 512
     connect_timeout_s: float = 5.0
     access_log: bool = True  # one JSON line per finished generation request (logger tokenscaler.sidecar.access)
-
-
-class Flight:
-    """One admitted request: what has been counted for it, and how to cut it."""
-
-    __slots__ = ("accepted", "counted_gen", "counted_prompt", "gate", "preempted", "res", "stats", "task", "w")
-
-    def __init__(self, gate: Gatekeeper, res: Reservation, stats: EntitlementStats, w: tuple[float, float]) -> None:
-        self.gate = gate
-        self.res = res
-        self.stats = stats
-        self.w = w
-        self.task = _current_task()  # None outside an event loop (the experiments' virtual time)
-        self.accepted = False
-        self.preempted = False
-        self.counted_prompt = 0
-        self.counted_gen = 0
-        res.handle = self
-
-    def preempt(self) -> None:
-        if not self.res.finished and not self.preempted:
-            self.preempted = True
-            if self.task is not None:
-                self.task.cancel()
-
-    def _count(self, prompt: int, generated: int) -> None:
-        s = self.stats
-        s.prompt_tokens += prompt
-        s.generation_tokens += generated
-        weighted = self.w[0] * prompt + self.w[1] * generated
-        s.admitted_weighted += weighted
-        s.offered_weighted += weighted
-        self.counted_prompt += prompt
-        self.counted_gen += generated
-
-    def accept(self) -> None:
-        """The engine took the request: its prompt is processed."""
-        self.accepted = True
-        self.stats.admitted += 1
-        self._count(self.res.estimate.prompt_tokens, 0)
-
-    def streamed(self, generated: int) -> None:
-        if generated > self.counted_gen:
-            self._count(0, generated - self.counted_gen)
-            self.gate.charge(self.res, generated)
-
-    def settle(self, prompt: int | None = None, generated: int | None = None, completed: bool = False) -> None:
-        if self.res.finished:
-            return
-        if not self.accepted:
-            prompt, generated = 0, 0
-        prompt = self.counted_prompt if prompt is None else prompt
-        generated = self.counted_gen if generated is None else generated
-        self._count(max(prompt - self.counted_prompt, 0), max(generated - self.counted_gen, 0))
-        self.gate.finish(self.res, prompt_tokens=prompt, generated_tokens=generated, completed=completed)
 
 
 class Sidecar:
@@ -556,11 +502,6 @@ class Sidecar:
 
 def _shown(value: float | None) -> str:
     return "nothing" if value is None else f"{value:g}"
-def _current_task() -> asyncio.Task | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no running loop
-        return None
 
 
 def _uncancel() -> None:

@@ -16,20 +16,30 @@ Scrape config (YAML)::
         engines: [http://127.0.0.1:8001/metrics]     # vLLM (or simulator) /metrics
         sidecars: [http://127.0.0.1:9101/metrics]    # sidecar metrics ports
     timeout_s: 2
+
+Given the file's ``path``, the source re-reads it before a round when it changed (its
+size, modification time or inode: write a new file and rename it over the old one), so
+targets can come and go without a restart; a changed file that does not validate is
+logged and the previous targets stay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
+from tokenscaler.config import load_model
 from tokenscaler.core import metric_names as names
+from tokenscaler.core.model import ConfigError
 from tokenscaler.core.observation import OFFERED_TPS, LoadProfile, ReplicaTable, SignalTableBuilder
 from tokenscaler.sources.base import (
     SIDECAR_FRESHNESS,
@@ -70,6 +80,8 @@ class ScrapeConfig(BaseModel):
 
 Sample = tuple[str, dict[str, str], float]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ScrapeResult:
@@ -92,10 +104,41 @@ class _Previous:
 class ScrapeSource:
     """Reads an :class:`Observation` by scraping targets directly."""
 
-    def __init__(self, config: ScrapeConfig) -> None:
+    def __init__(self, config: ScrapeConfig, path: str | Path | None = None) -> None:
         self.config = config
         self._previous: dict[str, _Previous] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._path = Path(path) if path is not None else None
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def reload(self) -> bool:
+        """Re-read the config file if it changed since the last read; True when the targets changed."""
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            config = load_model(ScrapeConfig, self._path, "'pools'")  # type: ignore[arg-type]
+        except ConfigError as e:
+            log.warning("scrape config %s changed but cannot be used, keeping the previous targets: %s",
+                        self._path, "; ".join(e.errors))  # fmt: skip
+            return False
+        if config == self.config:
+            return False
+        urls = {str(u) for t in config.pools.values() for u in (*t.engines, *t.sidecars)}
+        self._previous = {u: p for u, p in self._previous.items() if u in urls}
+        self.config = config
+        log.info("scrape config %s re-read: %d targets", self._path, len(urls))
+        return True
 
     async def _fetch(self, url: str) -> str:
         if self._session is None:
@@ -115,6 +158,7 @@ class ScrapeSource:
         return increase / (now - prev.time)
 
     async def read(self, now: float) -> Observation:
+        self.reload()
         jobs: list[tuple[str, str, str]] = [
             (pool, kind, str(url))
             for pool, targets in self.config.pools.items()
