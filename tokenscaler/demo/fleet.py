@@ -142,8 +142,11 @@ class Fleet:
                     "honor_labels": True,
                     "file_sd_configs": sd("sidecars"),
                 },
+                # the name the dashboards and alerts expect (observe/): written once the controller listens
+                {"job_name": "tokenscaler-controller", "file_sd_configs": sd("controller")},
             ],
         }
+        self._atomic_write(self.workdir / "targets-controller.json", "[]")
         (pdir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
         last: Exception | None = None
         for attempt in range(3):
@@ -184,6 +187,9 @@ class Fleet:
         child = self.sup.role("controller", args)
         m = await child.wait_for(LISTEN_RE, START_TIMEOUT_S)
         self.controller_url = f"http://127.0.0.1:{m['port']}"
+        if self.settings.prometheus:
+            target = [{"targets": [f"127.0.0.1:{m['port']}"], "labels": {}}]
+            self._atomic_write(self.workdir / "targets-controller.json", json.dumps(target))
         g = await child.wait_for(SCALER_RE, START_TIMEOUT_S)
         self.scaler_address = f"127.0.0.1:{g.group(1)}"
         self.controller = child

@@ -188,6 +188,11 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
                 task.cancel()
             await asyncio.gather(traffic, *helpers, return_exceptions=True)
         ports[:] = _ports(fleet)
+        if use_prometheus and fleet.prometheus_url:
+            rendered = await asyncio.to_thread(
+                _render_dashboards, fleet.prometheus_url, out / "dashboards", pool.name, time.time() - duration
+            )
+            log(f"rendered {rendered} dashboard panels from Prometheus into {out / 'dashboards'}")
     except asyncio.CancelledError:
         result.interrupted = True
     except (ChildFailed, OSError, ValueError) as e:
@@ -244,6 +249,24 @@ def _ports(fleet: Fleet) -> list[int]:
     if fleet.scaler_address:
         ports.append(int(fleet.scaler_address.rsplit(":", 1)[1]))
     return sorted(set(ports))
+
+
+def _render_dashboards(prometheus: str, out: Path, pool: str, start: float) -> int:
+    """Every panel of the shipped dashboards over the run, drawn from the demo's Prometheus
+    (what `tokenscaler render-dashboards` does); a failure is reported, never fatal."""
+    import requests
+
+    from tokenscaler.observe.dashboards import DASHBOARDS, build
+    from tokenscaler.observe.render import render
+
+    end = time.time()
+    boards = [build(fn()) for fn in DASHBOARDS.values()]
+    try:
+        written = render(prometheus, out, boards, start, end, max((end - start) / 120, 1.0), 1.0, {"pool": pool})
+    except (requests.RequestException, ValueError, OSError) as e:
+        print(f"tokenscaler demo: dashboards not rendered: {e}", flush=True)
+        return 0
+    return len(written)
 
 
 def _have_prometheus() -> bool:
