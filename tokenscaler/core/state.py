@@ -45,6 +45,11 @@ class EncodedArray(_Strict):
     shape: list[int]
     b64: str
 
+    @model_validator(mode="after")
+    def _decodes(self) -> EncodedArray:
+        self.decode()  # ValueError: pydantic reports it at this array's key
+        return self
+
     def decode(self) -> np.ndarray:
         return decode_array(self.model_dump())
 
