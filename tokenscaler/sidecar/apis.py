@@ -47,7 +47,7 @@ from tokenscaler.sidecar.estimates import (
     tokenize_payload,
     upstream_body,
 )
-from tokenscaler.sidecar.sse import StreamCounter, response_usage
+from tokenscaler.sidecar.sse import StreamCounter, complete_events, response_usage
 
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 _SEP = b"\n\n"
@@ -150,15 +150,9 @@ class TypedStreamCounter:
             self.generated += _tokens(new) - _tokens(old)
 
     def feed(self, data: bytes) -> bytes:
-        buf = self._buf + data if self._buf else data
-        if b"\r\n" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        end = buf.rfind(_SEP)
-        if end < 0:
-            self._buf = buf
+        complete, self._buf = complete_events(self._buf, data)
+        if not complete:
             return b""
-        end += 2
-        complete, self._buf = buf[:end], buf[end:]
         for event in complete[:-2].split(_SEP):
             for line in event.split(b"\n"):
                 if line.startswith(b"data:"):

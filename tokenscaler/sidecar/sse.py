@@ -45,6 +45,20 @@ def _text_bytes(choice: dict[str, Any]) -> int:
     return n
 
 
+def complete_events(pending: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """``(complete, rest)`` of a server-sent event stream so far: ``pending + data`` with CRLF
+    made LF, cut after its last blank line (``complete`` ends an event, or is empty); ``rest``
+    waits for more bytes."""
+    buf = pending + data if pending else data
+    if b"\r\n" in buf:
+        buf = buf.replace(b"\r\n", b"\n")
+    end = buf.rfind(_SEP)
+    if end < 0:
+        return b"", buf
+    end += 2
+    return buf[:end], buf[end:]
+
+
 class StreamCounter:
     """Feed it upstream bytes; it returns the bytes to forward and keeps the counts."""
 
@@ -60,15 +74,10 @@ class StreamCounter:
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
-        buf = self._buf + data if self._buf else data
-        if b"\r\n" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        end = buf.rfind(_SEP)
-        if end < 0:
-            self._buf = buf
+        complete, self._buf = complete_events(self._buf, data)
+        if not complete:
             return b""
-        end += 2
-        complete, self._buf = buf[:end], buf[end:]
+        end = len(complete)
         out: list[bytes] | None = None
         start = 0
         while start < end:
