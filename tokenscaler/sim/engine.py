@@ -46,6 +46,7 @@ exactly its target.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -120,6 +121,9 @@ class Engine:
         self._num_waiting = 0
         self._requests: dict[str, Request] = {}
         self._busy_until = 0.0
+        # the last pure decode run's step ends, valid while (busy_until, num_steps) match and
+        # nothing was added or aborted: (busy_until_s, num_steps, ends)
+        self._run_cache: tuple[float, int, list[float]] | None = None
 
     # ---- state -------------------------------------------------------------------------
 
@@ -208,6 +212,7 @@ class Engine:
             self, request_id, prompt_tokens, max_tokens, target, reason, priority, now, tuple(block_hashes)
         )
         req.tenant = tenant
+        self._run_cache = None
         if self._vtc:
             self._vtc_arrive(tenant)
         if not self._requests:  # idle: the next step starts when this request arrives
@@ -231,6 +236,7 @@ class Engine:
         req = self._requests.get(request_id)
         if req is None:
             return None
+        self._run_cache = None
         self._finish(req, "abort", now)
         self._shrink_hi()
         return req
@@ -450,6 +456,133 @@ class Engine:
         return StepResult(
             start, end, num_reqs, num_tokens, prefill_tokens, num_gen, first_token, finished, preempted
         )
+
+    # ---- pure decode runs (virtual time's fast path) -----------------------------------
+
+    def _decode_run_len(self) -> int:
+        """How many of the next steps are a *pure decode run*, 0 when the next is not.
+
+        In such a run every running request decodes one token per step, nothing is admitted
+        (nothing waits, or ``max_num_seqs`` run), no block runs short and no request ends
+        before the run's last step, so each step is determined by the state before the run:
+        the same requests, context growing by one token each, a new block where a sequence
+        crosses a block boundary. :meth:`advance_decode_run` executes such steps at once,
+        with exactly the numbers :meth:`step` would give one at a time.
+        """
+        n = self._num_running
+        if n == 0 or n > self._budget or (self._num_waiting and n < self._max_seqs):
+            return 0
+        hi = self._hi
+        occupied = self._seq[:hi] != _NO_SEQ
+        comp, tot = self._computed[:hi][occupied], self._total[:hi][occupied]
+        if not np.array_equal(tot - comp, np.ones_like(comp)) or bool((tot <= self._prompt[:hi][occupied]).any()):
+            return 0
+        last = self._last_tok[:hi][occupied]
+        if not bool((last == self._busy_until).all()):
+            return 0  # a request that skipped a step has its own inter-token gap
+        m = int((self._target[:hi][occupied] - tot).min())  # the step in which the first one ends
+        blk, bs, free = self._blocks[:hi][occupied], self._bs, self._pool.free
+
+        def need(k: int) -> int:
+            return int(np.maximum((comp + k + (bs - 1)) // bs - blk, 0).sum())
+
+        if need(m) <= free:
+            return m
+        lo, top = 0, m  # need(lo) <= free < need(top)
+        while top - lo > 1:
+            mid = (lo + top) // 2
+            if need(mid) <= free:
+                lo = mid
+            else:
+                top = mid
+        return lo
+
+    def decode_run_ends(self, now: float) -> list[float]:
+        """End times of the pure decode run starting at ``max(now, busy_until_s)`` (empty: none)."""
+        if now > self._busy_until:
+            return []
+        k = self._decode_run_len()
+        if k == 0:
+            return []
+        return self._run_ends(k)
+
+    def _run_ends(self, k: int) -> list[float]:
+        cached = self._run_cache
+        if (
+            cached is not None
+            and cached[0] == self._busy_until
+            and cached[1] == self.stats.num_steps
+            and len(cached[2]) >= k
+        ):
+            return cached[2][:k]
+        n = self._num_running
+        context = int(self._computed[: self._hi].sum())
+        m = self.profile.step_time
+        # StepTimeModel.step_s(n, context, 0), term by term in its order (the same floats)
+        a = m.fixed_ms * 1e-3 + m.per_request_us * 1e-6 * n
+        c = m.kv_read_us_per_token * 1e-6
+        p = m.prefill_us_per_token * 1e-6 * max(0, 0 - m.prefill_knee_tokens)
+        t = self._busy_until
+        ends = []
+        append = ends.append
+        for _ in range(k):
+            context += n
+            t = t + (a + c * context + p)
+            append(t)
+        self._run_cache = (self._busy_until, self.stats.num_steps, ends)
+        return ends
+
+    def advance_decode_run(self, k: int) -> StepResult:
+        """Execute the next ``k`` steps, which must be (part of) a pure decode run, at once.
+
+        Same state, stats and result (the last step's) as ``k`` calls of :meth:`step` at
+        ``busy_until_s``; raises ``ValueError`` if the next ``k`` steps are not such a run.
+        """
+        cached = self._run_cache
+        valid = cached is not None and cached[0] == self._busy_until and cached[1] == self.stats.num_steps
+        if k < 1 or (not (valid and len(cached[2]) >= k) and self._decode_run_len() < k):  # type: ignore[index]
+            raise ValueError(f"the next {k} steps are not a pure decode run")
+        ends = self._run_ends(k)
+        rest = cached[2][k:] if valid else []  # type: ignore[index]
+        hi, n, st = self._hi, self._num_running, self.stats
+        occupied = self._seq[:hi] != _NO_SEQ
+        comp, tot, blk = self._computed[:hi], self._total[:hi], self._blocks[:hi]
+        new_blk = np.where(occupied, np.maximum((comp + k + (self._bs - 1)) // self._bs, blk), blk)
+        self._pool.allocate(int((new_blk - blk).sum()))
+        blk[:] = new_blk
+        comp += occupied * k
+        tot += occupied * k
+        if self._vtc:
+            np.add.at(self._vtc_gen, self._tenant[:hi][occupied], float(k))
+        # inter-token latency: every running request, one gap per step (as step() observes it)
+        itl = st.inter_token_latency
+        prev = [self._busy_until, *ends[:-1]]
+        gaps = np.array([e - p for e, p in zip(ends, prev, strict=True)], dtype=np.float64)
+        itl.counts += n * np.bincount(np.searchsorted(itl.bounds, gaps, side="left"), minlength=itl.counts.size)
+        for v in np.repeat(gaps[:, None], n, axis=1).sum(axis=1).tolist():
+            itl.sum += v
+        itl.count += n * k
+        it = st.iteration_tokens
+        it.counts[bisect.bisect_left(it._bounds_list, n)] += k
+        for _ in range(k):
+            it.sum += n
+        it.count += k
+        st.generation_tokens += n * k
+        st.num_steps += k
+        end = ends[-1]
+        self._last_tok[:hi][occupied] = end
+        finished: list[Request] = []
+        for s in np.flatnonzero(occupied & (tot >= self._target[:hi])).tolist():
+            req = self._slots[s]
+            assert req is not None
+            req.last_token_s = end
+            self._finish(req, req.target_reason, end)
+            finished.append(req)
+        self._shrink_hi()
+        start = ends[-2] if k > 1 else self._busy_until
+        self._busy_until = end
+        self._run_cache = (end, st.num_steps, rest) if rest and not finished else None
+        return StepResult(start, end, n, n, 0, n, [], finished, [])
 
     def _schedule(self, now: float, preempted: list[Request]) -> np.ndarray:
         """Tokens per slot for this step (running requests first, then admissions)."""
