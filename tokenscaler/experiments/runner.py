@@ -266,7 +266,7 @@ class Run:
             stats.rejected[decision.dimension or "concurrency"] += 1
             stats.offered_weighted += lim.expected_weighted(call.tenant, est)
             return self._refused(t, call, decision.dimension or "concurrency")
-        self._sync(r, t, cut=True)
+        self._sync(r, t)
         r.gate.now = t
         for victim in decision.victims:
             self.recorder.preempted_count(victim.entitlement)
@@ -282,6 +282,8 @@ class Run:
         r.by_seq[decision.reservation.seq] = call  # type: ignore[union-attr]
         r.engine.add_request(rid, call.prompt, call.max_tokens, t, tenant=call.tenant, output_tokens=call.output)
         flight.accept()
+        if r.run_ends and not r.engine.decode_run_remains(len(r.run_ends)):
+            self._end_run(r)  # it can be admitted: the next step is a normal one
         self.recorder.queue_depth(r.engine.num_waiting)
         if not r.step_scheduled:
             r.step_scheduled = True
@@ -319,10 +321,13 @@ class Run:
             r.pending = r.engine.advance_decode_run(k)
             del ends[:k]
         if ends and cut:
-            # the step in flight delivers at its end, and the next one is a normal step
-            ends.clear()
-            r.epoch += 1
-            self._push(r.engine.busy_until_s, STEP, (r, r.epoch))
+            self._end_run(r)
+
+    def _end_run(self, r: Replica) -> None:
+        """Stop ``r``'s decode run after the step in flight, which delivers at its end."""
+        r.run_ends.clear()
+        r.epoch += 1
+        self._push(r.engine.busy_until_s, STEP, (r, r.epoch))
 
     def _step(self, t: float, r: Replica) -> None:
         if r.run_ends:

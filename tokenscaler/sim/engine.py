@@ -470,7 +470,7 @@ class Engine:
         with exactly the numbers :meth:`step` would give one at a time.
         """
         n = self._num_running
-        if n == 0 or n > self._budget or (self._num_waiting and n < self._max_seqs):
+        if n == 0 or n > self._budget or (self._num_waiting and n < self._max_seqs and not self._head_blocked(n)):
             return 0
         hi = self._hi
         occupied = self._seq[:hi] != _NO_SEQ
@@ -496,6 +496,35 @@ class Engine:
             else:
                 top = mid
         return lo
+
+    def _head_blocked(self, n: int) -> bool:
+        """Whether the waiting queue's head cannot be admitted in any step of a decode run of
+        ``n`` requests: it does not fit the free blocks now, and they only shrink in a run."""
+        if self._vtc:
+            return False  # the head changes as the counters grow
+        budget = self._budget - n
+        if budget <= 0:
+            return True
+        req = self._peek_waiting()
+        if req.arrival_s > self._busy_until:
+            return False
+        bs, pool = self._bs, self._pool
+        total = req.num_tokens
+        hits = evictable = 0
+        if self._caching and req.block_hashes:
+            hits, evictable = pool.lookup(req.block_hashes, (total - 1) // bs)
+            if evictable:
+                return False  # a hit the run's allocations evict changes the arithmetic
+        computed = hits * bs
+        k = total - computed
+        if self._thr:
+            k = min(k, self._thr)
+        k = min(k, budget)
+        return -(-(computed + k) // bs) - hits > pool.free
+
+    def decode_run_remains(self, k: int) -> bool:
+        """Whether the next ``k`` steps are still a pure decode run (after a request was added)."""
+        return self._decode_run_len() >= k
 
     def decode_run_ends(self, now: float) -> list[float]:
         """End times of the pure decode run starting at ``max(now, busy_until_s)`` (empty: none)."""
@@ -640,30 +669,35 @@ class Engine:
     def _schedule_running_with_preemption(self, budget: int, preempted: list[Request]) -> np.ndarray:
         """vLLM's running loop when blocks run short: allocate in order, preempt the newest."""
         hi = self._hi
-        comp, tot, blk, bs, pool = self._computed, self._total, self._blocks, self._bs, self._pool
-        running = sorted(
-            (s for s in range(hi) if self._slots[s] is not None), key=lambda s: int(self._seq[s])
-        )
+        blk, bs, pool, thr, slots = self._blocks, self._bs, self._pool, self._thr, self._slots
+        # plain lists: this loop touches every running request one by one
+        comp_l, tot_l, blk_l, seq_l = (a[:hi].tolist() for a in (self._computed, self._total, blk, self._seq))
+        running = sorted((s for s in range(hi) if slots[s] is not None), key=seq_l.__getitem__)
         scheduled: dict[int, int] = {}
         i = 0
         while i < len(running):
             s = running[i]
-            n = int(tot[s] - comp[s])
-            if self._thr:
-                n = min(n, self._thr)
+            n = tot_l[s] - comp_l[s]
+            if thr:
+                n = min(n, thr)
             n = min(n, budget)
             if n <= 0:
                 i += 1
                 continue
             ok = True
             while True:
-                need = max(0, -(-(int(comp[s]) + n) // bs) - int(blk[s]))
+                need = max(0, -(-(comp_l[s] + n) // bs) - blk_l[s])
                 if need <= pool.free:
                     pool.allocate(need)
-                    blk[s] += need
+                    blk_l[s] += need
+                    blk[s] = blk_l[s]
                     break
-                victim = self._victim(running)
-                vi = running.index(victim)
+                if self._priority:
+                    victim = self._victim(running)
+                    vi = running.index(victim)
+                else:
+                    vi = len(running) - 1
+                    victim = running[vi]
                 running.pop(vi)
                 if vi < i:
                     i -= 1
