@@ -93,3 +93,22 @@ def test_advance_refuses_what_is_not_a_decode_run() -> None:
         e.advance_decode_run(2)
     assert e.decode_run_ends(0.0) == []  # prefill first
     np.testing.assert_equal(e.num_waiting, 1)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "vtc"])
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_preemption_on_arrays_equals_the_request_by_request_loop(policy: str, seed: int) -> None:
+    rng = random.Random(seed)
+    t, arrivals = 0.0, []
+    for _ in range(250):
+        t += rng.expovariate(60.0)
+        arrivals.append((t, rng.randint(1, 400), rng.randint(1, 300), rng.choice("abc")))
+    over = {"scheduling_policy": policy, "num_gpu_blocks": 130, "max_num_seqs": 32, "max_model_len": 2000,
+            "long_prefill_token_threshold": 64 if seed % 2 else 0}
+    loop, arrays = make_engine(seed=seed, **over), make_engine(seed=seed, **over)
+    loop.vector_preemption = False
+    log_loop, _ = _drive(loop, arrivals, fast=False, horizon=t + 1e6)
+    log_arrays, _ = _drive(arrays, arrivals, fast=False, horizon=t + 1e6)
+    assert loop.stats.num_preemptions > 20  # preemption was exercised
+    assert log_arrays == log_loop
+    assert _snapshot(arrays) == _snapshot(loop)

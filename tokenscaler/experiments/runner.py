@@ -91,6 +91,7 @@ class Call:
     rid: str = ""
     first_token: float | None = None
     done: bool = False
+    seq: int = 0  # order of sending (the order of Replica.calls)
 
 
 @dataclass(eq=False)
@@ -106,6 +107,7 @@ class Replica:
     step_scheduled: bool = False
     pending: object | None = None  # the StepResult whose tokens arrive at the next step event
     calls: dict[str, Call] = field(default_factory=dict)  # engine request id -> call
+    streaming: dict[str, Call] = field(default_factory=dict)  # the calls whose first token came
     by_seq: dict[int, Call] = field(default_factory=dict)  # reservation seq -> call (preemption)
     served: float = 0.0  # weighted tokens at the last sample
     epoch: int = 0  # a STEP event of an older epoch is stale (its run was cut short)
@@ -277,7 +279,7 @@ class Run:
         flight = Flight(r.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
         self._seq += 1
         rid = f"{r.id}-{self._seq}"
-        call.rid, call.replica, call.flight = rid, r, flight
+        call.rid, call.replica, call.flight, call.seq = rid, r, flight, self._seq
         r.calls[rid] = call
         r.by_seq[decision.reservation.seq] = call  # type: ignore[union-attr]
         r.engine.add_request(rid, call.prompt, call.max_tokens, t, tenant=call.tenant, output_tokens=call.output)
@@ -296,6 +298,7 @@ class Run:
         call.done = True
         self._sync(r, t, cut=True)
         r.calls.pop(call.rid, None)
+        r.streaming.pop(call.rid, None)
         if call.flight is not None:
             r.by_seq.pop(call.flight.res.seq, None)
         r.engine.abort(call.rid, t)
@@ -342,7 +345,9 @@ class Run:
                 call = r.calls.get(req.request_id)
                 if call is not None:
                     call.first_token = t
+                    r.streaming[call.rid] = call
             for req in res.finished:  # type: ignore[attr-defined]
+                r.streaming.pop(req.request_id, None)
                 call = r.calls.pop(req.request_id, None)
                 if call is None or call.done:
                     continue
@@ -479,7 +484,16 @@ class Run:
         results: list[ScrapeResult] = []
         for r in ready:
             r.gate.now = t
-            for call in r.calls.values():  # tokens streamed so far are charged (the SSE path)
+            # tokens streamed so far are charged (the SSE path), call by call in sending order:
+            # those whose first token came, and those whose first token the step in flight made
+            streaming = list(r.streaming.values())
+            if r.pending is not None:
+                for req in r.pending.first_token:  # type: ignore[attr-defined]
+                    call = r.calls.get(req.request_id)
+                    if call is not None and call.rid not in r.streaming:
+                        streaming.append(call)
+            streaming.sort(key=lambda c: c.seq)
+            for call in streaming:
                 req = r.engine.get(call.rid)
                 if req is not None and call.flight is not None and req.first_token_s is not None:
                     call.flight.streamed(req.output_tokens)

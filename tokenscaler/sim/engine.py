@@ -666,8 +666,50 @@ class Engine:
         out[order] = np.clip(budget - before, 0, want)
         return out
 
+    vector_preemption = True  # False: always the request-by-request loop (the tests compare both)
+
     def _schedule_running_with_preemption(self, budget: int, preempted: list[Request]) -> np.ndarray:
-        """vLLM's running loop when blocks run short: allocate in order, preempt the newest."""
+        """vLLM's running loop when blocks run short: allocate in order, preempt the newest.
+
+        FCFS without shared prefix blocks in the batch is computed on arrays (the same outcome
+        as :meth:`_preemption_loop`, which handles every case): requests oldest first take
+        ``min(want, budget left)`` tokens; request ``i`` needs the blocks of the first ``i``
+        and itself, which the free blocks plus those of the ``p`` newest (preempted) must
+        cover; the loop ends where the newest left would be request ``i`` itself.
+        """
+        hi, slots = self._hi, self._slots
+        if (
+            not self.vector_preemption
+            or self._priority
+            or (self._caching and any(r is not None and r.held for r in slots[:hi]))
+        ):
+            return self._preemption_loop(budget, preempted)
+        occ = np.flatnonzero(self._seq[:hi] != _NO_SEQ)
+        order = occ[np.argsort(self._seq[occ], kind="stable")]
+        m = int(order.size)
+        comp, blk = self._computed[order], self._blocks[order]
+        want = self._total[order] - comp
+        if self._thr:
+            np.minimum(want, self._thr, out=want)
+        n = np.clip(budget - (np.cumsum(want) - want), 0, want)
+        bs = self._bs
+        need = np.where(n > 0, np.maximum((comp + n + (bs - 1)) // bs - blk, 0), 0)
+        cum_need = np.cumsum(need)
+        released = np.concatenate(([0], np.cumsum(blk[::-1])))  # by preempting the p newest
+        p = np.searchsorted(released, cum_need - self._pool.free, side="left")
+        stop = np.flatnonzero(p >= m - np.arange(m))
+        first = int(stop[0]) if stop.size else m  # requests [first, m) are preempted, newest first
+        for s in order[first:][::-1].tolist():
+            preempted.append(self._preempt(s))
+        kept = order[:first]
+        self._pool.allocate(int(cum_need[first - 1]) if first else 0)
+        self._blocks[kept] += need[:first]
+        nn = np.zeros(hi, dtype=np.int64)
+        nn[kept] = n[:first]
+        return nn
+
+    def _preemption_loop(self, budget: int, preempted: list[Request]) -> np.ndarray:
+        """vLLM's running loop, one request at a time (priority victims, shared prefix blocks)."""
         hi = self._hi
         blk, bs, pool, thr, slots = self._blocks, self._bs, self._pool, self._thr, self._slots
         # plain lists: this loop touches every running request one by one
