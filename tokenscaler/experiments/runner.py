@@ -219,7 +219,11 @@ class Run:
                 self._event(t, self.sc.events[payload])  # type: ignore[index]
             elif kind == READY:
                 self._ready(t, payload)  # type: ignore[arg-type]
-        return self.recorder.result(end)
+        result = self.recorder.result(end)
+        if self.gateway is not None and self.policy.admission == "tpm":
+            # weighted tokens served above the per-minute limit, by the minute they were admitted in
+            result["tpm_overshoot"] = self.gateway.overshoot()
+        return result
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -356,7 +360,9 @@ class Run:
                 generated = req.output_tokens
                 call.flight.settle(call.prompt, generated, completed=True)  # type: ignore[union-attr]
                 if self.gateway is not None and self.policy.admission == "tpm":
-                    self.gateway.count(call.tenant, self.w[0] * call.prompt + self.w[1] * generated, t)
+                    served = self.w[0] * call.prompt + self.w[1] * generated
+                    self.gateway.count(call.tenant, served, t)
+                    self.gateway.served(call.tenant, served, call.arrival)
                 self.recorder.completed(call.tenant, call.arrival, call.first_token or t, t, generated)
                 if call.slot is not None:
                     self._push(t + call.slot.spec.think_s, SLOT, call.slot)

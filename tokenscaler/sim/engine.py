@@ -681,7 +681,7 @@ class Engine:
         if (
             not self.vector_preemption
             or self._priority
-            or (self._caching and any(r is not None and r.held for r in slots[:hi]))
+            or (self._caching and self._pool.num_cached_blocks and any(r is not None and r.held for r in slots[:hi]))
         ):
             return self._preemption_loop(budget, preempted)
         occ = np.flatnonzero(self._seq[:hi] != _NO_SEQ)
