@@ -551,13 +551,9 @@ class Engine:
         a = m.fixed_ms * 1e-3 + m.per_request_us * 1e-6 * n
         c = m.kv_read_us_per_token * 1e-6
         p = m.prefill_us_per_token * 1e-6 * max(0, 0 - m.prefill_knee_tokens)
-        t = self._busy_until
-        ends = []
-        append = ends.append
-        for _ in range(k):
-            context += n
-            t = t + (a + c * context + p)
-            append(t)
+        # t_j = t_{j-1} + d_j, left to right (cumsum accumulates in order: the same floats)
+        d = (a + c * (context + n * np.arange(1, k + 1, dtype=np.int64))) + p
+        ends = np.cumsum(np.concatenate(([self._busy_until], d)))[1:].tolist()
         self._run_cache = (self._busy_until, self.stats.num_steps, ends)
         return ends
 
