@@ -470,13 +470,18 @@ class Engine:
         with exactly the numbers :meth:`step` would give one at a time.
         """
         n = self._num_running
-        if n == 0 or n > self._budget or (self._num_waiting and n < self._max_seqs and not self._head_blocked(n)):
+        if n == 0 or n > self._budget:
             return 0
         hi = self._hi
-        occupied = self._seq[:hi] != _NO_SEQ
-        comp, tot = self._computed[:hi][occupied], self._total[:hi][occupied]
-        if not np.array_equal(tot - comp, np.ones_like(comp)) or bool((tot <= self._prompt[:hi][occupied]).any()):
+        # cheap rejections first: free slots hold zeros, and a running request always has
+        # tokens to compute (total > computed), so "every one has exactly one" is a sum
+        tot_all, comp_all = self._total[:hi], self._computed[:hi]
+        if int(tot_all.sum()) - int(comp_all.sum()) != n or int(np.count_nonzero(tot_all > self._prompt[:hi])) != n:
+            return 0  # a prefill (chunk) is under way
+        if self._num_waiting and n < self._max_seqs and not self._head_blocked(n):
             return 0
+        occupied = self._seq[:hi] != _NO_SEQ
+        comp, tot = comp_all[occupied], tot_all[occupied]
         last = self._last_tok[:hi][occupied]
         if not bool((last == self._busy_until).all()):
             return 0  # a request that skipped a step has its own inter-token gap
