@@ -85,3 +85,25 @@ def test_scenario_errors_name_field_and_value(tmp_path: Path) -> None:
         load_scenario(str(bad))
     assert "traffic.nobody" in str(e.value)
     assert main(["experiment", "paper-overload", "--policy", "nonsense", "--out", str(tmp_path)]) == 2
+
+
+def test_fairshare_debt_repays_the_lagged_tenant_and_nodebt_does_not() -> None:
+    res = run_experiment("fairshare", ["tokenpools", "tokenpools-nodebt"], 7, 900.0, 2)
+    off = {}
+    for pol in ("tokenpools", "tokenpools-nodebt"):
+        tenants = res["policies"][pol]["tenants"]
+        off[pol] = max(abs(t["cumulative_share_over_time"][-1][1] / t["fair_share"] - 1) for t in tenants.values())
+    assert off["tokenpools"] <= 0.05, off
+    assert off["tokenpools-nodebt"] > 0.05, off
+    assert res["policies"]["tokenpools"]["jain_index_over_time"][-1][1] >= 0.99
+    # the on/off tenant is the one debt repays
+    assert res["policies"]["tokenpools"]["tenants"]["assist"]["peak_debt"] > 0
+
+
+def test_burst_token_pools_keep_the_guarantee_rate_limits_do_not() -> None:
+    res = run_experiment("burst", ["tokenpools", "rpm", "tpm"], 7, 600.0, 2)
+    slo = 0.5  # burst.yaml: search's ttft_p99_s
+    assert _g(res, "tokenpools")["ttft_p99_s"] <= slo
+    assert _g(res, "rpm")["ttft_p99_s"] > slo and _g(res, "tpm")["ttft_p99_s"] > slo
+    over = res["policies"]["tpm"]["tpm_overshoot"]
+    assert over["longctx"]["max_ratio"] > 1.5 and over["longctx"]["tokens"] > 0

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
         write_report(results, out)
     took = time.perf_counter() - started
+    print("runs (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in walls.items()), file=sys.stderr)
     slowest = max(walls.items(), key=lambda kv: kv[1])
     print(
         f"{results['scenario']}: {len(policies)} policies in {took:.1f}s wall "

@@ -291,6 +291,7 @@ class Recorder:
                 "weight": float(self.ents[name].weight),
                 "cumulative_share_over_time": [[self.t[j], float(share_t[j, i])] for j in range(len(self.t))],
                 "fair_share": float(fair_end[i]),
+                "fair_share_over_time": [[self.t[j], float(fair_t[j, i])] for j in range(len(self.t))],
                 "peak_debt": float(self.peak_debt[i]),
                 "admitted": int(self.completed_n[i]),
                 "denied": int(self.denied_n[i]),

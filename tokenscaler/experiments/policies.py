@@ -103,6 +103,7 @@ class WindowLimiter:
         self.window_s = window_s
         self._window: dict[str, int] = {}
         self._used: dict[str, float] = {}
+        self._admitted: dict[tuple[str, int], float] = {}  # (tenant, window admitted in) -> served
 
     def _roll(self, tenant: str, now: float) -> float:
         w = math.floor(now / self.window_s)
@@ -117,6 +118,22 @@ class WindowLimiter:
     def count(self, tenant: str, amount: float, now: float) -> None:
         self._roll(tenant, now)
         self._used[tenant] += amount
+
+    def served(self, tenant: str, amount: float, admitted_at: float) -> None:
+        """Record ``amount`` served for a request admitted at ``admitted_at`` (the overshoot)."""
+        key = (tenant, math.floor(admitted_at / self.window_s))
+        self._admitted[key] = self._admitted.get(key, 0.0) + amount
+
+    def overshoot(self) -> dict[str, dict[str, float]]:
+        """Per tenant: what requests admitted in a window served above that window's limit,
+        summed over windows (``tokens``), and the worst window's served / limit (``max_ratio``)."""
+        out: dict[str, dict[str, float]] = {}
+        for (tenant, _), amount in sorted(self._admitted.items()):
+            limit = self.limits.get(tenant, math.inf)
+            o = out.setdefault(tenant, {"tokens": 0.0, "max_ratio": 0.0, "limit_per_window": limit})
+            o["tokens"] += max(amount - limit, 0.0)
+            o["max_ratio"] = max(o["max_ratio"], amount / limit if limit > 0 else math.inf)
+        return out
 
 
 def gateway_limiter(policy: Policy, config: TokenPoolsConfig, replicas: int) -> WindowLimiter | None:

@@ -61,6 +61,24 @@ def _tenants(r: dict, key: str, pol: str = "tokenpools") -> str:
     return " / ".join(_fmt(t[n][key]) for n in names) if names else "-"
 
 
+# One look per policy in every plot: ours drawn thick and on top, its ablation dashed over it (the
+# two coincide where debt changes nothing), the paper's weighting dotted, baselines thin.
+STYLE: dict[str, dict[str, Any]] = {
+    "none": {"color": "#7f7f7f", "ls": "-", "lw": 1.0, "zorder": 2},
+    "rpm": {"color": "#ff7f0e", "ls": "--", "lw": 1.0, "zorder": 2},
+    "tpm": {"color": "#8c564b", "ls": "-.", "lw": 1.0, "zorder": 2},
+    "keda-queue": {"color": "#d62728", "ls": "-", "lw": 1.0, "zorder": 2},
+    "vtc": {"color": "#9467bd", "ls": "-", "lw": 1.0, "zorder": 2},
+    "paper": {"color": "#bcbd22", "ls": ":", "lw": 1.8, "zorder": 3},
+    "tokenpools": {"color": "#1f77b4", "ls": "-", "lw": 2.4, "zorder": 4},
+    "tokenpools-nodebt": {"color": "#17becf", "ls": "--", "lw": 1.4, "zorder": 5},
+}
+
+
+def _style(policy: str) -> dict[str, Any]:
+    return STYLE.get(policy, {"color": "k", "ls": "-", "lw": 1.0, "zorder": 1})
+
+
 def _plots(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -70,76 +88,87 @@ def _plots(results: dict, out: Path) -> list[str]:
     pols = results["policies"]
     made = []
 
-    def save(fig: Any, name: str) -> None:
+    def save(fig: Any, name: str, legend_from: Any = None, title: str | None = None) -> None:
+        if legend_from is not None:
+            handles, labels = legend_from.get_legend_handles_labels()
+            if handles:  # outside the axes, so it hides no line
+                fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8,
+                           title=title, title_fontsize=8, frameon=False)  # fmt: skip
         fig.tight_layout()
-        fig.savefig(out / name, dpi=90)
+        fig.savefig(out / name, dpi=90, bbox_inches="tight")
         plt.close(fig)
         made.append(name)
 
     tiers = sorted({t for r in pols.values() for t in r["ttft_p99_s_over_time"]})
-    fig, axes = plt.subplots(1, len(tiers), figsize=(5 * len(tiers), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tiers), figsize=(4.6 * len(tiers), 3.6), squeeze=False)
     for ax, tier in zip(axes[0], tiers, strict=True):
         for p, r in pols.items():
             pts = r["ttft_p99_s_over_time"].get(tier, [])
             if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], label=p)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], label=p, **_style(p))
         ax.set_yscale("log")
         ax.set_title(f"{tier}: p99 TTFT per interval")
         ax.set_xlabel("time (s)")
-        ax.set_ylabel("p99 TTFT (s)")
-    axes[0][0].legend(fontsize=7)
-    save(fig, "ttft_p99_over_time.png")
+        ax.set_ylabel("p99 TTFT (s, log scale)")
+    save(fig, "ttft_p99_over_time.png", axes[0][0], "policy")
 
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 3.8))
     names = list(next(iter(pols.values()))["tenants"])
     width = 0.8 / max(len(pols), 1)
     for k, (p, r) in enumerate(pols.items()):
         ten = r["tenants"]
         xs = [i + k * width for i in range(len(names))]
-        ax.bar(xs, [ten[n]["admitted"] / max(ten[n]["offered"], 1) for n in names], width, label=p)
-    ax.set_xticks([i + 0.4 for i in range(len(names))], names, rotation=60, fontsize=7)
+        ax.bar(xs, [ten[n]["admitted"] / max(ten[n]["offered"], 1) for n in names], width, label=p,
+               color=_style(p)["color"])  # fmt: skip
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=60, fontsize=7)
     ax.set_ylabel("completed / offered requests")
+    ax.set_xlabel("tenant")
     ax.set_title("admitted vs offered, per tenant")
-    ax.legend(fontsize=7)
-    save(fig, "admitted_vs_offered.png")
+    save(fig, "admitted_vs_offered.png", ax, "policy")
 
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    for p in ("tokenpools", "tokenpools-nodebt", "paper", "vtc", "none"):
-        r = pols.get(p)
-        if r is None:
-            continue
-        for n, t in r["tenants"].items():
-            if t["tier"] != "elastic" or not t["fair_share"]:
-                continue
-            pts = t["cumulative_share_over_time"]
-            ax.plot([x for x, _ in pts], [y / t["fair_share"] for _, y in pts], label=f"{p}: {n}", lw=1)
-    ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_ylim(0.5, 1.5)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("cumulative share / fair share")
-    ax.set_title("elastic tenants: cumulative share over weighted fair share")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, ncol=2)
-    save(fig, "cumulative_shares.png")
+    shown = [p for p in ("tokenpools", "tokenpools-nodebt", "paper", "vtc") if p in pols]
+    elastic = [n for n in names if any(r["tenants"][n]["tier"] == "elastic" for r in pols.values())]
+    if shown and elastic:
+        fig, axes = plt.subplots(1, len(shown), figsize=(3.8 * len(shown), 3.4), squeeze=False, sharey=True)
+        cmap = plt.get_cmap("tab10" if len(elastic) <= 10 else "tab20")
+        for ax, p in zip(axes[0], shown, strict=True):
+            for k, n in enumerate(elastic):
+                t = pols[p]["tenants"][n]
+                if not t["fair_share"]:
+                    continue
+                pts = t["cumulative_share_over_time"]
+                # over the fair share owed up to the same time (the end's when not recorded)
+                fair = dict((x, y) for x, y in t.get("fair_share_over_time", []))
+                xs = [x for x, _ in pts if fair.get(x, t["fair_share"]) > 0]
+                ys = [y / fair.get(x, t["fair_share"]) for x, y in pts if fair.get(x, t["fair_share"]) > 0]
+                ax.plot(xs, ys, label=n, lw=1.2, color=cmap(k % cmap.N))
+            ax.axhspan(0.95, 1.05, color="0.85", zorder=0)
+            ax.axhline(1.0, color="k", lw=0.5)
+            for ev_t, _ in pols[p].get("events", []):
+                ax.axvline(ev_t, color="k", lw=0.5, ls="--")
+            ax.set_ylim(0.5, 1.5)
+            ax.set_title(p)
+            ax.set_xlabel("time (s)")
+        axes[0][0].set_ylabel("cumulative share / fair share\n(grey: within 5%; dashed: events)")
+        save(fig, "cumulative_shares.png", axes[0][0], "elastic tenant")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
     for p, r in pols.items():
         s = r["series"]
-        axes[0].step(s["t_s"], s["ready_replicas"], where="post", label=f"{p} ready")
-        axes[0].step(s["t_s"], s["desired_replicas"], where="post", ls=":", lw=0.8)
+        st = _style(p)
+        axes[0].step(s["t_s"], s["ready_replicas"], where="post", label=p, **st)
+        axes[0].step(s["t_s"], s["desired_replicas"], where="post", color=st["color"], ls=":", lw=0.8)
         u = s.get("utilization", {})
         if u:
             binding = max(u, key=lambda d: r["utilization"].get(d, 0.0))
-            axes[1].plot(s["t_s"], u[binding], label=f"{p} ({binding.split('_')[0]})", lw=1)
+            axes[1].plot(s["t_s"], u[binding], **{**st, "lw": min(st["lw"], 1.6)})
     axes[0].set_xlabel("time (s)")
-    axes[0].set_ylabel("replicas (solid: ready, dotted: desired)")
+    axes[0].set_ylabel("replicas (steps: ready; dotted: desired)")
     axes[0].set_title("replicas")
-    axes[0].legend(fontsize=6)
     axes[1].set_xlabel("time (s)")
     axes[1].set_ylabel("utilization of the binding dimension")
-    axes[1].set_title("utilization")
-    axes[1].legend(fontsize=6)
-    save(fig, "replicas_utilization.png")
+    axes[1].set_title("utilization (each policy's binding dimension)")
+    save(fig, "replicas_utilization.png", axes[0], "policy")
     return made
 
 

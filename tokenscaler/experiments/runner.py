@@ -13,10 +13,20 @@ the policy's control step plans and every ready sidecar gets its replica's limit
 Every ``pollingInterval`` the HPA (:mod:`tokenscaler.experiments.replicas`) moves the
 Deployment; new replicas are ready after the profile's ``startup_s``; a scaled-down replica
 stops receiving requests and leaves when its requests are done.
+
+Fast path (same numbers): when an engine's next steps are a pure decode run (every running
+request decodes one token, nothing to admit, no block short, nobody ends before the last),
+the loop schedules one event at the run's last step end instead of one per step, and
+executes the run's steps only when something looks at or changes that replica
+(:meth:`Run._sync`): an arrival or a cut executes the steps begun by then and ends the run
+there, a scrape executes them and lets the run go on. The engine's
+:meth:`~tokenscaler.sim.engine.Engine.advance_decode_run` gives the state, stats and result
+that stepping one at a time gives (``tests/sim/test_decode_runs.py``).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass, field
 
@@ -81,6 +91,7 @@ class Call:
     rid: str = ""
     first_token: float | None = None
     done: bool = False
+    seq: int = 0  # order of sending (the order of Replica.calls)
 
 
 @dataclass(eq=False)
@@ -96,8 +107,11 @@ class Replica:
     step_scheduled: bool = False
     pending: object | None = None  # the StepResult whose tokens arrive at the next step event
     calls: dict[str, Call] = field(default_factory=dict)  # engine request id -> call
+    streaming: dict[str, Call] = field(default_factory=dict)  # the calls whose first token came
     by_seq: dict[int, Call] = field(default_factory=dict)  # reservation seq -> call (preemption)
     served: float = 0.0  # weighted tokens at the last sample
+    epoch: int = 0  # a STEP event of an older epoch is stale (its run was cut short)
+    run_ends: list[float] = field(default_factory=list)  # the pure decode run under way (not yet executed)
 
 
 class Run:
@@ -177,7 +191,9 @@ class Run:
         while heap and heap[0][0] < end:
             t, _, kind, payload = heapq.heappop(heap)
             if kind == STEP:
-                self._step(t, payload)  # type: ignore[arg-type]
+                r, epoch = payload  # type: ignore[misc]
+                if epoch == r.epoch:
+                    self._step(t, r)
             elif kind == ARRIVAL:
                 i = payload
                 a = self.arrivals[i]  # type: ignore[index]
@@ -203,7 +219,11 @@ class Run:
                 self._event(t, self.sc.events[payload])  # type: ignore[index]
             elif kind == READY:
                 self._ready(t, payload)  # type: ignore[arg-type]
-        return self.recorder.result(end)
+        result = self.recorder.result(end)
+        if self.gateway is not None and self.policy.admission == "tpm":
+            # weighted tokens served above the per-minute limit, by the minute they were admitted in
+            result["tpm_overshoot"] = self.gateway.overshoot()
+        return result
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -252,6 +272,7 @@ class Run:
             stats.rejected[decision.dimension or "concurrency"] += 1
             stats.offered_weighted += lim.expected_weighted(call.tenant, est)
             return self._refused(t, call, decision.dimension or "concurrency")
+        self._sync(r, t)
         r.gate.now = t
         for victim in decision.victims:
             self.recorder.preempted_count(victim.entitlement)
@@ -262,22 +283,26 @@ class Run:
         flight = Flight(r.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
         self._seq += 1
         rid = f"{r.id}-{self._seq}"
-        call.rid, call.replica, call.flight = rid, r, flight
+        call.rid, call.replica, call.flight, call.seq = rid, r, flight, self._seq
         r.calls[rid] = call
         r.by_seq[decision.reservation.seq] = call  # type: ignore[union-attr]
         r.engine.add_request(rid, call.prompt, call.max_tokens, t, tenant=call.tenant, output_tokens=call.output)
         flight.accept()
+        if r.run_ends and not r.engine.decode_run_remains(len(r.run_ends)):
+            self._end_run(r)  # it can be admitted: the next step is a normal one
         self.recorder.queue_depth(r.engine.num_waiting)
         if not r.step_scheduled:
             r.step_scheduled = True
-            self._push(max(t, r.engine.busy_until_s), STEP, r)
+            self._push(max(t, r.engine.busy_until_s), STEP, (r, r.epoch))
 
     def _cut(self, t: float, r: Replica, call: Call, why: str) -> None:
         """End a call early (preempted by the sidecar, or its replica died)."""
         if call.done:
             return
         call.done = True
+        self._sync(r, t, cut=True)
         r.calls.pop(call.rid, None)
+        r.streaming.pop(call.rid, None)
         if call.flight is not None:
             r.by_seq.pop(call.flight.res.seq, None)
         r.engine.abort(call.rid, t)
@@ -289,7 +314,33 @@ class Run:
         if call.slot is not None:
             self._push(t + call.slot.spec.backoff_s, SLOT, call.slot)
 
+    def _sync(self, r: Replica, t: float, *, cut: bool = False) -> None:
+        """Execute the steps of ``r``'s decode run begun by ``t`` (``cut``: end the run there)."""
+        ends = r.run_ends
+        if not ends:
+            return
+        start = r.engine.busy_until_s
+        k = bisect.bisect_left(ends, t) + 1  # steps ended before t, and the one in flight
+        if start > t:
+            k = 0  # its next step begins after t
+        k = min(k, len(ends))
+        if k:
+            r.pending = r.engine.advance_decode_run(k)
+            del ends[:k]
+        if ends and cut:
+            self._end_run(r)
+
+    def _end_run(self, r: Replica) -> None:
+        """Stop ``r``'s decode run after the step in flight, which delivers at its end."""
+        r.run_ends.clear()
+        r.epoch += 1
+        self._push(r.engine.busy_until_s, STEP, (r, r.epoch))
+
     def _step(self, t: float, r: Replica) -> None:
+        if r.run_ends:
+            k = len(r.run_ends)
+            r.run_ends = []
+            r.pending = r.engine.advance_decode_run(k)
         res = r.pending
         r.pending = None
         if res is not None:
@@ -298,7 +349,9 @@ class Run:
                 call = r.calls.get(req.request_id)
                 if call is not None:
                     call.first_token = t
+                    r.streaming[call.rid] = call
             for req in res.finished:  # type: ignore[attr-defined]
+                r.streaming.pop(req.request_id, None)
                 call = r.calls.pop(req.request_id, None)
                 if call is None or call.done:
                     continue
@@ -307,7 +360,9 @@ class Run:
                 generated = req.output_tokens
                 call.flight.settle(call.prompt, generated, completed=True)  # type: ignore[union-attr]
                 if self.gateway is not None and self.policy.admission == "tpm":
-                    self.gateway.count(call.tenant, self.w[0] * call.prompt + self.w[1] * generated, t)
+                    served = self.w[0] * call.prompt + self.w[1] * generated
+                    self.gateway.count(call.tenant, served, t)
+                    self.gateway.served(call.tenant, served, call.arrival)
                 self.recorder.completed(call.tenant, call.arrival, call.first_token or t, t, generated)
                 if call.slot is not None:
                     self._push(t + call.slot.spec.think_s, SLOT, call.slot)
@@ -315,10 +370,15 @@ class Run:
             r.step_scheduled = False
             return
         if r.engine.has_work:
+            ends = r.engine.decode_run_ends(t)
+            if len(ends) > 1:
+                r.run_ends = ends
+                self._push(ends[-1], STEP, (r, r.epoch))
+                return
             nxt = r.engine.step(t)
             if nxt.num_requests:
                 r.pending = nxt
-                self._push(nxt.end_s, STEP, r)
+                self._push(nxt.end_s, STEP, (r, r.epoch))
                 return
         r.step_scheduled = False
         if r.state == "draining" and not r.engine.has_work:
@@ -347,7 +407,8 @@ class Run:
         limiter = Limiter(self.pool, now=t)
         stats = [EntitlementStats(e.name, e.tier.value) for e in self.config.entitlements]
         metrics = SidecarMetrics(self.pool.name, rid, limiter, stats)
-        registry = build_registry(engine, self.profile.served_model_name, process_metrics=False)
+        # the embedded scraper reads the engine's gauges and token counters, never its histograms
+        registry = build_registry(engine, self.profile.served_model_name, process_metrics=False, histograms=False)
         r = Replica(rid, engine, limiter, _Gate(limiter), metrics, registry, t + self.profile.startup_s)
         self.replicas.append(r)
         self.recorder.replica_started(t)
@@ -383,6 +444,7 @@ class Run:
             self.recorder.replica_gone(t)
             return
         r.state = "draining"
+        self._sync(r, t)
         if not r.engine.has_work:
             r.state = "gone"
             self.recorder.replica_gone(t)
@@ -409,6 +471,9 @@ class Run:
                 return  # GetMetrics is UNAVAILABLE until the first plan: KEDA keeps the replicas
             metric, target = float(plan.pools[self.pool.name].desired_replicas), 1.0
         else:
+            for r in self.replicas:
+                if r.state == "ready":
+                    self._sync(r, t)
             metric = float(sum(r.engine.num_waiting for r in self.replicas if r.state == "ready"))
             target = self.sc.keda_queue.target_waiting
         current = self._count("starting", "ready")
@@ -419,10 +484,22 @@ class Run:
 
     def _control(self, t: float) -> None:
         ready = [r for r in self.replicas if r.state == "ready"]
+        for r in self.replicas:
+            if r.state in ("ready", "draining"):
+                self._sync(r, t)
         results: list[ScrapeResult] = []
         for r in ready:
             r.gate.now = t
-            for call in r.calls.values():  # tokens streamed so far are charged (the SSE path)
+            # tokens streamed so far are charged (the SSE path), call by call in sending order:
+            # those whose first token came, and those whose first token the step in flight made
+            streaming = list(r.streaming.values())
+            if r.pending is not None:
+                for req in r.pending.first_token:  # type: ignore[attr-defined]
+                    call = r.calls.get(req.request_id)
+                    if call is not None and call.rid not in r.streaming:
+                        streaming.append(call)
+            streaming.sort(key=lambda c: c.seq)
+            for call in streaming:
                 req = r.engine.get(call.rid)
                 if req is not None and call.flight is not None and req.first_token_s is not None:
                     call.flight.streamed(req.output_tokens)

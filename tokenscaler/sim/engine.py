@@ -46,6 +46,7 @@ exactly its target.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -120,6 +121,9 @@ class Engine:
         self._num_waiting = 0
         self._requests: dict[str, Request] = {}
         self._busy_until = 0.0
+        # the last pure decode run's step ends, valid while (busy_until, num_steps) match and
+        # nothing was added or aborted: (busy_until_s, num_steps, ends)
+        self._run_cache: tuple[float, int, list[float]] | None = None
 
     # ---- state -------------------------------------------------------------------------
 
@@ -208,6 +212,7 @@ class Engine:
             self, request_id, prompt_tokens, max_tokens, target, reason, priority, now, tuple(block_hashes)
         )
         req.tenant = tenant
+        self._run_cache = None
         if self._vtc:
             self._vtc_arrive(tenant)
         if not self._requests:  # idle: the next step starts when this request arrives
@@ -231,6 +236,7 @@ class Engine:
         req = self._requests.get(request_id)
         if req is None:
             return None
+        self._run_cache = None
         self._finish(req, "abort", now)
         self._shrink_hi()
         return req
@@ -451,6 +457,163 @@ class Engine:
             start, end, num_reqs, num_tokens, prefill_tokens, num_gen, first_token, finished, preempted
         )
 
+    # ---- pure decode runs (virtual time's fast path) -----------------------------------
+
+    def _decode_run_len(self) -> int:
+        """How many of the next steps are a *pure decode run*, 0 when the next is not.
+
+        In such a run every running request decodes one token per step, nothing is admitted
+        (nothing waits, or ``max_num_seqs`` run), no block runs short and no request ends
+        before the run's last step, so each step is determined by the state before the run:
+        the same requests, context growing by one token each, a new block where a sequence
+        crosses a block boundary. :meth:`advance_decode_run` executes such steps at once,
+        with exactly the numbers :meth:`step` would give one at a time.
+        """
+        n = self._num_running
+        if n == 0 or n > self._budget:
+            return 0
+        hi = self._hi
+        # cheap rejections first: free slots hold zeros, and a running request always has
+        # tokens to compute (total > computed), so "every one has exactly one" is a sum
+        tot_all, comp_all = self._total[:hi], self._computed[:hi]
+        if int(tot_all.sum()) - int(comp_all.sum()) != n or int(np.count_nonzero(tot_all > self._prompt[:hi])) != n:
+            return 0  # a prefill (chunk) is under way
+        if self._num_waiting and n < self._max_seqs and not self._head_blocked(n):
+            return 0
+        occupied = self._seq[:hi] != _NO_SEQ
+        comp, tot = comp_all[occupied], tot_all[occupied]
+        last = self._last_tok[:hi][occupied]
+        if not bool((last == self._busy_until).all()):
+            return 0  # a request that skipped a step has its own inter-token gap
+        m = int((self._target[:hi][occupied] - tot).min())  # the step in which the first one ends
+        blk, bs, free = self._blocks[:hi][occupied], self._bs, self._pool.free
+
+        def need(k: int) -> int:
+            return int(np.maximum((comp + k + (bs - 1)) // bs - blk, 0).sum())
+
+        if need(m) <= free:
+            return m
+        lo, top = 0, m  # need(lo) <= free < need(top)
+        while top - lo > 1:
+            mid = (lo + top) // 2
+            if need(mid) <= free:
+                lo = mid
+            else:
+                top = mid
+        return lo
+
+    def _head_blocked(self, n: int) -> bool:
+        """Whether the waiting queue's head cannot be admitted in any step of a decode run of
+        ``n`` requests: it does not fit the free blocks now, and they only shrink in a run."""
+        if self._vtc:
+            return False  # the head changes as the counters grow
+        budget = self._budget - n
+        if budget <= 0:
+            return True
+        req = self._peek_waiting()
+        if req.arrival_s > self._busy_until:
+            return False
+        bs, pool = self._bs, self._pool
+        total = req.num_tokens
+        hits = evictable = 0
+        if self._caching and req.block_hashes:
+            hits, evictable = pool.lookup(req.block_hashes, (total - 1) // bs)
+            if evictable:
+                return False  # a hit the run's allocations evict changes the arithmetic
+        computed = hits * bs
+        k = total - computed
+        if self._thr:
+            k = min(k, self._thr)
+        k = min(k, budget)
+        return -(-(computed + k) // bs) - hits > pool.free
+
+    def decode_run_remains(self, k: int) -> bool:
+        """Whether the next ``k`` steps are still a pure decode run (after a request was added)."""
+        return self._decode_run_len() >= k
+
+    def decode_run_ends(self, now: float) -> list[float]:
+        """End times of the pure decode run starting at ``max(now, busy_until_s)`` (empty: none)."""
+        if now > self._busy_until:
+            return []
+        k = self._decode_run_len()
+        if k == 0:
+            return []
+        return self._run_ends(k)
+
+    def _run_ends(self, k: int) -> list[float]:
+        cached = self._run_cache
+        if (
+            cached is not None
+            and cached[0] == self._busy_until
+            and cached[1] == self.stats.num_steps
+            and len(cached[2]) >= k
+        ):
+            return cached[2][:k]
+        n = self._num_running
+        context = int(self._computed[: self._hi].sum())
+        m = self.profile.step_time
+        # StepTimeModel.step_s(n, context, 0), term by term in its order (the same floats)
+        a = m.fixed_ms * 1e-3 + m.per_request_us * 1e-6 * n
+        c = m.kv_read_us_per_token * 1e-6
+        p = m.prefill_us_per_token * 1e-6 * max(0, 0 - m.prefill_knee_tokens)
+        # t_j = t_{j-1} + d_j, left to right (cumsum accumulates in order: the same floats)
+        d = (a + c * (context + n * np.arange(1, k + 1, dtype=np.int64))) + p
+        ends = np.cumsum(np.concatenate(([self._busy_until], d)))[1:].tolist()
+        self._run_cache = (self._busy_until, self.stats.num_steps, ends)
+        return ends
+
+    def advance_decode_run(self, k: int) -> StepResult:
+        """Execute the next ``k`` steps, which must be (part of) a pure decode run, at once.
+
+        Same state, stats and result (the last step's) as ``k`` calls of :meth:`step` at
+        ``busy_until_s``; raises ``ValueError`` if the next ``k`` steps are not such a run.
+        """
+        cached = self._run_cache
+        valid = cached is not None and cached[0] == self._busy_until and cached[1] == self.stats.num_steps
+        if k < 1 or (not (valid and len(cached[2]) >= k) and self._decode_run_len() < k):  # type: ignore[index]
+            raise ValueError(f"the next {k} steps are not a pure decode run")
+        ends = self._run_ends(k)
+        rest = cached[2][k:] if valid else []  # type: ignore[index]
+        hi, n, st = self._hi, self._num_running, self.stats
+        occupied = self._seq[:hi] != _NO_SEQ
+        comp, tot, blk = self._computed[:hi], self._total[:hi], self._blocks[:hi]
+        new_blk = np.where(occupied, np.maximum((comp + k + (self._bs - 1)) // self._bs, blk), blk)
+        self._pool.allocate(int((new_blk - blk).sum()))
+        blk[:] = new_blk
+        comp += occupied * k
+        tot += occupied * k
+        if self._vtc:
+            np.add.at(self._vtc_gen, self._tenant[:hi][occupied], float(k))
+        # inter-token latency: every running request, one gap per step (as step() observes it)
+        itl = st.inter_token_latency
+        prev = [self._busy_until, *ends[:-1]]
+        gaps = np.array([e - p for e, p in zip(ends, prev, strict=True)], dtype=np.float64)
+        itl.counts += n * np.bincount(np.searchsorted(itl.bounds, gaps, side="left"), minlength=itl.counts.size)
+        for v in np.repeat(gaps[:, None], n, axis=1).sum(axis=1).tolist():
+            itl.sum += v
+        itl.count += n * k
+        it = st.iteration_tokens
+        it.counts[bisect.bisect_left(it._bounds_list, n)] += k
+        for _ in range(k):
+            it.sum += n
+        it.count += k
+        st.generation_tokens += n * k
+        st.num_steps += k
+        end = ends[-1]
+        self._last_tok[:hi][occupied] = end
+        finished: list[Request] = []
+        for s in np.flatnonzero(occupied & (tot >= self._target[:hi])).tolist():
+            req = self._slots[s]
+            assert req is not None
+            req.last_token_s = end
+            self._finish(req, req.target_reason, end)
+            finished.append(req)
+        self._shrink_hi()
+        start = ends[-2] if k > 1 else self._busy_until
+        self._busy_until = end
+        self._run_cache = (end, st.num_steps, rest) if rest and not finished else None
+        return StepResult(start, end, n, n, 0, n, [], finished, [])
+
     def _schedule(self, now: float, preempted: list[Request]) -> np.ndarray:
         """Tokens per slot for this step (running requests first, then admissions)."""
         budget = self._budget
@@ -504,33 +667,80 @@ class Engine:
         out[order] = np.clip(budget - before, 0, want)
         return out
 
+    vector_preemption = True  # False: always the request-by-request loop (the tests compare both)
+
     def _schedule_running_with_preemption(self, budget: int, preempted: list[Request]) -> np.ndarray:
-        """vLLM's running loop when blocks run short: allocate in order, preempt the newest."""
+        """vLLM's running loop when blocks run short: allocate in order, preempt the newest.
+
+        FCFS without shared prefix blocks in the batch is computed on arrays (the same outcome
+        as :meth:`_preemption_loop`, which handles every case): requests oldest first take
+        ``min(want, budget left)`` tokens; request ``i`` needs the blocks of the first ``i``
+        and itself, which the free blocks plus those of the ``p`` newest (preempted) must
+        cover; the loop ends where the newest left would be request ``i`` itself.
+        """
+        hi, slots = self._hi, self._slots
+        if (
+            not self.vector_preemption
+            or self._priority
+            or (self._caching and self._pool.num_cached_blocks and any(r is not None and r.held for r in slots[:hi]))
+        ):
+            return self._preemption_loop(budget, preempted)
+        occ = np.flatnonzero(self._seq[:hi] != _NO_SEQ)
+        order = occ[np.argsort(self._seq[occ], kind="stable")]
+        m = int(order.size)
+        comp, blk = self._computed[order], self._blocks[order]
+        want = self._total[order] - comp
+        if self._thr:
+            np.minimum(want, self._thr, out=want)
+        n = np.clip(budget - (np.cumsum(want) - want), 0, want)
+        bs = self._bs
+        need = np.where(n > 0, np.maximum((comp + n + (bs - 1)) // bs - blk, 0), 0)
+        cum_need = np.cumsum(need)
+        released = np.concatenate(([0], np.cumsum(blk[::-1])))  # by preempting the p newest
+        p = np.searchsorted(released, cum_need - self._pool.free, side="left")
+        stop = np.flatnonzero(p >= m - np.arange(m))
+        first = int(stop[0]) if stop.size else m  # requests [first, m) are preempted, newest first
+        for s in order[first:][::-1].tolist():
+            preempted.append(self._preempt(s))
+        kept = order[:first]
+        self._pool.allocate(int(cum_need[first - 1]) if first else 0)
+        self._blocks[kept] += need[:first]
+        nn = np.zeros(hi, dtype=np.int64)
+        nn[kept] = n[:first]
+        return nn
+
+    def _preemption_loop(self, budget: int, preempted: list[Request]) -> np.ndarray:
+        """vLLM's running loop, one request at a time (priority victims, shared prefix blocks)."""
         hi = self._hi
-        comp, tot, blk, bs, pool = self._computed, self._total, self._blocks, self._bs, self._pool
-        running = sorted(
-            (s for s in range(hi) if self._slots[s] is not None), key=lambda s: int(self._seq[s])
-        )
+        blk, bs, pool, thr, slots = self._blocks, self._bs, self._pool, self._thr, self._slots
+        # plain lists: this loop touches every running request one by one
+        comp_l, tot_l, blk_l, seq_l = (a[:hi].tolist() for a in (self._computed, self._total, blk, self._seq))
+        running = sorted((s for s in range(hi) if slots[s] is not None), key=seq_l.__getitem__)
         scheduled: dict[int, int] = {}
         i = 0
         while i < len(running):
             s = running[i]
-            n = int(tot[s] - comp[s])
-            if self._thr:
-                n = min(n, self._thr)
+            n = tot_l[s] - comp_l[s]
+            if thr:
+                n = min(n, thr)
             n = min(n, budget)
             if n <= 0:
                 i += 1
                 continue
             ok = True
             while True:
-                need = max(0, -(-(int(comp[s]) + n) // bs) - int(blk[s]))
+                need = max(0, -(-(comp_l[s] + n) // bs) - blk_l[s])
                 if need <= pool.free:
                     pool.allocate(need)
-                    blk[s] += need
+                    blk_l[s] += need
+                    blk[s] = blk_l[s]
                     break
-                victim = self._victim(running)
-                vi = running.index(victim)
+                if self._priority:
+                    victim = self._victim(running)
+                    vi = running.index(victim)
+                else:
+                    vi = len(running) - 1
+                    victim = running[vi]
                 running.pop(vi)
                 if vi < i:
                     i -= 1

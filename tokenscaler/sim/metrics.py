@@ -119,9 +119,16 @@ class EngineCollector(Collector):
     """Reads one engine's state and statistics at scrape time."""
 
     def __init__(
-        self, engine: Engine, model_name: str, engine_index: str = "0", created_s: float | None = None
+        self,
+        engine: Engine,
+        model_name: str,
+        engine_index: str = "0",
+        created_s: float | None = None,
+        *,
+        histograms: bool = True,
     ) -> None:
         self.engine = engine
+        self.histograms = histograms  # False: gauges and counters only (an in-process reader that needs no more)
         self.model_name = model_name
         self.engine_index = engine_index
         self.created_s = time.time() if created_s is None else created_s
@@ -207,16 +214,22 @@ class EngineCollector(Collector):
             rejections.add_metric([self.model_name, reason], value, created=self.created_s)
         yield rejections
 
-        for name, doc, attr in _HISTOGRAMS:
-            yield _histogram(name, doc, labels, getattr(st, attr))
+        if self.histograms:
+            for name, doc, attr in _HISTOGRAMS:
+                yield _histogram(name, doc, labels, getattr(st, attr))
 
 
 def build_registry(
-    engine: Engine, model_name: str, *, engine_index: str = "0", process_metrics: bool = True
+    engine: Engine,
+    model_name: str,
+    *,
+    engine_index: str = "0",
+    process_metrics: bool = True,
+    histograms: bool = True,
 ) -> CollectorRegistry:
     """A fresh registry exposing ``engine`` (plus process and Python metrics, as vLLM's does)."""
     registry = CollectorRegistry()
-    registry.register(EngineCollector(engine, model_name, engine_index))
+    registry.register(EngineCollector(engine, model_name, engine_index, histograms=histograms))
     if process_metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
