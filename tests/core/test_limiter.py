@@ -281,31 +281,3 @@ def test_admitted_tokens_never_exceed_rate_times_time_plus_burst_plus_one_estima
             biggest = max(biggest, est.weighted)
             inflight.append((d.reservation, gen))
     assert used <= rate * now + depth + biggest + 1e-6
-
-
-def test_spot_yields_idle_capacity_to_a_higher_tier_refused_a_moment_ago() -> None:
-    """Spot is throttled first: after an elastic request is refused on this replica (its own
-    allowance and the idle capacity both short), spot is not admitted on idle capacity for
-    the yield window, so the capacity that frees up goes to the elastic tenant."""
-    pool = make_limiter_pool(replica={"throughput_tokens_per_s": 100.0, "kv_tokens": 10000.0, "concurrency": 8.0})
-    lim = limiter(
-        {
-            "e": gate("elastic", limit=(10.0, INF, INF), burst=(20.0, 0, 0), backfill=True),
-            "s": gate("spot", limit=(0, 0, 0), backfill=True),
-        },
-        pool=pool,
-        yield_window_s=2.0,
-    )
-    est = lim.estimate(10, 10)  # 20 weighted tokens
-    assert lim.admit("s", est, 0.0).admitted  # idle capacity, nobody else asked: spot backfills
-    for _ in range(5):  # drain the replica-wide bucket (depth 100) with spot backfill
-        lim.admit("s", est, 0.0)
-    assert lim.admit("e", est, 0.0).admitted  # its own allowance (bucket 20)
-    refused = lim.admit("e", est, 0.0)  # own bucket empty, replica bucket empty: refused
-    assert not refused.admitted
-    at = 0.5  # the replica bucket refills 50 tokens: room for spot, but elastic asked first
-    s = lim.admit("s", est, at)
-    assert not s.admitted and "spot is throttled first" in s.message("s", "spot")
-    assert 0 < s.retry_after_s <= 1.5
-    assert lim.admit("e", est, at).admitted  # the elastic request gets the freed capacity
-    assert lim.admit("s", est, 2.6).admitted  # the window has passed: spot backfills again

@@ -18,10 +18,7 @@ A request is admitted *within its allowance* only if all three pass. Otherwise, 
 entitlement may backfill, it may be admitted on *idle capacity* when the replica's own totals
 leave room (in-flight sequences and reserved KV against the replica's capacity, and a
 replica-wide bucket refilled at the replica's throughput that every admitted request drains)
-and its ceiling (its configured limit on this replica) is not exceeded; spot yields idle
-capacity to the higher tiers: for ``yield_window_s`` after a guaranteed or elastic request
-was refused on this replica, spot is not admitted on idle capacity (spot is throttled
-first, so a rising elastic load is not out-raced by a spot flood). Backfilled requests
+and its ceiling (its configured limit on this replica) is not exceeded. Backfilled requests
 are borrowed capacity: when a request within its allowance finds the replica full, the
 decision names backfilled requests of other entitlements to preempt (spot first, then
 elastic, then guaranteed; lower priority first; newest first), whose KV and concurrency are
@@ -154,11 +151,8 @@ class Shortfall:
     available: float  # allowed - in_use; throughput: the bucket level
     rate: float = 0.0  # throughput: refill per second
     retry_after_s: float = INF
-    note: str = ""  # why, where the numbers alone do not say it
 
     def describe(self) -> str:
-        if self.note:
-            return self.note
         if self.dimension == DIMENSIONS[THROUGHPUT]:
             return (
                 f"requested {self.requested:.0f} weighted tokens, {max(self.available, 0):.0f} of "
@@ -294,7 +288,6 @@ class Limiter:
         preempt: bool = True,
         replica_window_s: float = 1.0,
         inflight_retry_s: float = 1.0,
-        yield_window_s: float = 2.0,
     ) -> None:
         """``replica_window_s``: depth of the replica-wide bucket, in seconds of its throughput
         (at least one typical request); ``inflight_retry_s``: the retry hint when KV or
@@ -311,10 +304,6 @@ class Limiter:
         self.replica = Bucket(self.capacity[THROUGHPUT], depth, now)
         self.preempt = preempt
         self.inflight_retry_s = inflight_retry_s
-        # spot yields idle capacity to higher tiers: while a guaranteed or elastic request was
-        # refused here within this window, spot is not admitted on idle capacity (backfill)
-        self.yield_window_s = yield_window_s
-        self._higher_refused_at = -INF
         self.gates: dict[str, Gate] = {}
         self.inflight = 0  # sequences in flight on this replica, both paths
         self.kv = 0.0  # KV tokens reserved on this replica, both paths
@@ -427,20 +416,8 @@ class Limiter:
                 self.inflight_retry_s,
             )
         )  # fmt: skip
-        if not other and lim.tier is Tier.SPOT and now - self._higher_refused_at < self.yield_window_s:
-            # spot is throttled first: the idle capacity goes to the higher tier refused a moment ago
-            other.append(
-                Shortfall(
-                    DIMENSIONS[THROUGHPUT], "replica", cost, 0.0, self.replica.depth, 0.0,
-                    retry_after_s=self.yield_window_s - (now - self._higher_refused_at),
-                    note="idle capacity on this replica goes to a guaranteed or elastic request refused a moment ago "
-                    "(spot is throttled first)",
-                )
-            )  # fmt: skip
         if not other:
             return Decision(True, self._reserve(name, gate, est, now, backfill=True))
-        if lim.tier is not Tier.SPOT:
-            self._higher_refused_at = now
         return self._refuse(own + other, other, own)
 
     def _refuse(
