@@ -196,6 +196,23 @@ def _stale(stale: bool, incomplete: str | None) -> tuple[bool, str, str]:
     return False, "Fresh", "planned from this interval's metrics"
 
 
+def _status_start(obj: Mapping[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """(generation, previous conditions, a status carrying ``observedGeneration``) of ``obj``."""
+    gen = (obj.get("metadata") or {}).get("generation")
+    status: dict[str, Any] = {} if gen is None else {"observedGeneration": gen}
+    return gen, _prev_conditions(obj), status
+
+
+def _not_planned(
+    status: dict[str, Any], version: int, problem: str | None, gen: Any, prev: Any, now: str
+) -> dict[str, Any]:
+    """The status of an object the published plan does not cover (invalid, or not planned yet)."""
+    why = problem or "not in the published plan yet"
+    status["planVersion"] = version
+    status["conditions"] = [_condition("Ready", False, "Invalid" if problem else "NotPlanned", why, gen, prev, now)]
+    return status
+
+
 def pool_status(
     obj: Mapping[str, Any],
     pool: Pool | None,
@@ -207,19 +224,10 @@ def pool_status(
     problem: str | None = None,
 ) -> dict[str, Any]:
     """The status of one TokenPool for a plan (``Plan.to_json()``)."""
-    gen = (obj.get("metadata") or {}).get("generation")
-    prev = _prev_conditions(obj)
+    gen, prev, status = _status_start(obj)
     pj = (plan.get("pools") or {}).get(_name(obj))
-    status: dict[str, Any] = {}
-    if gen is not None:
-        status["observedGeneration"] = gen
     if pj is None or pool is None:
-        why = problem or "not in the published plan yet"
-        status["planVersion"] = version
-        status["conditions"] = [
-            _condition("Ready", False, "Invalid" if problem else "NotPlanned", why, gen, prev, now),
-        ]
-        return status
+        return _not_planned(status, version, problem, gen, prev, now)
     ready = int(pj.get("ready_replicas") or 0)
     configured = {d: _round(getattr(pool.replica, d) * ready) for d in DIMENSIONS}
     is_stale, s_reason, s_msg = _stale(stale, pj.get("incomplete"))
@@ -256,17 +264,10 @@ def entitlement_status(
     problem: str | None = None,
 ) -> dict[str, Any]:
     """The status of one Entitlement for a plan (``Plan.to_json()``)."""
-    gen = (obj.get("metadata") or {}).get("generation")
-    prev = _prev_conditions(obj)
+    gen, prev, status = _status_start(obj)
     ej = (plan.get("entitlements") or {}).get(_name(obj))
-    status: dict[str, Any] = {}
-    if gen is not None:
-        status["observedGeneration"] = gen
     if ej is None:
-        status["planVersion"] = version
-        why = problem or "not in the published plan yet"
-        status["conditions"] = [_condition("Ready", False, "Invalid" if problem else "NotPlanned", why, gen, prev, now)]
-        return status
+        return _not_planned(status, version, problem, gen, prev, now)
     pj = (plan.get("pools") or {}).get(ej.get("pool")) or {}
     is_stale, s_reason, s_msg = _stale(stale, pj.get("incomplete"))
     shortfall = _vector(ej.get("guarantee_shortfall")) or {}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from aiohttp import web
@@ -351,7 +352,30 @@ class BatchChatApi(Api):
         )
 
 
-class ResponsesApi(Api):
+class _TypedEventApi(Api):
+    """An API whose body goes upstream as is, whose stream is typed events and whose usage
+    is ``input_tokens``/``output_tokens`` (the Responses and Messages APIs); without usage,
+    the generated text (:meth:`_texts`) is counted by the shared rule."""
+
+    def upstream_body(self, raw: bytes, req: ParsedRequest) -> bytes:
+        return raw
+
+    def _texts(self, obj: dict[str, Any]) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def response_usage(self, data: bytes) -> tuple[int | None, int | None]:
+        if (pair := _usage_pair(data, "input_tokens", "output_tokens")) is not None:
+            return pair
+        obj = _loads(data)
+        if obj is None:
+            return None, None
+        return None, sum(_tokens(len(t.encode("utf-8"))) for t in self._texts(obj) if isinstance(t, str))
+
+    def tokenize_payload(self, req: ParsedRequest) -> list[dict[str, Any]] | None:
+        return None
+
+
+class ResponsesApi(_TypedEventApi):
     """``/v1/responses``: typed events; ``max_output_tokens`` bounds the output."""
 
     route = "/v1/responses"
@@ -372,30 +396,17 @@ class ResponsesApi(Api):
         max_new = _output_limit(body, "max_output_tokens", prompt, pool, required=False)
         return ParsedRequest(body, (prompt,), 1, (max_new,), stream, True)
 
-    def upstream_body(self, raw: bytes, req: ParsedRequest) -> bytes:
-        return raw
-
     def counter(self, req: ParsedRequest) -> TypedStreamCounter:
         return ResponsesStreamCounter()
 
-    def response_usage(self, data: bytes) -> tuple[int | None, int | None]:
-        if (pair := _usage_pair(data, "input_tokens", "output_tokens")) is not None:
-            return pair
-        obj = _loads(data)
-        if obj is None:
-            return None, None
-        total = 0
+    def _texts(self, obj: dict[str, Any]) -> Iterator[Any]:
         for item in obj.get("output") or ():
             for part in (item.get("content") or ()) if isinstance(item, dict) else ():
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    total += _tokens(len(part["text"].encode("utf-8")))
-        return None, total
-
-    def tokenize_payload(self, req: ParsedRequest) -> list[dict[str, Any]] | None:
-        return None
+                if isinstance(part, dict):
+                    yield part.get("text")
 
 
-class MessagesApi(Api):
+class MessagesApi(_TypedEventApi):
     """``/v1/messages`` (Anthropic): ``max_tokens`` required; errors in Anthropic's shape."""
 
     route = "/v1/messages"
@@ -411,26 +422,13 @@ class MessagesApi(Api):
         max_new = _output_limit(body, "max_tokens", prompt, pool, required=True)
         return ParsedRequest(body, (prompt,), 1, (max_new,), stream, True)
 
-    def upstream_body(self, raw: bytes, req: ParsedRequest) -> bytes:
-        return raw
-
     def counter(self, req: ParsedRequest) -> TypedStreamCounter:
         return AnthropicStreamCounter()
 
-    def response_usage(self, data: bytes) -> tuple[int | None, int | None]:
-        if (pair := _usage_pair(data, "input_tokens", "output_tokens")) is not None:
-            return pair
-        obj = _loads(data)
-        if obj is None:
-            return None, None
-        total = 0
+    def _texts(self, obj: dict[str, Any]) -> Iterator[Any]:
         for block in obj.get("content") or ():
-            if isinstance(block, dict) and isinstance(block.get("text"), str):
-                total += _tokens(len(block["text"].encode("utf-8")))
-        return None, total
-
-    def tokenize_payload(self, req: ParsedRequest) -> list[dict[str, Any]] | None:
-        return None
+            if isinstance(block, dict):
+                yield block.get("text")
 
 
 class PoolingApi(Api):
