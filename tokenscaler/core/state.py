@@ -55,7 +55,9 @@ class EncodedArray(_Strict):
 
     @classmethod
     def of(cls, a: np.ndarray) -> EncodedArray:
-        return cls.model_validate(encode_array(a))
+        """``a`` encoded; built without validation: :func:`encode_array`'s output always decodes
+        (what a file brings is validated, decode included, when it is read)."""
+        return cls.model_construct(**encode_array(a))
 
 
 class PoolStateFile(_Strict):

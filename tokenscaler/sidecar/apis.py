@@ -57,6 +57,11 @@ _SEP = b"\n\n"
 # ---- error shapes ------------------------------------------------------------------------
 
 
+def _error_event(data: dict[str, Any]) -> bytes:
+    """A typed SSE ``error`` event (the Responses and Messages APIs end a failed stream with one)."""
+    return b"event: error\ndata: " + _DUMPS(data).encode() + b"\n\n"
+
+
 class OpenAIErrors:
     """``{"error": {"message", "type", "param", "code"}}``; a stream ends with an error chunk."""
 
@@ -79,8 +84,7 @@ class ResponsesErrors(OpenAIErrors):
     """As OpenAI; a stream ends with the Responses API's typed ``error`` event."""
 
     def stream_error(self, message: str, type_: str, code: str) -> bytes:
-        data = {"type": "error", "code": code, "message": message, "param": None, "sequence_number": 0}
-        return b"event: error\ndata: " + _DUMPS(data).encode() + b"\n\n"
+        return _error_event({"type": "error", "code": code, "message": message, "param": None, "sequence_number": 0})
 
 
 ANTHROPIC_TYPES = {
@@ -106,8 +110,7 @@ class AnthropicErrors(OpenAIErrors):
 
     def stream_error(self, message: str, type_: str, code: str) -> bytes:
         kind = "overloaded_error" if code == "preempted" else "api_error"
-        data = {"type": "error", "error": {"type": kind, "message": message}}
-        return b"event: error\ndata: " + _DUMPS(data).encode() + b"\n\n"
+        return _error_event({"type": "error", "error": {"type": kind, "message": message}})
 
 
 OPENAI_ERRORS = OpenAIErrors()
