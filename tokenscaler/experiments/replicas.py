@@ -13,9 +13,10 @@ metric with an ``AverageValue`` target:
    takes the policy allowing the biggest change;
 4. the result is clamped to ``[minReplicaCount, maxReplicaCount]``.
 
-:func:`rules_from_scaledobject` reads the behaviour of ``keda/scaledobject.yaml`` (the one
-tokenscaler ships: tolerance 0, no stabilization, any step), and :data:`HPA_DEFAULTS` is the
-HPA as vLLM users get it with a KEDA Prometheus trigger and no ``behavior``: 10% tolerance,
+:func:`rules_from_scaledobject` reads the behaviour of the reference ScaledObject
+``keda/scaledobject.yaml`` (tolerance 0, no stabilization, any step) from the copy the package
+ships (``tokenscaler/experiments/scaledobject.yaml``, kept equal by ``make generate``), and
+:data:`HPA_DEFAULTS` is the HPA as vLLM users get it with a KEDA Prometheus trigger and no ``behavior``: 10% tolerance,
 scale-up by max(100%, 4 pods) per 15 s, scale-down 100% per 15 s after a 300 s stabilization.
 """
 
@@ -23,11 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-SCALEDOBJECT = Path(__file__).resolve().parent.parent.parent / "keda" / "scaledobject.yaml"
+SCALEDOBJECT = "scaledobject.yaml"  # package data of tokenscaler.experiments: a copy of keda/scaledobject.yaml
 
 
 @dataclass(frozen=True)
@@ -73,16 +75,17 @@ def _direction(doc: dict, default_tolerance: float) -> Direction:
     )
 
 
-def rules_from_scaledobject(path: Path = SCALEDOBJECT) -> HpaRules:
-    """The polling interval and HPA behaviour of a ScaledObject manifest."""
-    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+def rules_from_scaledobject(path: Path | None = None) -> HpaRules:
+    """The polling interval and HPA behaviour of a ScaledObject manifest (default: the reference one)."""
+    source = resources.files(__package__) / SCALEDOBJECT if path is None else path
+    doc = yaml.safe_load(source.read_text(encoding="utf-8"))
     spec = doc["spec"]
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     return HpaRules(
         polling_interval_s=float(spec.get("pollingInterval", 30)),
         up=_direction(behavior["scaleUp"], 0.1),
         down=_direction(behavior["scaleDown"], 0.1),
-        source=str(path.name),
+        source=str(source.name),
     )
 
 

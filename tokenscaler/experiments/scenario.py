@@ -1,6 +1,8 @@
 """Scenario files for ``tokenscaler experiment``: what runs, on what traffic, with what events.
 
-A scenario is a YAML document (or a name from ``examples/experiments/``)::
+A scenario is a YAML document: a file by path, or the name of one shipped inside the package
+(``tokenscaler/experiments/scenarios/NAME.yaml``; every YAML file there is a shipped scenario, so a new
+one needs no code change, and its traces sit in ``tokenscaler/experiments/traces/``)::
 
     duration_s: 3600
     profile: llama-3.1-8b-h100        # simulator profile name or path
@@ -27,6 +29,7 @@ output length. Validation errors name the field and the value.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,7 +39,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenscaler.config import load_config
 from tokenscaler.core.model import ConfigError, TokenPoolsConfig, format_validation_error, parse_config
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent.parent / "examples" / "experiments"
+
+def shipped_dir() -> Path:
+    """The directory of the scenarios shipped in the package (``tokenscaler/experiments/scenarios``).
+
+    Read through :mod:`importlib.resources`, so it is the installed package's data wherever
+    tokenscaler is installed; a scenario's traces are found relative to it (``../traces/``)."""
+    root = resources.files(__package__) / "scenarios"
+    if not isinstance(root, Path):  # a zipped install: traces are read by path, so they must be files
+        raise ConfigError("tokenscaler.experiments", [f"the shipped scenarios are not files on disk ({root})"])
+    return root
+
 
 Length = int | Annotated[list[int], Field(min_length=2, max_length=2)]
 
@@ -177,14 +190,14 @@ class LoadedScenario:
 
 
 def resolve(name_or_path: str) -> Path:
-    """A shipped scenario name (``examples/experiments/NAME.yaml``) or a file path."""
+    """A file path (the user's own scenario), else a shipped scenario name (:func:`shipped_dir`)."""
     p = Path(name_or_path)
     if p.is_file():
         return p
-    shipped = EXAMPLES_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
+    shipped = shipped_dir() / f"{name_or_path}.yaml"
+    if p.name == name_or_path and shipped.is_file():
         return shipped
-    known = ", ".join(sorted(x.stem for x in EXAMPLES_DIR.glob("*.yaml"))) if EXAMPLES_DIR.is_dir() else "none"
+    known = ", ".join(shipped_scenarios()) or "none"
     raise ConfigError(name_or_path, [f"neither a file nor a shipped scenario (shipped: {known})"])
 
 
@@ -233,4 +246,5 @@ def load_scenario(name_or_path: str) -> LoadedScenario:
 
 
 def shipped_scenarios() -> list[str]:
-    return sorted(p.stem for p in EXAMPLES_DIR.glob("*.yaml")) if EXAMPLES_DIR.is_dir() else []
+    """The names of the shipped scenarios: every ``*.yaml`` of :func:`shipped_dir`."""
+    return sorted(p.stem for p in shipped_dir().glob("*.yaml"))
