@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
 
-.PHONY: demo test lint prometheus bench protos clean
+.PHONY: demo test lint prometheus bench generate generate-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,10 +41,14 @@ test: $(STAMP) prometheus
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
-# Regenerate the KEDA external scaler stubs from keda/externalscaler.proto (checked in;
-# tests/serve/test_protos.py fails when they drift).
-protos: $(STAMP)
-	$(PY) -m tokenscaler.serve.protos
+# Every generated file in the repository (gRPC stubs, CRDs, dashboards, PrometheusRule, recording
+# rules, the package's copy of the ScaledObject): tools/generate.py. tests/test_generated.py
+# fails when one drifts.
+generate: $(STAMP)
+	$(PY) -m tools.generate
+
+generate-check: $(STAMP)
+	$(PY) -m tools.generate --check
 
 bench: $(STAMP)
 	$(PY) benchmarks/allocator.py

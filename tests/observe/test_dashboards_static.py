@@ -8,7 +8,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import promql_parser
 import pytest
@@ -17,6 +16,11 @@ import yaml
 from tests.support import REPO
 from tokenscaler.observe import alerts, dashboards
 from tokenscaler.observe.names import exported_names
+from tools import generate
+
+ALERT_RULES = REPO / generate.ALERT_RULES
+RUNBOOK = REPO / generate.RUNBOOK
+PROMETHEUS_RULE = REPO / generate.PROMETHEUS_RULE
 
 PROMETHEUS_BUILTINS = {"up"}
 # KEDA's operator exports these (not our code); only alerts may use them
@@ -65,14 +69,6 @@ def all_targets() -> list[tuple[str, str, str]]:
     return out
 
 
-def test_checked_in_dashboards_are_what_the_source_generates(tmp_path: Path) -> None:
-    assert dashboards.main(["--check"]) == 0, "run: python -m tokenscaler.observe.dashboards --write"
-    assert dashboards.main(["--write", "--out", str(tmp_path)]) == 0
-    for path in tmp_path.iterdir():
-        assert path.read_text() == (REPO / "dashboards" / path.name).read_text()
-    assert {p.name for p in (REPO / "dashboards").glob("*.json")} == set(dashboards.render_all())
-
-
 @pytest.mark.parametrize("name", sorted(dashboards.render_all()))
 def test_dashboard_is_importable_with_the_datasource_input_and_variables(name: str) -> None:
     d = json.loads((REPO / "dashboards" / name).read_text())
@@ -115,9 +111,9 @@ def test_the_name_check_catches_a_wrong_name() -> None:
 
 
 def test_every_alert_names_exported_metrics_and_has_severity_summary_and_runbook() -> None:
-    rules = alerts.alert_rules()
+    rules = alerts.alert_rules(ALERT_RULES)
     assert len(rules) >= 9
-    anchors = alerts.runbook_anchors()
+    anchors = alerts.runbook_anchors(RUNBOOK)
     for r in rules:
         unknown = metric_names(r["expr"]) - exported_names() - PROMETHEUS_BUILTINS - KEDA_NAMES
         assert not unknown, f"{r['alert']}: {sorted(unknown)}"
@@ -128,7 +124,7 @@ def test_every_alert_names_exported_metrics_and_has_severity_summary_and_runbook
         page, _, anchor = ann["runbook_url"].partition("#")
         assert page == "docs/runbook.md" and anchor == r["alert"].lower(), r["alert"]
         assert anchor in anchors, f"docs/runbook.md has no section {r['alert']}"
-    text = alerts.RUNBOOK.read_text()
+    text = RUNBOOK.read_text()
     for r in rules:  # each section says what it means, how to confirm it, what to do
         section = text.split(f"## {r['alert']}\n", 1)[1].split("\n## ", 1)[0]
         for part in ("**Meaning.**", "**Confirm.**", "**Do.**"):
@@ -136,18 +132,17 @@ def test_every_alert_names_exported_metrics_and_has_severity_summary_and_runbook
 
 
 def test_prometheusrule_is_generated_from_the_rule_file() -> None:
-    assert alerts.main(["--check"]) == 0, "run: python -m tokenscaler.observe.alerts --write"
-    pr = yaml.safe_load(alerts.OUT.read_text())
+    pr = yaml.safe_load(PROMETHEUS_RULE.read_text())
     assert pr["kind"] == "PrometheusRule" and pr["apiVersion"] == "monitoring.coreos.com/v1"
-    assert pr["spec"]["groups"] == yaml.safe_load(alerts.RULES_FILE.read_text())["groups"]
-    kustomization = yaml.safe_load((alerts.OUT.parent / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == [alerts.OUT.name]
+    assert pr["spec"]["groups"] == yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    kustomization = yaml.safe_load((PROMETHEUS_RULE.parent / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [PROMETHEUS_RULE.name]
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (Debian's prometheus package)")
 def test_promtool_checks_the_rules_and_every_alert_fires_in_its_unit_test() -> None:
     out = subprocess.run(
-        ["promtool", "check", "rules", str(alerts.RULES_FILE)], capture_output=True, text=True, timeout=60
+        ["promtool", "check", "rules", str(ALERT_RULES)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stdout + out.stderr
     tests_dir = REPO / "alerts" / "tests"
@@ -163,6 +158,6 @@ def test_promtool_checks_the_rules_and_every_alert_fires_in_its_unit_test() -> N
         for case in yaml.safe_load(f.read_text())["tests"]:
             for at in case.get("alert_rule_test", []):
                 (fired if at.get("exp_alerts") else silent).add(at["alertname"])
-    names = {r["alert"] for r in alerts.alert_rules()}
+    names = {r["alert"] for r in alerts.alert_rules(ALERT_RULES)}
     assert fired == names, f"never shown firing: {sorted(names - fired)}"
     assert silent == names, f"no near miss shown silent: {sorted(names - silent)}"

@@ -29,8 +29,9 @@ from tests.control.harness import POOL, KedaClient, demo_config
 from tests.observe.test_dashboards_static import all_targets, substitute
 from tests.observe.vllm_dashboard import EXPRS as VLLM_EXPRS
 from tests.prometheus import PrometheusServer, prometheus_binary, static_job
-from tests.support import Relay, Server, wait_until
-from tokenscaler.observe import alerts, dashboards
+from tests.support import REPO, Relay, Server, wait_until
+from tokenscaler.observe import dashboards
+from tools import generate
 
 pytestmark = [
     pytest.mark.e2e,
@@ -44,7 +45,7 @@ DOC_IMAGES = os.environ.get("TOKENSCALER_DOC_IMAGES")  # a directory: copy a few
 
 def rules_for_test(path: Path) -> Path:
     """The alert rules with ``for`` of the controller-down alert cut from 2m to 2s (evaluated every second)."""
-    doc = yaml.safe_load(alerts.RULES_FILE.read_text())
+    doc = yaml.safe_load((REPO / generate.ALERT_RULES).read_text())
     for group in doc["groups"]:
         for rule in group["rules"]:
             if rule.get("alert") == DOWN_ALERT:

@@ -1,4 +1,4 @@
-"""The Grafana dashboards, built from one source: ``python -m tokenscaler.observe.dashboards --write``.
+"""The Grafana dashboards, built from one source; ``make generate`` writes them into the repository.
 
 Three dashboards, one per concern, written to ``dashboards/*.json`` as importable JSON
 ("export for sharing externally": an ``__inputs`` entry ``DS_PROMETHEUS``) that also works
@@ -6,7 +6,7 @@ when provisioned from files (a datasource variable of the same name). Every dash
 the variables ``pool``, ``tier`` and ``entitlement`` (multi-value, "All" = ``.*``).
 
 Metric names come from :mod:`tokenscaler.observe.names`; the checked-in JSON is what this
-module writes (``--check`` fails on a difference, and so does a test).
+module builds (:func:`render_all`; a test fails on a difference).
 
 Label conventions the queries rely on: engine (vLLM) and sidecar series carry ``pool``
 (the sidecar sets it; engines get it from a relabelling of the pod's label, as the
@@ -15,11 +15,8 @@ controller's Prometheus source expects), sidecars also ``replica``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tokenscaler.observe.names import controller as c
@@ -27,8 +24,6 @@ from tokenscaler.observe.names import scaler as s
 from tokenscaler.observe.names import sidecar as sc
 from tokenscaler.observe.names import vllm as v
 
-REPO = Path(__file__).resolve().parents[2]
-OUT_DIR = REPO / "dashboards"
 DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 SCHEMA_VERSION = 39
 
@@ -655,29 +650,3 @@ def build(d: Dashboard) -> dict[str, Any]:
 def render_all() -> dict[str, str]:
     """``{file name: JSON text}`` of every dashboard, as checked in."""
     return {f"{name}.json": json.dumps(build(fn()), indent=2) + "\n" for name, fn in DASHBOARDS.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tokenscaler.observe.dashboards", description=__doc__.splitlines()[0])
-    group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--write", action="store_true", help="write dashboards/*.json")
-    group.add_argument("--check", action="store_true", help="fail when dashboards/*.json differ from this source")
-    ap.add_argument("--out", type=Path, default=OUT_DIR)
-    args = ap.parse_args(argv)
-    stale = []
-    for name, text in render_all().items():
-        path = args.out / name
-        if args.write:
-            args.out.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        elif not path.exists() or path.read_text() != text:
-            stale.append(str(path))
-    if stale:
-        hint = "run python -m tokenscaler.observe.dashboards --write"
-        print(f"out of date ({hint}): {', '.join(stale)}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Generated KEDA external scaler stubs; regenerate with ``python -m tokenscaler.serve.protos``.
+"""Generated KEDA external scaler stubs (from keda/externalscaler.proto); regenerate with ``make generate``.
 
-Do not edit: ``tests/serve/test_protos.py`` fails when these files differ from a fresh generation.
+Do not edit: ``tests/test_generated.py`` fails when these files differ from a fresh generation.
 """
