@@ -3,15 +3,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTHON ?= python3
+# the one place the version is written; the wheel, the image tag and the manifests follow it
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' tokenscaler/__init__.py)
+IMAGE  ?= ghcr.io/tokenscaler/tokenscaler
 
-.PHONY: demo test lint prometheus bench generate generate-check clean
+.PHONY: demo test lint prometheus bench generate generate-check dist image clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[lab,test]'
 	touch $@
 
 # Debian's `prometheus` package brings both `prometheus` and `promtool`.
@@ -50,6 +53,16 @@ generate: $(STAMP)
 generate-check: $(STAMP)
 	$(PY) -m tools.generate --check
 
+# The release artefacts: dist/tokenscaler-$(VERSION).tar.gz and the wheel, checked by twine.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+	$(VENV)/bin/twine check --strict dist/*
+
+# The one image every role runs from, tagged with the version (needs a docker engine).
+image:
+	docker build -t $(IMAGE):$(VERSION) .
+
 bench: $(STAMP)
 	$(PY) benchmarks/allocator.py
 	$(PY) benchmarks/sim.py
@@ -57,4 +70,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/controller.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -5,7 +5,7 @@ Exit codes (every ``tokenscaler`` command):
 | code | meaning |
 | --- | --- |
 | 0 | ok |
-| 1 | bad input: a config, profile, state or other file that cannot be used, an address in use |
+| 1 | bad input: a config, profile, state or other file that cannot be used, an address in use, a missing extra |
 | 2 | usage: flags that cannot work together or out of range (argparse's own errors too) |
 | 130 | interrupted (Ctrl-C) |
 """

@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokenscaler.cli import extras
 from tokenscaler.cli.common import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, config_error, fail, usage_errors
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scenario", default="demo", metavar="NAME|PATH",
-        help="a scenario of examples/experiments/ or a YAML file of that shape (default: %(default)s)",
+        help="a shipped scenario (tokenscaler/experiments/scenarios/) or a YAML file of that shape "
+        "(default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--duration-s", type=float, default=None, metavar="N",
@@ -40,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if code := extras.require("demo", "demo"):
+        return code
     import asyncio
 
     from tokenscaler.core.model import ConfigError

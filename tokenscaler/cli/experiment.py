@@ -13,12 +13,15 @@ import sys
 import time
 from pathlib import Path
 
+from tokenscaler.cli import extras
 from tokenscaler.cli.common import EXIT_OK, fail, usage_errors
 from tokenscaler.core.model import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("scenario", help="a shipped scenario name (examples/experiments/) or a YAML file")
+    parser.add_argument(
+        "scenario", help="a YAML file, or the name of a shipped scenario (tokenscaler/experiments/scenarios/NAME.yaml)"
+    )
     parser.add_argument("--policy", default="all", help="comma-separated policies, or 'all' (default)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--duration-s", type=float, default=None, help="shorten (or lengthen) the scenario")
@@ -29,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if code := extras.require("experiment", "experiments"):
+        return code
     from tokenscaler.experiments.policies import parse_policies
     from tokenscaler.experiments.suite import rounded, run_experiment
 

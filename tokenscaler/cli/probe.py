@@ -14,6 +14,7 @@ import argparse
 import csv
 import statistics
 
+from tokenscaler.cli import extras
 from tokenscaler.cli.common import EXIT_BAD_INPUT, EXIT_OK, fail, usage_errors
 from tokenscaler.core.model import TokenWeights
 
@@ -22,7 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = TokenWeights()
     p.add_argument("--url", required=True, help="the engine's base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--out", metavar="FILE", help="write the replica block (YAML) here too")
-    p.add_argument("--png", metavar="FILE", help="write the measured curve as a PNG (default: beside --out)")
+    p.add_argument(
+        "--png", metavar="FILE",
+        help="write the measured curve as a PNG (needs tokenscaler[plots]; default: beside --out when installed)",
+    )  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=1024, help="prompt of each request (default: %(default)s)")
     p.add_argument("--output-tokens", type=int, default=256, help="tokens generated per request (default: %(default)s)")
     p.add_argument(
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("tpot_p99_ms", "max_seconds", "level_s"):
         if getattr(args, flag) <= 0:
             errors.append(f"--{flag.replace('_', '-')} ({getattr(args, flag):g}) must be > 0")
-    code = usage_errors("probe", errors)
+    code = usage_errors("probe", errors) or (extras.require("probe --png", "plots") if args.png else 0)
     if code:
         return code
     prompt, output = args.prompt_tokens, args.output_tokens
@@ -101,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(block, encoding="utf-8")
     png = args.png or (str(Path(args.out).with_suffix(".png")) if args.out else None)
-    if png:
+    if png and not args.png and extras.missing(extras.EXTRAS["plots"]):
+        print(f"# curve: no PNG without matplotlib ({extras.install_hint('plots')})")
+    elif png:
         write_png(Path(png), levels, shape, args.tpot_p99_ms, best)
         print(f"# curve: {png}")
     return EXIT_OK

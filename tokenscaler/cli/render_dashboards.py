@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from tokenscaler.cli import extras
 from tokenscaler.cli.common import EXIT_OK, fail, usage_errors
 
 
@@ -32,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if code := extras.require("render-dashboards", "plots"):
+        return code
     from tokenscaler.observe.dashboards import DASHBOARDS, build
     from tokenscaler.observe.render import render
 
