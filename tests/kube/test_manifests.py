@@ -16,7 +16,9 @@ import pytest
 import yaml
 
 from tests.serve.test_keda_manifests import crd_validator
+from tokenscaler import __version__
 from tokenscaler.kube.client import CONTROLLER_RULES, WEBHOOK_RULES, Rule
+from tokenscaler.kube.webhook import IMAGE
 
 REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZATIONS = sorted(p.parent for p in (REPO / "k8s").rglob("kustomization.yaml"))
@@ -42,6 +44,7 @@ def by_kind(docs: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]
 def test_the_overlays_are_there() -> None:
     names = {str(p.relative_to(REPO)) for p in KUSTOMIZATIONS}
     assert {"k8s/base", "k8s/overlays/cert-manager", "k8s/overlays/self-signed", "k8s/examples"} <= names
+    assert {"k8s/overlays/insecure", "k8s/examples-insecure"} <= names  # plain HTTP, for a laptop cluster
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=lambda p: str(p.relative_to(REPO)))
@@ -126,7 +129,7 @@ def test_our_pods_are_locked_down(path: Path) -> None:
             assert "memory" in c["resources"]["limits"] and c["resources"]["requests"]
         if d["kind"] == "Deployment":
             c = spec["containers"][0]
-            assert c["image"] == "ghcr.io/tokenscaler/tokenscaler:0.1.0"
+            assert c["image"] == f"{IMAGE}:{__version__}"  # the one version (tests/test_version.py)
             assert "livenessProbe" in c and "readinessProbe" in c
     for sa in by_kind(build(path), "ServiceAccount"):
         assert sa.get("automountServiceAccountToken") is False
@@ -152,8 +155,7 @@ def test_webhook_configurations_per_overlay() -> None:
     (job,) = by_kind(ss, "Job")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--webhook-name=tokenscaler" in args
-    hook = next(d for d in by_kind(ss, "Deployment") if d["metadata"]["name"] == "tokenscaler-webhook")
-    assert "--tls-cert=/certs/cert" in hook["spec"]["template"]["spec"]["containers"][0]["args"]
+    # the key names of each overlay's Secrets: tests/kube/test_manifest_security.py
 
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -177,3 +179,22 @@ def test_dockerfile_essentials() -> None:
     user = [ln for ln in lines if ln.startswith("USER ")]
     assert user and not user[-1].split()[1].startswith(("root", "0")), "runs as non-root"
     assert lines[-2] == 'ENTRYPOINT ["tokenscaler"]'
+
+
+def test_the_image_exposes_the_roles_default_ports_and_installs_the_base_wheel_only() -> None:
+    from tokenscaler.cli import build_parser
+
+    p = build_parser()
+    controller = p.parse_args(["controller", "--config", "x", "--scrape-config", "y"])
+    sidecar = p.parse_args(["sidecar", "--config", "x", "--pool", "p", "--upstream", "u"])
+    webhook = p.parse_args(["webhook", "--tls-cert", "x", "--tls-key", "y", "--config", "z"])
+    defaults = {controller.grpc_listen[1], controller.http_listen[1], sidecar.listen[1], sidecar.metrics_port,
+                webhook.listen[1]}  # fmt: skip
+    text = DOCKERFILE.read_text()
+    (expose,) = [ln.split()[1:] for ln in text.splitlines() if ln.startswith("EXPOSE ")]
+    assert {int(port) for port in expose} == defaults == {9491, 8080, 8001, 9464, 8443}
+    assert "9090" not in text  # Prometheus's port, not ours
+    # the wheel is built, then installed alone: no extras, no source tree in the image
+    assert "pip wheel --no-cache-dir --no-deps --wheel-dir /dist ." in text
+    (install,) = [ln for ln in text.splitlines() if "pip install" in ln]
+    assert install.rstrip(" \\").endswith("/dist/tokenscaler-*.whl"), install

@@ -171,13 +171,48 @@ def test_labelled_pod_gets_the_sidecar_and_the_serving_port(hook: tuple[Server, 
     assert args[args.index("--upstream") + 1] == "http://127.0.0.1:8000"
     assert args[args.index("--pool") + 1] == "llama-8b"
     assert args[args.index("--replicas") + 1] == "8"
+    # by default over HTTPS, with the CA and the token as files from the namespace's Secret
+    assert args[args.index("--limits-url") + 1] == "https://tokenscaler-controller.tokenscaler.svc:8080"
+    assert args[args.index("--limits-ca") + 1] == "/var/run/secrets/tokenscaler/ca.crt"
+    assert args[args.index("--limits-token-file") + 1] == "/var/run/secrets/tokenscaler/token"
+    assert {"name": "tokenscaler-client", "mountPath": "/var/run/secrets/tokenscaler", "readOnly": True} in sidecar[
+        "volumeMounts"
+    ]
     assert sidecar["readinessProbe"]["tcpSocket"]["port"] == 8001
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
-    assert pod["spec"]["volumes"] == [{"name": "tokenscaler-config", "configMap": {"name": "tokenscaler-config"}}]
+    assert pod["spec"]["volumes"] == [
+        {"name": "tokenscaler-config", "configMap": {"name": "tokenscaler-config"}},
+        {
+            "name": "tokenscaler-client",
+            "secret": {"secretName": "tokenscaler-client", "items": [
+                {"key": "ca.crt", "path": "ca.crt"}, {"key": "token", "path": "token"}]},
+        },
+    ]  # fmt: skip
     assert pod["metadata"]["annotations"]["tokenpools.io/injected"] == "true"
     # reinvoked on the injected pod: nothing more to do
     r2 = post(hook, "/mutate", pod_review(pod))[1]["response"]
     assert r2["allowed"] is True and "patch" not in r2
+
+
+def test_plain_http_injection_carries_no_credentials_and_never_a_token_in_clear(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tokenscaler.cli import main
+    from tokenscaler.config import load_config
+    from tokenscaler.kube.webhook import SidecarOptions, mutate_request
+
+    base = ["webhook", "--tls-cert", "x.crt", "--tls-key", "x.key", "--config", "x.yaml"]
+    assert main([*base, "--limits-url", "http://tokenscaler-controller.tokenscaler.svc:8080"]) == 2
+    assert "would send the token of --limits-secret tokenscaler-client in clear" in capsys.readouterr().err
+    assert main([*base, "--limits-url", "ftp://x"]) == 2
+    assert "must be an http:// or https:// URL" in capsys.readouterr().err
+
+    opts = SidecarOptions(limits_url="http://tokenscaler-controller.tokenscaler.svc:8080", limits_secret=None)
+    r = mutate_request(pod_review(POD)["request"], load_config(REPO / "examples" / "tokenpools.yaml"), opts)
+    pod = jsonpatch.apply_patch(POD, json.loads(base64.b64decode(r["response"]["patch"])))
+    args = pod["spec"]["containers"][1]["args"]
+    assert "--limits-ca" not in args and "--limits-token-file" not in args
+    assert [v["name"] for v in pod["spec"]["volumes"]] == ["tokenscaler-config"]
 
 
 def test_unlabelled_or_unknown_pool_pods(hook: tuple[Server, ssl.SSLContext]) -> None:

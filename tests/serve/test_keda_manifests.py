@@ -232,8 +232,10 @@ def test_trigger_authentication_maps_kedas_tls_parameters_from_a_secret() -> Non
     (doc,) = [d for d in yaml.safe_load_all(TRIGGER_AUTH.read_text()) if d]
     assert (doc["apiVersion"], doc["kind"]) == ("keda.sh/v1alpha1", "TriggerAuthentication")
     refs = doc["spec"]["secretTargetRef"]
-    assert sorted(r["parameter"] for r in refs) == sorted(KEDA_AUTH_PARAMS)
+    # server TLS: KEDA verifies the scaler with the CA (mutual TLS would add the client pair)
+    assert [r["parameter"] for r in refs] == ["caCert"] and set(KEDA_AUTH_PARAMS) >= {"caCert"}
     assert all(set(r) == {"parameter", "name", "key"} for r in refs)
     assert doc["metadata"]["namespace"] == scaled_object()["metadata"]["namespace"]
-    # the ScaledObject shows (commented out) how to reference it
-    assert f"name: {doc['metadata']['name']}" in SCALED_OBJECT.read_text()
+    # the ScaledObject's trigger uses it
+    (trigger,) = scaled_object()["spec"]["triggers"]
+    assert trigger["authenticationRef"] == {"name": doc["metadata"]["name"], "kind": "TriggerAuthentication"}

@@ -31,6 +31,7 @@ from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
 from tokenscaler.serve import scaler_metrics as m
 from tokenscaler.serve._proto import externalscaler_pb2 as pb
+from tokenscaler.serve._proto import externalscaler_pb2_grpc as pb_grpc
 from tokenscaler.serve.scaler import ScalerTLS, TriggerMetadata, metric_name, start_scaler
 
 REPO = Path(__file__).resolve().parents[2]
@@ -466,3 +467,49 @@ def test_server_only_tls_with_kedas_ca_cert(pki: Pki, tmp_path: Path) -> None:
 def test_unreadable_tls_files_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"TLS certificate .*missing\.crt"):
         ScalerTLS.from_files(tmp_path / "missing.crt", tmp_path / "missing.key")
+
+
+def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.security.pki import Ca
+
+    first, second = Ca(tmp_path, "ca-1"), Ca(tmp_path, "ca-2")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"  # the mounted Secret's files
+    first.issue("server-1", server=True).install(cert, key)
+    tls = ScalerTLS.from_files(cert, key)
+
+    async def answers(target: str, ca: Path) -> bool:
+        """A new connection (its own subchannel) that trusts only ``ca`` gets an answer."""
+        creds = grpc.ssl_channel_credentials(ca.read_bytes())
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.secure_channel(target, creds, options=options) as channel:
+            stub = pb_grpc.ExternalScalerStub(channel)
+            try:
+                return (await stub.IsActive(ref("alpha"), timeout=T)).result is True
+            except grpc.aio.AioRpcError:
+                return False
+
+    async def until(target: str, ca: Path, want: bool, message: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while await answers(target, ca) != want:
+            assert loop.time() < deadline, message
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        async with scaler(store_with({"alpha": 3}), tls=tls, channel_credentials=grpc.ssl_channel_credentials(
+                first.pem.read_bytes())) as s:  # fmt: skip
+            assert await answers(s.target, first.pem) and not await answers(s.target, second.pem)
+            # cert-manager renews the Secret, here from another CA so the two are told apart
+            second.issue("server-2", server=True).install(cert, key)
+            await until(s.target, second.pem, True, "the renewed certificate served")
+            assert not await answers(s.target, first.pem)
+            # a file that does not load keeps the current certificate, and says why
+            key.write_text("not a key\n")
+            assert await answers(s.target, second.pem)
+            assert "do not load" in caplog.text and "previous certificate stays in use" in caplog.text
+            assert "not a key" not in caplog.text
+
+    with caplog.at_level("WARNING", logger="tokenscaler.serve.scaler"):
+        run(scenario())

@@ -6,11 +6,16 @@ Prints ``tokenscaler webhook listening on https://HOST:PORT`` once it accepts co
 stops on SIGTERM. With ``--source kubernetes`` it lists and watches the TokenPools and
 Entitlements of ``--namespace`` (``/readyz`` is not ready until both are listed). The
 certificate files are re-read when they change (cert-manager rotates them in place).
+
+Injected sidecars poll ``--limits-url`` (default the controller's HTTPS API) with the CA and
+bearer token of the Secret ``--limits-secret`` in the pod's namespace, mounted as files; an
+``http://`` URL must come with ``--limits-secret ''`` (no token is sent in clear).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from tokenscaler.cli.common import (
     EXIT_OK,
@@ -22,6 +27,9 @@ from tokenscaler.cli.common import (
     setup_logging,
     usage_errors,
 )
+
+if TYPE_CHECKING:
+    from tokenscaler.kube.webhook import SidecarOptions
 
 _address = address("0.0.0.0")
 
@@ -43,6 +51,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sidecar-port", type=int, default=d.port, help="proxy port the serving port moves to")
     g.add_argument("--sidecar-metrics-port", type=int, default=d.metrics_port)
     g.add_argument("--limits-url", default=d.limits_url, help="controller admission API (empty: static limits)")
+    g.add_argument(
+        "--limits-secret", default=d.limits_secret, metavar="NAME",
+        help="Secret in the pod's namespace with ca.crt and token, mounted for --limits-ca and --limits-token-file "
+        "(empty: none; default %(default)s)",
+    )  # fmt: skip
     g.add_argument("--sidecar-config-map", default=d.config_map, help="ConfigMap holding the config (pod's namespace)")
     g.add_argument("--sidecar-cpu", default=d.cpu_request, help="CPU request")
     g.add_argument("--sidecar-memory", default=d.memory_request, help="memory request")
@@ -50,11 +63,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_log_level(p)
 
 
+def sidecar_options(args: argparse.Namespace) -> SidecarOptions:
+    """What the injected sidecar gets, from the flags (the manifests' tests read it the same way)."""
+    from tokenscaler.kube.webhook import SidecarOptions
+
+    return SidecarOptions(
+        image=args.sidecar_image,
+        port=args.sidecar_port,
+        metrics_port=args.sidecar_metrics_port,
+        limits_url=args.limits_url or None,
+        limits_secret=args.limits_secret or None,
+        config_map=args.sidecar_config_map,
+        cpu_request=args.sidecar_cpu,
+        memory_request=args.sidecar_memory,
+        memory_limit=args.sidecar_memory_limit,
+    )
+
+
+def _check(args: argparse.Namespace) -> list[str]:
+    errors = []
+    if args.max_body_bytes <= 0:
+        errors.append(f"--max-body-bytes ({args.max_body_bytes}) must be > 0")
+    url = args.limits_url or ""
+    if url and not url.startswith(("http://", "https://")):
+        errors.append(f"--limits-url ({url}) must be an http:// or https:// URL")
+    if url.startswith("http://") and args.limits_secret:
+        errors.append(
+            f"--limits-url {url} is plain HTTP: the sidecars would send the token of --limits-secret "
+            f"{args.limits_secret} in clear; use https:// or --limits-secret ''"
+        )
+    return errors
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenscaler.cli import runtime
 
-    if args.max_body_bytes <= 0:
-        return usage_errors("webhook", [f"--max-body-bytes ({args.max_body_bytes}) must be > 0"])
+    if code := usage_errors("webhook", _check(args)):
+        return code
     setup_logging(args.log_level)
     return runtime.run(lambda: _main(args))
 
@@ -68,7 +113,7 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.cli import runtime
     from tokenscaler.config import load_config
     from tokenscaler.core.model import ConfigError, TokenPoolsConfig
-    from tokenscaler.kube.webhook import SidecarOptions, Webhook
+    from tokenscaler.kube.webhook import Webhook
     from tokenscaler.tlsfiles import ServerTLS, TLSFileError
 
     try:
@@ -92,16 +137,7 @@ async def _main(args: argparse.Namespace) -> int:
     def config() -> TokenPoolsConfig | None:
         return static if watch is None else watch.config()
 
-    opts = SidecarOptions(
-        image=args.sidecar_image,
-        port=args.sidecar_port,
-        metrics_port=args.sidecar_metrics_port,
-        limits_url=args.limits_url or None,
-        config_map=args.sidecar_config_map,
-        cpu_request=args.sidecar_cpu,
-        memory_request=args.sidecar_memory,
-        memory_limit=args.sidecar_memory_limit,
-    )
+    opts = sidecar_options(args)
     hook = Webhook(config, opts, max_body_bytes=args.max_body_bytes, ready=lambda: watch is None or watch.synced())
     runner = web.AppRunner(hook.app(), access_log=None, handle_signals=False)
     await runner.setup()

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 
+from tokenscaler import __version__
 from tokenscaler.core.model import (
     DIMENSIONS,
     ConfigError,
@@ -52,15 +53,22 @@ PORT_ANNOTATION = "tokenpools.io/port"
 UPSTREAM_PORT_NAME = "ts-upstream"
 METRICS_PORT_NAME = "ts-metrics"
 CONFIG_VOLUME = "tokenscaler-config"
+CLIENT_VOLUME = "tokenscaler-client"
+CLIENT_DIR = "/var/run/secrets/tokenscaler"  # beside the ServiceAccount token's, not inside the config's
+CLIENT_CA_KEY = "ca.crt"
+CLIENT_TOKEN_KEY = "token"
+IMAGE = "ghcr.io/tokenscaler/tokenscaler"
 WARN_SHARE = 0.8
 
 
 @dataclass(frozen=True)
 class SidecarOptions:
-    image: str = "ghcr.io/tokenscaler/tokenscaler:0.1.0"
+    image: str = f"{IMAGE}:{__version__}"  # the image follows the package's version
     port: int = 8001
     metrics_port: int = 9464
-    limits_url: str | None = "http://tokenscaler-controller.tokenscaler.svc:8080"
+    limits_url: str | None = "https://tokenscaler-controller.tokenscaler.svc:8080"
+    # the Secret (pod's namespace) with ca.crt and token for --limits-ca / --limits-token-file; None: none
+    limits_secret: str | None = "tokenscaler-client"
     config_map: str = "tokenscaler-config"
     config_key: str = "tokenpools.yaml"
     cpu_request: str = "500m"
@@ -242,8 +250,13 @@ def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: Side
         # replica the pool may have: the fleet never admits more than the config allows
         "--replicas", str(pool.max_replicas),
     ]  # fmt: skip
+    mounts = [{"name": CONFIG_VOLUME, "mountPath": "/etc/tokenscaler", "readOnly": True}]
     if opts.limits_url:
         args += ["--limits-url", opts.limits_url]
+        if opts.limits_secret:  # files from a Secret volume: credentials are never arguments
+            args += ["--limits-ca", f"{CLIENT_DIR}/{CLIENT_CA_KEY}"]
+            args += ["--limits-token-file", f"{CLIENT_DIR}/{CLIENT_TOKEN_KEY}"]
+            mounts.append({"name": CLIENT_VOLUME, "mountPath": CLIENT_DIR, "readOnly": True})
     limits: dict[str, str] = {"memory": opts.memory_limit}
     if opts.cpu_limit:
         limits["cpu"] = opts.cpu_limit
@@ -270,8 +283,17 @@ def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: Side
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": CONFIG_VOLUME, "mountPath": "/etc/tokenscaler", "readOnly": True}],
+        "volumeMounts": mounts,
     }
+
+
+def sidecar_volumes(opts: SidecarOptions) -> list[dict[str, Any]]:
+    """The pod volumes the injected sidecar mounts: the config, and the client Secret when used."""
+    volumes: list[dict[str, Any]] = [{"name": CONFIG_VOLUME, "configMap": {"name": opts.config_map}}]
+    if opts.limits_url and opts.limits_secret:
+        keys = [{"key": k, "path": k} for k in (CLIENT_CA_KEY, CLIENT_TOKEN_KEY)]
+        volumes.append({"name": CLIENT_VOLUME, "secret": {"secretName": opts.limits_secret, "items": keys}})
+    return volumes
 
 
 def mutate_request(
@@ -337,12 +359,14 @@ def mutate_request(
             "value": sidecar_container(pool, int(port["containerPort"]), port_name, opts),
         }
     )
-    volume = {"name": CONFIG_VOLUME, "configMap": {"name": opts.config_map}}
     volumes = spec.get("volumes")
     if volumes is None:
-        ops.append({"op": "add", "path": "/spec/volumes", "value": [volume]})
-    elif not any(isinstance(v, dict) and v.get("name") == CONFIG_VOLUME for v in volumes):
-        ops.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
+        ops.append({"op": "add", "path": "/spec/volumes", "value": sidecar_volumes(opts)})
+    else:
+        present = {v.get("name") for v in volumes if isinstance(v, dict)}
+        for volume in sidecar_volumes(opts):
+            if volume["name"] not in present:
+                ops.append({"op": "add", "path": "/spec/volumes/-", "value": volume})
     return review(uid, True, patch=ops)
 
 

@@ -34,7 +34,10 @@ Errors
 TLS (optional): :class:`ScalerTLS` holds the server certificate chain and key, and a client CA
 that turns on mutual TLS (KEDA's TriggerAuthentication ``tlsClientCert``/``tlsClientKey``; KEDA
 verifies this server with ``caCert``, so the server certificate must name the host in
-``scalerAddress``).
+``scalerAddress``). Built :meth:`ScalerTLS.from_files`, the server follows its files: before
+each new connection's handshake it checks their signatures and, when one changed (cert-manager
+renewed the Secret), serves the new certificate; files that do not load keep the previous one
+and are logged once, naming the files.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ import asyncio
 import functools
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -55,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.plan import PoolPlan
+from tokenscaler.credfiles import Signature, signature
 from tokenscaler.serve._proto import externalscaler_pb2 as pb
 from tokenscaler.serve._proto import externalscaler_pb2_grpc as pb_grpc
 from tokenscaler.serve.scaler_metrics import ScalerMetrics
@@ -134,11 +139,15 @@ def _parse_metadata(items: tuple[tuple[str, str], ...]) -> TriggerMetadata:
 
 @dataclass(frozen=True)
 class ScalerTLS:
-    """Server TLS for the scaler; ``client_ca_pem`` set means clients must present a certificate it signed."""
+    """Server TLS for the scaler; ``client_ca_pem`` set means clients must present a certificate it signed.
+
+    ``files`` (set by :meth:`from_files`): the certificate, key and client CA paths the server
+    re-reads when they change (:class:`_Reloader`)."""
 
     certificate_chain_pem: bytes
     private_key_pem: bytes
     client_ca_pem: bytes | None = None
+    files: tuple[Path, Path, Path | None] | None = field(default=None, compare=False)
 
     @classmethod
     def from_files(
@@ -156,18 +165,68 @@ class ScalerTLS:
             certificate_chain_pem=read(certificate_file, "TLS certificate"),
             private_key_pem=read(private_key_file, "TLS private key"),
             client_ca_pem=None if client_ca_file is None else read(client_ca_file, "client CA"),
+            files=(Path(certificate_file), Path(private_key_file), Path(client_ca_file) if client_ca_file else None),
         )
 
     @property
     def mutual(self) -> bool:
         return self.client_ca_pem is not None
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(self.private_key_pem, self.certificate_chain_pem)],
-            root_certificates=self.client_ca_pem,
-            require_client_auth=self.mutual,
+    def certificate_configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.private_key_pem, self.certificate_chain_pem)], root_certificates=self.client_ca_pem
         )
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if self.files is None:
+            return grpc.ssl_server_credentials(
+                [(self.private_key_pem, self.certificate_chain_pem)],
+                root_certificates=self.client_ca_pem,
+                require_client_auth=self.mutual,
+            )
+        return grpc.dynamic_ssl_server_credentials(
+            self.certificate_configuration(), _Reloader(self).fetch, require_client_authentication=self.mutual
+        )
+
+
+class _Reloader:
+    """gRPC calls :meth:`fetch` before each new connection's handshake: a new certificate
+    configuration when the files changed and load, else ``None`` (keep the current one)."""
+
+    def __init__(self, tls: ScalerTLS) -> None:
+        assert tls.files is not None
+        self.files = tuple(p for p in tls.files if p is not None)
+        self.cert, self.key, self.client_ca = tls.files
+        self._loaded = self._signatures()
+        self._failed: tuple[Signature | None, ...] | None = None
+        self.reloads = 0
+
+    def _signatures(self) -> tuple[Signature | None, ...]:
+        return tuple(signature(p) for p in self.files)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            now = self._signatures()
+            if now in (self._loaded, self._failed):
+                return None
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert, self.key)  # the pair matches
+                tls = ScalerTLS.from_files(self.cert, self.key, self.client_ca)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or type(e).__name__
+                log.warning(
+                    "the scaler's TLS files %s do not load (%s); the previous certificate stays in use",
+                    ", ".join(str(p) for p in self.files), reason,
+                )  # fmt: skip
+                self._failed = now
+                return None
+            self._loaded, self._failed = now, None
+            self.reloads += 1
+            log.info("the scaler's TLS certificate %s re-read; new connections get it", self.cert)
+            return tls.certificate_configuration()
+        except Exception:  # called from gRPC's core: never raise into it
+            log.exception("checking the scaler's TLS files failed; the current certificate stays in use")
+            return None
 
 
 class ExternalScalerService(pb_grpc.ExternalScalerServicer):
