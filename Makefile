@@ -61,7 +61,7 @@ dist: $(STAMP)
 
 # The one image every role runs from, tagged with the version (needs a docker engine).
 image:
-	docker build -t $(IMAGE):$(VERSION) .
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE):$(VERSION) .
 
 bench: $(STAMP)
 	$(PY) benchmarks/allocator.py
