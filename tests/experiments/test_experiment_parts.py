@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from tests.support import REPO
 from tokenscaler.experiments.policies import WindowLimiter
 from tokenscaler.experiments.replicas import HPA_DEFAULTS, Hpa, rules_from_scaledobject
-from tokenscaler.experiments.scenario import load_scenario
+from tokenscaler.experiments.scenario import load_scenario, shipped_dir, shipped_scenarios
 from tokenscaler.experiments.traffic import build_traffic
 
 
@@ -43,3 +44,13 @@ def test_traffic_is_deterministic_and_spot_removal_keeps_the_rest() -> None:
         assert np.array_equal(x.times, y.times) and np.array_equal(x.prompt, y.prompt)
     spot = [x for x in a if x.tenant in loaded.spot]
     assert spot and all(x.times.min() >= 600 for x in spot)
+
+
+def test_every_scenario_ships_in_the_package_and_loads_by_name() -> None:
+    stray = sorted(p.name for p in (REPO / "examples").rglob("*.yaml") if "experiments" in p.parts)
+    assert stray == [], f"scenarios belong in tokenscaler/experiments/scenarios/ (package data), not {stray}"
+    assert shipped_dir() == REPO / "tokenscaler" / "experiments" / "scenarios"
+    names = shipped_scenarios()
+    assert {"demo", "overload", "paper-overload"} <= set(names)
+    for name in names:  # a new file there is a scenario with no code change: it must load
+        assert load_scenario(name).name == name
