@@ -24,10 +24,10 @@ polling with backoff:
 * spot: 0 and no backfill.
 
 Budgets (the document's optional per-entitlement ``budget`` block): an entitlement whose
-budget is ``exhausted`` is enforced as the spot tier (idle capacity only) until the
-block's ``resets_at``; with ``on_exhausted: refuse`` the update also carries the block
-(:attr:`LimitsUpdate.budgets`), and the proxy answers the entitlement 429 until then
-(:mod:`tokenscaler.sidecar.budget`). The last blocks stay in force through failed polls and
+budget is ``exhausted`` is enforced as the spot tier (idle capacity only), as the plan
+treats it; every update carries the blocks (:attr:`LimitsUpdate.budgets`), and with
+``on_exhausted: refuse`` the proxy answers the entitlement 429 until the block's
+``resets_at`` (:mod:`tokenscaler.sidecar.budget`). The last blocks stay in force through failed polls and
 expiry: a refusal ends at its ``resets_at`` whatever the controller says.
 
 Every tier's backfill is bounded by its *ceiling*: the one in the controller's document
@@ -51,7 +51,6 @@ from typing import Protocol
 import numpy as np
 from pydantic import ValidationError
 
-from tokenscaler.core.budget import OnExhausted
 from tokenscaler.core.limiter import GateLimits, Vector
 from tokenscaler.core.limits import BudgetLimits, LimitsDocument, split_per_replica
 from tokenscaler.core.model import Entitlement, Pool, Tier, TokenPoolsConfig
@@ -180,8 +179,8 @@ class LimitRules:
             # sent by the controller, they follow the ready replicas
             ceiling = None if el.ceiling is None else _vec(el.ceiling.to_array())
             ceiling_burst = None if el.ceiling_burst is None else _vec(el.ceiling_burst.to_array())
-            # a spent budget with on_exhausted spot: the entitlement yields like spot until the reset
-            spent = el.budget is not None and el.budget.exhausted and el.budget.on_exhausted is OnExhausted.SPOT
+            # a spent budget: the entitlement is enforced as spot (the plan's tier for it) until the reset
+            spent = el.budget is not None and el.budget.exhausted
             out[name] = self.gate(
                 e, limit, burst, backfill=True, ceiling=ceiling, ceiling_burst=ceiling_burst,
                 tier=Tier.SPOT if spent else None,
