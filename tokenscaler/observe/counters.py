@@ -129,14 +129,27 @@ def increases(
     step = step_for(start, end, max_points)
     sel = f"{metric}{{{selector}}}" if selector else metric
     values = {_key(s.metric): {t: _num(v) for t, v in (s.values or [])} for s in prom.range(sel, start, end, step)}
+    # the window of each point: resets in it, and its raw samples where there were
+    windows: dict[float, str] = {}
     reset_at: dict[float, set[Labels]] = {}
-    for s in prom.range(f"resets({sel}[{step:g}s])", start + step, end, step):
+    for s in prom.range(f"resets({sel}[{_ms(step)}])", start + step, end, step):
         for t, v in s.values or []:
+            windows[t] = _ms(step)
             if _num(v) > 0:
                 reset_at.setdefault(t, set()).add(_key(s.metric))
+    last = start + math.floor((end - start) / step + 1e-9) * step  # the range's last point
+    if end - last > 1e-3:  # and the end itself, which the steps do not reach
+        tail = _ms(end - last)
+        for s in prom.instant(sel, end):
+            if s.value is not None:
+                values.setdefault(_key(s.metric), {})[end] = _num(s.value[1])
+        for key, v in last_values(prom, f"resets({sel}[{tail}])", end).items():
+            windows[end] = tail
+            if v > 0:
+                reset_at.setdefault(end, set()).add(key)
     raw: dict[float, dict[Labels, list[float]]] = {}
     for t, keys in reset_at.items():
-        got = prom.instant(f"{sel}[{step:g}s]", t)
+        got = prom.instant(f"{sel}[{windows.get(t, _ms(step))}]", t)
         raw[t] = {_key(s.metric): [_num(v) for _, v in (s.values or [])] for s in got if _key(s.metric) in keys}
     out: dict[Labels, float] = {}
     for key, points in values.items():
@@ -150,6 +163,11 @@ def increases(
                 inc += _window_increase(points[a], [points[b]])
         out[key] = inc
     return out
+
+
+def _ms(seconds: float) -> str:
+    """A PromQL duration of ``seconds``, to the millisecond."""
+    return f"{max(round(seconds * 1000), 1)}ms"
 
 
 def last_values(prom: Prometheus, query: str, at: float) -> dict[Labels, float]:
