@@ -197,10 +197,11 @@ def _cell(v: Any) -> str:
 
 def statement_markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> list[str]:
     """A markdown table: one line per row, ``columns`` as ``(key, header)``; numbers rounded
-    for reading (3 significant digits, thousands separated), missing values as ``-``."""
+    for reading (3 significant digits, thousands separated) and right-aligned, missing values as ``-``."""
     lines = ["| " + " | ".join(h for _, h in columns) + " |"]
-    lines.append("|" + "|".join("---" if i == 0 or k in ("pool", "tier", "currency") else "---:"
-                                for i, (k, _) in enumerate(columns)) + "|")  # fmt: skip
+    # text columns left, numbers right
+    text = [any(isinstance(r.get(k), str) and r.get(k) for r in rows) for k, _ in columns]
+    lines.append("|" + "|".join("---" if t else "---:" for t in text) + "|")
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(k)) for k, _ in columns) + " |")
     return lines
