@@ -192,8 +192,11 @@ def _showback_section(pols: dict) -> list[str]:
         lines += showback_table(p, sb, r.get("showback_uncontended"))
         total = sum(t["total_s"] for t in sb["tenants"].values()) + sb["platform"]["idle_replica_seconds"]
         lines.append("")
-        lines.append(f"{p}: {_fmt(total)} replica-seconds attributed of {_fmt(r['replica_seconds'])} run "
-                     f"({_fmt(sb['platform']['not_ready_s'])} of them by replicas not ready).")  # fmt: skip
+        cur = sb.get("currency")
+        money = sum(t["cost"] or 0.0 for t in sb["tenants"].values()) + (sb["platform"]["cost"] or 0.0)
+        lines.append(f"{p}: {total:,.0f} replica-seconds attributed of {r['replica_seconds']:,.0f} run "
+                     f"({sb['platform']['not_ready_s']:,.0f} of them by replicas not ready)"
+                     + (f", {money:,.2f} {cur} in all." if cur else "."))  # fmt: skip
     return lines
 
 
