@@ -151,7 +151,13 @@ class PoolLedger:
     def add(self, split: Split) -> PoolLedger:
         """The ledger with ``split`` added (entitlements matched by name: a new one starts at
         zero, one the split does not name keeps its totals)."""
-        names = self.names + tuple(n for n in split.names if n not in set(self.names))
+        if split.names == self.names:  # the same rows as last interval: no realignment
+            return PoolLedger(
+                self.names, self.parts + split.parts, self.guarantee_used + split.guarantee_used,
+                self.platform_idle + split.platform_idle, self.replica_seconds + split.replica_seconds,
+            )  # fmt: skip
+        known = set(self.names)
+        names = self.names + tuple(n for n in split.names if n not in known)
         index = {n: i for i, n in enumerate(names)}
         parts = np.zeros((len(names), len(BASES)))
         used = np.zeros(len(names))
