@@ -1,8 +1,14 @@
-"""Showback end to end with a real Prometheus: two simulators, their sidecars and the controller
-run under a short load from three tiers; the controller is killed mid-run and restarted on its
-state file; then ``tokenscaler showback`` reads the run from Prometheus. Its statement adds up
-to the pool's replica-seconds, agrees with what the controllers and the sidecars counted
-themselves, and the restart changed the pool's total by at most one interval."""
+"""Showback and budgets end to end with a real Prometheus: two simulators, their sidecars and the
+controller run under a short load from four tenants, one of them (bronze) with a small daily
+budget; the controller is killed mid-run and restarted on its state file; then ``tokenscaler
+showback`` reads the run from Prometheus.
+
+* The statement adds up to the pool's replica-seconds, agrees with what the controllers and
+  the sidecars counted themselves, and the restart changed the pool's total by at most one
+  interval.
+* Once the controller counts bronze's budget spent, its limits document says so and the
+  sidecars answer bronze the documented 429 (``insufficient_quota``, Retry-After the next UTC
+  midnight) while the others are served; the restarted controller still counts it spent."""
 
 from __future__ import annotations
 
@@ -14,13 +20,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.control.fleet import Fleet, Load, fleet, start_controller, wait_plan
-from tests.control.harness import POOL, demo_config
+from tests.control.harness import KEYS, POOL, demo_config, get_json
 from tests.prometheus import prometheus_binary
 from tests.support import wait_until
 from tokenscaler.core.showback import BASES
@@ -33,6 +41,22 @@ pytestmark = [
 INTERVAL_S = 1.0  # the controller's interval in these tests (tests.control.fleet.start_controller)
 REPLICAS = 2
 LOAD_S = 8.0  # seconds of load on each side of the restart (shortened for CI)
+BUDGET = 600.0  # bronze's daily budget, weighted tokens: a few seconds of its load
+
+
+def ask(url: str, who: str) -> requests.Response:
+    body = {"model": "tokenscaler/demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    return requests.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEYS[who]}"},
+                         timeout=30)  # fmt: skip
+
+
+def next_utc_midnight() -> float:
+    today = datetime.now(UTC).date()
+    return datetime(today.year, today.month, today.day, tzinfo=UTC).timestamp() + timedelta(days=1).total_seconds()
+
+
+def bronze_budget(url: str) -> dict:
+    return get_json(f"{url}/v1/plan")["entitlements"]["bronze"]["budget"]
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -76,13 +100,14 @@ def showback(prometheus: str, start: float, end: float, fmt: str) -> str:
     return run.stdout
 
 
-def test_showback_adds_up_agrees_with_the_counters_and_a_restart_changes_totals_by_at_most_one_interval(
+def test_showback_adds_up_agrees_with_the_counters_survives_a_restart_and_a_spent_budget_is_refused(
     tmp_path: Path,
 ) -> None:
+    budget = {"period": "day", "weighted_tokens": BUDGET, "on_exhausted": "refuse"}
     config = demo_config(
         tmp_path / "pools.yaml", min_replicas=REPLICAS, max_replicas=REPLICAS,
         pool={"pricing": {"per_replica_hour": 3.0, "currency": "EUR"}},
-        extra={"gold": {"slo": {"ttft_p99_s": 30.0}}},
+        extra={"gold": {"slo": {"ttft_p99_s": 30.0}}, "bronze": {"budget": budget}},
     )  # fmt: skip
     state = tmp_path / "state.json"
     with fleet(tmp_path, config, replicas=REPLICAS, use_prometheus=True, state=state) as fl:
@@ -93,16 +118,23 @@ def test_showback_adds_up_agrees_with_the_counters_and_a_restart_changes_totals_
         tokens_before = sidecar_tokens(fl)
         t0 = time.time()
         counted_before = controller_parts(fl.api)
-        loads = [Load(fl, "gold", 2), Load(fl, "silver", 4), Load(fl, "scrap", 2)]
+        loads = [Load(fl, "gold", 2), Load(fl, "silver", 3), Load(fl, "scrap", 2), Load(fl, "bronze", 1)]
         restarted = None
         try:
+            spent = wait_until(lambda: (b := bronze_budget(fl.api))["exhausted"] and b, timeout=30, interval=0.2,
+                               message="bronze's budget counted spent")  # fmt: skip
+            check_refused(fl, spent)
             wait_until(lambda: time.time() - t0 >= LOAD_S, timeout=LOAD_S + 5, interval=0.2, message="load")
             counted_first = controller_parts(fl.api) - counted_before  # what the first process counted
+            saved = json.loads(state.read_text())["budgets"][POOL]["bronze"]["consumed_weighted_tokens"]
             fl.controller.stop(sig=signal.SIGKILL)  # no goodbye: the state file is what an interval left
             killed = time.time()
             restarted, _ = start_controller(config, prometheus=prom, scrape_config=None, state=state)
             fl.serve(restarted)
+            after = bronze_budget(restarted.url)  # the restored plan, served at once
+            assert after["exhausted"] and after["consumed_weighted_tokens"] >= saved >= BUDGET
             wait_until(lambda: time.time() - killed >= LOAD_S, timeout=LOAD_S + 10, interval=0.2, message="load")
+            assert ask(fl.sidecars[1].url, "bronze").status_code == 429
         finally:
             for load in loads:
                 load.stop()
@@ -155,3 +187,23 @@ def test_showback_adds_up_agrees_with_the_counters_and_a_restart_changes_totals_
     assert float(by_ent["gold"]["reserved_s"]) > 0 and 0 < float(by_ent["gold"]["guarantee_utilisation"]) <= 1
     assert float(by_ent["gold"]["slo_attainment"]) > 0.5 and by_ent["silver"]["slo_attainment"] == ""
     assert float(by_ent["_platform"]["idle_s"]) > 0
+    assert float(by_ent["bronze"]["refused_budget"]) > 0 and float(by_ent["gold"]["refused_budget"]) == 0
+
+
+def check_refused(fl: Fleet, spent: dict) -> None:
+    """A spent budget, live: the document says so, the sidecars refuse bronze only, as documented."""
+    assert spent["consumed_weighted_tokens"] >= BUDGET and spent["resets_at"] == next_utc_midnight()
+    assert get_json(f"{fl.api}/v1/plan")["entitlements"]["bronze"]["tier"] == "spot"  # planned as spot until then
+    assert get_json(f"{fl.api}/v1/pools/{POOL}/limits?replica=r0")["entitlements"]["bronze"]["budget"]["exhausted"]
+
+    def refused() -> tuple[requests.Response] | None:  # (a 429 Response is falsy: wrapped)
+        r = ask(fl.sidecars[0].url, "bronze")
+        return (r,) if r.status_code == 429 else None
+
+    (r,) = wait_until(refused, timeout=10, interval=0.2, message="bronze refused (the sidecar polls every 2 s)")
+    err = r.json()["error"]
+    assert err["code"] == err["type"] == "insufficient_quota"
+    assert f"daily budget of {BUDGET:.0f} weighted tokens" in err["message"]
+    assert abs(int(r.headers["Retry-After"]) - (next_utc_midnight() - time.time())) <= 5
+    assert r.headers["x-should-retry"] == "false"
+    assert ask(fl.sidecars[0].url, "gold").status_code == 200
