@@ -22,7 +22,17 @@ DEMO_REPLICA = {"throughput_tokens_per_s": 400, "kv_tokens": 6144, "concurrency"
 KEYS = {"gold": "sk-gold-test", "silver": "sk-silver-test", "bronze": "sk-bronze-test", "scrap": "sk-scrap-test"}
 
 
-def demo_config(path: Path, *, max_replicas: int = 4, min_replicas: int = 1, entitlements: list | None = None) -> Path:
+def demo_config(
+    path: Path,
+    *,
+    max_replicas: int = 4,
+    min_replicas: int = 1,
+    entitlements: list | None = None,
+    pool: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """The demo pool's config; ``pool`` adds keys to the pool (e.g. ``pricing``), ``extra`` to
+    the named entitlements (e.g. ``{"silver": {"budget": {...}}}``)."""
     doc = {
         "pools": [
             {
@@ -69,6 +79,9 @@ def demo_config(path: Path, *, max_replicas: int = 4, min_replicas: int = 1, ent
             {"name": "scrap", "pool": POOL, "tier": "spot", "api_keys": [hash_api_key(KEYS["scrap"])]},
         ],
     }
+    doc["pools"][0].update(pool or {})
+    for e in doc["entitlements"]:
+        e.update((extra or {}).get(e["name"], {}))
     path.write_text(yaml.safe_dump(doc))
     return path
 

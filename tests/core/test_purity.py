@@ -19,6 +19,9 @@ ALLOWED_MODULES = {
     # stdlib without I/O or clocks
     "__future__", "base64", "bisect", "collections", "dataclasses", "enum", "functools", "hashlib", "heapq",
     "itertools", "json", "math", "re", "typing", "difflib", "numbers", "operator",
+    # calendar arithmetic (datetime.now and utcnow stay forbidden below) and the time zone
+    # database, looked up by name: the budgets' periods (tokenscaler/core/budget.py)
+    "datetime", "zoneinfo",
     # the declared core dependencies
     "numpy", "pydantic",
 }  # fmt: skip

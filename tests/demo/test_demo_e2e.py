@@ -80,6 +80,13 @@ def test_a_30s_demo_writes_a_consistent_report_and_leaves_nothing(tmp_path: Path
 
     report = (out / "report.md").read_text()
     assert "guaranteed" in report and "spot" in report and "p99" in report
+    # the showback: the controller's counters split all of its ready replica time; spot pays backfill only
+    sb = doc["showback"]
+    assert "## Showback" in report
+    assert sum(sum(p.values()) for p in sb["entitlements"].values()) == pytest.approx(sb["replica_seconds"], rel=1e-6)
+    for name, parts in sb["entitlements"].items():
+        if doc["entitlements"].get(name, {}).get("tier") == "spot":
+            assert parts["reserved"] == parts["allocated"] == parts["idle"] == 0, name
     pngs = sorted(p.name for p in out.glob("*.png") if p.stat().st_size > 5000)
     assert pngs == ["admitted_vs_offered.png", "replicas.png", "throttling.png", "ttft_p99.png"]
 

@@ -14,6 +14,7 @@ import pytest
 
 from tokenscaler.cli import main
 from tokenscaler.core.model import ConfigError
+from tokenscaler.core.showback import BASES
 from tokenscaler.experiments.scenario import load_scenario
 from tokenscaler.experiments.suite import run_experiment
 
@@ -68,6 +69,21 @@ def test_overload_short_orders_policies() -> None:
     # no replica-second for spot: the same replicas with and without spot traffic
     tp = res["policies"]["tokenpools"]
     assert tp["replica_seconds"] == pytest.approx(tp["replica_seconds_uncontended"], rel=0.05)
+    # showback: each policy's parts add up to its replica-seconds; spot is charged backfill only
+    for pol, r in res["policies"].items():
+        sb = r["showback"]
+        parts = sum(t[f"{b}_replica_seconds"] for t in sb["tenants"].values() for b in BASES)
+        assert parts + sb["platform"]["idle_replica_seconds"] == pytest.approx(r["replica_seconds"], rel=1e-3), pol
+        for name, t in sb["tenants"].items():
+            if t["tier"] == "spot":
+                assert t["reserved_replica_seconds"] == t["allocated_replica_seconds"] == 0, (pol, name)
+                assert t["idle_replica_seconds"] == 0, (pol, name)
+    assert sum(t["backfill_replica_seconds"] for t in tp["showback"]["tenants"].values() if t["tier"] == "spot") > 0
+    # the guaranteed tenants' reserved time is the same with and without the spot flood
+    for name, t in tp["showback"]["tenants"].items():
+        if t["tier"] == "guaranteed":
+            without = tp["showback_uncontended"]["tenants"][name]["reserved_replica_seconds"]
+            assert t["reserved_replica_seconds"] == pytest.approx(without, rel=0.01), name
 
 
 def test_scenario_errors_name_field_and_value(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import yaml
 from tests.control.harness import KedaClient
 from tests.kube.apiserver import ApiServer
 from tests.support import REPO, Server, running, wait_until
+from tokenscaler.core.budget import BudgetEntry, period_bounds
 from tokenscaler.core.state import PlannerState, PoolState
 
 pytestmark = pytest.mark.e2e
@@ -28,6 +30,7 @@ NS = "tokenscaler"
 CRS = REPO / "examples" / "k8s" / "tokenpools.yaml"
 LEASE_S = 3.0
 SEEDED_DEBT = 20.0  # share-seconds of the research entitlement, saved by "an earlier leader"
+SEEDED_CONSUMED = 1e9  # weighted tokens of batch-eval's monthly budget, counted by "an earlier leader"
 
 
 def kubeconfig(tmp: Path, api: ApiServer) -> Path:
@@ -53,7 +56,10 @@ def seed(api: ApiServer) -> None:
             api.put(NS, "tokenpools" if d["kind"] == "TokenPool" else "entitlements", d)
     names = ("search-prod", "chat-prod", "research", "batch-eval", "backfill")
     debt = np.array([0.0, 0.0, SEEDED_DEBT, 0.0, 0.0])
-    state = PlannerState(pools={"llama-8b": PoolState(names=names, debt=debt)})
+    # and batch-eval's monthly budget, a billion weighted tokens into this month
+    start, end = period_bounds("month", "UTC", time.time())
+    budgets = {"llama-8b": {"batch-eval": BudgetEntry(start, end, SEEDED_CONSUMED, 0.0, "month", "UTC")}}
+    state = PlannerState(pools={"llama-8b": PoolState(names=names, debt=debt)}, budgets=budgets)
     cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "tokenscaler-state"}}
     api.put(NS, "configmaps", {**cm, "data": {"state.json": json.dumps(state.to_json())}})
 
@@ -77,6 +83,11 @@ def controller(tmp: Path, api: ApiServer, name: str, scrape: Path) -> Iterator[S
 
 def ready(server: Server) -> bool:
     return requests.get(f"{server.url}/readyz", timeout=2).status_code == 200
+
+
+def consumed(server: Server) -> float:
+    plan = requests.get(f"{server.url}/v1/plan", timeout=2).json()
+    return float(plan["entitlements"]["batch-eval"]["budget"]["consumed_weighted_tokens"])
 
 
 def research_debt(server: Server) -> float:
@@ -113,11 +124,14 @@ def test_one_controller_leads_and_the_other_takes_over_with_the_debt(tmp_path: P
                     message="the pool's status written",
                 )
                 saved = wait_until(lambda: research_debt(leader), timeout=5, message="a plan with debt")
+                assert consumed(leader) >= SEEDED_CONSUMED
                 # hand-over: the leader stops (and releases the Lease); the other leads within one duration
                 leader.stop()
                 wait_until(lambda: ready(follower), timeout=LEASE_S + 2, message="the follower takes over")
                 after = research_debt(follower)
                 assert 0 < after <= saved  # planned on from what the first leader saved, not from zero
                 assert after > 0.5 * SEEDED_DEBT
+                # the budget's consumption went on from the ConfigMap, through both leaders
+                assert consumed(follower) >= SEEDED_CONSUMED
     finally:
         api.close()

@@ -57,7 +57,11 @@ def rules_for_test(path: Path) -> Path:
 
 @contextlib.contextmanager
 def stack(tmp: Path) -> Iterator[Fleet]:
-    config = demo_config(tmp / "pools.yaml", max_replicas=3)
+    # pricing and a budget, so that the Showback dashboard's cost and budget panels have data
+    config = demo_config(
+        tmp / "pools.yaml", max_replicas=3, pool={"pricing": {"per_replica_hour": 2.5, "currency": "USD"}},
+        extra={"silver": {"budget": {"period": "month", "weighted_tokens": 1e12}}},
+    )  # fmt: skip
     with contextlib.ExitStack() as es:
         relay = Relay()  # the controller's stable address (a Service), before the controller starts
         es.callback(relay.close)

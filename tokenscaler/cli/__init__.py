@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tokenscaler.cli.demo", "token pools live on this machine: a fleet, a scenario's traffic, a report"),
     "webhook": ("tokenscaler.cli.webhook", "run the admission webhooks (validate CRs, inject sidecars)"),
     "convert": ("tokenscaler.cli.convert", "write a config as TokenPool/Entitlement CRs, or CRs as a config"),
+    "showback": ("tokenscaler.cli.showback", "what each entitlement cost over a time range, from Prometheus"),
     "render-dashboards": ("tokenscaler.cli.render_dashboards", "draw the dashboards' panels from Prometheus into PNGs"),
     "probe": ("tokenscaler.cli.probe", "measure one engine and print the replica block for its pool"),
 }

@@ -164,7 +164,7 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.cli import runtime
     from tokenscaler.config import load_config, load_model
     from tokenscaler.control.loop import Controller
-    from tokenscaler.control.metrics import ControllerMetrics, PlanCollector
+    from tokenscaler.control.metrics import ControllerMetrics, PlanCollector, ShowbackCollector
     from tokenscaler.control.persist import StateFileError
     from tokenscaler.control.store import PlanStore
     from tokenscaler.core.model import ConfigError, TokenPoolsConfig
@@ -211,7 +211,9 @@ async def _main(args: argparse.Namespace) -> int:
         return fail("controller", str(e))
     metrics = ControllerMetrics(registry)
     store = PlanStore()
+    controller: Controller | None = None
     registry.register(PlanCollector(store))
+    registry.register(ShowbackCollector(lambda: controller.state.ledgers if controller is not None else {}))
 
     # the servers answer from the store alone: up before the first plan (not ready until then)
     api = ControllerApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
@@ -240,7 +242,6 @@ async def _main(args: argparse.Namespace) -> int:
         return fail("controller", f"--grpc-listen {shown(grpc_host, grpc_port)}: {e}")
 
     stopping = asyncio.Event()
-    controller: Controller | None = None
 
     def stop() -> None:
         stopping.set()

@@ -192,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
         def apply(update: LimitsUpdate) -> None:
             gate.apply(update, loop.time())
+            sidecar.budgets.apply(update.budgets)  # spent budgets to refuse (the documents' budget blocks)
 
         source_task = asyncio.create_task(source.run(apply), name="limits-source")
         source_task.add_done_callback(_log_source_failure)

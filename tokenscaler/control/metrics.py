@@ -3,29 +3,44 @@
 Dashboards and alert rules are built on these names; a test fails when one of them uses a
 name this module does not define. Per-pool and per-entitlement series are produced at
 scrape time by :class:`PlanCollector` straight from the published plan's arrays, so an
-interval never pays for 10,000 entitlements x 3 dimensions of ``Gauge.set`` calls.
+interval never pays for 10,000 entitlements x 3 dimensions of ``Gauge.set`` calls; the budget
+gauges and the pool's price come from the published plan too.
+
+:class:`ShowbackCollector` exports the showback counters
+(``tokenscaler_entitlement_replica_seconds_total{pool, entitlement, basis}`` and its
+companions) from the ledgers the control step keeps: they start at zero in each process
+(a restart is a counter reset, which ``increase()`` handles), and vanish while this
+replica does not lead.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenscaler.control.store import PlanStore
 from tokenscaler.core.metric_names import (
     API_REQUESTS,
     ENTITLEMENT_ALLOCATION,
+    ENTITLEMENT_BUDGET,
+    ENTITLEMENT_BUDGET_CONSUMED,
+    ENTITLEMENT_BUDGET_EXHAUSTED,
+    ENTITLEMENT_BUDGET_RATE,
+    ENTITLEMENT_BUDGET_REMAINING,
+    ENTITLEMENT_BUDGET_RESETS_AT,
     ENTITLEMENT_BURST,
     ENTITLEMENT_DEBT,
     ENTITLEMENT_DEBT_BOUND,
     ENTITLEMENT_DEMAND,
     ENTITLEMENT_GUARANTEE,
+    ENTITLEMENT_GUARANTEE_USED_TOTAL,
     ENTITLEMENT_LIMIT,
+    ENTITLEMENT_REPLICA_SECONDS_TOTAL,
     ENTITLEMENT_SHORTFALL,
     ENTITLEMENT_USAGE,
     INTERVAL_DURATION,
@@ -42,7 +57,9 @@ from tokenscaler.core.metric_names import (
     POOL_GUARANTEE_SHORTFALL,
     POOL_MAX_REPLICAS,
     POOL_MIN_REPLICAS,
+    POOL_PRICE,
     POOL_READY_REPLICAS,
+    POOL_REPLICA_SECONDS_TOTAL,
     POOL_TARGET_REPLICAS,
     SOURCE_ANSWERS,
     SOURCE_ERRORS,
@@ -50,8 +67,9 @@ from tokenscaler.core.metric_names import (
 )
 from tokenscaler.core.metric_names import CONTROLLER_NAMES as ALL_NAMES
 from tokenscaler.core.model import DIMENSIONS, TIER_ORDER
+from tokenscaler.core.showback import BASES, PLATFORM, PoolLedger
 
-__all__ = ["ALL_NAMES", "ControllerMetrics", "PlanCollector"]
+__all__ = ["ALL_NAMES", "ControllerMetrics", "PlanCollector", "ShowbackCollector"]
 
 _TIERS = [t.value for t in TIER_ORDER]
 
@@ -213,3 +231,72 @@ class PlanCollector(Collector):
         yield debt_bound
         yield from pool_gauges.values()
         yield from pool_dims.values()
+        yield from _budget_and_price(published.plan.pools)
+
+
+def _budget_and_price(pools: Mapping[str, object]) -> Iterator[GaugeMetricFamily]:
+    """The budget gauges of every entitlement that has a budget, and each pool's price."""
+    labels = ["pool", "entitlement", "period", "on_exhausted"]
+    fams = {
+        name: GaugeMetricFamily(name, doc, labels=labels)
+        for name, doc in (
+            (ENTITLEMENT_BUDGET, "The budget: weighted tokens per period."),
+            (ENTITLEMENT_BUDGET_CONSUMED, "Weighted tokens admitted this period."),
+            (ENTITLEMENT_BUDGET_REMAINING, "Weighted tokens left this period (0 when spent)."),
+            (ENTITLEMENT_BUDGET_RATE, "Consumption rate, weighted tokens/s, smoothed (6 h half-life)."),
+            (ENTITLEMENT_BUDGET_RESETS_AT, "Unix seconds when the period ends and the budget resets."),
+            (ENTITLEMENT_BUDGET_EXHAUSTED, "1 while the budget is spent (refused, or spot, until the reset)."),
+        )
+    }
+    price = GaugeMetricFamily(POOL_PRICE, "Price of one replica-hour (pricing).", labels=["pool", "currency"])
+    for pool_name, pp in pools.items():
+        pricing = pp.pool.pricing  # type: ignore[attr-defined]
+        if pricing is not None:
+            price.add_metric([pool_name, pricing.currency], pricing.per_replica_hour)
+        for ent, st in pp.budgets.items():  # type: ignore[attr-defined]
+            values = [pool_name, ent, st.period.value, st.on_exhausted.value]
+            for name, v in (
+                (ENTITLEMENT_BUDGET, st.weighted_tokens),
+                (ENTITLEMENT_BUDGET_CONSUMED, st.consumed),
+                (ENTITLEMENT_BUDGET_REMAINING, st.remaining),
+                (ENTITLEMENT_BUDGET_RATE, st.rate),
+                (ENTITLEMENT_BUDGET_RESETS_AT, st.resets_at),
+                (ENTITLEMENT_BUDGET_EXHAUSTED, 1.0 if st.exhausted else 0.0),
+            ):
+                fams[name].add_metric(values, float(v))
+    yield from fams.values()
+    yield price
+
+
+class ShowbackCollector(Collector):
+    """The showback counters, read from the control step's ledgers at scrape time."""
+
+    def __init__(self, ledgers: Callable[[], Mapping[str, PoolLedger]]) -> None:
+        self.ledgers = ledgers
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        parts = CounterMetricFamily(
+            _without_total(ENTITLEMENT_REPLICA_SECONDS_TOTAL),
+            "Replica-seconds attributed to each entitlement by basis (entitlement _platform: idle time the "
+            "platform pays for).",
+            labels=["pool", "entitlement", "basis"],
+        )
+        used = CounterMetricFamily(
+            _without_total(ENTITLEMENT_GUARANTEE_USED_TOTAL),
+            "The used part of each entitlement's reserved replica-seconds.",
+            labels=["pool", "entitlement"],
+        )
+        total = CounterMetricFamily(
+            _without_total(POOL_REPLICA_SECONDS_TOTAL), "Ready replica-seconds of the pool, split.", labels=["pool"]
+        )
+        for pool, ledger in self.ledgers().items():
+            rows = ledger.parts.tolist()
+            for i, (ent, u) in enumerate(zip(ledger.names, ledger.guarantee_used.tolist(), strict=True)):
+                for b, v in zip(BASES, rows[i], strict=True):
+                    parts.add_metric([pool, ent, b], v)
+                used.add_metric([pool, ent], u)
+            parts.add_metric([pool, PLATFORM, "idle"], ledger.platform_idle)
+            total.add_metric([pool], ledger.replica_seconds)
+        yield parts
+        yield used
+        yield total

@@ -23,6 +23,13 @@ While the pool's guarantees do not fit (``guarantees_fit`` false: capacity was l
 engines hold less than the config says and ``max_replicas`` of them cannot carry the
 guarantees), spot ceilings are 0: there is no idle capacity that is not owed.
 
+Budgets: an entitlement that carries a budget has a ``budget`` block
+(:class:`BudgetLimits`): its period, size, consumption and ``resets_at``, and whether it is
+``exhausted``. While it is, the plan treats the entitlement as spot (``tier`` is ``spot``,
+its limit 0: idle capacity only), and with ``on_exhausted: refuse`` the sidecar answers
+every request of it with a 429 whose ``Retry-After`` is ``resets_at``. The block is
+optional: a document without it (an older controller) means no budget.
+
 ``expires_at`` tells the sidecar how long the document may be enforced without a newer
 one; past it, a sidecar falls back to guaranteed floors (see the sidecar's fail-static
 rules). ``version`` changes whenever the content changes and is also the HTTP ETag.
@@ -37,10 +44,31 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenscaler.core.budget import BudgetPeriod, BudgetStatus, OnExhausted
 from tokenscaler.core.model import DIMENSIONS, KV, THROUGHPUT, TIER_ORDER, LimitVector, Pool, ResourceVector, Tier
 from tokenscaler.core.plan import PoolPlan
 
 API_VERSION = "tokenscaler.io/v1alpha1"
+
+
+class BudgetLimits(BaseModel):
+    """An entitlement's budget as the sidecars see it (see the module docstring)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    period: BudgetPeriod
+    weighted_tokens: float = Field(gt=0, description="The budget: weighted tokens per period.")
+    consumed_weighted_tokens: float = Field(ge=0, description="Admitted so far this period.")
+    resets_at: float = Field(description="Unix seconds when the next period starts (and the budget resets).")
+    exhausted: bool = Field(description="consumed >= weighted_tokens: refused, or spot, until resets_at.")
+    on_exhausted: OnExhausted
+
+    @classmethod
+    def of(cls, s: BudgetStatus) -> BudgetLimits:
+        return cls(
+            period=s.period, weighted_tokens=s.weighted_tokens, consumed_weighted_tokens=s.consumed,
+            resets_at=s.resets_at, exhausted=s.exhausted, on_exhausted=s.on_exhausted,
+        )  # fmt: skip
 
 
 class EntitlementLimits(BaseModel):
@@ -54,6 +82,7 @@ class EntitlementLimits(BaseModel):
         None, description="Never exceeded on this replica, backfill included (null component: unlimited)."
     )
     ceiling_burst: ResourceVector | None = Field(None, description="The allowance above the ceiling.")
+    budget: BudgetLimits | None = Field(None, description="The entitlement's budget, when it has one.")
 
 
 class LimitsDocument(BaseModel):
@@ -152,6 +181,9 @@ def limits_document(
         }
         for i, name in enumerate(pp.rows.names)
     }
+    for name, status in pp.budgets.items():
+        if name in entitlements:
+            entitlements[name]["budget"] = BudgetLimits.of(status)
     return LimitsDocument.model_validate(
         {
             "pool": pp.pool.name,

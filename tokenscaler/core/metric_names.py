@@ -22,7 +22,8 @@ SIDECAR_PREFIX = "tokenscaler_sidecar_"
 # each name is spelled out in full (not SIDECAR_PREFIX + ...) so that searching for a metric finds its definition
 
 REQUESTS_TOTAL = "tokenscaler_sidecar_requests_total"
-"""Counter {entitlement, tier, outcome}: outcome admitted | rejected | error | unauthenticated."""
+"""Counter {entitlement, tier, outcome}: outcome admitted | rejected | error | unauthenticated |
+budget_exhausted (refused because the entitlement's budget is spent)."""
 REJECTIONS_TOTAL = "tokenscaler_sidecar_rejections_total"
 """Counter {entitlement, tier, dimension}: rejections by the binding dimension."""
 PROMPT_TOKENS_TOTAL = "tokenscaler_sidecar_prompt_tokens_total"
@@ -61,6 +62,9 @@ QUEUE_WAIT_SECONDS = "tokenscaler_sidecar_queue_wait_seconds"
 """Histogram: how long queued (guaranteed) requests waited, admitted or not."""
 QUEUED_REQUESTS = "tokenscaler_sidecar_queued_requests"
 """Gauge {entitlement, tier}: requests waiting in the guaranteed queue now."""
+TTFT_SLO_REQUESTS_TOTAL = "tokenscaler_sidecar_ttft_slo_requests_total"
+"""Counter {entitlement, tier, outcome}: streamed requests of entitlements with ``slo.ttft_p99_s``,
+outcome met | missed (time from arrival at the sidecar to the first generated token)."""
 ENGINE_CAPACITY = SIDECAR_PREFIX + "engine_capacity"
 """Gauge {dimension}: what this replica's engine says it holds (kv_tokens from its cache config);
 only the dimensions the engine states."""
@@ -72,6 +76,7 @@ SIDECAR_NAMES: tuple[str, ...] = (
     OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
     CEILING, BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
     PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS, ENGINE_CAPACITY, ENGINE_MAX_MODEL_LEN,
+    TTFT_SLO_REQUESTS_TOTAL,
 )  # fmt: skip
 
 # --- controller (the plan and the loop)
@@ -99,6 +104,24 @@ POOL_DEMAND = "tokenscaler_pool_demand"  # label dimension
 POOL_GUARANTEE_SHORTFALL = "tokenscaler_pool_guarantee_shortfall"  # label dimension
 POOL_DATA_INCOMPLETE = "tokenscaler_pool_data_incomplete"
 POOL_CAPACITY_RATIO = "tokenscaler_pool_capacity_ratio"  # label dimension: observed / configured per replica
+# showback (tokenscaler.core.showback): counters that start at zero in each controller
+# process, so increase() over any range gives a statement
+ENTITLEMENT_REPLICA_SECONDS_TOTAL = "tokenscaler_entitlement_replica_seconds_total"
+"""Counter {pool, entitlement, basis}: replica-seconds attributed, basis reserved | allocated |
+backfill | idle; entitlement ``_platform`` holds the idle time the platform pays for."""
+ENTITLEMENT_GUARANTEE_USED_TOTAL = "tokenscaler_entitlement_guarantee_used_replica_seconds_total"
+"""Counter {pool, entitlement}: the part of ``basis="reserved"`` the entitlement used."""
+POOL_REPLICA_SECONDS_TOTAL = "tokenscaler_pool_replica_seconds_total"
+"""Counter {pool}: ready replica-seconds split (the sum of every basis of the pool)."""
+POOL_PRICE = "tokenscaler_pool_price_per_replica_hour"
+"""Gauge {pool, currency}: the pool's ``pricing.per_replica_hour`` (absent without pricing)."""
+# budgets (tokenscaler.core.budget), per entitlement that has one: {pool, entitlement, period, on_exhausted}
+ENTITLEMENT_BUDGET = "tokenscaler_entitlement_budget_weighted_tokens"
+ENTITLEMENT_BUDGET_CONSUMED = "tokenscaler_entitlement_budget_consumed_weighted_tokens"
+ENTITLEMENT_BUDGET_REMAINING = "tokenscaler_entitlement_budget_remaining_weighted_tokens"
+ENTITLEMENT_BUDGET_RATE = "tokenscaler_entitlement_budget_consumption_rate_weighted_tokens_per_s"
+ENTITLEMENT_BUDGET_RESETS_AT = "tokenscaler_entitlement_budget_resets_at_timestamp_seconds"
+ENTITLEMENT_BUDGET_EXHAUSTED = "tokenscaler_entitlement_budget_exhausted"
 # the plan
 PLAN_AGE = "tokenscaler_plan_age_seconds"
 PLAN_STALE = "tokenscaler_plan_stale"

@@ -27,6 +27,8 @@ from typing import Annotated, Any, TypeVar, get_args
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tokenscaler.core.budget import Budget, OnExhausted
+
 DIMENSIONS: tuple[str, str, str] = ("throughput_tokens_per_s", "kv_tokens", "concurrency")
 """The three dimensions, in the column order of every array in the core."""
 
@@ -127,6 +129,23 @@ class TypicalRequest(_Frozen):
     output_tokens: int = Field(256, ge=1)
 
 
+class Pricing(_Frozen):
+    """What one replica of a pool costs, for showback statements in money (else replica-hours)."""
+
+    per_replica_hour: float = Field(gt=0, allow_inf_nan=False, description="Price of one replica for one hour.")
+    currency: str = Field(
+        "USD", min_length=1, max_length=16, pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$", description="e.g. USD, EUR."
+    )
+
+
+class IdleAttribution(StrEnum):
+    """Who pays for a pool's idle replica time (target_utilization headroom, min_replicas,
+    scale-down windows, replicas starting or draining)."""
+
+    PLATFORM = "platform"  # the platform team (the ``_platform`` row of a statement)
+    GUARANTEES = "guarantees"  # the guaranteed entitlements, pro rata to their reserved time
+
+
 class Pool(_Frozen):
     """A fleet of identical replicas serving one model, and the capacity of one replica."""
 
@@ -142,6 +161,10 @@ class Pool(_Frozen):
     )
     max_model_len: int = Field(131072, ge=1, description="The engines' context window, in tokens.")
     typical_request: TypicalRequest = TypicalRequest()
+    pricing: Pricing | None = Field(None, description="Price per replica-hour; showback is in replica-hours without.")
+    idle_attribution: IdleAttribution = Field(
+        IdleAttribution.PLATFORM, description="Who pays for idle replica time: platform, or guarantees pro rata."
+    )
 
     @field_validator("replica")
     @classmethod
@@ -218,6 +241,9 @@ class Entitlement(_Frozen):
     api_keys: list[str] = Field(
         default_factory=list, description="sha256 hex digests (optionally 'sha256:'-prefixed) of API keys."
     )
+    budget: Budget | None = Field(
+        None, description="A quota of weighted tokens per day, week or month (what happens when it is spent)."
+    )
 
     @field_validator("api_keys")
     @classmethod
@@ -238,6 +264,10 @@ class Entitlement(_Frozen):
                 raise ValueError("guaranteed: required for the guaranteed tier")
         elif self.guaranteed is not None:
             raise ValueError(f"guaranteed: only the guaranteed tier may set a guarantee (tier is {self.tier.value})")
+        if self.budget is not None and self.tier is Tier.SPOT and self.budget.on_exhausted is OnExhausted.SPOT:
+            raise ValueError(
+                "budget.on_exhausted ('spot') changes nothing for an entitlement of the spot tier: use 'refuse'"
+            )
         if self.guaranteed is not None:
             for d, g in self.guaranteed.items():
                 cap = getattr(self.limit, d)

@@ -14,12 +14,13 @@ guarantee`` for the guaranteed tier; ``limit <= configured limit``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tokenscaler.core.allocator import BOUND_NAMES, Allocation
+from tokenscaler.core.budget import BudgetStatus
 from tokenscaler.core.capacity import CapacityCondition
 from tokenscaler.core.model import DIMENSIONS, TIER_ORDER, Pool
 from tokenscaler.core.rows import PoolRows, vector_dict
@@ -51,6 +52,7 @@ class PoolPlan:
     conditions: tuple[CapacityCondition, ...] = ()  # CapacityMismatch, one per dimension
     promise_shortfall: np.ndarray | None = None  # (3,) guarantees beyond max_replicas x unit x utilization
     replicas: tuple[str, ...] = ()  # replica ids of the sidecars seen
+    budgets: Mapping[str, BudgetStatus] = field(default_factory=dict)  # entitlements with a budget, by name
 
     @property
     def guarantees_fit(self) -> bool:
@@ -98,6 +100,7 @@ class PoolPlan:
             "usage": None if self.usage is None or np.isnan(self.usage[i]).any() else vector_dict(self.usage[i]),
             "debt": float(self.debt[i]),
             "bound_by": BOUND_NAMES[int(self.allocation.bound_by[i])],
+            "budget": budget_json(self.budgets.get(self.rows.names[i])),
         }
 
     def pool_json(self) -> dict[str, Any]:
@@ -119,6 +122,22 @@ class PoolPlan:
             "engine": dict(self.signals or {}),
             "incomplete": self.incomplete,
         }
+
+
+def budget_json(status: BudgetStatus | None) -> dict[str, Any] | None:
+    """A budget's status as ``GET /v1/plan`` shows it (None: no budget)."""
+    if status is None:
+        return None
+    return {
+        "period": status.period.value,
+        "weighted_tokens": status.weighted_tokens,
+        "consumed_weighted_tokens": status.consumed,
+        "remaining_weighted_tokens": status.remaining,
+        "consumption_rate_weighted_tokens_per_s": status.rate,
+        "resets_at": status.resets_at,
+        "exhausted": status.exhausted,
+        "on_exhausted": status.on_exhausted.value,
+    }
 
 
 def _nullable(values: np.ndarray) -> dict[str, float | None]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tokenscaler.core.allocator import PoolProblem
+from tokenscaler.core.budget import Budget
 from tokenscaler.core.model import DIMENSIONS, N_DIMS, Pool, Tier, TokenPoolsConfig
 
 
@@ -26,6 +27,7 @@ class PoolRows:
     bound_share_s: np.ndarray  # (n,)
     doubling_share_s: np.ndarray  # (n,)
     index: Mapping[str, int] = field(repr=False)
+    budgets: Mapping[str, Budget] = field(default_factory=dict)  # the entitlements that carry one, by name
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -66,6 +68,7 @@ def build_pool_rows(config: TokenPoolsConfig) -> dict[str, PoolRows]:
             bound_share_s=np.array([e.debt.bound_share_s for e in ents], dtype=float).reshape(n),
             doubling_share_s=np.array([e.debt.doubling_share_s for e in ents], dtype=float).reshape(n),
             index={name: i for i, name in enumerate(problem.names)},
+            budgets={e.name: e.budget for e in ents if e.budget is not None},
         )
     return out
 

@@ -10,6 +10,11 @@ never read as zero. Bulky per-entitlement arrays travel base64-encoded
 
 The last plan is kept as a :class:`PlanSnapshot` so a restarted controller serves it at
 once (:func:`snapshot_plan`, :func:`restore_plan`).
+
+Budgets (:mod:`tokenscaler.core.budget`) keep their accounts here too
+(:class:`BudgetAccountFile` per pool and entitlement: the period counted in and what was
+admitted in it), so a restart or a new leader continues the count. The key is optional: a
+file written before budgets existed reads as no accounts, and stays version 1.
 """
 
 from __future__ import annotations
@@ -19,9 +24,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from tokenscaler.core.allocator import Allocation
+from tokenscaler.core.budget import BudgetEntry, BudgetPeriod
 from tokenscaler.core.codec import decode_array, encode_array
 from tokenscaler.core.inputs import align
 from tokenscaler.core.model import N_DIMS, ConfigError, format_validation_error
@@ -105,6 +119,36 @@ class PlanSnapshot(_Strict):
     pools: dict[str, PoolPlanSnapshot]
 
 
+class BudgetAccountFile(_Strict):
+    """One budget's account (:class:`~tokenscaler.core.budget.BudgetEntry`)."""
+
+    period: BudgetPeriod
+    time_zone: str
+    period_start: float
+    resets_at: float
+    consumed_weighted_tokens: float = Field(ge=0, allow_inf_nan=False)
+    consumption_rate_weighted_tokens_per_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BudgetAccountFile:
+        if not self.period_start < self.resets_at:
+            raise ValueError(f"period_start ({self.period_start:g}) must be < resets_at ({self.resets_at:g})")
+        return self
+
+    def entry(self) -> BudgetEntry:
+        return BudgetEntry(
+            self.period_start, self.resets_at, self.consumed_weighted_tokens,
+            self.consumption_rate_weighted_tokens_per_s, self.period.value, self.time_zone,
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, e: BudgetEntry) -> BudgetAccountFile:
+        return cls(
+            period=BudgetPeriod(e.period), time_zone=e.time_zone, period_start=e.period_start, resets_at=e.resets_at,
+            consumed_weighted_tokens=e.consumed, consumption_rate_weighted_tokens_per_s=e.rate,
+        )  # fmt: skip
+
+
 class StateFile(_Strict):
     """The whole state file (``--state``): written after every interval, read at start."""
 
@@ -113,6 +157,16 @@ class StateFile(_Strict):
     plan_version: int
     pools: dict[str, PoolStateFile]
     last_plan: PlanSnapshot | None
+    # pool -> entitlement -> account; absent in files written before budgets (read as none)
+    budgets: dict[str, dict[str, BudgetAccountFile]] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _without_empty_budgets(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # written only when there are accounts: a controller that predates budgets reads the file
+        out = handler(self)
+        if not out.get("budgets"):
+            out.pop("budgets", None)
+        return out
 
 
 # --------------------------------------------------------------------------- in memory
@@ -178,6 +232,7 @@ class PlannerState:
     updated_at: float | None = None
     last_plan: PlanSnapshot | None = None  # the last published plan, for restarts
     plan_version: int = 0
+    budgets: dict[str, dict[str, BudgetEntry]] = field(default_factory=dict)  # pool -> entitlement -> account
 
     def to_file(self) -> StateFile:
         return StateFile(
@@ -186,6 +241,11 @@ class PlannerState:
             plan_version=self.plan_version,
             pools={name: ps.to_file() for name, ps in self.pools.items()},
             last_plan=self.last_plan,
+            budgets={
+                pool: {name: BudgetAccountFile.of(e) for name, e in accounts.items()}
+                for pool, accounts in self.budgets.items()
+                if accounts
+            },
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -198,6 +258,7 @@ class PlannerState:
             updated_at=f.updated_at,
             last_plan=f.last_plan,
             plan_version=f.plan_version,
+            budgets={pool: {name: a.entry() for name, a in accounts.items()} for pool, accounts in f.budgets.items()},
         )
 
     @classmethod

@@ -15,6 +15,12 @@ controller does. The step:
    published again, marked stale since the first failure; nothing is re-planned, so no
    target, limit or guaranteed floor moves on missing data.
 
+Around planning, the accounting rules (:mod:`tokenscaler.core.accounting`): before it, the
+budgets are charged with what was admitted since the last step, and an entitlement whose
+budget is spent is planned as spot until its period resets (the plan carries every
+budget's status, and so do the limits documents); after it, the interval's replica time is
+split between the entitlements (showback) and added to ``ControlState.ledgers``.
+
 Everything the step carries between intervals is in :class:`ControlState`; what it decided
 and why comes back as data (:class:`StepResult`, with ``notes`` for the log).
 """
@@ -27,13 +33,25 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenscaler.core.accounting import (
+    DEFAULT_MAX_GAP_S,
+    add_to_ledgers,
+    charge_budgets,
+    downgraded,
+    exhausted,
+    interval_length,
+    split_pool,
+)
+from tokenscaler.core.budget import BudgetEntry, BudgetStatus, budget_status
 from tokenscaler.core.capacity import CAPACITY_TOLERANCE
 from tokenscaler.core.demand import DemandState, derive_inputs, routing_shares, update_footprint
+from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.model import DIMENSIONS
 from tokenscaler.core.observation import LoadProfile, Observation
 from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import PoolRows
+from tokenscaler.core.showback import PoolLedger
 from tokenscaler.core.state import PlannerState, restore_plan, snapshot_plan
 from tokenscaler.core.weighting import DEFAULT_WEIGHTING, Weighting
 
@@ -50,10 +68,14 @@ class StepSettings:
     capacity_tolerance: float = CAPACITY_TOLERANCE  # engine vs configured replica, before a mismatch
     # how debt moves and bends the weights (tokenscaler.core.weighting): ours, none, the paper's
     weighting: Weighting = DEFAULT_WEIGHTING
+    # the longest time since the last step that one step accounts for (showback, budgets)
+    max_gap_s: float = DEFAULT_MAX_GAP_S
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
             raise ValueError(f"interval_s ({self.interval_s}) must be > 0")
+        if self.max_gap_s < 0:
+            raise ValueError(f"max_gap_s ({self.max_gap_s}) must be >= 0")
         if self.demand_half_life_s < 0:
             raise ValueError(f"demand_half_life_s ({self.demand_half_life_s}) must be >= 0")
         if not 0 <= self.capacity_tolerance < 1:
@@ -70,6 +92,9 @@ class ControlState:
     plan: Plan | None = None  # the last plan published (fresh, or restored from the state file)
     version: int = 0  # version of ``plan``; every publish adds one
     stale_since: float | None = None  # when the source started failing, while it fails
+    # showback: each pool's replica time split since this process began (not persisted: the
+    # controller's counters start at zero in each process, which Prometheus' increase() expects)
+    ledgers: dict[str, PoolLedger] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,8 +135,10 @@ def control_step(
         return _stale(state, now, failure or "no observation")
     notes: list[Note] = []
     derived = derive_inputs(rows, observation, state.demand, settings.interval_s, settings.demand_half_life_s)
+    dt = interval_length(state.planner.updated_at, now, settings.interval_s, settings.max_gap_s)
+    planned_rows, budgets, statuses = _budgets(rows, derived.inputs, state.planner, dt, now, notes)
     plan, planner = plan_interval(
-        rows,
+        planned_rows,
         derived.inputs,
         state.planner,
         now,
@@ -119,7 +146,14 @@ def control_step(
         capacity_tolerance=settings.capacity_tolerance,
         weighting=settings.weighting,
     )
+    planner.budgets = budgets
+    for name, st in statuses.items():
+        plan.pools[name] = dataclasses.replace(plan.pools[name], budgets=st)
     previous = state.plan
+    splits = {
+        name: split_pool(pp, previous.pools.get(name) if previous is not None else None, dt)
+        for name, pp in plan.pools.items()
+    }
     notes.extend(capacity_notes(plan, previous))
     for name, why in observation.incomplete.items():
         pp = plan.pools.get(name)
@@ -143,8 +177,41 @@ def control_step(
         plan=plan,
         version=version,
         stale_since=None,
+        ledgers=add_to_ledgers(state.ledgers, splits),
     )
     return StepResult(state=new_state, plan=plan, version=version, stale=False, notes=tuple(notes))
+
+
+def _budgets(
+    rows: Mapping[str, PoolRows],
+    inputs: Mapping[str, PoolInput],
+    planner: PlannerState,
+    dt: float,
+    now: float,
+    notes: list[Note],
+) -> tuple[dict[str, PoolRows], dict[str, dict[str, BudgetEntry]], dict[str, dict[str, BudgetStatus]]]:
+    """Charge every budget for the interval; the rows to plan with (spent budgets: spot)."""
+    planned: dict[str, PoolRows] = {}
+    accounts: dict[str, dict[str, BudgetEntry]] = {}
+    statuses: dict[str, dict[str, BudgetStatus]] = {}
+    for pool, r in rows.items():
+        if not r.budgets:
+            planned[pool] = r
+            continue
+        before = planner.budgets.get(pool, {})
+        accounts[pool], statuses[pool] = charge_budgets(r, inputs.get(pool), before, dt, now)
+        spent = exhausted(statuses[pool])
+        planned[pool] = downgraded(r, spent)
+        for name in spent:
+            old = before.get(name)
+            if old is None or old.consumed < r.budgets[name].weighted_tokens or old.resets_at <= now:
+                st = statuses[pool][name]
+                notes.append(Note(
+                    f"pool {pool}: entitlement {name} has spent its {st.period.value} budget "
+                    f"({st.consumed:.0f} of {st.weighted_tokens:g} weighted tokens): "
+                    f"{st.on_exhausted.value} until the period resets at {st.resets_at:.0f} (unix seconds)"
+                ))  # fmt: skip
+    return planned, accounts, statuses
 
 
 def capacity_notes(plan: Plan, previous: Plan | None) -> list[Note]:
@@ -205,5 +272,15 @@ def persisted(state: ControlState) -> PlannerState:
 def restored(rows: Mapping[str, PoolRows], planner: PlannerState) -> ControlState:
     """The state a restart continues from: the file's debt and history, and its last plan
     (which is published again at once). Raises ValueError when that plan is malformed."""
-    plan = restore_plan(planner.last_plan, rows) if planner.last_plan is not None else None
+    planned, statuses = dict(rows), {}
+    for pool, r in rows.items():
+        accounts = planner.budgets.get(pool, {})
+        st = {n: budget_status(b, accounts[n]) for n, b in r.budgets.items() if n in accounts}
+        if st:  # the restored plan says what the last one said of the budgets
+            planned[pool], statuses[pool] = downgraded(r, exhausted(st)), st
+    plan = restore_plan(planner.last_plan, planned) if planner.last_plan is not None else None
+    if plan is not None:
+        for pool, st in statuses.items():
+            if pool in plan.pools:
+                plan.pools[pool] = dataclasses.replace(plan.pools[pool], budgets=st)
     return ControlState(planner=planner, plan=plan, version=planner.plan_version)

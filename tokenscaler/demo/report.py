@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenscaler.demo.showback import showback_lines
+
 TIER_COLORS = {"guaranteed": "#1b9e77", "elastic": "#386cb0", "spot": "#d95f02"}
 DIM_COLORS = {"throughput_tokens_per_s": "#e7298a", "kv_tokens": "#7570b3", "concurrency": "#66a61e"}
 
@@ -190,7 +192,8 @@ def markdown(summary: dict[str, Any], files: list[str], meta: dict[str, Any]) ->
             f"| {name} | {e['tier']} | {e['sent']} | {e['answered']} | {e['rejected']} | "
             f"{e['offered_tokens']:.0f} | {e['admitted_tokens']:.0f} |"
         )
-    lines += ["", "## Plots", ""]
+    lines += ["", *showback_lines(summary.get("showback"), summary)]
+    lines += ["## Plots", ""]
     titles = {
         "ttft_p99.png": "p99 TTFT per tier over time",
         "admitted_vs_offered.png": "admitted vs offered tokens per entitlement",

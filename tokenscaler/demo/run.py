@@ -25,6 +25,7 @@ from tokenscaler.demo.fleet import Fleet, FleetSettings, ReplicaManager
 from tokenscaler.demo.load import LoadGenerator
 from tokenscaler.demo.measure import Sample, phases_of, summarize
 from tokenscaler.demo.procs import ChildFailed, Supervisor
+from tokenscaler.demo.showback import read_showback
 from tokenscaler.experiments.replicas import rules_from_scaledobject
 from tokenscaler.experiments.scenario import LoadedScenario, load_scenario
 from tokenscaler.sim.profile import load_profile
@@ -105,6 +106,7 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
     manager: ReplicaManager | None = None
     gen: LoadGenerator | None = None
     ports: list[int] = []
+    showback: dict[str, Any] | None = None
     result = DemoResult(None, None, sup.pids, logs, ports)
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
@@ -188,6 +190,7 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
                 task.cancel()
             await asyncio.gather(traffic, *helpers, return_exceptions=True)
         ports[:] = _ports(fleet)
+        showback = await read_showback(fleet.session, fleet.controller_url)  # the controller's counters, at the end
         if use_prometheus and fleet.prometheus_url:
             rendered = await asyncio.to_thread(
                 _render_dashboards, fleet.prometheus_url, out / "dashboards", pool.name, time.time() - duration
@@ -216,6 +219,7 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
         return result
     bin_s = max(round(duration / 45.0), 2.0)
     summary = summarize(gen.records, samples, loaded, duration, bin_s)
+    summary["showback"] = showback
     meta: dict[str, Any] = {
         "source": "Prometheus, file-based discovery" if use_prometheus else "embedded scraping",
         "seed": opts.seed,

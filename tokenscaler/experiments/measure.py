@@ -20,6 +20,9 @@ with its arrival, first token and last token) and, every interval, a sample of t
   its owed total over everyone's at the end; Jain's index is over ``share / fair_share`` of
   the elastic tenants; ``convergence_interval_s`` is how long after the first capacity
   event (or the start) every elastic tenant stays within 5% of its fair share.
+* showback, for every policy alike (:mod:`tokenscaler.experiments.showback`): each interval's
+  replica time (every replica that ran: starting, ready or draining) split by the
+  controller's rule into reserved, allocated, backfill and idle per tenant.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tokenscaler.core.model import DIMENSIONS
 from tokenscaler.core.rows import PoolRows
 from tokenscaler.experiments.policies import Policy
 from tokenscaler.experiments.scenario import LoadedScenario
+from tokenscaler.experiments.showback import ShowbackMeter
 
 TIERS = ("guaranteed", "elastic", "spot")
 CONVERGED = 0.05
@@ -94,6 +98,7 @@ class Recorder:
         self.peak_debt = np.zeros(n)
         self.demand_state = DemandState()
         self._last_t: float | None = None
+        self.showback = ShowbackMeter(rows)
 
     # ---- per request -------------------------------------------------------------------
 
@@ -171,6 +176,9 @@ class Recorder:
             self.util.append([served / dt / (cap[0] * n), kv / (cap[1] * n), running / (cap[2] * n)])
         else:
             self.util.append([math.nan] * 3)
+        self._integrate(t)
+        owed_now: np.ndarray | None = None
+        usage_now: np.ndarray | None = None
         # fairness: owed at the configured weights vs received, from the observation
         if obs is not None and self.rows.n:
             derived = derive_inputs({pool.name: self.rows}, obs, self.demand_state, self.interval, 10.0)
@@ -183,6 +191,10 @@ class Recorder:
                 norm = self.rows.problem.normalization
                 self.cum_owed += dominant_share(owed, norm) * dt
                 self.cum_recv += dominant_share(np.maximum(usage, 0.0), norm) * dt
+                owed_now, usage_now = owed, usage
+        self.showback.sample(
+            t, self.replica_s, len(ready), plan.pools[pool.name] if plan is not None else None, owed_now, usage_now
+        )
         self.share_t.append(self.cum_recv / max(self.cum_recv.sum(), 1e-12))
         self.fair_t.append(self.cum_owed / max(self.cum_owed.sum(), 1e-12))
         if plan is not None:
@@ -305,6 +317,7 @@ class Recorder:
             "utilization_window_s": [lo, hi],
             "utilization_whole_run": whole,
             "replica_seconds": float(self.replica_s),
+            "showback": self.showback.result(end, self.replica_s),
             "queue_depth_max": int(self.queue_max),
             "ttft_p99_s_over_time": over_time,
             "tenants": tenants,

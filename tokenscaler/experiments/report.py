@@ -2,7 +2,8 @@
 
 Tables: per policy and tier (TTFT/TPOT percentiles against the uncontended run, throttled
 fraction, SLO attainment, goodput), fleet figures (utilization, replica-seconds, queue), per
-tenant (admitted, denied, share against fair share, peak debt), and for the paper's two
+tenant (admitted, denied, share against fair share, peak debt), the showback (replica-seconds
+per tenant by basis, :mod:`tokenscaler.experiments.showback`), and for the paper's two
 experiments a side-by-side table with the figures the paper reports. Plots: p99 TTFT per
 tier over time, admitted vs offered per tenant, cumulative share over fair share, replicas
 desired and ready, utilization over time.
@@ -172,6 +173,33 @@ def _plots(results: dict, out: Path) -> list[str]:
     return made
 
 
+def _showback_section(pols: dict) -> list[str]:
+    from tokenscaler.experiments.showback import showback_table
+
+    lines = ["", "## Showback", ""]
+    lines.append(
+        "What each tenant is charged of the pool's replica-seconds, by basis (docs/showback.md): *reserved* its "
+        "guarantee, used or not; *allocated* its use within its allocation; *backfill* its use of idle capacity "
+        "(all of spot's); *idle* what nobody used, the platform's (replicas starting and draining included). "
+        "Policies without a controller are charged against what fairness owed. With the run without spot "
+        "beside it: the reserved time there."
+    )
+    for p, r in pols.items():
+        sb = r.get("showback")
+        if sb is None:
+            continue
+        lines.append("")
+        lines += showback_table(p, sb, r.get("showback_uncontended"))
+        total = sum(t["total_s"] for t in sb["tenants"].values()) + sb["platform"]["idle_replica_seconds"]
+        lines.append("")
+        cur = sb.get("currency")
+        money = sum(t["cost"] or 0.0 for t in sb["tenants"].values()) + (sb["platform"]["cost"] or 0.0)
+        lines.append(f"{p}: {total:,.0f} replica-seconds attributed of {r['replica_seconds']:,.0f} run "
+                     f"({sb['platform']['not_ready_s']:,.0f} of them by replicas not ready)"
+                     + (f", {money:,.2f} {cur} in all." if cur else "."))  # fmt: skip
+    return lines
+
+
 def write_report(results: dict, out: Path) -> None:
     pols = results["policies"]
     lines = [f"# Experiment: {results['scenario']}", ""]
@@ -223,6 +251,7 @@ def write_report(results: dict, out: Path) -> None:
                 f"| {p} | {n} | {t['tier']} | {_fmt(t['weight'])} | {t['admitted']} | {t['denied']} | {t['cut']} | "
                 f"{_fmt(ratio)} | {_fmt(t['peak_debt'])} |"
             )
+    lines += _showback_section(pols)
     paper = results.get("paper")
     if paper in PAPER:
         lines += ["", f"## Side by side with the paper ({paper})", "", "| figure | paper | here |", "|---|---|---|"]

@@ -78,6 +78,8 @@ def run_experiment(scenario: str, policies: list[str], seed: int, duration_s: fl
         for tier, figures in res["tiers"].items():
             figures["uncontended_ttft_p99_s"] = base["tiers"].get(tier, {}).get("ttft_p99_s", figures["ttft_p99_s"])
         res["replica_seconds_uncontended"] = base["replica_seconds"]
+        if base is not res:  # the twin's showback: what each tenant is charged without the spot traffic
+            res["showback_uncontended"] = base["showback"]
         out[p] = res
     return {
         "scenario": loaded.name,

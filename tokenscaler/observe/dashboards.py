@@ -1,6 +1,6 @@
 """The Grafana dashboards, built from one source; ``make generate`` writes them into the repository.
 
-Three dashboards, one per concern, written to ``dashboards/*.json`` as importable JSON
+Four dashboards, one per concern, written to ``dashboards/*.json`` as importable JSON
 ("export for sharing externally": an ``__inputs`` entry ``DS_PROMETHEUS``) that also works
 when provisioned from files (a datasource variable of the same name). Every dashboard has
 the variables ``pool``, ``tier`` and ``entitlement`` (multi-value, "All" = ``.*``).
@@ -507,7 +507,123 @@ def health() -> Dashboard:
     return d
 
 
-DASHBOARDS = {"pools": pools, "entitlements": entitlements, "sidecars-controller": health}
+def showback() -> Dashboard:
+    """Cost per tenant over time, reserved against used, idle, and budgets (docs/showback.md)."""
+    d = Dashboard(
+        "tokenscaler-showback",
+        "tokenscaler / Showback",
+        "Per entitlement: the replica time it is charged by basis (reserved, allocated, backfill, idle), its cost "
+        "at the pool's price, its guarantee reserved against used, tokens served; budgets and their burn rate. "
+        "For a statement over a range: tokenscaler showback.",
+    )
+    ent = 'pool=~"$pool", entitlement=~"$entitlement"'
+    rs = f"{total(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{ent}}}"
+    rs_pool = f"{total(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{P}}}"
+    used = f"{total(c.ENTITLEMENT_GUARANTEE_USED_TOTAL)}{{{ent}}}"
+    price = f"max by (pool, currency) ({c.POOL_PRICE}{{{P}}})"
+    # the counters carry no tier: keep the entitlements of the selected tiers (the plan's gauges know them)
+    tiers = f"group by (pool, entitlement) ({c.ENTITLEMENT_ALLOCATION}{{{E}}})"
+
+    def of_tiers(expr: str) -> str:
+        return f"({expr}) * on (pool, entitlement) group_left () {tiers}"
+
+    def per_ent(name: str) -> str:
+        return of_tiers(f"max by (pool, entitlement) ({name}{{{ent}}})")
+
+    d.items.append(Row("Cost"))
+    d.items.append(
+        Panel(
+            "Cost per tenant (per hour)",
+            "Each entitlement's replicas (all bases) times its pool's price per replica-hour: what it costs per hour "
+            "at the current pace (pools with pricing).",
+            (
+                _q(
+                    of_tiers(f"sum by (pool, entitlement) (rate({rs}[{RI}]))")
+                    + f" * on (pool) group_left (currency) {price}",
+                    "{{entitlement}} ({{currency}}/h)",
+                ),
+            ),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Replicas charged per tenant, by basis",
+            "Replica-seconds per second (= replicas) charged to each entitlement: reserved (its guarantee, used or "
+            "not), allocated (use within its allocation), backfill (use of idle capacity).",
+            (_q(of_tiers(f"sum by (pool, entitlement, basis) (rate({rs}[{RI}]))"), "{{entitlement}} {{basis}}"),),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Idle replicas: the platform's and the guarantees'",
+            "Replica time nobody used (target_utilization headroom, min_replicas, scale-down windows): entitlement "
+            "_platform, or the guaranteed ones with idle_attribution: guarantees; against the pool's ready replicas.",
+            (
+                _q(f'sum by (pool, entitlement) (rate({rs_pool[:-1]}, basis="idle"}}[{RI}]))', "{{entitlement}} idle"),
+                _q(f"sum by (pool) (rate({total(c.POOL_REPLICA_SECONDS_TOTAL)}{{{P}}}[{RI}]))", "{{pool}} ready"),
+            ),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Reserved against used (guaranteed)",
+            "Each guaranteed entitlement's reserved replicas (its guarantee) and the part of them it used.",
+            (
+                _q(of_tiers(f'sum by (pool, entitlement) (rate({rs[:-1]}, basis="reserved"}}[{RI}]))'),
+                   "{{entitlement}} reserved"),
+                _q(of_tiers(f"sum by (pool, entitlement) (rate({used}[{RI}]))"), "{{entitlement}} used"),
+            ),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
+            "Tokens served per tenant",
+            "Prompt and generated tokens/s the sidecars served, over all replicas.",
+            (
+                _q(f"sum by (entitlement) (rate({sc.PROMPT_TOKENS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} prompt"),
+                _q(f"sum by (entitlement) (rate({sc.GENERATION_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                   "{{entitlement}} generated"),
+            ),
+            unit="suffix: tok/s",
+            min=0,
+        )
+    )
+    d.items.append(Row("Budgets"))
+    d.items.append(
+        Panel(
+            "Budget remaining",
+            "Weighted tokens left in each budget's period, against the budget (0: spent; refused or spot until the "
+            "period resets).",
+            (
+                _q(per_ent(c.ENTITLEMENT_BUDGET_REMAINING), "{{entitlement}} remaining"),
+                _q(per_ent(c.ENTITLEMENT_BUDGET), "{{entitlement}} budget"),
+            ),
+            min=0,
+        )
+    )
+    left = f"clamp_min({per_ent(c.ENTITLEMENT_BUDGET_RESETS_AT)} - time(), 1)"
+    d.items.append(
+        Panel(
+            "Budget consumption rate",
+            "Weighted tokens/s charged to each budget (smoothed over hours), against the pace that spends what is "
+            "left exactly at the period's end (remaining / time left).",
+            (
+                _q(per_ent(c.ENTITLEMENT_BUDGET_RATE), "{{entitlement}} rate"),
+                _q(f"{per_ent(c.ENTITLEMENT_BUDGET_REMAINING)} / on (pool, entitlement) {left}",
+                   "{{entitlement}} even pace"),
+            ),
+            unit="suffix: tok/s",
+            min=0,
+        )
+    )
+    return d
+
+
+DASHBOARDS = {"pools": pools, "entitlements": entitlements, "sidecars-controller": health, "showback": showback}
 
 
 def _variables() -> list[dict[str, Any]]:

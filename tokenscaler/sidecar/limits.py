@@ -23,6 +23,13 @@ polling with backoff:
 * elastic: 0 sustained, but may still backfill idle capacity;
 * spot: 0 and no backfill.
 
+Budgets (the document's optional per-entitlement ``budget`` block): an entitlement whose
+budget is ``exhausted`` is enforced as the spot tier (idle capacity only), as the plan
+treats it; every update carries the blocks (:attr:`LimitsUpdate.budgets`), and with
+``on_exhausted: refuse`` the proxy answers the entitlement 429 until the block's
+``resets_at`` (:mod:`tokenscaler.sidecar.budget`). The last blocks stay in force through failed polls and
+expiry: a refusal ends at its ``resets_at`` whatever the controller says.
+
 Every tier's backfill is bounded by its *ceiling*: the one in the controller's document
 (the configured limit split by this replica's share of the ready replicas), else the
 configured limit split over ``--replicas`` (unlimited components stay unlimited). The first
@@ -37,15 +44,15 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 from pydantic import ValidationError
 
 from tokenscaler.core.limiter import GateLimits, Vector
-from tokenscaler.core.limits import LimitsDocument, split_per_replica
+from tokenscaler.core.limits import BudgetLimits, LimitsDocument, split_per_replica
 from tokenscaler.core.model import Entitlement, Pool, Tier, TokenPoolsConfig
 from tokenscaler.sidecar.limits_auth import (
     FETCH_ERROR_REASONS,
@@ -67,6 +74,14 @@ class LimitsUpdate:
     limits: dict[str, GateLimits]
     state: str  # static | fresh | stale | expired
     version: str | None = None
+    budgets: Mapping[str, BudgetLimits] = field(default_factory=dict)  # the document's budget blocks
+
+
+def budgets_of(doc: LimitsDocument | None) -> dict[str, BudgetLimits]:
+    """The budget blocks of a limits document, by entitlement."""
+    if doc is None:
+        return {}
+    return {name: el.budget for name, el in doc.entitlements.items() if el.budget is not None}
 
 
 class LimitsSource(Protocol):
@@ -119,11 +134,13 @@ class LimitRules:
         backfill: bool,
         ceiling: Vector | None = None,
         ceiling_burst: Vector | None = None,
+        tier: Tier | None = None,
     ) -> GateLimits:
-        """The gate for ``e``; a ceiling (or its burst) not given is the configured one."""
+        """The gate for ``e``; a ceiling (or its burst) not given is the configured one, a tier
+        not given the configured one."""
         configured, configured_burst = self._ceilings[e.name]
         return GateLimits(
-            tier=e.tier, priority=e.priority, limit=limit, burst=burst, backfill=backfill,
+            tier=e.tier if tier is None else tier, priority=e.priority, limit=limit, burst=burst, backfill=backfill,
             ceiling=configured if ceiling is None else ceiling,
             ceiling_burst=configured_burst if ceiling_burst is None else ceiling_burst,
         )  # fmt: skip
@@ -162,7 +179,12 @@ class LimitRules:
             # sent by the controller, they follow the ready replicas
             ceiling = None if el.ceiling is None else _vec(el.ceiling.to_array())
             ceiling_burst = None if el.ceiling_burst is None else _vec(el.ceiling_burst.to_array())
-            out[name] = self.gate(e, limit, burst, backfill=True, ceiling=ceiling, ceiling_burst=ceiling_burst)
+            # a spent budget: the entitlement is enforced as spot (the plan's tier for it) until the reset
+            spent = el.budget is not None and el.budget.exhausted
+            out[name] = self.gate(
+                e, limit, burst, backfill=True, ceiling=ceiling, ceiling_burst=ceiling_burst,
+                tier=Tier.SPOT if spent else None,
+            )  # fmt: skip
         return out
 
 
@@ -327,7 +349,7 @@ class HttpLimitsSource:
         if status == 200 or state != was or was == "expired":
             self.state = state
             self.version = self._doc.version
-            apply(LimitsUpdate(self.rules.from_document(self._doc), state, self._doc.version))
+            apply(LimitsUpdate(self.rules.from_document(self._doc), state, self._doc.version, budgets_of(self._doc)))
             if was == "expired":
                 log.warning("limits restored from %s (version %s)", self.url, self._doc.version)
 
@@ -341,11 +363,11 @@ class HttpLimitsSource:
                 "falling back to guaranteed floors, elastic at 0 sustained (backfill only), spot at 0",
                 self.url, self.age_s(), self.expiry_s,
             )  # fmt: skip
-            apply(LimitsUpdate(self.rules.all_floors(), "expired", self.version))
+            apply(LimitsUpdate(self.rules.all_floors(), "expired", self.version, budgets_of(self._doc)))
         elif self.state == "fresh":
             self.state = "stale"
-            apply(LimitsUpdate(self.rules.from_document(self._doc), "stale", self.version) if self._doc else
-                  LimitsUpdate(self.rules.all_static(), "stale"))  # fmt: skip
+            apply(LimitsUpdate(self.rules.from_document(self._doc), "stale", self.version, budgets_of(self._doc))
+                  if self._doc else LimitsUpdate(self.rules.all_static(), "stale"))  # fmt: skip
 
 
 def gate_limits_from_document(

@@ -47,6 +47,7 @@ from tokenscaler.core.metric_names import (
     REJECTIONS_TOTAL,
     REQUESTS_TOTAL,
     RESERVED_KV_TOKENS,
+    TTFT_SLO_REQUESTS_TOTAL,
 )
 from tokenscaler.core.metric_names import SIDECAR_NAMES as ALL_NAMES
 from tokenscaler.core.metric_names import SIDECAR_PREFIX as PREFIX
@@ -54,7 +55,7 @@ from tokenscaler.core.model import DIMENSIONS
 
 __all__ = ["ALL_NAMES", "PREFIX", "EntitlementStats", "SidecarMetrics"]
 
-OUTCOMES = ("admitted", "rejected", "error")
+OUTCOMES = ("admitted", "rejected", "error", "budget_exhausted")
 LIMITS_STATES = ("static", "fresh", "stale", "expired")
 FETCH_ERROR_REASONS = ("unreachable", "timeout", "tls", "auth", "http", "invalid")  # see sidecar.limits_auth
 LATENCY_BUCKETS = (
@@ -80,6 +81,8 @@ class EntitlementStats:
     offered_requests: int = 0
     preempted: int = 0
     queued: int = 0
+    budget_refused: int = 0  # 429s because the entitlement's budget is spent
+    ttft_slo: list[int] = field(default_factory=lambda: [0, 0])  # streamed requests [missed, met] the TTFT SLO
 
 
 def _counter(name: str) -> str:
@@ -132,6 +135,11 @@ class SidecarMetrics(Collector):
         rejections = CounterMetricFamily(
             _counter(REJECTIONS_TOTAL), "Rejections by binding dimension.", labels=[*ent, "dimension"]
         )
+        ttft_slo = CounterMetricFamily(
+            _counter(TTFT_SLO_REQUESTS_TOTAL),
+            "Streamed requests of entitlements with a TTFT SLO, by whether their first token met it.",
+            labels=[*ent, "outcome"],
+        )
         simple = {
             PROMPT_TOKENS_TOTAL: ("Prompt tokens of admitted requests.", "prompt_tokens"),
             GENERATION_TOKENS_TOTAL: ("Generated tokens, counted as they stream.", "generation_tokens"),
@@ -155,6 +163,9 @@ class SidecarMetrics(Collector):
             requests.add_metric([*labels, "admitted"], s.admitted)
             requests.add_metric([*labels, "rejected"], sum(s.rejected.values()))
             requests.add_metric([*labels, "error"], s.errors)
+            requests.add_metric([*labels, "budget_exhausted"], s.budget_refused)
+            ttft_slo.add_metric([*labels, "met"], s.ttft_slo[1])
+            ttft_slo.add_metric([*labels, "missed"], s.ttft_slo[0])
             for dim, count in s.rejected.items():
                 rejections.add_metric([*labels, dim], count)
             for n, (_, attr) in simple.items():
@@ -173,6 +184,7 @@ class SidecarMetrics(Collector):
                 ceiling.add_metric([*labels, dim], gate.limits.ceiling[k])
         yield requests
         yield rejections
+        yield ttft_slo
         yield from counters.values()
         yield inflight
         yield kv

@@ -37,6 +37,7 @@ from tokenscaler.core.capacity import CAPACITY_TOLERANCE
 from tokenscaler.core.limiter import Shortfall
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
 from tokenscaler.sidecar.apis import METERED, PASSTHROUGH, Api
+from tokenscaler.sidecar.budget import BUDGET_DIMENSION, QUOTA, BudgetGuard, refusal_headers, refusal_message
 from tokenscaler.sidecar.engine import EngineLimits
 from tokenscaler.sidecar.errors import RATE_LIMIT_TYPES, error_response, ratelimit_headers, retry_headers
 from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest
@@ -93,8 +94,10 @@ class Sidecar:
         gate: Gatekeeper,
         metrics: SidecarMetrics,
         options: SidecarOptions = SidecarOptions(),
+        budgets: BudgetGuard | None = None,
     ) -> None:
         self.pool: Pool = config.pool(pool)
+        self.budgets = budgets or BudgetGuard()  # spent budgets to refuse (from the limits source)
         self.upstream = upstream.rstrip("/")
         self.gate = gate
         self.limiter = gate.limiter
@@ -108,6 +111,10 @@ class Sidecar:
             e.name: tuple((e.limit.to_array() + e.burst.to_array()).tolist()) for e in ents  # type: ignore[misc]
         }
         self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
+        # entitlements with a TTFT objective: their streamed requests count as met or missed
+        self.ttft_slo: dict[str, float] = {
+            e.name: e.slo.ttft_p99_s for e in ents if e.slo is not None and e.slo.ttft_p99_s is not None
+        }
         self.max_model_len = self.pool.max_model_len  # the smaller of the engine's and the pool's
         self.admission_pool = self.pool  # the pool with that context window
         self.session: aiohttp.ClientSession | None = None
@@ -274,6 +281,17 @@ class Sidecar:
                 400, self._never_message(ent, never), "invalid_request_error", "max_tokens", "request_too_large",
                 self._headers(name),
             )  # fmt: skip
+        spent = self.budgets.refusal(name)
+        if spent is not None:  # its budget is spent (on_exhausted: refuse): 429 until the period resets
+            if entry is not None:
+                entry.dimension = BUDGET_DIMENSION
+            stats.offered_requests += 1
+            stats.offered_weighted += self.limiter.expected_weighted(name, est)
+            stats.budget_refused += 1
+            wait = self.budgets.until_reset_s(spent)
+            headers = self._headers(name)
+            headers.update(refusal_headers(spent, wait))
+            return errors.response(429, refusal_message(name, spent, wait), QUOTA, None, QUOTA, headers)
         stats.offered_requests += 1
         decision = await self.gate.admit(name, est, ent.tier)
         if not decision.admitted:
@@ -387,7 +405,7 @@ class Sidecar:
             headers = self._headers(name)
             headers["Content-Type"] = ctype
             headers["Cache-Control"] = "no-cache"
-            return await self._stream(request, upstream, api, req, flight, headers, pre, t1, route)
+            return await self._stream(request, upstream, api, req, flight, headers, pre, t1, route, t0=t0)
         finally:
             if upstream.content.at_eof() and flight.res.finished:
                 upstream.release()
@@ -405,9 +423,12 @@ class Sidecar:
         pre: float,
         t1: float,
         route: str,
+        *,
+        t0: float | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers=headers)
         counter = api.counter(req)
+        slo = self.ttft_slo.get(flight.res.entitlement) if t0 is not None else None
         failure: BaseException | None = None
         try:
             await resp.prepare(request)
@@ -423,6 +444,8 @@ class Sidecar:
                     break
                 out = counter.feed(data)
                 if counter.generated > flight.counted_gen:
+                    if slo is not None and flight.counted_gen == 0:  # the first token: against the TTFT SLO
+                        flight.stats.ttft_slo[perf_counter() - t0 <= slo] += 1  # type: ignore[operator]
                     flight.streamed(counter.generated)
                 if out:
                     await resp.write(out)
