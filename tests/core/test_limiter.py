@@ -36,6 +36,9 @@ def gate(
 
 
 def limiter(limits: dict[str, GateLimits], pool: Pool | None = None, **kw: object) -> Limiter:
+    """A limiter with ``limits`` at t=0; without the prefill bound unless asked (its own tests below), since
+    these tests never stream a first token."""
+    kw.setdefault("prefill_window_s", 0.0)
     lim = Limiter(pool or make_limiter_pool(), now=0.0, **kw)
     lim.set_limits(limits, 0.0)
     return lim
@@ -281,3 +284,213 @@ def test_admitted_tokens_never_exceed_rate_times_time_plus_burst_plus_one_estima
             biggest = max(biggest, est.weighted)
             inflight.append((d.reservation, gen))
     assert used <= rate * now + depth + biggest + 1e-6
+
+
+# ---- tier order on the replica: who preempts whom, refunds, the per-tier buckets, the yield ----------
+#
+# The replica holds 8 sequences. "g" guaranteed (allowance 4), "e" elastic (allowance 2), "e2" a second
+# elastic without allowance, "s" spot: all may backfill. Each case fills the replica with the holders,
+# then sends one request of the arriving entitlement and names who is preempted, if anyone.
+
+TIER_LIMITS = {
+    "g": gate("guaranteed", limit=(INF, INF, 4.0), backfill=True),
+    "g2": gate("guaranteed", limit=(INF, INF, 0.0), backfill=True),
+    "e": gate("elastic", limit=(INF, INF, 2.0), backfill=True),
+    "e2": gate("elastic", limit=(INF, INF, 0.0), backfill=True),
+    "s": gate("spot", limit=(0, 0, 0), backfill=True),
+}
+
+
+def _fill(lim: Limiter, holders: list[str]):
+    est = lim.estimate(10, 10)
+    held = []
+    for name in holders:
+        d = lim.admit(name, est, 0.0)
+        assert d.admitted, (name, d.shortfalls)
+        held.append(d.reservation)
+    assert lim.inflight == len(holders)
+    return est, held
+
+
+@pytest.mark.parametrize(
+    ("holders", "arriving", "path", "victim"),
+    [
+        # within its allowance (g has 4, e has 2)
+        pytest.param(["g2"] * 4 + ["s"] * 4, "g", "allowance", "s", id="guaranteed-within-allowance-preempts-spot"),
+        pytest.param(
+            ["g2"] * 4 + ["e2"] * 4, "g", "allowance", "e2", id="guaranteed-within-allowance-preempts-elastic-backfill"
+        ),
+        pytest.param(
+            ["e2"] * 4 + ["s"] * 4, "g", "allowance", "s", id="guaranteed-within-allowance-preempts-spot-before-elastic"
+        ),
+        pytest.param(
+            ["g2"] * 8, "g", "allowance", "g2", id="guaranteed-within-allowance-takes-back-guaranteed-backfill"
+        ),
+        pytest.param(["g2"] * 4 + ["s"] * 4, "e", "allowance", "s", id="elastic-within-allowance-preempts-spot"),
+        pytest.param(
+            ["g2"] * 4 + ["e2"] * 4, "e", "allowance", "e2", id="elastic-within-allowance-preempts-elastic-backfill"
+        ),
+        pytest.param(
+            ["g2"] * 8, "e", "allowance", None, id="elastic-within-allowance-never-preempts-guaranteed-backfill"
+        ),
+        # on backfill, above its allowance (g2 and e2 have none)
+        pytest.param(["g"] * 4 + ["s"] * 4, "g2", "backfill", "s", id="guaranteed-backfill-preempts-spot"),
+        pytest.param(
+            ["g"] * 4 + ["e2"] * 4, "g2", "backfill", "e2", id="guaranteed-backfill-preempts-elastic-backfill"
+        ),
+        pytest.param(
+            ["e2"] * 4 + ["s"] * 4, "g2", "backfill", "s", id="guaranteed-backfill-preempts-spot-before-elastic"
+        ),
+        pytest.param(["g"] * 4 + ["s"] * 4, "e2", "backfill", "s", id="elastic-backfill-preempts-spot"),
+        pytest.param(["g"] * 4 + ["e"] * 4, "e2", "backfill", None, id="elastic-backfill-never-preempts-elastic"),
+        pytest.param(["g"] * 4 + ["s"] * 4, "s", "backfill", None, id="spot-never-preempts-spot"),
+    ],
+)
+def test_a_higher_tier_takes_back_what_lower_tiers_hold_on_idle_capacity(holders, arriving, path, victim) -> None:
+    lim = limiter(TIER_LIMITS)
+    est, held = _fill(lim, holders)
+    d = lim.admit(arriving, est, 0.0)
+    if victim is None:
+        assert not d.victims
+        if path == "backfill":
+            assert not d.admitted
+            assert {s.scope for s in d.shortfalls} >= {"replica"}
+        return
+    assert d.admitted and d.reservation.backfill is (path == "backfill")
+    assert [v.entitlement for v in d.victims] == [victim]
+    newest = max((r for r in held if r.entitlement == victim), key=lambda r: r.seq)
+    assert d.victims[0] is newest and newest.preempted and not newest.active
+    assert lim.inflight == 8  # its place went to the arriving request
+
+
+def test_spot_is_admitted_only_on_idle_capacity_even_within_its_allowance() -> None:
+    lim = limiter({**TIER_LIMITS, "s": gate("spot", limit=(INF, INF, 8.0), backfill=True)})
+    est, _ = _fill(lim, ["g"] * 4 + ["e"] * 2 + ["e2"] * 2)
+    d = lim.admit("s", est, 0.0)
+    assert not d.admitted and d.dimension == "concurrency" and not d.victims
+    assert "no idle capacity on this replica" in d.message("s", "spot")
+    # and what spot holds within its allowance is preemptible like its backfill
+    lim2 = limiter({**TIER_LIMITS, "s": gate("spot", limit=(INF, INF, 8.0), backfill=True)})
+    est, spot = _fill(lim2, ["s"] * 8)
+    assert not any(r.backfill for r in spot)
+    d = lim2.admit("g", est, 0.0)
+    assert d.admitted and d.victims == (spot[-1],)
+
+
+def test_a_preempted_requests_unused_estimate_is_refunded_to_every_bucket_it_was_charged_to() -> None:
+    limits = {
+        "g": gate("guaranteed", limit=(INF, INF, 4.0), backfill=True),
+        "s": gate("spot", limit=(1000.0, INF, INF), burst=(1000.0, 0, 0), backfill=True,
+                  ceiling=(1000.0, INF, INF), ceiling_burst=(1000.0, 0, 0)),
+    }  # fmt: skip
+    lim = limiter(limits, pool=make_limiter_pool(replica={"throughput_tokens_per_s": 1000.0, "kv_tokens": 10000.0,
+                                                          "concurrency": 1.0}))  # fmt: skip
+    gate_s = lim.gates["s"]
+    est = lim.estimate(100, 300)  # 400 weighted tokens (weights 1, 1)
+    victim = lim.admit("s", est, 0.0).reservation
+    lim.charge(victim, 50, 0.0)  # 50 tokens streamed: 150 of its 400 are used
+    levels = (gate_s.own.level, gate_s.ceiling.level, lim.replica_buckets[2].level)
+    assert levels == (600.0, 600.0, 600.0)
+    d = lim.admit("g", lim.estimate(10, 10), 0.0)
+    assert d.victims == (victim,)
+    # its own bucket, its ceiling and the spot view of the replica all get the 250 unused tokens back
+    assert gate_s.own.level == gate_s.ceiling.level == 850.0
+    assert lim.replica_buckets[2].level == 850.0 - 20.0  # minus what the guaranteed request took
+    # settling the cut request later charges nothing twice and refunds nothing twice
+    lim.finish(victim, 0.0, prompt_tokens=100, generated_tokens=50, completed=False)
+    assert gate_s.own.level == 850.0 and victim.charged == 150.0
+
+
+def test_lower_tiers_never_spend_a_higher_tiers_view_of_idle_throughput() -> None:
+    lim = limiter(
+        {"e": gate("elastic", limit=(0, 0, 0), backfill=True), "s": gate("spot", limit=(0, 0, 0), backfill=True)}
+    )
+    big = lim.estimate(500, 490)  # 990 of the replica bucket's 1000
+    assert lim.admit("s", big, 0.0).admitted
+    assert not lim.admit("s", lim.estimate(10, 10), 0.0).admitted  # spot's view is spent
+    d = lim.admit("e", lim.estimate(10, 10), 0.0)
+    assert d.admitted and d.reservation.backfill and not d.victims  # elastic's view is untouched by spot
+    levels = [b.level for b in lim.replica_buckets]
+    assert levels == [1000.0, 980.0, -10.0]  # guaranteed's view: untouched by both
+
+
+def test_lower_tiers_yield_idle_capacity_for_an_interval_after_a_higher_tier_is_refused_for_it() -> None:
+    lim = limiter(TIER_LIMITS, interval_s=2.0)
+    est, held = _fill(lim, ["g"] * 4 + ["e"] * 2 + ["g2"] * 2)  # full, nothing that g2 may preempt
+    refused = lim.admit("g2", est, 1.0)
+    assert not refused.admitted and {s.scope for s in refused.shortfalls} >= {"replica"}
+    lim.finish(held[0], 1.5, prompt_tokens=10, generated_tokens=10)  # one sequence frees up
+    for name in ("e2", "s"):
+        d = lim.admit(name, est, 1.5)
+        assert not d.admitted and d.dimension == "concurrency"
+        assert "idle capacity yielded to a higher tier" in d.message(name, "x")
+        assert "held for guaranteed traffic" in d.message(name, "x")
+        assert d.retry_after_s == pytest.approx(1.5)
+    assert lim.admit("g2", est, 1.6).admitted  # what freed up goes to the tier that asked first
+    assert lim.inversions == {}
+    lim.finish(held[1], 3.1, prompt_tokens=10, generated_tokens=10)
+    assert lim.admit("s", est, 3.1).admitted  # past the interval spot may backfill again
+
+
+def test_inversions_count_idle_capacity_admissions_of_lower_tiers_after_a_higher_tier_was_refused(monkeypatch) -> None:
+    lim = limiter(TIER_LIMITS, interval_s=2.0)
+    est, held = _fill(lim, ["g"] * 4 + ["e"] * 2 + ["g2"] * 2)
+    assert not lim.admit("g2", est, 1.0).admitted
+    monkeypatch.setattr(lim, "_yield_shortfall", lambda *a: None)  # as if the yield rule were not there
+    lim.finish(held[0], 1.2, prompt_tokens=10, generated_tokens=10)
+    lim.finish(held[1], 1.2, prompt_tokens=10, generated_tokens=10)
+    assert lim.admit("s", est, 1.2).admitted
+    assert lim.admit("e2", est, 1.3).admitted
+    assert lim.inversions == {(Tier.GUARANTEED, Tier.SPOT): 1, (Tier.GUARANTEED, Tier.ELASTIC): 1}
+    lim.finish(held[4], 1.4, prompt_tokens=10, generated_tokens=10)
+    d = lim.admit("e", est, 1.4)
+    assert d.admitted and not d.reservation.backfill
+    assert sum(lim.inversions.values()) == 2  # elastic within its allowance holds what it was promised
+
+
+# ---- the prefill bound: lower tiers' prompts never crowd a higher tier's prefills ---------------------
+#
+# The pool's replica: 1000 weighted tokens/s at prompt weight 1, so a 0.1 s window is 100 prompt tokens;
+# the typical prompt (10) is below it.
+
+PREFILL_LIMITS = {
+    "g": gate("guaranteed", limit=(INF, INF, INF)),
+    "e": gate("elastic", limit=(INF, INF, 0.0), backfill=True),
+    "s": gate("spot", limit=(0, 0, 0), backfill=True),
+}
+
+
+def test_while_a_higher_tier_has_traffic_lower_tiers_add_prompts_only_within_the_prefill_window() -> None:
+    lim = limiter(PREFILL_LIMITS, prefill_window_s=0.1)
+    assert lim.prefill_budget() == 100
+    # no higher-tier traffic yet: spot may fill the prefill queue as it likes
+    assert lim.admit("s", lim.estimate(80, 10), 0.0).admitted
+    assert lim.admit("s", lim.estimate(80, 10), 0.0).admitted
+    g = lim.admit("g", lim.estimate(60, 10), 1.0).reservation  # guaranteed arrives: never bounded
+    d = lim.admit("s", lim.estimate(30, 10), 1.0)
+    assert not d.admitted and d.dimension == "throughput_tokens_per_s"
+    assert "no idle prefill capacity on this replica" in d.message("s", "spot")
+    assert "220 prompt tokens still to prefill" in d.message("s", "spot")
+    # elastic counts its own and guaranteed's backlog, never spot's
+    assert lim.admit("e", lim.estimate(30, 10), 1.0).admitted  # 60 + 30 <= 100
+    e2 = lim.admit("e", lim.estimate(30, 10), 1.0)
+    assert not e2.admitted and [s.scope for s in e2.shortfalls if s.scope != "limit"] == ["prefill"]
+    lim.charge(g, 1, 1.1)  # guaranteed's first token: its prompt is prefilled
+    assert lim.prefill_pending == [0, 30, 160]
+    assert lim.admit("e", lim.estimate(30, 10), 1.1).admitted
+    # a prompt longer than the window passes only an empty backlog
+    lim2 = limiter(PREFILL_LIMITS, prefill_window_s=0.1)
+    lim2.charge(lim2.admit("g", lim2.estimate(5, 5), 0.0).reservation, 1, 0.0)
+    assert lim2.admit("s", lim2.estimate(500, 10), 0.0).admitted
+    assert not lim2.admit("s", lim2.estimate(500, 10), 0.0).admitted
+
+
+def test_lower_tiers_keep_the_prefill_room_that_a_waiting_higher_tier_needs() -> None:
+    lim = limiter(PREFILL_LIMITS, prefill_window_s=0.1)
+    lim.admit("g", lim.estimate(5, 5), 0.0)
+    lim.prefill_waiting[1] = 90  # an elastic prompt of 90 waits for room (the gatekeeper parks it)
+    d = lim.admit("s", lim.estimate(10, 10), 0.0)
+    assert not d.admitted and [s.scope for s in d.shortfalls if s.scope != "limit"] == ["prefill"]
+    assert lim.admit("e", lim.estimate(10, 10), 0.0).admitted  # its own tier's waiters do not count
+    lim.prefill_waiting[1] = 0
+    assert lim.admit("s", lim.estimate(10, 10), 20.0).admitted  # and past an interval without guaranteed, none

@@ -75,7 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--preempt", action=argparse.BooleanOptionalAction, default=True,
-        help="cut backfilled (spot first) requests when guaranteed traffic needs the replica back (default: on)",
+        help="cut what lower tiers hold on idle capacity (spot first, then elastic backfill) when a higher "
+        "tier needs the replica back (default: on)",
+    )  # fmt: skip
+    group.add_argument(
+        "--interval-s", type=float, default=5.0,
+        help="the controller's interval: how long lower tiers yield this replica's idle capacity after a higher "
+        "tier was refused for it, and the window tier inversions are counted in (default: %(default)s)",
     )  # fmt: skip
     group.add_argument(
         "--prompt-tokens", choices=["rule", "tokenize"], default="rule",
@@ -126,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     log = logging.getLogger("tokenscaler.sidecar")
     if args.engine_poll_s <= 0:
         return fail("sidecar", f"--engine-poll-s ({args.engine_poll_s:g}) must be > 0", 2)
+    if args.interval_s <= 0:
+        return fail("sidecar", f"--interval-s ({args.interval_s:g}) must be > 0", 2)
     host, port = args.listen
     try:
         config = load_config(args.config)
@@ -147,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
         actual_port = proxy_sock.getsockname()[1]
         replica = args.replica_id or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or f"{host}:{actual_port}"
         loop = asyncio.get_running_loop()
-        limiter = Limiter(pool, now=loop.time(), preempt=args.preempt, replica_window_s=args.replica_window_s)
+        limiter = Limiter(
+            pool, now=loop.time(), preempt=args.preempt, replica_window_s=args.replica_window_s,
+            interval_s=args.interval_s,
+        )  # fmt: skip
         stats = [EntitlementStats(e.name, e.tier.value) for e in config.entitlements_of(pool.name)]
         metrics = SidecarMetrics(pool.name, replica, limiter, stats)
         gate = Gatekeeper(limiter, metrics, queue_size=args.queue_size, max_wait_s=args.queue_max_wait_s)

@@ -17,12 +17,33 @@ Per entitlement (:class:`GateLimits`, this replica's share of its limits):
 A request is admitted *within its allowance* only if all three pass. Otherwise, if the
 entitlement may backfill, it may be admitted on *idle capacity* when the replica's own totals
 leave room (in-flight sequences and reserved KV against the replica's capacity, and a
-replica-wide bucket refilled at the replica's throughput that every admitted request drains)
-and its ceiling (its configured limit on this replica) is not exceeded. Backfilled requests
-are borrowed capacity: when a request within its allowance finds the replica full, the
-decision names backfilled requests of other entitlements to preempt (spot first, then
-elastic, then guaranteed; lower priority first; newest first), whose KV and concurrency are
-released at once.
+replica-wide bucket refilled at the replica's throughput) and its ceiling (its configured
+limit on this replica) is not exceeded.
+
+Tier order holds on the replica by construction:
+
+* **Lower tiers never spend a higher tier's throughput.** The replica-wide bucket is one per
+  tier (:attr:`Limiter.replica_buckets`): the bucket a tier's backfill is judged against is
+  drained by that tier and the tiers above it only, so spot's use never empties elastic's or
+  guaranteed's view of idle throughput, and elastic's never guaranteed's.
+* **What a lower tier holds on idle capacity is given back.** Backfilled requests, and every
+  spot request (spot's allowance is idle capacity too), are *preemptible*. A request within
+  its allowance that finds the replica full preempts, lowest tier first (then lower priority,
+  then newest), the preemptible requests of its own tier's backfill and of every lower tier;
+  a request on backfill preempts those of strictly lower tiers when that makes it fit.
+  Elastic requests within their allowance and guaranteed requests are never preempted by a
+  lower or equal tier's backfill. A victim's KV and concurrency are released at once and the
+  unused part of its estimate (all but its prompt and the tokens it streamed) is refunded to
+  every bucket it was charged to, before the new request is judged.
+* **A lower tier yields to a higher one refused for capacity.** When a request is refused
+  for the replica's capacity (its backfill path failed on a ``replica`` shortfall, which with
+  the rules above means equal or higher tiers hold the replica), idle-capacity admissions of
+  every strictly lower tier (backfill, and spot on any path) are refused for ``interval_s``:
+  what frees up goes to the tier that asked first.
+* **Inversions are counted, not assumed away.** :attr:`Limiter.inversions` counts, per
+  ``(higher, lower)`` tier, every idle-capacity admission of a lower tier within
+  ``interval_s`` after a higher tier was refused here for the replica's capacity. The rules
+  above keep it at 0; the counter is what proves it, live and in virtual time.
 
 Reconciliation: generated tokens are charged as they stream; tokens beyond the estimate put
 the buckets into debt (and grow the KV reservation) rather than going uncounted; at the end
@@ -43,7 +64,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from tokenscaler.core.model import CONCURRENCY, DIMENSIONS, KV, THROUGHPUT, Pool, Tier
+from tokenscaler.core.model import CONCURRENCY, DIMENSIONS, KV, THROUGHPUT, TIER_ORDER, Pool, Tier
 
 INF = math.inf
 Vector = tuple[float, float, float]
@@ -144,15 +165,25 @@ class Shortfall:
     """One dimension on which a request does not fit, with the numbers."""
 
     dimension: str
-    scope: str  # "limit" (own allowance), "ceiling" or "replica" (idle capacity)
+    # "limit" (own allowance), "ceiling", "replica" (idle capacity), "prefill" (idle prefill capacity)
+    # or "yield" (held for a higher tier)
+    scope: str
     requested: float
     in_use: float  # reserved KV / in-flight sequences; throughput: allowance already spent
     allowed: float  # limit + burst; throughput: the bucket depth
     available: float  # allowed - in_use; throughput: the bucket level
     rate: float = 0.0  # throughput: refill per second
     retry_after_s: float = INF
+    yielded_to: str | None = None  # scope "yield": the higher tier this replica's idle capacity is held for
 
     def describe(self) -> str:
+        if self.scope == "yield":
+            return f"held for {self.yielded_to} traffic refused on this replica {self.in_use:.3g}s ago"
+        if self.scope == "prefill":
+            return (
+                f"a prompt of {self.requested:.0f} tokens with {self.in_use:.0f} prompt tokens still to prefill here "
+                f"(at most {self.allowed:.0f} beside higher-tier traffic)"
+            )
         if self.dimension == DIMENSIONS[THROUGHPUT]:
             return (
                 f"requested {self.requested:.0f} weighted tokens, {max(self.available, 0):.0f} of "
@@ -176,11 +207,17 @@ class Reservation:
     charged: float = 0.0  # weighted tokens taken from the buckets so far
     kv_tokens: float = 0.0
     generated: int = 0
+    prefill: int = 0  # prompt tokens the engine has yet to prefill (0 once its first token streamed)
     active: bool = True  # still holds KV and concurrency
     preempted: bool = False
     finished: bool = False
     handle: object | None = field(default=None, repr=False)
     """Set by the caller: whatever it needs to cut the request when preempted."""
+
+    @property
+    def idle_capacity(self) -> bool:
+        """Held on idle capacity, so preemptible by higher tiers: backfill, or any spot request."""
+        return self.backfill or self.tier is Tier.SPOT
 
 
 @dataclass(frozen=True)
@@ -201,7 +238,12 @@ class Decision:
         for s in own:
             parts.append(f"{s.dimension}: {s.describe()}")
         for s in other:
-            where = "its ceiling" if s.scope == "ceiling" else "no idle capacity on this replica"
+            where = {
+                "ceiling": "its ceiling", "yield": "idle capacity yielded to a higher tier",
+                "prefill": "no idle prefill capacity on this replica",
+            }.get(
+                s.scope, "no idle capacity on this replica"
+            )
             parts.append(f"{where}: {s.dimension}: {s.describe()}")
         wait = "later" if math.isinf(self.retry_after_s) else f"in {max(self.retry_after_s, 0.001):.3g}s"
         return "; ".join(parts) + f". Please try again {wait}."
@@ -288,10 +330,21 @@ class Limiter:
         preempt: bool = True,
         replica_window_s: float = 1.0,
         inflight_retry_s: float = 1.0,
+        interval_s: float = 5.0,
+        prefill_window_s: float = 0.1,
+        tier_order: bool = True,
     ) -> None:
-        """``replica_window_s``: depth of the replica-wide bucket, in seconds of its throughput
+        """``replica_window_s``: depth of the replica-wide buckets, in seconds of its throughput
         (at least one typical request); ``inflight_retry_s``: the retry hint when KV or
-        concurrency binds (the limiter cannot know when in-flight requests will end)."""
+        concurrency binds (the limiter cannot know when in-flight requests will end);
+        ``interval_s``: the controller's interval, how long lower tiers yield after a higher
+        tier was refused for this replica's capacity, and the window inversions are counted in;
+        ``prefill_window_s``: while a higher tier has traffic here, the prompt tokens still to be
+        prefilled that lower tiers may add on idle capacity, in seconds of the replica's
+        throughput at the prompt weight (at least one typical prompt; 0: no such bound);
+        ``tier_order`` False: only each gate and the replica's totals bind, none of the tier rules
+        above (no yield, no prefill bound, spot's allowance not judged against idle capacity): a
+        sidecar that only counts, as the experiments' baselines without token pools' admission."""
         self.pool = pool
         self.w_prompt = pool.token_weights.prompt
         self.w_generation = pool.token_weights.generation
@@ -301,14 +354,29 @@ class Limiter:
         self.configured: Vector = self.capacity
         self.engine: tuple[float | None, float | None, float | None] = (None, None, None)
         depth = max(self.capacity[THROUGHPUT] * replica_window_s, float(pool.typical_request_vector()[THROUGHPUT]))
-        self.replica = Bucket(self.capacity[THROUGHPUT], depth, now)
+        # one replica-wide bucket per tier (index: rank); bucket k is drained by tiers of rank <= k
+        self.replica_buckets: tuple[Bucket, ...] = tuple(
+            Bucket(self.capacity[THROUGHPUT], depth, now) for _ in TIER_ORDER
+        )
         self.preempt = preempt
         self.inflight_retry_s = inflight_retry_s
+        self.interval_s = interval_s
         self.gates: dict[str, Gate] = {}
         self.inflight = 0  # sequences in flight on this replica, both paths
         self.kv = 0.0  # KV tokens reserved on this replica, both paths
-        self._backfilled: dict[int, Reservation] = {}  # admission order
+        self._preemptible: dict[int, Reservation] = {}  # on idle capacity (Reservation.idle_capacity), by seq
         self._seq = 0
+        self._refused_at: list[float] = [-INF] * len(TIER_ORDER)  # per rank: last refusal for replica capacity
+        self._seen_at: list[float] = [-INF] * len(TIER_ORDER)  # per rank: last request offered here
+        self.prefill_pending: list[int] = [0] * len(TIER_ORDER)  # per rank: prompt tokens not yet prefilled
+        self.prefill_window_s = prefill_window_s
+        self.tier_order = tier_order
+        self.prefill_waiting: list[int] = [0] * len(TIER_ORDER)
+        """Per rank: prompt tokens of requests waiting (in the gatekeeper) for prefill room; lower
+        tiers keep that room for them."""
+        self.inversions: dict[tuple[Tier, Tier], int] = {}
+        """(higher, lower) -> idle-capacity admissions of ``lower`` within ``interval_s`` after
+        ``higher`` was refused here for the replica's capacity (see the module docstring)."""
 
     # ---- configuration -----------------------------------------------------------------
 
@@ -380,6 +448,8 @@ class Limiter:
             sf = Shortfall(DIMENSIONS[CONCURRENCY], "limit", est.sequences, 0, 0, 0)
             return Decision(False, shortfalls=(sf,), dimension=sf.dimension, retry_after_s=INF)
         lim = gate.limits
+        rank = lim.tier.rank
+        self._seen_at[rank] = now
         cost = est.weighted
         own: list[Shortfall] = []
         if (sf := _bucket_shortfall("limit", gate.own, cost, now)) is not None:
@@ -390,14 +460,18 @@ class Limiter:
                 gate.inflight, lim.limit[CONCURRENCY] + lim.burst[CONCURRENCY], self.inflight_retry_s,
             )
         )  # fmt: skip
-        if not own:
-            victims = self._victims(name, est) if self.preempt else ()
-            for v in victims:
-                self._release(v)
-                v.preempted = True
+        yielded = self._yield_shortfall(rank, est, now) if self.tier_order else None
+        spot_yields = yielded is not None and lim.tier is Tier.SPOT  # spot's allowance is idle capacity too
+        if not own and not spot_yields:
+            spot = self.tier_order and lim.tier is Tier.SPOT
+            if spot and (full := self._replica_shortfalls(name, rank, est, now, within=True)):
+                return self._refuse(full, full, now, rank)  # spot's allowance is idle capacity: none is left
+            victims = self._victims(name, rank, est, within=True) if self.preempt else ()
+            self._preempt(victims, now)
             return Decision(True, self._reserve(name, gate, est, now, backfill=False), victims=victims)
         if not lim.backfill:
-            return self._refuse(own, own)
+            binding = own or [yielded]  # type: ignore[list-item]
+            return self._refuse(binding, binding, now, rank)
         other: list[Shortfall] = []
         if (sf := _bucket_shortfall("ceiling", gate.ceiling, cost, now)) is not None:
             other.append(sf)
@@ -408,43 +482,117 @@ class Limiter:
                 self.inflight_retry_s,
             )
         )  # fmt: skip
-        if (sf := _bucket_shortfall("replica", self.replica, cost, now)) is not None:
+        if yielded is not None:
+            other.append(yielded)
+        if (sf := _bucket_shortfall("replica", self.replica_buckets[rank], cost, now)) is not None:
             other.append(sf)
-        other.extend(
+        other.extend(self._replica_shortfalls(name, rank, est, now, within=False))
+        if not other:
+            victims = self._victims(name, rank, est, within=False) if self.preempt else ()
+            self._preempt(victims, now)
+            return Decision(True, self._reserve(name, gate, est, now, backfill=True), victims=victims)
+        return self._refuse(own + other, other, now, rank, own)
+
+    def _replica_shortfalls(self, name: str, rank: int, est: Estimate, now: float, *, within: bool) -> list[Shortfall]:
+        """Where the replica would not hold ``est`` on idle capacity: its KV or concurrency, even with
+        everything this request may preempt given back, and the prefill bound."""
+        candidates = self._candidates(name, rank, within=within) if self.preempt else []
+        free_seq = sum(r.estimate.sequences for r in candidates)
+        free_kv = sum(r.kv_tokens for r in candidates)
+        out = list(
             _in_flight_shortfalls(
-                "replica", est, self.kv, self.capacity[KV], self.inflight, self.capacity[CONCURRENCY],
-                self.inflight_retry_s,
+                "replica", est, self.kv - free_kv, self.capacity[KV], self.inflight - free_seq,
+                self.capacity[CONCURRENCY], self.inflight_retry_s,
             )
         )  # fmt: skip
-        if not other:
-            return Decision(True, self._reserve(name, gate, est, now, backfill=True))
-        return self._refuse(own + other, other, own)
+        if self.tier_order and (sf := self._prefill_shortfall(rank, est, now)) is not None:
+            out.append(sf)
+        return out
+
+    def prefill_budget(self) -> float:
+        """Prompt tokens lower tiers may keep waiting for prefill on idle capacity (see ``prefill_window_s``)."""
+        if self.prefill_window_s <= 0 or self.w_prompt <= 0:
+            return INF
+        typical = float(self.pool.typical_request.prompt_tokens)
+        return max(self.prefill_window_s * self.capacity[THROUGHPUT] / self.w_prompt, typical)
+
+    def _prefill_shortfall(self, rank: int, est: Estimate, now: float) -> Shortfall | None:
+        """Long prompts of lower tiers would take the engine's token budget, step after step, ahead of
+        a higher tier's prompts (vLLM schedules running prefills first): while a higher tier has had
+        traffic here within an interval, an idle-capacity admission of tier ``rank`` waits until the
+        prompt tokens still to be prefilled by its own and higher tiers, and the prompts of higher
+        tiers waiting for that room (:attr:`prefill_waiting`), leave room for its prompt (one prompt
+        always fits when nothing is pending). Lower tiers' backlog never counts against it."""
+        if rank == 0 or not any(now - self._seen_at[h] < self.interval_s for h in range(rank)):
+            return None
+        pending = sum(self.prefill_pending[: rank + 1]) + sum(self.prefill_waiting[:rank])
+        budget = self.prefill_budget()
+        if pending == 0 or pending + est.prompt_tokens <= budget:
+            return None
+        return Shortfall(
+            DIMENSIONS[THROUGHPUT], "prefill", est.prompt_tokens, pending, budget, budget - pending,
+            retry_after_s=self.inflight_retry_s,
+        )  # fmt: skip
 
     def _refuse(
-        self, shortfalls: list[Shortfall], binding: list[Shortfall], alternative: list[Shortfall] | None = None
+        self,
+        shortfalls: list[Shortfall],
+        binding: list[Shortfall],
+        now: float,
+        rank: int,
+        alternative: list[Shortfall] | None = None,
     ) -> Decision:
         wait = max(s.retry_after_s for s in binding)
         if alternative:  # whichever path opens first
             wait = min(wait, max(s.retry_after_s for s in alternative))
+        scopes = {s.scope for s in binding}
+        if "replica" in scopes and "ceiling" not in scopes:
+            self._refused_at[rank] = now  # refused for the replica's capacity: lower tiers yield for an interval
         return Decision(False, shortfalls=tuple(shortfalls), dimension=binding[0].dimension, retry_after_s=wait)
 
-    def _victims(self, name: str, est: Estimate) -> tuple[Reservation, ...]:
+    def _yield_shortfall(self, rank: int, est: Estimate, now: float) -> Shortfall | None:
+        """A strictly higher tier was refused here for the replica's capacity within
+        ``interval_s``: this tier's idle-capacity admissions wait (scope ``yield``)."""
+        for higher in range(rank):
+            ago = now - self._refused_at[higher]
+            if ago < self.interval_s:
+                return Shortfall(
+                    DIMENSIONS[CONCURRENCY], "yield", est.sequences, ago, self.capacity[CONCURRENCY], 0.0,
+                    retry_after_s=self.interval_s - ago, yielded_to=TIER_ORDER[higher].value,
+                )  # fmt: skip
+        return None
+
+    def _candidates(self, name: str, rank: int, *, within: bool) -> list[Reservation]:
+        """Who a request of tier ``rank`` may preempt, in the order they go: lowest tier first,
+        backfill before spot's allowance, lower priority first, newest first. A request within its
+        allowance takes back the backfill of its own tier and of lower tiers; any request takes
+        back what strictly lower tiers hold on idle capacity."""
+        if not self._preemptible:
+            return []
+        out = [
+            r for r in self._preemptible.values()
+            if r.entitlement != name and (r.tier.rank > rank or (within and r.backfill and r.tier.rank == rank))
+        ]  # fmt: skip
+        out.sort(key=lambda r: (-r.tier.rank, not r.backfill, r.priority, -r.seq))
+        return out
+
+    def _victims(self, name: str, rank: int, est: Estimate, *, within: bool) -> tuple[Reservation, ...]:
         over_seq = self.inflight + est.sequences - self.capacity[CONCURRENCY]
         over_kv = self.kv + est.kv_tokens - self.capacity[KV]
-        if (over_seq <= 0 and over_kv <= 0) or not self._backfilled:
+        if over_seq <= 0 and over_kv <= 0:
             return ()
-        candidates = sorted(
-            (r for r in self._backfilled.values() if r.entitlement != name),
-            key=lambda r: (-r.tier.rank, r.priority, -r.seq),
-        )
-        chosen: list[Reservation] = []
-        for r in candidates:
-            if over_seq <= 0 and over_kv <= 0:
-                break
-            chosen.append(r)
-            over_seq -= r.estimate.sequences
-            over_kv -= r.kv_tokens
-        return tuple(chosen)
+        return _enough(self._candidates(name, rank, within=within), over_seq, over_kv)
+
+    def _preempt(self, victims: tuple[Reservation, ...], now: float) -> None:
+        """Cut ``victims``: their KV and concurrency are free at once, and what they were charged
+        beyond their prompt and the tokens they streamed goes back to every bucket it came from
+        (:meth:`finish` settles the rest when the caller has cut them)."""
+        for v in victims:
+            self._release(v)
+            v.preempted = True
+            used = self.w_prompt * v.estimate.prompt_tokens + self.w_generation * v.generated
+            if v.charged > used:
+                self._give(self.gates[v.entitlement], v, v.charged - used, now)
 
     def _reserve(self, name: str, gate: Gate, est: Estimate, now: float, *, backfill: bool) -> Reservation:
         self._seq += 1
@@ -452,30 +600,49 @@ class Limiter:
         res = Reservation(name, lim.tier, lim.priority, est, backfill, self._seq, now)
         self._take(gate, res, est.weighted)
         res.kv_tokens = est.kv_tokens
+        res.prefill = est.prompt_tokens
+        self.prefill_pending[res.tier.rank] += est.prompt_tokens
         if backfill:
             gate.bf_inflight += est.sequences
             gate.bf_kv += est.kv_tokens
-            self._backfilled[res.seq] = res
         else:
             gate.inflight += est.sequences
             gate.kv += est.kv_tokens
+        if res.idle_capacity:
+            self._preemptible[res.seq] = res
+            self._count_inversions(res.tier.rank, now)
         self.inflight += est.sequences
         self.kv += est.kv_tokens
         return res
 
-    def _take(self, gate: Gate, res: Reservation, amount: float) -> None:
+    def prefilled(self, res: Reservation) -> None:
+        """The engine has prefilled ``res``'s prompt (its first token streamed, or it ended)."""
+        if res.prefill:
+            self.prefill_pending[res.tier.rank] -= res.prefill
+            res.prefill = 0
+
+    def _count_inversions(self, rank: int, now: float) -> None:
+        for higher in range(rank):
+            if now - self._refused_at[higher] < self.interval_s:
+                key = (TIER_ORDER[higher], TIER_ORDER[rank])
+                self.inversions[key] = self.inversions.get(key, 0) + 1
+
+    def _buckets(self, gate: Gate, res: Reservation) -> Iterator[Bucket]:
+        """Every bucket a reservation is charged to: its own allowance (not on backfill), its
+        ceiling, and the replica buckets of its tier and of every lower tier."""
         if not res.backfill and gate.own is not None:
-            gate.own.level -= amount
+            yield gate.own
         if gate.ceiling is not None:
-            gate.ceiling.level -= amount
-        self.replica.level -= amount
+            yield gate.ceiling
+        yield from self.replica_buckets[res.tier.rank :]
+
+    def _take(self, gate: Gate, res: Reservation, amount: float) -> None:
+        for b in self._buckets(gate, res):
+            b.level -= amount
         res.charged += amount
 
     def _give(self, gate: Gate, res: Reservation, amount: float, now: float) -> None:
-        buckets = [self.replica] if gate.ceiling is None else [self.replica, gate.ceiling]
-        if not res.backfill and gate.own is not None:
-            buckets.append(gate.own)
-        for b in buckets:
+        for b in self._buckets(gate, res):
             b.refill(now)
             b.refund(amount)
         res.charged -= amount
@@ -484,26 +651,30 @@ class Limiter:
         if not res.active:
             return
         res.active = False
+        self.prefilled(res)
         gate = self.gates[res.entitlement]
         n = res.estimate.sequences
         if res.backfill:
             gate.bf_inflight -= n
             gate.bf_kv -= res.kv_tokens
-            self._backfilled.pop(res.seq, None)
         else:
             gate.inflight -= n
             gate.kv -= res.kv_tokens
+        self._preemptible.pop(res.seq, None)
         self.inflight -= n
         self.kv -= res.kv_tokens
 
     # ---- reconciliation ----------------------------------------------------------------
 
-    def charge(self, res: Reservation, generated: int, now: float) -> None:
+    def charge(self, res: Reservation, generated: int, now: float) -> bool:
         """``generated`` tokens (all sequences, cumulative) have streamed: charge what
-        exceeds the reservation (debt) and grow the KV reservation past the estimate."""
+        exceeds the reservation (debt) and grow the KV reservation past the estimate.
+        Returns whether this ended the request's prefill (its first tokens)."""
         if generated <= res.generated or res.finished:
-            return
+            return False
         res.generated = generated
+        first = res.prefill > 0
+        self.prefilled(res)
         est = res.estimate
         used = self.w_prompt * est.prompt_tokens + self.w_generation * generated
         gate = self.gates[res.entitlement]
@@ -518,6 +689,7 @@ class Limiter:
                 gate.bf_kv += grow
             else:
                 gate.kv += grow
+        return first
 
     def finish(
         self, res: Reservation, now: float, *, prompt_tokens: int, generated_tokens: int, completed: bool = True
@@ -564,3 +736,16 @@ class Limiter:
         """(in-flight sequences, reserved KV tokens) of one entitlement, both paths."""
         gate = self.gates[name]
         return gate.inflight + gate.bf_inflight, gate.kv + gate.bf_kv
+
+
+def _enough(candidates: list[Reservation], over_seq: float, over_kv: float) -> tuple[Reservation, ...]:
+    """The first of ``candidates`` whose release brings both overshoots to <= 0 (all of them if
+    they do not suffice)."""
+    chosen: list[Reservation] = []
+    for r in candidates:
+        if over_seq <= 0 and over_kv <= 0:
+            break
+        chosen.append(r)
+        over_seq -= r.estimate.sequences
+        over_kv -= r.kv_tokens
+    return tuple(chosen)

@@ -57,7 +57,7 @@ LIMITS_FETCH_ERRORS_TOTAL = "tokenscaler_sidecar_limits_fetch_errors_total"
 ADDED_LATENCY_SECONDS = "tokenscaler_sidecar_added_latency_seconds"
 """Histogram {route}: time in the sidecar before forwarding plus the per-response overhead."""
 PREEMPTED_STREAMS_TOTAL = "tokenscaler_sidecar_preempted_streams_total"
-"""Counter {entitlement, tier}: backfilled requests cut to give capacity back."""
+"""Counter {entitlement, tier}: requests on idle capacity (backfill, spot) cut to give capacity back."""
 QUEUE_WAIT_SECONDS = "tokenscaler_sidecar_queue_wait_seconds"
 """Histogram: how long queued (guaranteed) requests waited, admitted or not."""
 QUEUED_REQUESTS = "tokenscaler_sidecar_queued_requests"
@@ -65,6 +65,9 @@ QUEUED_REQUESTS = "tokenscaler_sidecar_queued_requests"
 TTFT_SLO_REQUESTS_TOTAL = "tokenscaler_sidecar_ttft_slo_requests_total"
 """Counter {entitlement, tier, outcome}: streamed requests of entitlements with ``slo.ttft_p99_s``,
 outcome met | missed (time from arrival at the sidecar to the first generated token)."""
+TIER_INVERSIONS_TOTAL = "tokenscaler_sidecar_tier_inversions_total"
+"""Counter {higher, lower}: admissions of a lower tier on this replica's idle capacity within an interval
+after a higher tier was refused here for the replica's capacity (the goal is 0; see core/limiter.py)."""
 ENGINE_CAPACITY = SIDECAR_PREFIX + "engine_capacity"
 """Gauge {dimension}: what this replica's engine says it holds (kv_tokens from its cache config);
 only the dimensions the engine states."""
@@ -75,8 +78,8 @@ SIDECAR_NAMES: tuple[str, ...] = (
     REQUESTS_TOTAL, REJECTIONS_TOTAL, PROMPT_TOKENS_TOTAL, GENERATION_TOKENS_TOTAL, ADMITTED_WEIGHTED_TOKENS_TOTAL,
     OFFERED_WEIGHTED_TOKENS_TOTAL, OFFERED_REQUESTS_TOTAL, INFLIGHT_REQUESTS, RESERVED_KV_TOKENS, LIMIT, BURST,
     CEILING, BACKFILL_ALLOWED, LIMITS_AGE_SECONDS, LIMITS_STATE, LIMITS_FETCH_ERRORS_TOTAL, ADDED_LATENCY_SECONDS,
-    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS, ENGINE_CAPACITY, ENGINE_MAX_MODEL_LEN,
-    TTFT_SLO_REQUESTS_TOTAL,
+    PREEMPTED_STREAMS_TOTAL, QUEUE_WAIT_SECONDS, QUEUED_REQUESTS, TIER_INVERSIONS_TOTAL, ENGINE_CAPACITY,
+    ENGINE_MAX_MODEL_LEN, TTFT_SLO_REQUESTS_TOTAL,
 )  # fmt: skip
 
 # --- controller (the plan and the loop)

@@ -215,6 +215,7 @@ class Fleet:
             ["sidecar", "--listen", "127.0.0.1:0", "--upstream", sim_url, "--config", str(s.config_path),
              "--pool", s.pool, "--metrics-port", "0", "--replicas", str(max(replicas_hint, 1)), "--replica-id", rid,
              "--limits-url", self.controller_url, "--limits-poll-s", "1", "--limits-expiry-s", "30",
+             "--interval-s", f"{s.interval_s:g}",
              "--log-level", "WARNING"],
         )  # fmt: skip
         try:

@@ -41,6 +41,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _inversions(r: dict) -> str:
+    total = r.get("tier_inversions")
+    if total is None:
+        return "-"
+    pairs = ", ".join(f"{k}: {n}" for k, n in r.get("tier_inversions_by_pair", {}).items() if n)
+    return f"{total} ({pairs})" if pairs else str(total)
+
+
 def _tier(r: dict, pol: str, tier: str, key: str) -> str:
     try:
         return _fmt(r["policies"][pol]["tiers"][tier][key])
@@ -227,17 +235,19 @@ def write_report(results: dict, out: Path) -> None:
             )
     lines += ["", "## Fleet", ""]
     lines.append("| policy | util. throughput | util. KV | util. concurrency | replica-s | replica-s uncontended "
-                 "| queue max | Jain (end) | convergence after drop (s) |")  # fmt: skip
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "| queue max | Jain (end) | convergence after drop (s) | tier inversions |")  # fmt: skip
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for p, r in pols.items():
         u = r["utilization"]
         jain = r["jain_index_over_time"][-1][1] if r["jain_index_over_time"] else None
         lines.append(
             f"| {p} | {_fmt(u['throughput_tokens_per_s'])} | {_fmt(u['kv_tokens'])} | {_fmt(u['concurrency'])} | "
             f"{_fmt(r['replica_seconds'])} | {_fmt(r['replica_seconds_uncontended'])} | {r['queue_depth_max']} | "
-            f"{_fmt(jain)} | {_fmt(r['convergence_interval_s'])} |"
+            f"{_fmt(jain)} | {_fmt(r['convergence_interval_s'])} | {_inversions(r)} |"
         )
     lines.append("")
+    lines.append("Tier inversions: admissions of a lower tier on a replica's idle capacity within an interval after a "
+                 "higher tier was refused there for the replica's capacity (the goal is 0).")  # fmt: skip
     lines.append(f"Utilization is averaged over {pols[next(iter(pols))]['utilization_window_s']} s "
                  "(while spot traffic is offered; the whole run without spot).")  # fmt: skip
     lines += ["", "## Tenants", ""]

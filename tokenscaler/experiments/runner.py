@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tokenscaler.core.limiter import INF, GateLimits, Limiter, Reservation
+from tokenscaler.core.limiter import INF, Decision, GateLimits, Limiter
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.step import StepSettings
 from tokenscaler.experiments.control import (
@@ -48,32 +48,16 @@ from tokenscaler.experiments.replicas import HPA_DEFAULTS, Hpa, rules_from_scale
 from tokenscaler.experiments.scenario import LoadedScenario, Skewed
 from tokenscaler.experiments.traffic import SlotSource, build_traffic
 from tokenscaler.sidecar.flight import Flight
+from tokenscaler.sidecar.gatekeeper import Gatekeeper, whole_limit
+from tokenscaler.sidecar.limits import LimitsUpdate
 from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
 from tokenscaler.sim.engine import Engine
 from tokenscaler.sim.metrics import build_registry
 from tokenscaler.sim.profile import load_profile
 from tokenscaler.sources.scrape import ScrapeResult
 
-ARRIVAL, SLOT, STEP, CONTROL, HPA, EVENT, READY = range(7)
+ARRIVAL, SLOT, STEP, CONTROL, HPA, EVENT, READY, WAKE = range(8)
 LIMITS_TTL_S = 60.0
-
-
-class _Gate:
-    """What :class:`Flight` calls on the sidecar's gatekeeper, at the loop's virtual now."""
-
-    __slots__ = ("limiter", "now")
-
-    def __init__(self, limiter: Limiter) -> None:
-        self.limiter = limiter
-        self.now = 0.0
-
-    def charge(self, res: Reservation, generated: int) -> None:
-        self.limiter.charge(res, generated, self.now)
-
-    def finish(self, res: Reservation, *, prompt_tokens: int, generated_tokens: int, completed: bool) -> None:
-        self.limiter.finish(
-            res, self.now, prompt_tokens=prompt_tokens, generated_tokens=generated_tokens, completed=completed
-        )
 
 
 @dataclass(eq=False)
@@ -99,7 +83,7 @@ class Replica:
     id: str
     engine: Engine
     limiter: Limiter
-    gate: _Gate
+    gate: Gatekeeper
     metrics: SidecarMetrics
     registry: object
     ready_at: float
@@ -108,10 +92,11 @@ class Replica:
     pending: object | None = None  # the StepResult whose tokens arrive at the next step event
     calls: dict[str, Call] = field(default_factory=dict)  # engine request id -> call
     streaming: dict[str, Call] = field(default_factory=dict)  # the calls whose first token came
-    by_seq: dict[int, Call] = field(default_factory=dict)  # reservation seq -> call (preemption)
     served: float = 0.0  # weighted tokens at the last sample
     epoch: int = 0  # a STEP event of an older epoch is stale (its run was cut short)
     run_ends: list[float] = field(default_factory=list)  # the pure decode run under way (not yet executed)
+    wake_at: float = INF  # the earliest WAKE event pushed for its gatekeeper's queue, not yet fired
+    cuts: list[Call] = field(default_factory=list)  # calls its gatekeeper preempted, to cut now
 
 
 class Run:
@@ -133,6 +118,8 @@ class Run:
         self.profile = profile
         self.rows = build_pool_rows(self.config)
         self.ents = {e.name: e for e in self.config.entitlements}
+        self.whole = {e.name: whole_limit(e) for e in self.config.entitlements}
+        self.now = 0.0
         self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
         self.heap: list[tuple[float, int, int, object]] = []
         self._seq = 0
@@ -190,6 +177,7 @@ class Run:
         heap, end = self.heap, self.duration
         while heap and heap[0][0] < end:
             t, _, kind, payload = heapq.heappop(heap)
+            self.now = t
             if kind == STEP:
                 r, epoch = payload  # type: ignore[misc]
                 if epoch == r.epoch:
@@ -219,7 +207,18 @@ class Run:
                 self._event(t, self.sc.events[payload])  # type: ignore[index]
             elif kind == READY:
                 self._ready(t, payload)  # type: ignore[arg-type]
+            elif kind == WAKE:
+                r = payload  # type: ignore[assignment]
+                r.wake_at = INF
+                r.gate.wake(t)
         result = self.recorder.result(end)
+        pairs: dict[str, int] = {}
+        for r in self.replicas:  # the sidecars' own counters (tokenscaler_sidecar_tier_inversions_total)
+            for (higher, lower), n in r.limiter.inversions.items():
+                key = f"{higher.value}>{lower.value}"
+                pairs[key] = pairs.get(key, 0) + n
+        result["tier_inversions"] = sum(pairs.values())
+        result["tier_inversions_by_pair"] = dict(sorted(pairs.items()))
         if self.gateway is not None and self.policy.admission == "tpm":
             # weighted tokens served above the per-minute limit, by the minute they were admitted in
             result["tpm_overshoot"] = self.gateway.overshoot()
@@ -263,29 +262,37 @@ class Run:
         call.max_tokens = min(call.max_tokens, limit - 1)
         call.output = min(call.output, call.max_tokens)
         call.prompt = min(call.prompt, limit - call.max_tokens)
-        stats = r.metrics.stats[call.tenant]
-        lim = r.limiter
-        est = lim.estimate(call.prompt, call.max_tokens)
-        stats.offered_requests += 1
-        decision = lim.admit(call.tenant, est, t)
+        call.replica = r
+        # the sidecar's admission path (gatekeeper.py): the never-fits 400, the guaranteed queue,
+        # preemption and the refusal bookkeeping; only the clock is the loop's
+        est = r.limiter.estimate(call.prompt, call.max_tokens)
+        if r.gate.screen(call.tenant, est, self.whole[call.tenant]) is not None:
+            return self._refused(t, call, "invalid")
+        decision = r.gate.arrive(call.tenant, est, self.ents[call.tenant].tier, t, lambda d: self._decided(r, call, d))
+        if decision is not None:
+            self._decided(r, call, decision)
+
+    def _decided(self, r: Replica, call: Call, decision: Decision) -> None:
+        """The sidecar of ``r`` decided ``call`` (at once, or after it waited in its queue)."""
+        t = self.now
+        self._do_cuts(r, t)
         if not decision.admitted:
-            stats.rejected[decision.dimension or "concurrency"] += 1
-            stats.offered_weighted += lim.expected_weighted(call.tenant, est)
             return self._refused(t, call, decision.dimension or "concurrency")
+        res = decision.reservation
+        assert res is not None
+        stats = r.metrics.stats[call.tenant]
+        flight = Flight(r.gate, res, stats, self.w, on_preempt=lambda: r.cuts.append(call))
+        if r.state not in ("ready", "draining"):  # it waited on a replica that has gone since
+            call.flight = flight
+            flight.settle()
+            call.done = True
+            self.recorder.cut(t, call.tenant, "failed")
+            return
         self._sync(r, t)
-        r.gate.now = t
-        for victim in decision.victims:
-            self.recorder.preempted_count(victim.entitlement)
-            r.metrics.stats[victim.entitlement].preempted += 1
-            vcall = r.by_seq.get(victim.seq)
-            if vcall is not None:
-                self._cut(t, r, vcall, "preempted")
-        flight = Flight(r.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
         self._seq += 1
         rid = f"{r.id}-{self._seq}"
-        call.rid, call.replica, call.flight, call.seq = rid, r, flight, self._seq
+        call.rid, call.flight, call.seq = rid, flight, self._seq
         r.calls[rid] = call
-        r.by_seq[decision.reservation.seq] = call  # type: ignore[union-attr]
         r.engine.add_request(rid, call.prompt, call.max_tokens, t, tenant=call.tenant, output_tokens=call.output)
         flight.accept()
         if r.run_ends and not r.engine.decode_run_remains(len(r.run_ends)):
@@ -295,6 +302,19 @@ class Run:
             r.step_scheduled = True
             self._push(max(t, r.engine.busy_until_s), STEP, (r, r.epoch))
 
+    def _do_cuts(self, r: Replica, t: float) -> None:
+        """Cut the calls ``r``'s gatekeeper preempted (their capacity is already given to another)."""
+        while r.cuts:
+            vcall = r.cuts.pop(0)
+            self.recorder.preempted_count(vcall.tenant)
+            self._cut(t, r, vcall, "preempted")
+
+    def _wake_at(self, r: Replica, at: float) -> None:
+        """The gatekeeper of ``r`` asks to be woken at ``at`` (its queue's next timed retry)."""
+        if at < r.wake_at:
+            r.wake_at = at
+            self._push(max(at, self.now), WAKE, r)
+
     def _cut(self, t: float, r: Replica, call: Call, why: str) -> None:
         """End a call early (preempted by the sidecar, or its replica died)."""
         if call.done:
@@ -303,12 +323,9 @@ class Run:
         self._sync(r, t, cut=True)
         r.calls.pop(call.rid, None)
         r.streaming.pop(call.rid, None)
-        if call.flight is not None:
-            r.by_seq.pop(call.flight.res.seq, None)
         r.engine.abort(call.rid, t)
         flight = call.flight
         if flight is not None:
-            r.gate.now = t
             flight.settle()
         self.recorder.cut(t, call.tenant, why)
         if call.slot is not None:
@@ -344,19 +361,19 @@ class Run:
         res = r.pending
         r.pending = None
         if res is not None:
-            r.gate.now = t
             for req in res.first_token:  # type: ignore[attr-defined]
                 call = r.calls.get(req.request_id)
                 if call is not None:
                     call.first_token = t
                     r.streaming[call.rid] = call
+                    if call.flight is not None:  # the sidecar sees the first chunk: the prompt is prefilled
+                        call.flight.streamed(req.output_tokens)
             for req in res.finished:  # type: ignore[attr-defined]
                 r.streaming.pop(req.request_id, None)
                 call = r.calls.pop(req.request_id, None)
                 if call is None or call.done:
                     continue
                 call.done = True
-                r.by_seq.pop(call.flight.res.seq, None)  # type: ignore[union-attr]
                 generated = req.output_tokens
                 call.flight.settle(call.prompt, generated, completed=True)  # type: ignore[union-attr]
                 if self.gateway is not None and self.policy.admission == "tpm":
@@ -404,12 +421,17 @@ class Run:
         rid = f"r{self._next_id}"
         self._next_id += 1
         engine = Engine(self.profile, seed=self.seed * 1000 + self._next_id)
-        limiter = Limiter(self.pool, now=t)
+        # without token pools' admission the sidecar only counts (unlimited gates): it preempts nothing
+        tokenpools = self.policy.admission == "tokenpools"
+        limiter = Limiter(
+            self.pool, now=t, preempt=tokenpools, tier_order=tokenpools, interval_s=self.sc.interval_s
+        )
         stats = [EntitlementStats(e.name, e.tier.value) for e in self.config.entitlements]
         metrics = SidecarMetrics(self.pool.name, rid, limiter, stats)
         # the embedded scraper reads the engine's gauges and token counters, never its histograms
         registry = build_registry(engine, self.profile.served_model_name, process_metrics=False, histograms=False)
-        r = Replica(rid, engine, limiter, _Gate(limiter), metrics, registry, t + self.profile.startup_s)
+        gate = Gatekeeper(limiter, metrics, clock=lambda: self.now, on_wake_at=lambda at: self._wake_at(r, at))
+        r = Replica(rid, engine, limiter, gate, metrics, registry, t + self.profile.startup_s)
         self.replicas.append(r)
         self.recorder.replica_started(t)
         if ready_now:
@@ -421,7 +443,7 @@ class Run:
         if r.state != "starting":
             return
         r.state = "ready"
-        r.limiter.set_limits(self._limits_for(r, self._count("ready")), t)
+        r.gate.apply(LimitsUpdate(self._limits_for(r, self._count("ready")), "fresh"), t)
 
     def _count(self, *states: str) -> int:
         return sum(1 for r in self.replicas if r.state in states)
@@ -489,7 +511,6 @@ class Run:
                 self._sync(r, t)
         results: list[ScrapeResult] = []
         for r in ready:
-            r.gate.now = t
             # tokens streamed so far are charged (the SSE path), call by call in sending order:
             # those whose first token came, and those whose first token the step in flight made
             streaming = list(r.streaming.values())
@@ -512,7 +533,7 @@ class Run:
             plan = self.control.step(obs, t, failure=None if obs is not None else "no replica to scrape")
             if plan is not None:
                 for r in ready:
-                    r.limiter.set_limits(self._limits_for(r, len(ready)), t)
+                    r.gate.apply(LimitsUpdate(self._limits_for(r, len(ready)), "fresh"), t)
         self.recorder.sample(t, obs, plan, self.replicas, self.desired)
 
 

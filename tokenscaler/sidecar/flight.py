@@ -3,13 +3,14 @@
 It counts what the request consumed as it happens (the prompt once the engine accepted it,
 generated tokens as they stream), charges them to the entitlement's gate and settles the
 reservation exactly once, whatever ended it; preemption cuts it through the task serving
-it. The proxy (:mod:`tokenscaler.sidecar.proxy`) makes one per admitted request, and the
-virtual-time experiments drive the same class outside an event loop.
+it (the proxy), or through ``on_preempt`` (the virtual-time experiments, which drive the
+same class outside an event loop and cut the simulated engine's request).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from tokenscaler.core.limiter import Reservation
 from tokenscaler.sidecar.gatekeeper import Gatekeeper
@@ -19,10 +20,20 @@ from tokenscaler.sidecar.metrics import EntitlementStats
 class Flight:
     """One admitted request: what has been counted for it, and how to cut it."""
 
-    __slots__ = ("accepted", "counted_gen", "counted_prompt", "gate", "preempted", "res", "stats", "task", "w")
+    __slots__ = (
+        "accepted", "counted_gen", "counted_prompt", "gate", "on_preempt", "preempted", "res", "stats", "task", "w",
+    )  # fmt: skip
 
-    def __init__(self, gate: Gatekeeper, res: Reservation, stats: EntitlementStats, w: tuple[float, float]) -> None:
+    def __init__(
+        self,
+        gate: Gatekeeper,
+        res: Reservation,
+        stats: EntitlementStats,
+        w: tuple[float, float],
+        on_preempt: Callable[[], None] | None = None,
+    ) -> None:
         self.gate = gate
+        self.on_preempt = on_preempt
         self.res = res
         self.stats = stats
         self.w = w
@@ -38,6 +49,8 @@ class Flight:
             self.preempted = True
             if self.task is not None:
                 self.task.cancel()
+            if self.on_preempt is not None:
+                self.on_preempt()
 
     def _count(self, prompt: int, generated: int) -> None:
         s = self.stats

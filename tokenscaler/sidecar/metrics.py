@@ -47,11 +47,12 @@ from tokenscaler.core.metric_names import (
     REJECTIONS_TOTAL,
     REQUESTS_TOTAL,
     RESERVED_KV_TOKENS,
+    TIER_INVERSIONS_TOTAL,
     TTFT_SLO_REQUESTS_TOTAL,
 )
 from tokenscaler.core.metric_names import SIDECAR_NAMES as ALL_NAMES
 from tokenscaler.core.metric_names import SIDECAR_PREFIX as PREFIX
-from tokenscaler.core.model import DIMENSIONS
+from tokenscaler.core.model import DIMENSIONS, TIER_ORDER
 
 __all__ = ["ALL_NAMES", "PREFIX", "EntitlementStats", "SidecarMetrics"]
 
@@ -146,7 +147,7 @@ class SidecarMetrics(Collector):
             ADMITTED_WEIGHTED_TOKENS_TOTAL: ("Weighted tokens served (usage).", "admitted_weighted"),
             OFFERED_WEIGHTED_TOKENS_TOTAL: ("Weighted tokens offered, rejected included (demand).", "offered_weighted"),
             OFFERED_REQUESTS_TOTAL: ("Requests offered for admission.", "offered_requests"),
-            PREEMPTED_STREAMS_TOTAL: ("Backfilled requests cut for capacity.", "preempted"),
+            PREEMPTED_STREAMS_TOTAL: ("Requests on idle capacity cut to give it back.", "preempted"),
         }
         counters = {n: CounterMetricFamily(_counter(n), h, labels=ent) for n, (h, _) in simple.items()}
         inflight = GaugeMetricFamily(INFLIGHT_REQUESTS, "Sequences in flight.", labels=ent)
@@ -193,6 +194,17 @@ class SidecarMetrics(Collector):
         yield limit
         yield burst
         yield ceiling
+        inversions = CounterMetricFamily(
+            _counter(TIER_INVERSIONS_TOTAL),
+            "Idle-capacity admissions of a lower tier within an interval after a higher tier was refused here "
+            "for the replica's capacity.",
+            labels=["pool", "replica", "higher", "lower"],
+        )
+        counts = self.limiter.inversions
+        for i, higher in enumerate(TIER_ORDER):
+            for lower in TIER_ORDER[i + 1 :]:
+                inversions.add_metric([p, r, higher.value, lower.value], counts.get((higher, lower), 0))
+        yield inversions
         age = GaugeMetricFamily(
             LIMITS_AGE_SECONDS, "Seconds since the limits were confirmed.", labels=["pool", "replica"]
         )

@@ -42,7 +42,7 @@ from tokenscaler.sidecar.engine import EngineLimits
 from tokenscaler.sidecar.errors import RATE_LIMIT_TYPES, error_response, ratelimit_headers, retry_headers
 from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest
 from tokenscaler.sidecar.flight import Flight
-from tokenscaler.sidecar.gatekeeper import Gatekeeper
+from tokenscaler.sidecar.gatekeeper import Gatekeeper, whole_limit
 from tokenscaler.sidecar.metrics import SidecarMetrics
 from tokenscaler.sidecar.sse import usage_counts
 
@@ -107,9 +107,7 @@ class Sidecar:
         self.by_name: dict[str, Entitlement] = {e.name: e for e in ents}
         self.by_key: dict[str, Entitlement] = {k: e for e in ents for k in e.api_keys}
         # each entitlement's whole configured limit plus burst: a request above it can never run
-        self.whole: dict[str, tuple[float, float, float]] = {
-            e.name: tuple((e.limit.to_array() + e.burst.to_array()).tolist()) for e in ents  # type: ignore[misc]
-        }
+        self.whole = {e.name: whole_limit(e) for e in ents}
         self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
         # entitlements with a TTFT objective: their streamed requests count as met or missed
         self.ttft_slo: dict[str, float] = {
@@ -272,9 +270,8 @@ class Sidecar:
             return errors.response(e.status, e.message, "invalid_request_error", e.param, code, self._headers(name))
         prompts = await self._tokenize(req, api) if self.options.tokenize else None
         est = req.estimate(self.limiter, prompts)
-        never = self.limiter.never_fits(est, self.whole[name])
+        never = self.gate.screen(name, est, self.whole[name])
         if never is not None:  # no wait can admit it here: 400, not a 429 a client retries for minutes
-            stats.errors += 1
             if entry is not None:
                 entry.dimension = never.dimension
             return errors.response(
@@ -292,14 +289,11 @@ class Sidecar:
             headers = self._headers(name)
             headers.update(refusal_headers(spent, wait))
             return errors.response(429, refusal_message(name, spent, wait), QUOTA, None, QUOTA, headers)
-        stats.offered_requests += 1
         decision = await self.gate.admit(name, est, ent.tier)
         if not decision.admitted:
             dim = decision.dimension or "concurrency"
             if entry is not None:
                 entry.dimension = dim
-            stats.rejected[dim] += 1
-            stats.offered_weighted += self.limiter.expected_weighted(name, est)
             headers = self._headers(name)
             headers.update(retry_headers(decision.retry_after_s, self.options.retry_after_max_s))
             headers["x-tokenscaler-dimension"] = dim
