@@ -478,11 +478,12 @@ def test_while_a_higher_tier_has_traffic_lower_tiers_add_prompts_only_within_the
     lim.charge(g, 1, 1.1)  # guaranteed's first token: its prompt is prefilled
     assert lim.prefill_pending == [0, 30, 160]
     assert lim.admit("e", lim.estimate(30, 10), 1.1).admitted
-    # a prompt longer than the window passes only an empty backlog
-    lim2 = limiter(PREFILL_LIMITS, prefill_window_s=0.1)
+    # a prompt longer than the whole window waits for the higher tiers to be quiet for an interval
+    lim2 = limiter(PREFILL_LIMITS, prefill_window_s=0.1, interval_s=2.0)
     lim2.charge(lim2.admit("g", lim2.estimate(5, 5), 0.0).reservation, 1, 0.0)
-    assert lim2.admit("s", lim2.estimate(500, 10), 0.0).admitted
-    assert not lim2.admit("s", lim2.estimate(500, 10), 0.0).admitted
+    assert lim2.prefill_pending == [0, 0, 0]
+    assert not lim2.admit("s", lim2.estimate(500, 10), 1.9).admitted
+    assert lim2.admit("s", lim2.estimate(500, 10), 2.1).admitted
 
 
 def test_lower_tiers_keep_the_prefill_room_that_a_waiting_higher_tier_needs() -> None:

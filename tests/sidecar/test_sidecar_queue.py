@@ -128,3 +128,42 @@ def test_a_waiting_request_is_admitted_when_its_bucket_has_refilled() -> None:
         assert adm.now() - start == elapsed(0.2)  # 10 missing tokens at 50/s: 0.2 s
 
     run(go())
+
+
+def test_elastic_waits_for_prefill_room_beside_guaranteed_traffic_and_spot_keeps_that_room() -> None:
+    """The prefill bound (core/limiter.py): beside guaranteed traffic, elastic on idle capacity waits
+    for the prompts ahead of it to be prefilled rather than being refused, and spot may not take that
+    room while it waits; the first token of the guaranteed request admits it."""
+
+    async def go() -> None:
+        weights = {"prompt": 1.0, "generation": 1.0}
+        typical = {"prompt_tokens": 10, "output_tokens": 10}
+        pool = config(
+            [make_pool(replica=vec(1000, 100000, 16), token_weights=weights, typical_request=typical)],
+            [make_entitlement("g", "guaranteed"), make_entitlement("e"), make_entitlement("s", "spot")],
+        ).pool("p")
+        limiter = Limiter(pool, now=asyncio.get_running_loop().time(), prefill_window_s=0.1)  # 100 tokens
+        stats = [EntitlementStats("g", "guaranteed"), EntitlementStats("e", "elastic"), EntitlementStats("s", "spot")]
+        adm = Gatekeeper(limiter, SidecarMetrics("p", "r", limiter, stats), max_wait_s=2.0)
+        adm.apply(LimitsUpdate({
+            "g": GateLimits(tier=Tier.GUARANTEED, limit=(INF, INF, INF)),
+            "e": GateLimits(tier=Tier.ELASTIC, backfill=True),
+            "s": GateLimits(tier=Tier.SPOT, backfill=True),
+        }, "static"), adm.now())  # fmt: skip
+        g = await adm.admit("g", limiter.estimate(80, 10), Tier.GUARANTEED)
+        assert g.admitted
+        start = adm.now()
+        waiting = asyncio.create_task(adm.admit("e", limiter.estimate(60, 10), Tier.ELASTIC))
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and adm.metrics.stats["e"].queued == 1
+        assert limiter.prefill_waiting[Tier.ELASTIC.rank] == 60
+        spot = await adm.admit("s", limiter.estimate(10, 10), Tier.SPOT)  # 80 pending + 60 waiting: no room
+        assert not spot.admitted and "no idle prefill capacity" in spot.message("s", "spot")
+        adm.charge(g.reservation, 1)  # guaranteed's first token: its prompt is prefilled
+        e = await asyncio.wait_for(waiting, 1)
+        assert e.admitted and e.reservation.backfill
+        assert adm.now() - start == elapsed(0.05)  # admitted the moment the prefill ended, not by polling
+        assert limiter.prefill_waiting == [0, 0, 0] and adm.metrics.stats["e"].queued == 0
+        assert adm.metrics.stats["e"].rejected == dict.fromkeys(adm.metrics.stats["e"].rejected, 0)
+
+    run(go())

@@ -331,7 +331,7 @@ class Limiter:
         replica_window_s: float = 1.0,
         inflight_retry_s: float = 1.0,
         interval_s: float = 5.0,
-        prefill_window_s: float = 0.1,
+        prefill_window_s: float = 0.2,
         tier_order: bool = True,
     ) -> None:
         """``replica_window_s``: depth of the replica-wide buckets, in seconds of its throughput
@@ -340,8 +340,9 @@ class Limiter:
         ``interval_s``: the controller's interval, how long lower tiers yield after a higher
         tier was refused for this replica's capacity, and the window inversions are counted in;
         ``prefill_window_s``: while a higher tier has traffic here, the prompt tokens still to be
-        prefilled that lower tiers may add on idle capacity, in seconds of the replica's
-        throughput at the prompt weight (at least one typical prompt; 0: no such bound);
+        prefilled (its own tier's and higher tiers') beside which a lower tier may add a prompt
+        on idle capacity, in seconds of the replica's throughput at the prompt weight (at least
+        one typical prompt; 0: no such bound);
         ``tier_order`` False: only each gate and the replica's totals bind, none of the tier rules
         above (no yield, no prefill bound, spot's allowance not judged against idle capacity): a
         sidecar that only counts, as the experiments' baselines without token pools' admission."""
@@ -521,13 +522,15 @@ class Limiter:
         a higher tier's prompts (vLLM schedules running prefills first): while a higher tier has had
         traffic here within an interval, an idle-capacity admission of tier ``rank`` waits until the
         prompt tokens still to be prefilled by its own and higher tiers, and the prompts of higher
-        tiers waiting for that room (:attr:`prefill_waiting`), leave room for its prompt (one prompt
-        always fits when nothing is pending). Lower tiers' backlog never counts against it."""
+        tiers waiting for that room (:attr:`prefill_waiting`), leave room for its prompt. A prompt
+        longer than the whole window waits until the higher tiers have been quiet here for an
+        interval: one 20k-token prefill holds a step's whole token budget for several steps. Lower
+        tiers' backlog never counts against it."""
         if rank == 0 or not any(now - self._seen_at[h] < self.interval_s for h in range(rank)):
             return None
         pending = sum(self.prefill_pending[: rank + 1]) + sum(self.prefill_waiting[:rank])
         budget = self.prefill_budget()
-        if pending == 0 or pending + est.prompt_tokens <= budget:
+        if pending + est.prompt_tokens <= budget:
             return None
         return Shortfall(
             DIMENSIONS[THROUGHPUT], "prefill", est.prompt_tokens, pending, budget, budget - pending,

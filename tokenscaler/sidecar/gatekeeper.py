@@ -151,7 +151,9 @@ class Gatekeeper:
             first = self.limiter.admit(name, est, now)
             if first.admitted:
                 return self._decided(name, est, first)
-            prefill = tier in self.prefill_tiers and _prefill_only(first)
+            # a prompt longer than the whole window cannot pass beside higher-tier traffic: no use waiting
+            fits = est.prompt_tokens <= self.limiter.prefill_budget()
+            prefill = tier in self.prefill_tiers and _prefill_only(first) and fits
             if not prefill and not self._may_wait(tier, first):
                 return self._decided(name, est, first)
         else:
