@@ -1,10 +1,11 @@
 """``tokenscaler demo``: start a fleet on 127.0.0.1, drive a scenario through it live, write a report.
 
     tokenscaler demo [--duration-s N] [--scenario NAME|PATH] [--out DIR] [--prometheus auto|on|off]
-        [--compare] [--seed N] [--no-live]
+        [--compare] [--seed N] [--no-live] [--no-verdict-exit]
 
-See :mod:`tokenscaler.demo`. Exit codes: 0 report written (and, with ``--compare``, live and
-virtual agree), 1 a process failed or the comparison disagrees, 2 usage, 130 interrupted.
+See :mod:`tokenscaler.demo`. Exit codes: 0 report written, every promise of its verdict PASS (and,
+with ``--compare``, live and virtual agree); 1 a promise failed (unless ``--no-verdict-exit``), a
+process failed or the comparison disagrees; 2 usage; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the traffic (default: 0)")
     p.add_argument("--no-live", action="store_true", help="no live display (the plain log still goes to stdout)")
+    p.add_argument(
+        "--no-verdict-exit", action="store_true",
+        help="exit 0 when the report is written even if a promise of the verdict failed (default: exit 1)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,11 +92,16 @@ def run(args: argparse.Namespace) -> int:
         f"{f(v.get('spot_throttled_fraction_peak'))} at peak; "
         f"utilization {f(v.get('utilization_peak', {}).get('throughput_tokens_per_s'))}"
     )
+    failed = [p for p in v.get("promises", []) if not p["pass"]]
+    print("verdict: " + ("PASS, every promise held" if not failed else "FAIL: " + "; ".join(
+        f"{p['promise']} ({p['value']})" for p in failed
+    )))  # fmt: skip
+    code = EXIT_OK if not failed or args.no_verdict_exit else EXIT_BAD_INPUT
     cmp = s.get("run", {}).get("compare")
     if cmp:
         if cmp.get("error"):
             print(f"live vs virtual: not compared: {cmp['error']}")
             return EXIT_BAD_INPUT
         print("live vs virtual: " + ("agree" if cmp["ok"] else "differ: " + "; ".join(cmp["components"])))
-        return EXIT_OK if cmp["ok"] else EXIT_BAD_INPUT
-    return EXIT_OK
+        return code if cmp["ok"] else EXIT_BAD_INPUT
+    return code

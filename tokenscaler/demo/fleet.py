@@ -32,7 +32,9 @@ from typing import Any
 import aiohttp
 import grpc
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
+from tokenscaler.core.metric_names import TIER_INVERSIONS_TOTAL
 from tokenscaler.demo.procs import LISTEN_RE, Child, ChildFailed, Supervisor
 from tokenscaler.experiments.replicas import Hpa, HpaRules
 from tokenscaler.serve._proto import externalscaler_pb2 as pb
@@ -55,6 +57,8 @@ class Replica:
     state: str = "starting"  # starting | ready | draining | gone
     ready_at: float | None = None
     inflight: int = 0  # requests the load generator has open on it
+    # its sidecar's tokenscaler_sidecar_tier_inversions_total, "higher>lower" -> count, as last read
+    inversions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -276,6 +280,30 @@ class Fleet:
 
     def ready(self) -> list[Replica]:
         return [r for r in self.replicas if r.state == "ready"]
+
+    async def read_inversions(self) -> None:
+        """Read every serving sidecar's tier-inversion counters (kept per replica, so a replica that
+        is retired later still counts with what it last said)."""
+        for r in [r for r in self.replicas if r.state in ("ready", "draining")]:
+            try:
+                async with self.session.get(r.sidecar_metrics, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    text = await resp.text()
+            except (TimeoutError, aiohttp.ClientError):
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name == TIER_INVERSIONS_TOTAL.removesuffix("_total"):
+                    for sample in family.samples:
+                        if sample.name == TIER_INVERSIONS_TOTAL:
+                            key = f"{sample.labels['higher']}>{sample.labels['lower']}"
+                            r.inversions[key] = int(sample.value)
+
+    def inversions(self) -> dict[str, int]:
+        """Tier inversions over every replica the run had, by ``higher>lower``."""
+        out: dict[str, int] = {}
+        for r in self.replicas:
+            for key, n in r.inversions.items():
+                out[key] = out.get(key, 0) + n
+        return dict(sorted(out.items()))
 
     def count(self, *states: str) -> int:
         return sum(1 for r in self.replicas if r.state in states)

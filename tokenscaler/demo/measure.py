@@ -46,6 +46,10 @@ class Sample:
     plan_stale: bool | None
     plan_age_s: float | None
     open_requests: int
+    # the plan's elastic tier, weighted tokens/s summed over its entitlements: what it was given, and
+    # the demand it was planned for (None before the first plan)
+    elastic_allocated: float | None = None
+    elastic_demand: float | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,12 @@ class Counts:
 
 
 def summarize(
-    records: Sequence[Record], samples: Sequence[Sample], loaded: LoadedScenario, duration: float, bin_s: float
+    records: Sequence[Record],
+    samples: Sequence[Sample],
+    loaded: LoadedScenario,
+    duration: float,
+    bin_s: float,
+    inversions: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Everything the report shows and ``demo.json`` holds (module docstring)."""
     config = loaded.config
@@ -154,7 +163,7 @@ def summarize(
         for n, recs in by_ent.items()
     }
     util = utilization(records, samples, config, phases)
-    verdict = _verdict(tiers, util, config)
+    verdict = _verdict(tiers, util, config, samples, phases, inversions)
     return {
         "scenario": loaded.name,
         "duration_s": duration,
@@ -163,6 +172,7 @@ def summarize(
         "entitlements": entitlements,
         "utilization": util,
         "verdict": verdict,
+        "tier_inversions": verdict["tier_inversions"],
         "series": series(records, samples, config, duration, bin_s),
     }
 
@@ -191,13 +201,36 @@ def utilization(
     }
 
 
-def _verdict(tiers: dict[str, Any], util: dict[str, Any], config: TokenPoolsConfig) -> dict[str, Any]:
+ELASTIC_TOLERANCE = 0.10
+"""Elastic may be throttled at the peak by the part of its demand above its planned share, plus this
+much (429s on its own limit while the smoothed allowance catches up with a rising demand)."""
+GUARANTEED_PEAK_RATIO = 1.5
+
+
+def _verdict(
+    tiers: dict[str, Any],
+    util: dict[str, Any],
+    config: TokenPoolsConfig,
+    samples: Sequence[Sample],
+    phases: Phases,
+    inversions: dict[str, int] | None,
+) -> dict[str, Any]:
+    """The numbers behind each promise, and each promise PASS or FAIL (``promises``, ``pass``)."""
     g = tiers.get("guaranteed", {}).get("phases", {})
     unloaded = g.get("unloaded", {}).get("ttft_p99_s")
     peak = g.get("peak", {}).get("ttft_p99_s")
     spot = tiers.get("spot", {}).get("phases", {}).get("peak", {})
+    elastic = tiers.get("elastic", {}).get("phases", {}).get("peak", {})
     slo = [e.slo.ttft_p99_s for e in config.entitlements if e.tier.value == "guaranteed" and e.slo and e.slo.ttft_p99_s]
-    return {
+    lo, hi = phases.peak_start, phases.peak_end
+    planned = [s for s in samples if lo <= s.t < hi and s.elastic_demand]
+    excess = (
+        float(np.mean([max(0.0, 1.0 - (s.elastic_allocated or 0.0) / s.elastic_demand) for s in planned]))  # type: ignore[operator]
+        if planned
+        else None
+    )
+    total_inv = None if inversions is None else sum(inversions.values())
+    v: dict[str, Any] = {
         "guaranteed_ttft_p99_unloaded_s": unloaded,
         "guaranteed_ttft_p99_peak_s": peak,
         "guaranteed_peak_over_unloaded": peak / unloaded if peak is not None and unloaded else None,
@@ -205,10 +238,78 @@ def _verdict(tiers: dict[str, Any], util: dict[str, Any], config: TokenPoolsConf
         "guaranteed_rejected": tiers.get("guaranteed", {}).get("rejected", 0),
         "guaranteed_rejected_not_own": tiers.get("guaranteed", {}).get("rejected_not_own", 0),
         "guaranteed_preempted": tiers.get("guaranteed", {}).get("preempted", 0),
+        "elastic_throttled_fraction_peak": elastic.get("throttled_fraction"),
+        "elastic_demand_above_plan_peak": excess,
         "spot_throttled_fraction_peak": spot.get("throttled_fraction"),
         "spot_throttled_fraction": tiers.get("spot", {}).get("throttled_fraction"),
+        "spot_admitted_tokens_peak": spot.get("admitted_tokens"),
+        "tier_inversions": total_inv,
+        "tier_inversions_by_pair": inversions,
         "utilization_peak": {k: util[k] for k in (THROUGHPUT_NAME, CONCURRENCY_NAME)},
     }
+    promises = []
+
+    def promise(name: str, ok: bool | None, shown: str) -> None:
+        promises.append({"promise": name, "pass": ok, "value": shown})
+
+    if "guaranteed" in tiers:
+        ratio = v["guaranteed_peak_over_unloaded"]
+        within_slo = v["guaranteed_ttft_slo_s"] is None or (peak is not None and peak <= v["guaranteed_ttft_slo_s"])
+        promise(
+            f"guaranteed p99 TTFT at the peak <= {GUARANTEED_PEAK_RATIO:g}x unloaded and within its SLO",
+            ratio is not None and ratio <= GUARANTEED_PEAK_RATIO and within_slo,
+            f"{_s(peak)} at the peak, {_s(unloaded)} unloaded ({_x(ratio)}); SLO {_s(v['guaranteed_ttft_slo_s'])}",
+        )
+        promise(
+            "guaranteed never refused nor preempted for another tier's sake",
+            v["guaranteed_rejected_not_own"] == 0 and v["guaranteed_preempted"] == 0,
+            f"{v['guaranteed_rejected_not_own']} refused for others' use, {v['guaranteed_preempted']} preempted",
+        )
+    if "elastic" in tiers and elastic.get("sent"):
+        throttled = elastic.get("throttled_fraction", 0.0)
+        allowed = (excess or 0.0) + ELASTIC_TOLERANCE
+        promise(
+            "elastic throttled at the peak no more than its demand exceeds its planned share",
+            excess is not None and throttled <= allowed,
+            f"throttled {throttled:.2f}; demand above its planned share {_f(excess)} (+{ELASTIC_TOLERANCE:g} allowed)",
+        )
+    if "spot" in tiers and spot.get("sent"):
+        higher = [tiers[t]["phases"]["peak"].get("throttled_fraction", 0.0) for t in ("guaranteed", "elastic")
+                  if t in tiers]  # fmt: skip
+        st = spot.get("throttled_fraction", 0.0)
+        promise(
+            "spot absorbs the overload (throttled first, and served on idle capacity)",
+            st > 0 and st >= max(higher, default=0.0) and (spot.get("admitted_tokens") or 0) > 0,
+            f"spot throttled {st:.2f} at the peak (higher tiers at most {max(higher, default=0.0):.2f}), "
+            f"{spot.get('admitted_tokens', 0):.0f} weighted tokens admitted",
+        )
+    promise(
+        "0 tier inversions (tokenscaler_sidecar_tier_inversions_total over every replica)",
+        total_inv == 0,
+        "not measured" if total_inv is None else f"{total_inv}",
+    )
+    bad = [t for t, row in tiers.items() if row["sent"] != row["answered"] + row["rejected"] + row["preempted"]
+           + row["failed"]]  # fmt: skip
+    promise(
+        "counts add up (sent = answered + rejected + preempted + failed, per tier and phase)",
+        not bad,
+        "every tier" if not bad else "not for " + ", ".join(bad),
+    )
+    v["promises"] = promises
+    v["pass"] = all(p["pass"] for p in promises)
+    return v
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} s"
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def series(

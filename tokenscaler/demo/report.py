@@ -130,6 +130,11 @@ def _f(v: Any, unit: str = "", digits: int = 2) -> str:
     return f"{v}{unit}"
 
 
+def _pairs(pairs: dict[str, int] | None) -> str:
+    shown = ", ".join(f"{k}: {n}" for k, n in (pairs or {}).items() if n)
+    return f"({shown})" if shown else ""
+
+
 def markdown(summary: dict[str, Any], files: list[str], meta: dict[str, Any]) -> str:
     v = summary["verdict"]
     util = v["utilization_peak"]
@@ -143,6 +148,13 @@ def markdown(summary: dict[str, Any], files: list[str], meta: dict[str, Any]) ->
         "",
         "## Verdict",
         "",
+        f"**{'PASS' if v.get('pass') else 'FAIL'}**: "
+        + ("every promise held." if v.get("pass") else "a promise broke (below)."),
+        "",
+        "| promise | verdict | measured |",
+        "| --- | --- | --- |",
+        *[f"| {p['promise']} | {'PASS' if p['pass'] else 'FAIL'} | {p['value']} |" for p in v.get("promises", [])],
+        "",
         "| | value |",
         "| --- | --- |",
         f"| guaranteed p99 TTFT unloaded | {_f(v['guaranteed_ttft_p99_unloaded_s'], ' s', 3)} |",
@@ -151,7 +163,11 @@ def markdown(summary: dict[str, Any], files: list[str], meta: dict[str, Any]) ->
         f"| guaranteed TTFT SLO (p99) | {_f(v['guaranteed_ttft_slo_s'], ' s')} |",
         f"| guaranteed requests rejected (429) / for others' use / preempted | "
         f"{v['guaranteed_rejected']} / {v['guaranteed_rejected_not_own']} / {v['guaranteed_preempted']} |",
+        f"| elastic throttled fraction at peak / its demand above the plan | "
+        f"{_f(v.get('elastic_throttled_fraction_peak'))} / {_f(v.get('elastic_demand_above_plan_peak'))} |",
         f"| spot throttled fraction at peak (429 / sent) | {_f(v['spot_throttled_fraction_peak'])} |",
+        f"| tier inversions (by higher>lower tier) | {_f(v.get('tier_inversions'))} "
+        f"{_pairs(v.get('tier_inversions_by_pair'))} |",
         f"| spot throttled fraction, whole run | {_f(v['spot_throttled_fraction'])} |",
         f"| utilization at peak, throughput (served / planned capacity of ready replicas) | "
         f"{_f(util['throughput_tokens_per_s'])} |",
@@ -222,18 +238,26 @@ def compare_markdown(cmp: dict[str, Any]) -> list[str]:
     lines += [
         f"The same scenario and seed in `tokenscaler experiment` ({cmp.get('policy', 'tokenpools')}, virtual time). "
         f"Tolerances: admitted tokens within {cmp['tolerance_tokens']:.0%}, throttled fraction within "
-        f"{cmp['tolerance_throttled']:g} absolute.",
+        f"{cmp['tolerance_throttled']:g} absolute, p99 TTFT at the peak within "
+        f"{cmp.get('tolerance_ttft_ratio', 1.5):g}x or {cmp.get('tolerance_ttft_s', 0.1):g} s, whichever is larger.",
         "",
-        "| tier | admitted tok live | virtual | diff | throttled live | virtual | diff | ok |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| tier | admitted tok live | virtual | diff | throttled live | virtual | diff | peak p99 TTFT live | "
+        "virtual | ok |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for tier, c in cmp["tiers"].items():
         lines.append(
             f"| {tier} | {c['admitted_tokens_live']:.0f} | {c['admitted_tokens_virtual']:.0f} | "
             f"{c['admitted_tokens_rel_diff']:+.1%} | {c['throttled_live']:.3f} | {c['throttled_virtual']:.3f} | "
-            f"{c['throttled_abs_diff']:+.3f} | {'yes' if c['ok'] else 'NO'} |"
+            f"{c['throttled_abs_diff']:+.3f} | {_f(c.get('peak_ttft_p99_live_s'), ' s', 3)} | "
+            f"{_f(c.get('peak_ttft_p99_virtual_s'), ' s', 3)} | {'yes' if c['ok'] else 'NO'} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        f"Tier inversions: {cmp.get('tier_inversions_live')} live, {cmp.get('tier_inversions_virtual')} virtual "
+        f"({'equal' if cmp.get('inversions_ok', True) else 'NOT equal'}).",
+        "",
+    ]
     if cmp.get("components"):
         lines += ["Where they differ more than the tolerances:", ""]
         lines += [f"- {c}" for c in cmp["components"]]

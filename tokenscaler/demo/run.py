@@ -152,8 +152,13 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
                     log(f"t={now:.1f}s replica {r.id} died ({fleet.failures[-1]}); the Deployment replaces it")
                     await manager.reconcile()  # type: ignore[union-attr]
                 await fleet.poll_ready()
+                await fleet.read_inversions()
                 plan = await fleet.plan()
                 p = (plan or {}).get("pools", {}).get(pool.name, {})
+                elastic = [
+                    e for e in (plan or {}).get("entitlements", {}).values()
+                    if e.get("pool") == pool.name and e.get("tier") == "elastic"
+                ]  # fmt: skip
                 samples.append(
                     Sample(
                         t=round(now, 3), desired=manager.desired, ready=fleet.count("ready"),  # type: ignore[union-attr]
@@ -162,6 +167,8 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
                         plan_stale=(plan or {}).get("stale"),
                         plan_age_s=round(time.time() - plan["generated_at"], 2) if plan else None,
                         open_requests=gen.inflight,  # type: ignore[union-attr]
+                        elastic_allocated=_tier_sum(elastic, "allocation") if plan else None,
+                        elastic_demand=_tier_sum(elastic, "demand") if plan else None,
                     )
                 )  # fmt: skip
                 if display is not None:
@@ -190,6 +197,7 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
                 task.cancel()
             await asyncio.gather(traffic, *helpers, return_exceptions=True)
         ports[:] = _ports(fleet)
+        await fleet.read_inversions()  # the last word of every sidecar still serving
         showback = await read_showback(fleet.session, fleet.controller_url)  # the controller's counters, at the end
         if use_prometheus and fleet.prometheus_url:
             rendered = await asyncio.to_thread(
@@ -218,7 +226,7 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
     if result.interrupted or result.error or gen is None:
         return result
     bin_s = max(round(duration / 45.0), 2.0)
-    summary = summarize(gen.records, samples, loaded, duration, bin_s)
+    summary = summarize(gen.records, samples, loaded, duration, bin_s, fleet.inversions())
     summary["showback"] = showback
     meta: dict[str, Any] = {
         "source": "Prometheus, file-based discovery" if use_prometheus else "embedded scraping",
@@ -240,6 +248,11 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
     result.report = report.write(out, summary, meta, raw)
     result.summary = {**summary, "run": meta}
     return result
+
+
+def _tier_sum(entitlements: list[dict[str, Any]], key: str) -> float:
+    """The throughput of ``key`` (allocation, demand) summed over the plan's ``entitlements``."""
+    return float(sum((e.get(key) or {}).get("throughput_tokens_per_s") or 0.0 for e in entitlements))
 
 
 def _ports(fleet: Fleet) -> list[int]:

@@ -238,6 +238,17 @@ class Recorder:
         v = getattr(slo, key) if slo is not None else None
         return math.nan if v is None else float(v)
 
+    def ttft_p99_in(self, lo: float, hi: float) -> dict[str, float | None]:
+        """Per tier, p99 TTFT of the completed requests sent in ``[lo, hi)`` (the demo's phases)."""
+        if not self.c_tenant:
+            return {}
+        ti = np.frombuffer(self.c_tenant, dtype=np.int32).astype(np.int64)
+        arrival = np.frombuffer(self.c_arrival)
+        ttft = np.frombuffer(self.c_ttft)
+        tier_idx = np.array([TIERS.index(t) for t in self.tier], dtype=np.int64)[ti]
+        inside = (arrival >= lo) & (arrival < hi)
+        return {tier: _pct(ttft[inside & (tier_idx == k)], 99) for k, tier in enumerate(TIERS) if tier in self.tier}
+
     def result(self, end: float) -> dict:
         self._integrate(end)
         ti = np.frombuffer(self.c_tenant, dtype=np.int32).astype(np.int64) if self.c_tenant else np.zeros(0, np.int64)
