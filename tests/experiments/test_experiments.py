@@ -123,3 +123,13 @@ def test_burst_token_pools_keep_the_guarantee_rate_limits_do_not() -> None:
     assert _g(res, "rpm")["ttft_p99_s"] > slo and _g(res, "tpm")["ttft_p99_s"] > slo
     over = res["policies"]["tpm"]["tpm_overshoot"]
     assert over["longctx"]["max_ratio"] > 1.5 and over["longctx"]["tokens"] > 0
+
+
+def test_long_prompt_spot_keeps_its_distance_from_the_guarantee() -> None:
+    """Spot prompts of 5k-30k tokens on the engine's defaults: token pools keep guaranteed p99 TTFT
+    within 1.5x of the run without spot and count no tier inversion; without admission control the
+    long prefills sit in front of guaranteed prompts."""
+    res = run_experiment("long-prompt", ["tokenpools", "none"], 7, 1200.0, 2)
+    assert _ratio(res, "tokenpools") <= 1.5
+    assert res["policies"]["tokenpools"]["tier_inversions"] == 0
+    assert _ratio(res, "none") > 3 * _ratio(res, "tokenpools")
