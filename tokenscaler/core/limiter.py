@@ -99,6 +99,9 @@ class Estimate:
     kv_tokens: int  # prompt tokens of every sequence + max_new_tokens
 
 
+PREFILL_FLOOR_PROMPTS = 4
+"""The prefill window holds at least this many typical prompts: short prompts (under an engine's
+prefill knee, nearly free) are not held back one at a time."""
 MAX_DEBT_S = 15.0
 """A request larger than its bucket is admitted on a full bucket, borrowing from the future
 (the level goes negative), when what it borrows refills within this many seconds: a long
@@ -342,7 +345,7 @@ class Limiter:
         ``prefill_window_s``: while a higher tier has traffic here, the prompt tokens still to be
         prefilled (its own tier's and higher tiers') beside which a lower tier may add a prompt
         on idle capacity, in seconds of the replica's throughput at the prompt weight (at least
-        one typical prompt; 0: no such bound);
+        :data:`PREFILL_FLOOR_PROMPTS` typical prompts; 0: no such bound);
         ``tier_order`` False: only each gate and the replica's totals bind, none of the tier rules
         above (no yield, no prefill bound, spot's allowance not judged against idle capacity): a
         sidecar that only counts, as the experiments' baselines without token pools' admission."""
@@ -515,7 +518,7 @@ class Limiter:
         if self.prefill_window_s <= 0 or self.w_prompt <= 0:
             return INF
         typical = float(self.pool.typical_request.prompt_tokens)
-        return max(self.prefill_window_s * self.capacity[THROUGHPUT] / self.w_prompt, typical)
+        return max(self.prefill_window_s * self.capacity[THROUGHPUT] / self.w_prompt, PREFILL_FLOOR_PROMPTS * typical)
 
     def _prefill_shortfall(self, rank: int, est: Estimate, now: float) -> Shortfall | None:
         """Long prompts of lower tiers would take the engine's token budget, step after step, ahead of
