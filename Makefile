@@ -7,14 +7,14 @@ PYTHON ?= python3
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' tokenscaler/__init__.py)
 IMAGE  ?= ghcr.io/tokenscaler/tokenscaler
 
-.PHONY: demo test lint prometheus bench generate generate-check dist image clean
+.PHONY: demo test lint docs prometheus bench generate generate-check dist image clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[lab,test]'
+	$(PY) -m pip install -q -e '.[lab,test,docs]'
 	touch $@
 
 # Debian's `prometheus` package brings both `prometheus` and `promtool`.
@@ -39,14 +39,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# The documentation site (mkdocs.yml: docs/, with README.md as its home page) into site/;
+# tests/test_docs.py builds it the same way, so a broken link or a missing page fails `make test`.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 test: $(STAMP) prometheus
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
 # Every generated file in the repository (gRPC stubs, CRDs, dashboards, PrometheusRule, recording
-# rules, the package's copy of the ScaledObject): tools/generate.py. tests/test_generated.py
-# fails when one drifts.
+# rules, the package's copy of the ScaledObject, the experiments' claims table in docs/experiments.md):
+# tools/generate.py. tests/test_generated.py fails when one drifts.
 generate: $(STAMP)
 	$(PY) -m tools.generate
 
@@ -70,4 +75,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/controller.py
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO
-from tools import generate
+from tools import claims, generate
 
 FILES = generate.generated()
 
@@ -31,7 +31,8 @@ def test_owned_directories_hold_only_generated_files() -> None:
 
 def test_the_check_fails_on_a_stale_and_a_leftover_file_and_a_write_repairs_both(tmp_path: Path) -> None:
     # a copy of the sources and outputs the generator reads and writes
-    for rel in [*FILES, generate.PROTO, generate.ALERT_RULES, generate.SCALED_OBJECT]:
+    digests = sorted(p.relative_to(REPO) for p in (REPO / claims.DIGESTS).glob("*.json"))
+    for rel in [*FILES, generate.PROTO, generate.ALERT_RULES, generate.SCALED_OBJECT, *digests]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / rel, tmp_path / rel)
     assert generate.main(["--check", "--repo", str(tmp_path)]) == 0

@@ -19,7 +19,10 @@ from tokenscaler import __version__
 from tokenscaler.kube.webhook import IMAGE, SidecarOptions
 
 IMAGE_REF = re.compile(re.escape(IMAGE) + r":([A-Za-z0-9_.$()-]+)")
-WRITTEN = [*sorted((REPO / "k8s").rglob("*.yaml")), REPO / "Dockerfile", REPO / "README.md", REPO / "Makefile"]
+WRITTEN = [
+    *sorted((REPO / "k8s").rglob("*.yaml")), REPO / "Dockerfile", REPO / "Makefile",
+    REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")),
+]  # fmt: skip
 
 
 def test_the_version_is_a_release_version_and_the_installed_metadata_carries_it() -> None:

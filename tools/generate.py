@@ -15,6 +15,7 @@ produces.
 | ``k8s/monitoring/prometheusrule.yaml`` | ``alerts/tokenscaler-alerts.rules.yml`` (:mod:`tokenscaler.observe.alerts`) |
 | ``alerts/tokenscaler-recording.rules.yml`` | the controller's queries (:mod:`tokenscaler.sources.prometheus`) |
 | ``tokenscaler/experiments/scaledobject.yaml`` | ``keda/scaledobject.yaml``, copied: the package's HPA rules |
+| ``docs/experiments.md`` (its claims table) | the digests ``docs/data/experiments/*.json`` (:mod:`tools.claims`) |
 
 The directories the generator owns (``OWNED``) hold nothing else: a file there that it no
 longer generates is stale too (``--check`` names it, a write removes it).
@@ -37,6 +38,7 @@ PROMETHEUS_RULE = Path("k8s/monitoring/prometheusrule.yaml")
 RECORDING_RULES = Path("alerts/tokenscaler-recording.rules.yml")
 SCALED_OBJECT = Path("keda/scaledobject.yaml")
 PACKAGED_SCALED_OBJECT = Path("tokenscaler/experiments/scaledobject.yaml")
+CLAIMS_PAGE = Path("docs/experiments.md")  # only its claims block is generated
 
 # directory -> glob of the files in it that only the generator writes
 OWNED = {
@@ -51,7 +53,7 @@ def generated(repo: Path = REPO) -> dict[Path, str]:
     from tokenscaler.kube import crds
     from tokenscaler.observe import alerts, dashboards
     from tokenscaler.sources.prometheus import rules_yaml
-    from tools import protos
+    from tools import claims, protos
 
     out: dict[Path, str] = {}
     for name, text in protos.generate(repo / PROTO).items():
@@ -63,6 +65,7 @@ def generated(repo: Path = REPO) -> dict[Path, str]:
     out[PROMETHEUS_RULE] = alerts.render(repo / ALERT_RULES)
     out[RECORDING_RULES] = rules_yaml()
     out[PACKAGED_SCALED_OBJECT] = (repo / SCALED_OBJECT).read_text(encoding="utf-8")
+    out[CLAIMS_PAGE] = claims.render_page(repo)
     return out
 
 

@@ -171,7 +171,7 @@ def test_vllm_dashboard_finds_its_metrics_on_the_simulator(loaded: Fleet) -> Non
 def test_render_dashboards_draws_every_panel(loaded: Fleet, tmp_path: Path) -> None:
     assert loaded.prometheus is not None
     out = tmp_path / "png"
-    if DOC_IMAGES:  # pictures for the README: let the load run ~25 s (bounded by the loads' own request counts)
+    if DOC_IMAGES:  # docs/observability.md's pictures: let the load run ~25 s (bounded by the loads' request counts)
         wait_until(lambda: time.time() - loaded.extra["started"] > 25, timeout=40, interval=0.5, message="25 s of load")
     end = time.time()
     start = min(loaded.extra["started"] - 2, end - 10)  # the load, not the empty time before it

@@ -19,7 +19,8 @@ SIDECAR_LABELS: tuple[str, ...] = ("pool", "replica")
 SIDECAR_ENTITLEMENT_LABELS: tuple[str, ...] = ("pool", "replica", "entitlement", "tier")
 
 SIDECAR_PREFIX = "tokenscaler_sidecar_"
-# each name is spelled out in full (not SIDECAR_PREFIX + ...) so that searching for a metric finds its definition
+# names are spelled out in full so that searching for a metric finds its definition, but for
+# ENGINE_CAPACITY and ENGINE_MAX_MODEL_LEN below, which are SIDECAR_PREFIX + their suffix
 
 REQUESTS_TOTAL = "tokenscaler_sidecar_requests_total"
 """Counter {entitlement, tier, outcome}: outcome admitted | rejected | error | unauthenticated |

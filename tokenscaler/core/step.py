@@ -2,9 +2,10 @@
 
 ``control_step(rows, observation, state, now, settings) -> StepResult`` holds every rule
 the controller applies between reading metrics and publishing; the controller loop
-(:mod:`tokenscaler.control.loop`) is I/O around it, and the virtual-time experiments, the
-Kubernetes operator and the tests call the same function, so what they show is what the
-controller does. The step:
+(:class:`tokenscaler.control.loop.Controller`) is I/O around it, also with ``--source
+kubernetes``, where the Kubernetes operator only supplies the config and the state to that
+loop. The virtual-time experiments and the tests call the same function, so what they show is
+what the controller does. The step:
 
 1. derives demand and usage from the observation (:func:`~tokenscaler.core.demand.derive_inputs`);
 2. plans every pool (:func:`~tokenscaler.core.planning.plan_interval`: debt, allocation,

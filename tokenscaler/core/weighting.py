@@ -1,6 +1,6 @@
 """How debt moves and how it bends the allocator's weights: the seam of the planning step.
 
-The planning step (:func:`tokenscaler.core.plan.plan_interval`) asks a :class:`Weighting`
+The planning step (:func:`tokenscaler.core.planning.plan_interval`) asks a :class:`Weighting`
 two things each interval and pool: the new debt of every entitlement (from what fairness
 owed it and what it received), and the weights the allocation uses given that debt
 (``None``: the configured weights, the owed allocation is the allocation). Three exist:

@@ -109,7 +109,7 @@ def _entitlement_queries(rate_window_s: float, recorded: bool) -> dict[str, Quer
 
 
 def build_queries(rate_window_s: float, *, recorded: bool = False) -> list[Query]:
-    """The fixed query set of one interval (documented in README's controller section).
+    """The fixed query set of one interval (documented in docs/controller.md).
 
     Two per-entitlement aggregations (offered and admitted weighted tokens/s), eight
     per-pool ones and three per-replica ones (the sidecars seen, and the capacity and
