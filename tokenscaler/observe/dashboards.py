@@ -1,9 +1,10 @@
-"""The Grafana dashboards, built from one source; ``make generate`` writes them into the repository.
+"""What the Grafana dashboards show, built from one source; ``make generate`` writes them into the repository.
 
-Four dashboards, one per concern, written to ``dashboards/*.json`` as importable JSON
-("export for sharing externally": an ``__inputs`` entry ``DS_PROMETHEUS``) that also works
-when provisioned from files (a datasource variable of the same name). Every dashboard has
-the variables ``pool``, ``tier`` and ``entitlement`` (multi-value, "All" = ``.*``).
+Four dashboards, one per concern (:data:`DASHBOARDS`): *Pools*, *Entitlements*, *Health*
+(the sidecars, the controller and the KEDA scaler) and *Showback*, each written to
+``dashboards/NAME.json`` by :mod:`tokenscaler.observe.grafana` (the model and the writer: one
+name per dashboard gives its file, uid and title). Every dashboard has the variables
+``pool``, ``tier`` and ``entitlement`` (multi-value, "All" = ``.*``).
 
 Metric names come from :mod:`tokenscaler.observe.names`; the checked-in JSON is what this
 module builds (:func:`render_all`; a test fails on a difference).
@@ -15,17 +16,13 @@ controller's Prometheus source expects), sidecars also ``replica``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
+from tokenscaler.observe.grafana import Dashboard, Panel, QueryVariable, Row, Target, to_text
 from tokenscaler.observe.names import controller as c
 from tokenscaler.observe.names import scaler as s
 from tokenscaler.observe.names import sidecar as sc
 from tokenscaler.observe.names import vllm as v
-
-DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
-SCHEMA_VERSION = 39
 
 DIMENSIONS: tuple[tuple[str, str, str], ...] = (
     # (dimension label value, title, Grafana unit)
@@ -38,6 +35,16 @@ P = 'pool=~"$pool"'
 E = 'pool=~"$pool", tier=~"$tier", entitlement=~"$entitlement"'
 RI = "$__rate_interval"
 
+VARIABLES = (
+    QueryVariable("pool", "pool", f"label_values({c.POOL_DESIRED_REPLICAS}, pool)"),
+    QueryVariable("tier", "tier", f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool"}}, tier)'),
+    QueryVariable(
+        "entitlement",
+        "entitlement",
+        f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool", tier=~"$tier"}}, entitlement)',
+    ),
+)
+
 
 def _base(name: str) -> str:
     return name.removesuffix("_total")
@@ -46,41 +53,6 @@ def _base(name: str) -> str:
 def total(name: str) -> str:
     """A counter's series name (``_total``)."""
     return _base(name) + "_total"
-
-
-@dataclass(frozen=True)
-class Target:
-    expr: str
-    legend: str
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    description: str
-    targets: tuple[Target, ...]
-    unit: str = "short"
-    kind: str = "timeseries"
-    width: int = 12
-    height: int = 8
-    min: float | None = None
-
-
-@dataclass(frozen=True)
-class Row:
-    title: str
-
-
-@dataclass
-class Dashboard:
-    uid: str
-    title: str
-    description: str
-    items: list[Panel | Row] = field(default_factory=list)
-    tags: tuple[str, ...] = ("tokenscaler",)
-
-    def panels(self) -> list[Panel]:
-        return [p for p in self.items if isinstance(p, Panel)]
 
 
 def _q(expr: str, legend: str) -> Target:
@@ -96,9 +68,9 @@ def _tier_join(expr: str) -> str:
 
 def pools() -> Dashboard:
     d = Dashboard(
-        "tokenscaler-pools",
-        "tokenscaler / Pools",
+        "pools",
         "Per pool: capacity against demand and what is provisioned, replicas, the plan and engine load.",
+        VARIABLES,
     )
     d.items.append(Row("Capacity and demand"))
     for dim, title, unit in DIMENSIONS:
@@ -206,10 +178,10 @@ def pools() -> Dashboard:
 
 def entitlements() -> Dashboard:
     d = Dashboard(
-        "tokenscaler-entitlements",
-        "tokenscaler / Entitlements",
+        "entitlements",
         "Per entitlement: allocation against guarantee, limit and usage; offered against admitted; 429s; "
         "debt; SLO attainment and latency by tier.",
+        VARIABLES,
     )
     d.items.append(Row("Allocation"))
     for dim, title, unit in DIMENSIONS:
@@ -369,10 +341,10 @@ def entitlements() -> Dashboard:
 
 def health() -> Dashboard:
     d = Dashboard(
-        "tokenscaler-health",
-        "tokenscaler / Sidecars and controller health",
+        "health",
         "Sidecars: limits age and fail-static state per replica. Controller: intervals, the metrics source, "
         "the KEDA scaler's calls.",
+        VARIABLES,
     )
     d.items.append(Row("Sidecars"))
     d.items.append(
@@ -510,11 +482,11 @@ def health() -> Dashboard:
 def showback() -> Dashboard:
     """Cost per tenant over time, reserved against used, idle, and budgets (docs/showback.md)."""
     d = Dashboard(
-        "tokenscaler-showback",
-        "tokenscaler / Showback",
+        "showback",
         "Per entitlement: the replica time it is charged by basis (reserved, allocated, backfill, idle), its cost "
         "at the pool's price, its guarantee reserved against used, tokens served; budgets and their burn rate. "
         "For a statement over a range: tokenscaler showback.",
+        VARIABLES,
     )
     ent = 'pool=~"$pool", entitlement=~"$entitlement"'
     rs = f"{total(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{ent}}}"
@@ -623,146 +595,14 @@ def showback() -> Dashboard:
     return d
 
 
-DASHBOARDS = {"pools": pools, "entitlements": entitlements, "sidecars-controller": health, "showback": showback}
+DASHBOARDS: tuple[Callable[[], Dashboard], ...] = (pools, entitlements, health, showback)
+"""Every dashboard, in the order a reader meets them."""
 
 
-def _variables() -> list[dict[str, Any]]:
-    def query_var(name: str, label: str, query: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "label": label,
-            "type": "query",
-            "datasource": DS,
-            "definition": query,
-            "query": {"query": query, "refId": "StandardVariableQuery"},
-            "refresh": 2,
-            "multi": True,
-            "includeAll": True,
-            "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "sort": 1,
-            "hide": 0,
-            "options": [],
-            "regex": "",
-        }
-
-    return [
-        {
-            "name": "DS_PROMETHEUS",
-            "label": "Prometheus",
-            "type": "datasource",
-            "query": "prometheus",
-            "current": {},
-            "hide": 0,
-            "options": [],
-            "refresh": 1,
-            "regex": "",
-        },
-        query_var("pool", "pool", f"label_values({c.POOL_DESIRED_REPLICAS}, pool)"),
-        query_var("tier", "tier", f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool"}}, tier)'),
-        query_var(
-            "entitlement",
-            "entitlement",
-            f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool", tier=~"$tier"}}, entitlement)',
-        ),
-    ]
-
-
-def build(d: Dashboard) -> dict[str, Any]:
-    """Grafana dashboard JSON (schema 39) for ``d``: panels laid out left to right, rows full width."""
-    panels: list[dict[str, Any]] = []
-    x = y = row_h = 0
-    kinds = set()
-    for pid, item in enumerate(d.items, start=1):
-        if isinstance(item, Row):
-            if x:
-                x, y = 0, y + row_h
-            panels.append(
-                {
-                    "id": pid,
-                    "type": "row",
-                    "title": item.title,
-                    "collapsed": False,
-                    "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
-                    "panels": [],
-                }
-            )
-            y += 1
-            row_h = 0
-            continue
-        if x + item.width > 24:
-            x, y, row_h = 0, y + row_h, 0
-        kinds.add(item.kind)
-        defaults: dict[str, Any] = {"unit": item.unit, "color": {"mode": "palette-classic"}}
-        if item.min is not None:
-            defaults["min"] = item.min
-        options: dict[str, Any] = (
-            {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}, "tooltip": {"mode": "multi"}}
-            if item.kind == "timeseries"
-            else {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
-        )
-        panels.append(
-            {
-                "id": pid,
-                "type": item.kind,
-                "title": item.title,
-                "description": item.description,
-                "datasource": DS,
-                "gridPos": {"x": x, "y": y, "w": item.width, "h": item.height},
-                "fieldConfig": {"defaults": defaults, "overrides": []},
-                "options": options,
-                "targets": [
-                    {
-                        "refId": chr(ord("A") + i),
-                        "datasource": DS,
-                        "editorMode": "code",
-                        "expr": t.expr,
-                        "legendFormat": t.legend,
-                        "range": True,
-                        "instant": False,
-                    }
-                    for i, t in enumerate(item.targets)
-                ],
-            }
-        )
-        x += item.width
-        row_h = max(row_h, item.height)
-    return {
-        "__inputs": [
-            {
-                "name": "DS_PROMETHEUS",
-                "label": "Prometheus",
-                "description": "",
-                "type": "datasource",
-                "pluginId": "prometheus",
-                "pluginName": "Prometheus",
-            }
-        ],
-        "__requires": [
-            {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"},
-            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
-        ]
-        + [{"type": "panel", "id": k, "name": k, "version": ""} for k in sorted(kinds)],
-        "id": None,
-        "uid": d.uid,
-        "title": d.title,
-        "description": d.description,
-        "tags": list(d.tags),
-        "editable": True,
-        "graphTooltip": 1,
-        "timezone": "",
-        "time": {"from": "now-1h", "to": "now"},
-        "timepicker": {},
-        "refresh": "30s",
-        "schemaVersion": SCHEMA_VERSION,
-        "version": 1,
-        "links": [],
-        "annotations": {"list": []},
-        "templating": {"list": _variables()},
-        "panels": panels,
-    }
+def all_dashboards() -> list[Dashboard]:
+    return [make() for make in DASHBOARDS]
 
 
 def render_all() -> dict[str, str]:
     """``{file name: JSON text}`` of every dashboard, as checked in."""
-    return {f"{name}.json": json.dumps(build(fn()), indent=2) + "\n" for name, fn in DASHBOARDS.items()}
+    return {d.file_name: to_text(d) for d in all_dashboards()}
