@@ -19,9 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tokenscaler.observe.grafana import Dashboard, Panel, QueryVariable, Row, Target, to_text
-from tokenscaler.observe.names import controller as c
+from tokenscaler.observe.names import ours as m
 from tokenscaler.observe.names import scaler as s
-from tokenscaler.observe.names import sidecar as sc
 from tokenscaler.observe.names import vllm as v
 
 DIMENSIONS: tuple[tuple[str, str, str], ...] = (
@@ -36,12 +35,12 @@ E = 'pool=~"$pool", tier=~"$tier", entitlement=~"$entitlement"'
 RI = "$__rate_interval"
 
 VARIABLES = (
-    QueryVariable("pool", "pool", f"label_values({c.POOL_DESIRED_REPLICAS}, pool)"),
-    QueryVariable("tier", "tier", f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool"}}, tier)'),
+    QueryVariable("pool", "pool", f"label_values({m.POOL_DESIRED_REPLICAS}, pool)"),
+    QueryVariable("tier", "tier", f'label_values({m.ENTITLEMENT_ALLOCATION}{{pool=~"$pool"}}, tier)'),
     QueryVariable(
         "entitlement",
         "entitlement",
-        f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool", tier=~"$tier"}}, entitlement)',
+        f'label_values({m.ENTITLEMENT_ALLOCATION}{{pool=~"$pool", tier=~"$tier"}}, entitlement)',
     ),
 )
 
@@ -62,7 +61,7 @@ def _q(expr: str, legend: str) -> Target:
 def _tier_join(expr: str) -> str:
     """Attach ``tier`` to a per-pool series: one copy per tier that has entitlements in the pool
     (engines know pools, not tiers)."""
-    tiers = f'{c.ENTITLEMENT_ALLOCATION}{{{P}, tier=~"$tier"}}'
+    tiers = f'{m.ENTITLEMENT_ALLOCATION}{{{P}, tier=~"$tier"}}'
     return f"group by (pool, tier) ({tiers}) * on (pool) group_left () ({expr})"
 
 
@@ -81,16 +80,16 @@ def pools() -> Dashboard:
                 f"{title} of the ready replicas (capacity), what the desired replicas provision, smoothed demand, "
                 "the sum of allocations and the guarantee shortfall (should be 0).",
                 (
-                    _q(f"sum by (pool) ({c.POOL_CAPACITY}{{{sel}}})", "{{pool}} capacity (ready)"),
+                    _q(f"sum by (pool) ({m.POOL_CAPACITY}{{{sel}}})", "{{pool}} capacity (ready)"),
                     _q(
-                        f"sum by (pool) ({c.POOL_CAPACITY}{{{sel}}})"
-                        f" / on (pool) (max by (pool) ({c.POOL_READY_REPLICAS}{{{P}}}) > 0)"
-                        f" * on (pool) max by (pool) ({c.POOL_DESIRED_REPLICAS}{{{P}}})",
+                        f"sum by (pool) ({m.POOL_CAPACITY}{{{sel}}})"
+                        f" / on (pool) (max by (pool) ({m.POOL_READY_REPLICAS}{{{P}}}) > 0)"
+                        f" * on (pool) max by (pool) ({m.POOL_DESIRED_REPLICAS}{{{P}}})",
                         "{{pool}} provisioned (desired)",
                     ),
-                    _q(f"sum by (pool) ({c.POOL_DEMAND}{{{sel}}})", "{{pool}} demand"),
-                    _q(f"sum by (pool) ({c.POOL_ALLOCATED}{{{sel}}})", "{{pool}} allocated"),
-                    _q(f"sum by (pool) ({c.POOL_GUARANTEE_SHORTFALL}{{{sel}}})", "{{pool}} guarantee shortfall"),
+                    _q(f"sum by (pool) ({m.POOL_DEMAND}{{{sel}}})", "{{pool}} demand"),
+                    _q(f"sum by (pool) ({m.POOL_ALLOCATED}{{{sel}}})", "{{pool}} allocated"),
+                    _q(f"sum by (pool) ({m.POOL_GUARANTEE_SHORTFALL}{{{sel}}})", "{{pool}} guarantee shortfall"),
                 ),
                 unit=unit,
                 width=8,
@@ -103,11 +102,11 @@ def pools() -> Dashboard:
             "Replicas: desired against ready",
             "Desired is what KEDA is told; target is before scale-down stabilization; min and max from the config.",
             (
-                _q(f"{c.POOL_DESIRED_REPLICAS}{{{P}}}", "{{pool}} desired"),
-                _q(f"{c.POOL_TARGET_REPLICAS}{{{P}}}", "{{pool}} target"),
-                _q(f"{c.POOL_READY_REPLICAS}{{{P}}}", "{{pool}} ready"),
-                _q(f"{c.POOL_MAX_REPLICAS}{{{P}}}", "{{pool}} max"),
-                _q(f"{c.POOL_MIN_REPLICAS}{{{P}}}", "{{pool}} min"),
+                _q(f"{m.POOL_DESIRED_REPLICAS}{{{P}}}", "{{pool}} desired"),
+                _q(f"{m.POOL_TARGET_REPLICAS}{{{P}}}", "{{pool}} target"),
+                _q(f"{m.POOL_READY_REPLICAS}{{{P}}}", "{{pool}} ready"),
+                _q(f"{m.POOL_MAX_REPLICAS}{{{P}}}", "{{pool}} max"),
+                _q(f"{m.POOL_MIN_REPLICAS}{{{P}}}", "{{pool}} min"),
             ),
             min=0,
         )
@@ -117,7 +116,7 @@ def pools() -> Dashboard:
             "Capacity observed vs configured",
             "Observed per-replica capacity over the configured one, per dimension (1 = as configured; "
             "below 1 the engines deliver less than the pool's replica spec).",
-            (_q(f"{c.POOL_CAPACITY_RATIO}{{{P}}}", "{{pool}} {{dimension}}"),),
+            (_q(f"{m.POOL_CAPACITY_RATIO}{{{P}}}", "{{pool}} {{dimension}}"),),
             unit="percentunit",
             min=0,
         )
@@ -127,8 +126,8 @@ def pools() -> Dashboard:
             "Plan age and staleness",
             "Seconds since the published plan was made, and 1 while the controller serves its last good plan.",
             (
-                _q(f"max by (instance) ({c.PLAN_AGE})", "plan age {{instance}}"),
-                _q(f"max by (instance) ({c.PLAN_STALE})", "stale {{instance}}"),
+                _q(f"max by (instance) ({m.PLAN_AGE})", "plan age {{instance}}"),
+                _q(f"max by (instance) ({m.PLAN_STALE})", "stale {{instance}}"),
             ),
             unit="s",
             min=0,
@@ -138,7 +137,7 @@ def pools() -> Dashboard:
         Panel(
             "Plan version",
             "Version of the published plan; it rises once per planning interval.",
-            (_q(f"max by (instance) ({c.PLAN_VERSION})", "version {{instance}}"),),
+            (_q(f"max by (instance) ({m.PLAN_VERSION})", "version {{instance}}"),),
             kind="stat",
             width=6,
         )
@@ -147,7 +146,7 @@ def pools() -> Dashboard:
         Panel(
             "Pool data incomplete",
             "1 when part of the pool's metrics were missing in the last interval.",
-            (_q(f"{c.POOL_DATA_INCOMPLETE}{{{P}}}", "{{pool}}"),),
+            (_q(f"{m.POOL_DATA_INCOMPLETE}{{{P}}}", "{{pool}}"),),
             width=6,
             min=0,
         )
@@ -192,11 +191,11 @@ def entitlements() -> Dashboard:
                 f"Per entitlement, {title}: the allocation of this interval, its guarantee (guaranteed tier), "
                 "the sustained limit the sidecars enforce (whole pool), service received and smoothed demand.",
                 (
-                    _q(f"{c.ENTITLEMENT_ALLOCATION}{{{sel}}}", "{{entitlement}} allocation"),
-                    _q(f'{c.ENTITLEMENT_GUARANTEE}{{{sel}, tier="guaranteed"}}', "{{entitlement}} guarantee"),
-                    _q(f"{c.ENTITLEMENT_LIMIT}{{{sel}}}", "{{entitlement}} limit"),
-                    _q(f"{c.ENTITLEMENT_USAGE}{{{sel}}}", "{{entitlement}} usage"),
-                    _q(f"{c.ENTITLEMENT_DEMAND}{{{sel}}}", "{{entitlement}} demand"),
+                    _q(f"{m.ENTITLEMENT_ALLOCATION}{{{sel}}}", "{{entitlement}} allocation"),
+                    _q(f'{m.ENTITLEMENT_GUARANTEE}{{{sel}, tier="guaranteed"}}', "{{entitlement}} guarantee"),
+                    _q(f"{m.ENTITLEMENT_LIMIT}{{{sel}}}", "{{entitlement}} limit"),
+                    _q(f"{m.ENTITLEMENT_USAGE}{{{sel}}}", "{{entitlement}} usage"),
+                    _q(f"{m.ENTITLEMENT_DEMAND}{{{sel}}}", "{{entitlement}} demand"),
                 ),
                 unit=unit,
                 width=8,
@@ -207,7 +206,7 @@ def entitlements() -> Dashboard:
         Panel(
             "Guarantee shortfall",
             "Guaranteed demand the plan could not allocate, per dimension: the breach signal (should be 0).",
-            (_q(f"{c.ENTITLEMENT_SHORTFALL}{{{E}}}", "{{entitlement}} {{dimension}}"),),
+            (_q(f"{m.ENTITLEMENT_SHORTFALL}{{{E}}}", "{{entitlement}} {{dimension}}"),),
             min=0,
         )
     )
@@ -216,8 +215,8 @@ def entitlements() -> Dashboard:
             "Debt over time",
             "Fair-share debt in dominant-share seconds (positive: owed service), against its configured bound.",
             (
-                _q(f"{c.ENTITLEMENT_DEBT}{{{E}}}", "{{entitlement}}"),
-                _q(f"{c.ENTITLEMENT_DEBT_BOUND}{{{E}}}", "{{entitlement}} bound"),
+                _q(f"{m.ENTITLEMENT_DEBT}{{{E}}}", "{{entitlement}}"),
+                _q(f"{m.ENTITLEMENT_DEBT_BOUND}{{{E}}}", "{{entitlement}} bound"),
             ),
             unit="s",
         )
@@ -229,11 +228,11 @@ def entitlements() -> Dashboard:
             "Weighted tokens/s offered (rejected requests' estimates included) and served, over all replicas.",
             (
                 _q(
-                    f"sum by (entitlement) (rate({sc.OFFERED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                    f"sum by (entitlement) (rate({m.OFFERED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
                     "{{entitlement}} offered",
                 ),
                 _q(
-                    f"sum by (entitlement) (rate({sc.ADMITTED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                    f"sum by (entitlement) (rate({m.ADMITTED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
                     "{{entitlement}} admitted",
                 ),
             ),
@@ -246,10 +245,10 @@ def entitlements() -> Dashboard:
             "Requests by outcome",
             "Requests/s reaching admission, and their outcome (admitted, rejected with 429, error).",
             (
-                _q(f"sum by (entitlement) (rate({sc.OFFERED_REQUESTS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} offered"),
+                _q(f"sum by (entitlement) (rate({m.OFFERED_REQUESTS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} offered"),
                 _q(
                     f"sum by (entitlement, outcome) "
-                    f'(rate({sc.REQUESTS_TOTAL}{{{E}, outcome!="unauthenticated"}}[{RI}]))',
+                    f'(rate({m.REQUESTS_TOTAL}{{{E}, outcome!="unauthenticated"}}[{RI}]))',
                     "{{entitlement}} {{outcome}}",
                 ),
             ),
@@ -263,7 +262,7 @@ def entitlements() -> Dashboard:
             "Rejections/s by the dimension that bound them (throughput, KV tokens, concurrency).",
             (
                 _q(
-                    f"sum by (entitlement, dimension) (rate({sc.REJECTIONS_TOTAL}{{{E}}}[{RI}]))",
+                    f"sum by (entitlement, dimension) (rate({m.REJECTIONS_TOTAL}{{{E}}}[{RI}]))",
                     "{{entitlement}} {{dimension}}",
                 ),
             ),
@@ -277,7 +276,7 @@ def entitlements() -> Dashboard:
             "How long queued guaranteed requests waited for admission at the sidecars.",
             (
                 _q(
-                    f"histogram_quantile(0.99, sum by (pool, le) (rate({sc.QUEUE_WAIT_SECONDS}_bucket{{{P}}}[{RI}])))",
+                    f"histogram_quantile(0.99, sum by (pool, le) (rate({m.QUEUE_WAIT_SECONDS}_bucket{{{P}}}[{RI}])))",
                     "{{pool}} p99",
                 ),
             ),
@@ -351,7 +350,7 @@ def health() -> Dashboard:
         Panel(
             "Limits age per replica",
             "Seconds since each sidecar's limits were last confirmed by the controller (static limits: 0).",
-            (_q(f"{sc.LIMITS_AGE_SECONDS}{{{P}}}", "{{pool}}/{{replica}}"),),
+            (_q(f"{m.LIMITS_AGE_SECONDS}{{{P}}}", "{{pool}}/{{replica}}"),),
             unit="s",
             min=0,
         )
@@ -361,7 +360,7 @@ def health() -> Dashboard:
             "Limits state (fail-static)",
             "Replicas per limits state: fresh (the controller's), stale (its last limits kept: fail-static), "
             "expired (floors), static (no controller).",
-            (_q(f"sum by (pool, state) ({sc.LIMITS_STATE}{{{P}}})", "{{pool}} {{state}}"),),
+            (_q(f"sum by (pool, state) ({m.LIMITS_STATE}{{{P}}})", "{{pool}} {{state}}"),),
             min=0,
         )
     )
@@ -371,7 +370,7 @@ def health() -> Dashboard:
             "Failed polls of the controller's limits per second, per replica.",
             (
                 _q(
-                    f"sum by (pool, replica) (rate({total(sc.LIMITS_FETCH_ERRORS_TOTAL)}{{{P}}}[{RI}]))",
+                    f"sum by (pool, replica) (rate({total(m.LIMITS_FETCH_ERRORS_TOTAL)}{{{P}}}[{RI}]))",
                     "{{pool}}/{{replica}}",
                 ),
             ),
@@ -386,7 +385,7 @@ def health() -> Dashboard:
             (
                 _q(
                     "histogram_quantile(0.99, sum by (pool, route, le) "
-                    f"(rate({sc.ADDED_LATENCY_SECONDS}_bucket{{{P}}}[{RI}])))",
+                    f"(rate({m.ADDED_LATENCY_SECONDS}_bucket{{{P}}}[{RI}])))",
                     "{{pool}} {{route}}",
                 ),
             ),
@@ -402,7 +401,7 @@ def health() -> Dashboard:
             (
                 _q(
                     "histogram_quantile(0.99, sum by (phase, le) "
-                    f"(rate({c.INTERVAL_DURATION}_bucket[{RI}])))",
+                    f"(rate({m.INTERVAL_DURATION}_bucket[{RI}])))",
                     "{{phase}}",
                 ),
             ),
@@ -414,7 +413,7 @@ def health() -> Dashboard:
         Panel(
             "Intervals by outcome",
             "Planning intervals per second by outcome.",
-            (_q(f"sum by (outcome) (rate({total(c.INTERVALS)}[{RI}]))", "{{outcome}}"),),
+            (_q(f"sum by (outcome) (rate({total(m.INTERVALS)}[{RI}]))", "{{outcome}}"),),
             unit="ops",
             min=0,
         )
@@ -425,8 +424,8 @@ def health() -> Dashboard:
             "Answers of the metrics source per second by shape (ok, empty, nan, multi, stale), and failed reads "
             "by kind (0 when none).",
             (
-                _q(f"sum by (kind) (rate({total(c.SOURCE_ANSWERS)}[{RI}]))", "answers {{kind}}"),
-                _q(f"sum by (kind) (rate({total(c.SOURCE_ERRORS)}[{RI}])) or vector(0)", "errors {{kind}}"),
+                _q(f"sum by (kind) (rate({total(m.SOURCE_ANSWERS)}[{RI}]))", "answers {{kind}}"),
+                _q(f"sum by (kind) (rate({total(m.SOURCE_ERRORS)}[{RI}])) or vector(0)", "errors {{kind}}"),
             ),
             unit="ops",
             min=0,
@@ -436,7 +435,7 @@ def health() -> Dashboard:
         Panel(
             "Controller API requests",
             "Requests/s to the controller's HTTP API (the sidecars' limits polls, the plan) by route and status.",
-            (_q(f"sum by (route, code) (rate({total(c.API_REQUESTS)}[{RI}]))", "{{route}} {{code}}"),),
+            (_q(f"sum by (route, code) (rate({total(m.API_REQUESTS)}[{RI}]))", "{{route}} {{code}}"),),
             unit="reqps",
             min=0,
         )
@@ -489,12 +488,12 @@ def showback() -> Dashboard:
         VARIABLES,
     )
     ent = 'pool=~"$pool", entitlement=~"$entitlement"'
-    rs = f"{total(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{ent}}}"
-    rs_pool = f"{total(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{P}}}"
-    used = f"{total(c.ENTITLEMENT_GUARANTEE_USED_TOTAL)}{{{ent}}}"
-    price = f"max by (pool, currency) ({c.POOL_PRICE}{{{P}}})"
+    rs = f"{total(m.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{ent}}}"
+    rs_pool = f"{total(m.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{P}}}"
+    used = f"{total(m.ENTITLEMENT_GUARANTEE_USED_TOTAL)}{{{ent}}}"
+    price = f"max by (pool, currency) ({m.POOL_PRICE}{{{P}}})"
     # the counters carry no tier: keep the entitlements of the selected tiers (the plan's gauges know them)
-    tiers = f"group by (pool, entitlement) ({c.ENTITLEMENT_ALLOCATION}{{{E}}})"
+    tiers = f"group by (pool, entitlement) ({m.ENTITLEMENT_ALLOCATION}{{{E}}})"
 
     def of_tiers(expr: str) -> str:
         return f"({expr}) * on (pool, entitlement) group_left () {tiers}"
@@ -534,7 +533,7 @@ def showback() -> Dashboard:
             "_platform, or the guaranteed ones with idle_attribution: guarantees; against the pool's ready replicas.",
             (
                 _q(f'sum by (pool, entitlement) (rate({rs_pool[:-1]}, basis="idle"}}[{RI}]))', "{{entitlement}} idle"),
-                _q(f"sum by (pool) (rate({total(c.POOL_REPLICA_SECONDS_TOTAL)}{{{P}}}[{RI}]))", "{{pool}} ready"),
+                _q(f"sum by (pool) (rate({total(m.POOL_REPLICA_SECONDS_TOTAL)}{{{P}}}[{RI}]))", "{{pool}} ready"),
             ),
             min=0,
         )
@@ -556,8 +555,8 @@ def showback() -> Dashboard:
             "Tokens served per tenant",
             "Prompt and generated tokens/s the sidecars served, over all replicas.",
             (
-                _q(f"sum by (entitlement) (rate({sc.PROMPT_TOKENS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} prompt"),
-                _q(f"sum by (entitlement) (rate({sc.GENERATION_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                _q(f"sum by (entitlement) (rate({m.PROMPT_TOKENS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} prompt"),
+                _q(f"sum by (entitlement) (rate({m.GENERATION_TOKENS_TOTAL}{{{E}}}[{RI}]))",
                    "{{entitlement}} generated"),
             ),
             unit="suffix: tok/s",
@@ -571,21 +570,21 @@ def showback() -> Dashboard:
             "Weighted tokens left in each budget's period, against the budget (0: spent; refused or spot until the "
             "period resets).",
             (
-                _q(per_ent(c.ENTITLEMENT_BUDGET_REMAINING), "{{entitlement}} remaining"),
-                _q(per_ent(c.ENTITLEMENT_BUDGET), "{{entitlement}} budget"),
+                _q(per_ent(m.ENTITLEMENT_BUDGET_REMAINING), "{{entitlement}} remaining"),
+                _q(per_ent(m.ENTITLEMENT_BUDGET), "{{entitlement}} budget"),
             ),
             min=0,
         )
     )
-    left = f"clamp_min({per_ent(c.ENTITLEMENT_BUDGET_RESETS_AT)} - time(), 1)"
+    left = f"clamp_min({per_ent(m.ENTITLEMENT_BUDGET_RESETS_AT)} - time(), 1)"
     d.items.append(
         Panel(
             "Budget consumption rate",
             "Weighted tokens/s charged to each budget (smoothed over hours), against the pace that spends what is "
             "left exactly at the period's end (remaining / time left).",
             (
-                _q(per_ent(c.ENTITLEMENT_BUDGET_RATE), "{{entitlement}} rate"),
-                _q(f"{per_ent(c.ENTITLEMENT_BUDGET_REMAINING)} / on (pool, entitlement) {left}",
+                _q(per_ent(m.ENTITLEMENT_BUDGET_RATE), "{{entitlement}} rate"),
+                _q(f"{per_ent(m.ENTITLEMENT_BUDGET_REMAINING)} / on (pool, entitlement) {left}",
                    "{{entitlement}} even pace"),
             ),
             unit="suffix: tok/s",
