@@ -167,7 +167,8 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.control.metrics import ControllerMetrics, PlanCollector, ShowbackCollector
     from tokenscaler.control.persist import StateFileError
     from tokenscaler.control.store import PlanStore
-    from tokenscaler.core.model import ConfigError, TokenPoolsConfig
+    from tokenscaler.core.model import TokenPoolsConfig
+    from tokenscaler.core.validation import ConfigError
     from tokenscaler.serve.api import ControllerApi
     from tokenscaler.serve.http_security import HttpSecurity
     from tokenscaler.serve.scaler import ScalerTLS, start_scaler

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenscaler.cli import runtime
     from tokenscaler.config import load_config
     from tokenscaler.core.limiter import Limiter
-    from tokenscaler.core.model import ConfigError
+    from tokenscaler.core.validation import ConfigError
     from tokenscaler.sidecar.engine import EngineCapacity
     from tokenscaler.sidecar.gatekeeper import Gatekeeper
     from tokenscaler.sidecar.limits import HttpLimitsSource, LimitsSource, StaticLimitsSource, describe

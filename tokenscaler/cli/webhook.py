@@ -112,7 +112,8 @@ async def _main(args: argparse.Namespace) -> int:
 
     from tokenscaler.cli import runtime
     from tokenscaler.config import load_config
-    from tokenscaler.core.model import ConfigError, TokenPoolsConfig
+    from tokenscaler.core.model import TokenPoolsConfig
+    from tokenscaler.core.validation import ConfigError
     from tokenscaler.kube.webhook import Webhook
     from tokenscaler.tlsfiles import ServerTLS, TLSFileError
 

@@ -36,8 +36,9 @@ from typing import Any
 
 from tokenscaler.control.persist import StateFileError
 from tokenscaler.control.store import PublishedPlan
-from tokenscaler.core.model import ConfigError, TokenPoolsConfig
+from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.state import PlannerState
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.kube import ENTITLEMENT_PLURAL, POOL_PLURAL
 from tokenscaler.kube.client import (
     LEASE_NAME,

@@ -21,14 +21,13 @@ from pydantic import BaseModel, ValidationError
 
 from tokenscaler.core.model import (
     DIMENSIONS,
-    ConfigError,
     Entitlement,
     Pool,
     Tier,
     TokenPoolsConfig,
     check_config,
-    format_validation_error,
 )
+from tokenscaler.core.validation import ConfigError, format_validation_error
 from tokenscaler.kube import API_VERSION, ENTITLEMENT_KIND, ENTITLEMENT_PLURAL, POOL_KIND, POOL_PLURAL
 
 Obj = dict[str, Any]

@@ -34,7 +34,6 @@ from aiohttp import web
 from tokenscaler import __version__
 from tokenscaler.core.model import (
     DIMENSIONS,
-    ConfigError,
     Entitlement,
     Pool,
     Tier,
@@ -42,6 +41,7 @@ from tokenscaler.core.model import (
     check_config,
     check_oversubscription,
 )
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.kube import ENTITLEMENT_KIND, GROUP, POOL_KIND, POOL_LABEL
 from tokenscaler.kube.translate import entitlement_from_cr, pool_from_cr, ref
 
