@@ -66,7 +66,7 @@ class StepSettings:
     interval_s: float = 5.0
     demand_half_life_s: float = 10.0  # half-life of the demand moving average (0: none)
     capacity_tolerance: float = CAPACITY_TOLERANCE  # engine vs configured replica, before a mismatch
-    # how debt moves and bends the weights (tokenscaler.core.weighting): ours, none, the paper's
+    # how debt moves and bends the weights (tokenscaler.core.weighting): ours, none, or the experiments' paper's
     weighting: Weighting = DEFAULT_WEIGHTING
     # the longest time since the last step that one step accounts for (showback, budgets)
     max_gap_s: float = DEFAULT_MAX_GAP_S
