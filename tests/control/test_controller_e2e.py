@@ -1,7 +1,7 @@
 """The controller end to end on loopback: simulators, sidecars, controller, and Prometheus.
 
 Each scenario runs real processes: ``tokenscaler sim`` replicas (demo profile), a
-``tokenscaler sidecar`` in front of each polling the controller's admission API, the
+``tokenscaler sidecar`` in front of each polling the controller's limits API, the
 ``tokenscaler controller`` reading either a real Prometheus or the embedded scraper, the
 official ``openai`` client as the tenants and a client generated from
 ``keda/externalscaler.proto`` as KEDA.

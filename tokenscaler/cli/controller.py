@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_address,
         default="0.0.0.0:8080",
         metavar="ADDR",
-        help="admission API address (default 0.0.0.0:8080)",
+        help="HTTP API address: the limits API, the plan, health (default 0.0.0.0:8080)",
     )
     p.add_argument("--state", metavar="FILE", help="persist debt, history and the last plan here (restored at start)")
     p.add_argument("--interval-s", type=float, default=5.0, metavar="N", help="planning interval (default 5)")

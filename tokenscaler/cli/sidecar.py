@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="this replica's id in metrics and limit polls (default: $POD_NAME, $HOSTNAME, or HOST:PORT)",
     )
     group = parser.add_argument_group("limits source")
-    group.add_argument("--limits-url", default=None, help="controller admission API base URL (default: static limits)")
+    group.add_argument("--limits-url", default=None, help="controller limits API base URL (default: static limits)")
     group.add_argument("--limits-poll-s", type=float, default=2.0, help="poll interval (default: %(default)s)")
     group.add_argument(
         "--limits-expiry-s", type=float, default=60.0,

@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sidecar-image", default=d.image, help="default %(default)s")
     g.add_argument("--sidecar-port", type=int, default=d.port, help="proxy port the serving port moves to")
     g.add_argument("--sidecar-metrics-port", type=int, default=d.metrics_port)
-    g.add_argument("--limits-url", default=d.limits_url, help="controller admission API (empty: static limits)")
+    g.add_argument("--limits-url", default=d.limits_url, help="controller limits API (empty: static limits)")
     g.add_argument(
         "--limits-secret", default=d.limits_secret, metavar="NAME",
         help="Secret in the pod's namespace with ca.crt and token, mounted for --limits-ca and --limits-token-file "

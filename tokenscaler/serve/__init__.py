@@ -1,4 +1,4 @@
-"""The controller's servers: the KEDA external scaler (gRPC) and the admission API (HTTPS).
+"""The controller's servers: the KEDA external scaler (gRPC) and the limits API (HTTPS).
 
 Submodules do not import each other: :mod:`tokenscaler.serve.scaler` (with its metric names in
 :mod:`tokenscaler.serve.scaler_metrics` and its generated stubs in ``tokenscaler.serve._proto``)
