@@ -1,6 +1,6 @@
 """The control step: one interval of the controller as a pure function.
 
-``control_step(rows, observation, state, now, settings) -> StepResult`` holds every rule
+``control_step(rows, observation, state, now, settings) -> ControlStepResult`` holds every rule
 the controller applies between reading metrics and publishing; the controller loop
 (:mod:`tokenscaler.control.loop`) is I/O around it, and the virtual-time experiments, the
 Kubernetes operator and the tests call the same function, so what they show is what the
@@ -22,7 +22,7 @@ budget's status, and so do the limits documents); after it, the interval's repli
 split between the entitlements (showback) and added to ``ControlState.ledgers``.
 
 Everything the step carries between intervals is in :class:`ControlState`; what it decided
-and why comes back as data (:class:`StepResult`, with ``notes`` for the log).
+and why comes back as data (:class:`ControlStepResult`, with ``notes`` for the log).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class Note:
 
 
 @dataclass(frozen=True)
-class StepResult:
+class ControlStepResult:
     """What one step decided: publish ``plan`` as ``version`` (``stale`` if it is the last
     good one), and continue from ``state``. ``plan`` is None only while there has never
     been one (the source failed before the first plan)."""
@@ -129,7 +129,7 @@ def control_step(
     settings: StepSettings,
     *,
     failure: str | None = None,
-) -> StepResult:
+) -> ControlStepResult:
     """One interval. ``observation`` None means the source failed (``failure`` says why)."""
     if observation is None:
         return _stale(state, now, failure or "no observation")
@@ -179,7 +179,7 @@ def control_step(
         stale_since=None,
         ledgers=add_to_ledgers(state.ledgers, splits),
     )
-    return StepResult(state=new_state, plan=plan, version=version, stale=False, notes=tuple(notes))
+    return ControlStepResult(state=new_state, plan=plan, version=version, stale=False, notes=tuple(notes))
 
 
 def _budgets(
@@ -240,17 +240,17 @@ def capacity_notes(plan: Plan, previous: Plan | None) -> list[Note]:
     return notes
 
 
-def _stale(state: ControlState, now: float, why: str) -> StepResult:
+def _stale(state: ControlState, now: float, why: str) -> ControlStepResult:
     notes: tuple[Note, ...] = ()
     stale_since = state.stale_since
     if stale_since is None:
         stale_since = now
         notes = (Note(f"metrics unavailable ({why}): serving the last good plan, marked stale"),)
     if state.plan is None:
-        return StepResult(dataclasses.replace(state, stale_since=stale_since), None, state.version, True, notes)
+        return ControlStepResult(dataclasses.replace(state, stale_since=stale_since), None, state.version, True, notes)
     version = state.version + 1
     new_state = dataclasses.replace(state, version=version, stale_since=stale_since)
-    return StepResult(new_state, state.plan, version, True, notes)
+    return ControlStepResult(new_state, state.plan, version, True, notes)
 
 
 def apply_profile(rows: Mapping[str, PoolRows], state: ControlState, profile: LoadProfile) -> ControlState:
