@@ -21,7 +21,7 @@ from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.step import ControlState, StepSettings, control_step
 from tokenscaler.core.validation import ConfigError
 from tokenscaler.probe import EngineInfo, Level, Sample, Shape, knee, percentile, replica_block
-from tokenscaler.sidecar.engine import parse_metrics, parse_models
+from tokenscaler.sidecar.engine_limits import parse_metrics, parse_models
 from tokenscaler.sources.prometheus import assemble, build_queries
 from tokenscaler.sources.scrape import ScrapeConfig, ScrapeResult, ScrapeSource
 
