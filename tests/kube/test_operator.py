@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tests.kube.apiserver import ApiServer
+from tests.support import wait_until_async
 from tokenscaler.config import load_usage
 from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.plan import Plan
@@ -84,10 +85,11 @@ def test_watch_to_config_status_and_hand_over(apiserver: ApiServer) -> None:
             ent = apiserver.get(NS, "entitlements", "backfill")
             assert ent["status"]["planVersion"] == 2 and ent["metadata"]["generation"] == 1
             # once the watch brought the written status back, the same plan writes nothing
-            for _ in range(100):
-                if all("status" in o for o in a.entitlements.cache.values()) and "status" in a.pools.cache["llama-8b"]:
-                    break
-                await asyncio.sleep(0.02)
+            def status_back() -> bool:
+                entitlements = a.entitlements.cache.values()
+                return all("status" in o for o in entitlements) and "status" in a.pools.cache["llama-8b"]
+
+            await wait_until_async(status_back, timeout=10, message="the watch to bring the written status back")
             assert await a.write_status(published, version=3, stale=False) == 0
 
             # debt lives in the state ConfigMap; only the leader writes it
