@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import re
 import signal
@@ -137,6 +138,29 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {message}; last error: {last_exc!r}")
         time.sleep(interval)
+
+
+async def wait_until_async(
+    condition: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"
+) -> Any:
+    """:func:`wait_until` for code on an event loop: poll ``condition`` (its result awaited when it
+    is awaitable) on the loop's clock until it is truthy, sleeping on the loop in between so the
+    loop's other tasks run; fail after ``timeout`` seconds, naming ``message``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = condition()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value
+        except Exception as e:  # the condition may raise while a server is still starting
+            last_exc = e
+        if loop.time() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {message}; last error: {last_exc!r}")
+        await asyncio.sleep(interval)
 
 
 class Proc:

@@ -1,8 +1,10 @@
 """The harness's address helpers: a held port refuses connections and cannot be taken; the
-relay forwards to whatever it is pointed at, and closes connections while it points nowhere."""
+relay forwards to whatever it is pointed at, and closes connections while it points nowhere.
+The bounded waits return what the condition returned, or fail naming what they waited for."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import socket
 import threading
@@ -12,7 +14,8 @@ from contextlib import contextmanager
 import pytest
 import requests
 
-from tests.support import Relay, hold_port, refusing_port
+from tests import virtual_loop
+from tests.support import Relay, hold_port, refusing_port, wait_until, wait_until_async
 
 
 @contextmanager
@@ -79,3 +82,27 @@ def test_the_relay_forwards_to_its_target_and_follows_it() -> None:
         assert relay.connections == 3
     finally:
         relay.close()
+
+
+def test_wait_until_returns_the_value_or_fails_naming_what_it_waited_for() -> None:
+    calls = iter([0, None, "ready"])
+    assert wait_until(lambda: next(calls), timeout=5, interval=0.001) == "ready"
+    with pytest.raises(AssertionError, match=r"timed out after 0.05s waiting for the moon"):
+        wait_until(lambda: False, timeout=0.05, interval=0.01, message="the moon")
+
+
+def test_wait_until_async_polls_on_the_loop_and_awaits_a_coroutine_condition() -> None:
+    async def main() -> None:
+        flag: list[str] = []
+        asyncio.get_running_loop().call_later(30, flag.append, "set")  # another task's doing, 30 s later
+
+        async def check() -> str | None:
+            return flag[0] if flag else None
+
+        assert await wait_until_async(check, timeout=60, interval=1) == "set"
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(AssertionError, match=r"timed out after 5s waiting for nothing; last error: ValueError"):
+            await wait_until_async(lambda: int("x"), timeout=5, message="nothing")
+        assert asyncio.get_running_loop().time() - started >= 5
+
+    virtual_loop.run(main())  # virtual time: the 30 s and 5 s pass at once

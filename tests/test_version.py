@@ -16,7 +16,7 @@ import yaml
 from tests.kube.test_manifests import KUSTOMIZATIONS, build, by_kind
 from tests.support import REPO
 from tokenscaler import __version__
-from tokenscaler.kube.webhook import IMAGE, SidecarOptions
+from tokenscaler.kube.webhook import IMAGE, InjectedSidecar
 
 IMAGE_REF = re.compile(re.escape(IMAGE) + r":([A-Za-z0-9_.$()-]+)")
 WRITTEN = [
@@ -41,7 +41,7 @@ def test_the_manifests_and_the_webhook_run_the_image_of_the_version() -> None:
     image = f"{IMAGE}:{__version__}"
     (entry,) = yaml.safe_load((REPO / "k8s" / "base" / "kustomization.yaml").read_text())["images"]
     assert (entry["newName"], entry["newTag"]) == (IMAGE, __version__)
-    assert SidecarOptions().image == image
+    assert InjectedSidecar().image == image
     for path in KUSTOMIZATIONS:
         for dep in by_kind(build(path), "Deployment"):
             c = dep["spec"]["template"]["spec"]["containers"][0]

@@ -2,7 +2,7 @@
 
 The core validates decoded documents (:func:`tokenscaler.core.model.parse_config`) but
 never reads a file; this module is where a path becomes a document. Every failure is a
-:class:`~tokenscaler.core.model.ConfigError` naming the file and why.
+:class:`~tokenscaler.core.validation.ConfigError` naming the file and why.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel
 
-from tokenscaler.core.model import ConfigError, TokenPoolsConfig, parse_config, validate_document
+from tokenscaler.core.model import TokenPoolsConfig, parse_config
 from tokenscaler.core.usage import UsageDocument, parse_usage
+from tokenscaler.core.validation import ConfigError, validate_document
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -2,7 +2,7 @@
 
 1. **What the engine states**: KV capacity from ``vllm:cache_config_info`` on ``/metrics``
    (``num_gpu_blocks x block_size``) and the context window and model from ``/v1/models``
-   (the same reading the sidecar makes, :mod:`tokenscaler.sidecar.engine`).
+   (the same reading the sidecar makes, :mod:`tokenscaler.sidecar.engine_limits`).
 2. **A staircase of closed-loop load**: ``c`` workers each send one streamed completion after
    another (a fixed shape: ``prompt_tokens`` as token ids, exactly ``output_tokens`` out with
    ``ignore_eos``), ``c`` rising 1, 2, 4, ... and, once the latency target breaks, bisected
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tokenscaler.sidecar.engine import parse_metrics, parse_models
+from tokenscaler.sidecar.engine_limits import parse_metrics, parse_models
 
 
 @dataclass(frozen=True)

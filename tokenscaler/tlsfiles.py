@@ -104,6 +104,7 @@ class _Watched:
         self.files = files
         self._signatures = self._now()
         self._warned: tuple[Signature | None, ...] | None = None
+        self.failures = 0  # changed files that were read and refused
 
     def _now(self) -> tuple[Signature | None, ...]:
         return tuple(signature(f) for f in self.files)
@@ -122,6 +123,7 @@ class _Watched:
     def failed(self, now: tuple[Signature | None, ...], error: TLSFileError, keeping: str) -> None:
         log.warning("%s; %s", error, keeping)
         self._warned = now
+        self.failures += 1
 
 
 class ServerTLS:
@@ -139,6 +141,11 @@ class ServerTLS:
     @property
     def mutual(self) -> bool:
         return self.client_ca is not None
+
+    @property
+    def failed_reloads(self) -> int:
+        """Changed files that were read and refused (the previous certificate stayed in use)."""
+        return self._watch.failures
 
     def _build(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -15,12 +15,13 @@ from tokenscaler.config import load_config
 from tokenscaler.core.capacity import ReplicaCapacity, capacity_conditions, planning_unit
 from tokenscaler.core.limiter import Limiter
 from tokenscaler.core.limits import limits_document
-from tokenscaler.core.model import ConfigError, parse_config
+from tokenscaler.core.model import parse_config
 from tokenscaler.core.observation import Observation, PoolSignals
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.step import ControlState, StepSettings, control_step
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.probe import EngineInfo, Level, Sample, Shape, knee, percentile, replica_block
-from tokenscaler.sidecar.engine import parse_metrics, parse_models
+from tokenscaler.sidecar.engine_limits import parse_metrics, parse_models
 from tokenscaler.sources.prometheus import assemble, build_queries
 from tokenscaler.sources.scrape import ScrapeConfig, ScrapeResult, ScrapeSource
 

@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from tests.core.builders import config, make_entitlement, make_pool
 from tokenscaler.core.budget import Budget, BudgetEntry, period_bounds, update_budgets
 from tokenscaler.core.limits import limits_document
-from tokenscaler.core.model import ConfigError, Tier, parse_config
+from tokenscaler.core.model import Tier, parse_config
 from tokenscaler.core.observation import Observation, PoolSignals, SignalTable
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
 from tokenscaler.core.step import ControlState, StepSettings, control_step, persisted, restored
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.sidecar.limits import budgets_of, gate_limits_from_document
 
 

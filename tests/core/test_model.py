@@ -11,7 +11,8 @@ import yaml
 
 from tests.core.builders import make_config, make_entitlement, make_pool, vec
 from tokenscaler.config import load_config
-from tokenscaler.core.model import ConfigError, check_oversubscription, hash_api_key, parse_config
+from tokenscaler.core.model import check_oversubscription, hash_api_key, parse_config
+from tokenscaler.core.validation import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tokenpools.yaml"
 

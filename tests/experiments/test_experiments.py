@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tokenscaler.cli import main
-from tokenscaler.core.model import ConfigError
 from tokenscaler.core.showback import BASES
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.experiments.scenario import load_scenario
 from tokenscaler.experiments.suite import run_experiment
 

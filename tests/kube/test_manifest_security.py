@@ -29,9 +29,9 @@ import yaml
 
 from tests.kube.test_manifests import KUSTOMIZATIONS, REPO, build, by_kind
 from tokenscaler.cli import build_parser
-from tokenscaler.cli.webhook import sidecar_options
+from tokenscaler.cli.webhook import injected_sidecar
 from tokenscaler.core.model import parse_config
-from tokenscaler.kube.webhook import POOL_LABEL, SidecarOptions, mutate_request
+from tokenscaler.kube.webhook import POOL_LABEL, InjectedSidecar, mutate_request
 
 Doc = dict[str, Any]
 
@@ -95,12 +95,12 @@ def sidecar_config(docs: tuple[Doc, ...]) -> Any:
     return parse_config(yaml.safe_load(cm["data"]["tokenpools.yaml"]), "ConfigMap tokenscaler-config")
 
 
-def webhook_options(install: str) -> SidecarOptions:
+def webhook_options(install: str) -> InjectedSidecar:
     hook = deployment(docs_of(install), "tokenscaler-webhook")
-    return sidecar_options(parse(hook["spec"]["template"]["spec"]["containers"][0]["args"]))
+    return injected_sidecar(parse(hook["spec"]["template"]["spec"]["containers"][0]["args"]))
 
 
-def inject(docs: tuple[Doc, ...], opts: SidecarOptions) -> dict[str, Doc]:
+def inject(docs: tuple[Doc, ...], opts: InjectedSidecar) -> dict[str, Doc]:
     """Every Deployment of ``docs`` with its pod template as the webhook would admit it."""
     out = {}
     for dep in by_kind(docs, "Deployment"):
@@ -285,7 +285,7 @@ def _admitting(policies: list[Doc], pod: Doc, port: tuple[str | None, int]) -> l
 def _pods(name: str) -> tuple[tuple[Doc, ...], dict[str, Doc]]:
     docs = docs_of(name)
     install = INJECTED_BY.get(name)
-    return docs, inject(docs, webhook_options(install) if install else SidecarOptions())
+    return docs, inject(docs, webhook_options(install) if install else InjectedSidecar())
 
 
 @pytest.mark.parametrize("path", KUSTOMIZATIONS, ids=rel)

@@ -13,8 +13,10 @@ from typing import Any
 import yaml
 
 from tests.kube.apiserver import ApiServer
+from tests.support import wait_until_async
 from tokenscaler.config import load_usage
 from tokenscaler.core.model import TokenPoolsConfig
+from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
@@ -33,11 +35,10 @@ def crs() -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all((REPO / "examples" / "k8s" / "tokenpools.yaml").read_text()) if d]
 
 
-def plan(config: TokenPoolsConfig, state: PlannerState, now: float) -> tuple[dict[str, Any], PlannerState]:
+def plan(config: TokenPoolsConfig, state: PlannerState, now: float) -> tuple[Plan, PlannerState]:
     rows = build_pool_rows(config)
     usage = REPO / "examples" / "usage.json"
-    p, new_state = plan_interval(rows, to_inputs(load_usage(usage), rows, str(usage)), state, now, INTERVAL_S)
-    return json.loads(json.dumps(p.to_json())), new_state
+    return plan_interval(rows, to_inputs(load_usage(usage), rows, str(usage)), state, now, INTERVAL_S)
 
 
 def operator(server: ApiServer, identity: str) -> KubeOperator:
@@ -71,23 +72,25 @@ def test_watch_to_config_status_and_hand_over(apiserver: ApiServer) -> None:
             assert config is not None and "backfill" in {e.name for e in config.entitlements}
             assert time.monotonic() - t0 < INTERVAL_S
             assert seen[-1] == config and len(seen) == 2
-            plan_doc, state = plan(config, PlannerState(), 1000.0)
-            plan_doc, state = plan(config, state, 1005.0)
+            published, state = plan(config, PlannerState(), 1000.0)
+            published, state = plan(config, state, 1005.0)
+            plan_doc = json.loads(json.dumps(published.to_json()))  # what GET /v1/plan shows of it
             assert "backfill" in plan_doc["entitlements"]
 
             # status: the follower writes nothing; the leader writes every object once
-            assert await b.write_status(plan_doc, version=2, stale=False) == 0
-            assert await a.write_status(plan_doc, version=2, stale=False) == 6
+            assert await b.write_status(published, version=2, stale=False) == 0
+            assert await a.write_status(published, version=2, stale=False) == 6
             pool = apiserver.get(NS, "tokenpools", "llama-8b")
             assert pool["status"]["desiredReplicas"] == plan_doc["pools"]["llama-8b"]["desired_replicas"]
             ent = apiserver.get(NS, "entitlements", "backfill")
             assert ent["status"]["planVersion"] == 2 and ent["metadata"]["generation"] == 1
             # once the watch brought the written status back, the same plan writes nothing
-            for _ in range(100):
-                if all("status" in o for o in a.entitlements.cache.values()) and "status" in a.pools.cache["llama-8b"]:
-                    break
-                await asyncio.sleep(0.02)
-            assert await a.write_status(plan_doc, version=3, stale=False) == 0
+            def status_back() -> bool:
+                entitlements = a.entitlements.cache.values()
+                return all("status" in o for o in entitlements) and "status" in a.pools.cache["llama-8b"]
+
+            await wait_until_async(status_back, timeout=10, message="the watch to bring the written status back")
+            assert await a.write_status(published, version=3, stale=False) == 0
 
             # debt lives in the state ConfigMap; only the leader writes it
             debt = {n: state.pools["llama-8b"].debt_of(n) for n in ("research", "batch-eval")}
@@ -105,7 +108,7 @@ def test_watch_to_config_status_and_hand_over(apiserver: ApiServer) -> None:
             assert {n: restored.pools["llama-8b"].debt_of(n) for n in debt} == debt
             _, after = plan(config, restored, 1010.0)  # the new leader plans on from the saved debt
             assert after.pools["llama-8b"].debt_of("research") != 0
-            stale = await b.write_status(plan_doc, version=4, stale=True)
+            stale = await b.write_status(published, version=4, stale=True)
             assert stale == 6  # every object's Stale condition flipped
             cond = {c["type"]: c for c in apiserver.get(NS, "entitlements", "research")["status"]["conditions"]}
             assert cond["Stale"]["status"] == "True"

@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 from tokenscaler.config import load_config, load_usage
+from tokenscaler.core.inputs import PoolInput
+from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
@@ -80,11 +82,11 @@ def test_bad_objects_are_left_out_and_named() -> None:
     assert t.config is None and any("oversubscribe" in e for e in t.errors)
 
 
-def plan_json() -> dict[str, Any]:
+def example_plan() -> Plan:
     config = load_config(CONFIG)
     rows = build_pool_rows(config)
     plan, _ = plan_interval(rows, to_inputs(load_usage(USAGE), rows, str(USAGE)), PlannerState(), 1000.0, 5.0)
-    return json.loads(json.dumps(plan.to_json()))
+    return plan
 
 
 def stored(docs: list[dict[str, Any]], gen: int = 1) -> list[dict[str, Any]]:
@@ -104,18 +106,19 @@ def apply(docs: list[dict[str, Any]], patches: list[Any]) -> None:
 def test_status_is_written_once_and_again_only_when_it_changes() -> None:
     config = load_config(CONFIG)
     pools, ents = (stored(x) for x in split(config_to_crs(config, "ns")))
-    plan = plan_json()
+    plan = example_plan()
+    view = json.loads(json.dumps(plan.to_json()))  # what GET /v1/plan shows of the same plan
     patches = status_patches(pools, ents, config, plan, version=1, stale=False, now=NOW)
     assert len(patches) == 6
     pool_status = next(p for p in patches if p.plural == "tokenpools").body["status"]
-    assert pool_status["desiredReplicas"] == plan["pools"]["llama-8b"]["desired_replicas"]
-    assert pool_status["capacity"]["configured"]["concurrency"] == 256 * plan["pools"]["llama-8b"]["ready_replicas"]
+    assert pool_status["desiredReplicas"] == view["pools"]["llama-8b"]["desired_replicas"]
+    assert pool_status["capacity"]["configured"]["concurrency"] == 256 * view["pools"]["llama-8b"]["ready_replicas"]
     assert {c["type"]: c["status"] for c in pool_status["conditions"]} == {
         "Ready": "True", "GuaranteesFit": "True", "Stale": "False"
     }  # fmt: skip
     assert all(c["observedGeneration"] == 1 for c in pool_status["conditions"])
     research = next(p for p in patches if p.name == "research").body["status"]
-    assert research["debt"] == float(f"{plan['entitlements']['research']['debt']:.4g}") != 0  # 4 significant digits
+    assert research["debt"] == float(f"{view['entitlements']['research']['debt']:.4g}") != 0  # 4 significant digits
     assert research["allocation"]["throughput_tokens_per_s"] > 0
     apply(pools + ents, patches)
     # the next plan with the same numbers: nothing to write (planVersion alone is not a change)
@@ -128,13 +131,34 @@ def test_status_is_written_once_and_again_only_when_it_changes() -> None:
     assert conds["Ready"]["lastTransitionTime"] == NOW
 
 
+def test_a_guarantee_short_of_capacity_is_reported_on_pool_and_entitlement() -> None:
+    # one ready replica and fifty times the example's demand: the guarantees do not fit
+    config = load_config(CONFIG)
+    rows = build_pool_rows(config)
+    usage = to_inputs(load_usage(USAGE), rows, str(USAGE))
+    short = {name: PoolInput(ready_replicas=1, demand=inp.demand * 50) for name, inp in usage.items()}
+    plan, _ = plan_interval(rows, short, PlannerState(), 1000.0, 5.0)
+    assert not plan.pools["llama-8b"].guarantees_fit
+    pools, ents = (stored(x) for x in split(config_to_crs(config, "ns")))
+    patches = {p.name: p.body["status"] for p in status_patches(pools, ents, config, plan, version=1, stale=False,
+                                                                  now=NOW)}  # fmt: skip
+    fit = {c["type"]: c for c in patches["llama-8b"]["conditions"]}["GuaranteesFit"]
+    assert fit["status"] == "False" and fit["reason"] == "Shortfall" and "guarantees short by" in fit["message"]
+    short_of = [e.name for e in config.entitlements if e.tier.value == "guaranteed"
+                and plan.pools[e.pool].allocation.guarantee_shortfall[plan.pools[e.pool].rows.index[e.name]].any()]
+    assert short_of
+    for name in short_of:
+        cond = {c["type"]: c for c in patches[name]["conditions"]}["GuaranteesFit"]
+        assert cond["status"] == "False" and cond["reason"] == "Shortfall", name
+
+
 def test_status_of_invalid_objects_says_why() -> None:
     config = load_config(CONFIG)
     pools, ents = (stored(x) for x in split(config_to_crs(config, "ns")))
     ghost = copy.deepcopy(ents[0])
     ghost["metadata"]["name"] = "ghost"
     patches = status_patches(
-        pools, [*ents, ghost], config, plan_json(), version=1, stale=False, now=NOW,
+        pools, [*ents, ghost], config, example_plan(), version=1, stale=False, now=NOW,
         problems={("Entitlement", "ghost"): "spec.pool: no valid TokenPool 'x'"},
     )  # fmt: skip
     (g,) = [p for p in patches if p.name == "ghost"]

@@ -199,7 +199,7 @@ def test_plain_http_injection_carries_no_credentials_and_never_a_token_in_clear(
 ) -> None:
     from tokenscaler.cli import main
     from tokenscaler.config import load_config
-    from tokenscaler.kube.webhook import SidecarOptions, mutate_request
+    from tokenscaler.kube.webhook import InjectedSidecar, mutate_request
 
     base = ["webhook", "--tls-cert", "x.crt", "--tls-key", "x.key", "--config", "x.yaml"]
     assert main([*base, "--limits-url", "http://tokenscaler-controller.tokenscaler.svc:8080"]) == 2
@@ -207,7 +207,7 @@ def test_plain_http_injection_carries_no_credentials_and_never_a_token_in_clear(
     assert main([*base, "--limits-url", "ftp://x"]) == 2
     assert "must be an http:// or https:// URL" in capsys.readouterr().err
 
-    opts = SidecarOptions(limits_url="http://tokenscaler-controller.tokenscaler.svc:8080", limits_secret=None)
+    opts = InjectedSidecar(limits_url="http://tokenscaler-controller.tokenscaler.svc:8080", limits_secret=None)
     r = mutate_request(pod_review(POD)["request"], load_config(REPO / "examples" / "tokenpools.yaml"), opts)
     pod = jsonpatch.apply_patch(POD, json.loads(base64.b64decode(r["response"]["patch"])))
     args = pod["spec"]["containers"][1]["args"]

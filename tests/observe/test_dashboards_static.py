@@ -94,6 +94,16 @@ def test_dashboard_is_importable_with_the_datasource_input_and_variables(name: s
                 assert "$__rate_interval" in t["expr"], (p["title"], m.group(0))
 
 
+def test_each_dashboard_has_one_name_for_its_file_uid_and_title() -> None:
+    names = [d.name for d in dashboards.all_dashboards()]
+    assert len(names) == len(set(names)) == 4
+    for path in sorted((REPO / "dashboards").glob("*.json")):
+        d = json.loads(path.read_text())
+        assert path.stem in names, f"{path.name} is no dashboard of tokenscaler.observe.dashboards"
+        assert d["uid"] == f"tokenscaler-{path.stem}", path.name
+        assert d["title"] == f"tokenscaler / {path.stem.capitalize()}", path.name
+
+
 @pytest.mark.parametrize(("dashboard", "title", "expr"), all_targets())
 def test_every_panel_query_parses_and_names_only_exported_metrics(dashboard: str, title: str, expr: str) -> None:
     parsed = substitute(expr)

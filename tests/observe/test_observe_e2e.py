@@ -182,7 +182,7 @@ def test_render_dashboards_draws_every_panel(loaded: Fleet, tmp_path: Path) -> N
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    panels = [p for fn in dashboards.DASHBOARDS.values() for p in fn().panels()]
+    panels = [p for d in dashboards.all_dashboards() for p in d.panels()]
     assert len(lines) == len(panels)
     empty = [line for line in lines if line.endswith("(0 series)")]
     assert not empty, empty

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from tests.security.pki import Ca, served_serial
+from tests.support import wait_until_async
 from tokenscaler.credfiles import SecretFileError, TokenFile, read_tokens
 from tokenscaler.serve.auth import HttpAuth, needs_auth
 from tokenscaler.sidecar.limits_auth import LimitsClientAuth, LimitsRefused, classify
@@ -154,13 +155,14 @@ def test_a_certificate_rotated_on_disk_is_served_without_a_restart_and_a_broken_
                 async with s.get(f"https://127.0.0.1:{port}/v1/plan", ssl=with_cert) as r:
                     assert r.status == 200
             second.install(cert, key)
-            for _ in range(100):  # bounded: 5 s
-                if await serial() == second.serial:
-                    break
-                await asyncio.sleep(0.05)
-            assert await serial() == second.serial
+
+            async def rotated() -> bool:
+                return await serial() == second.serial
+
+            await wait_until_async(rotated, timeout=10, message="the rotated certificate to be served")
+            assert tls.reloads == 1 and tls.failed_reloads == 0
             key.write_text("-----BEGIN PRIVATE KEY-----\ntruncated\n")  # a broken write keeps the current one
-            await asyncio.sleep(0.2)
+            await wait_until_async(lambda: tls.failed_reloads == 1, timeout=10, message="the watcher to refuse the key")
             assert await serial() == second.serial and tls.reloads == 1
         finally:
             watcher.cancel()

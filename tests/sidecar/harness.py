@@ -1,6 +1,6 @@
 """Builders and process helpers for the sidecar tests: configs, a sidecar in front of a
 simulator, its ``/metrics`` parsed by prometheus-client, and a stand-in for the
-controller's admission API."""
+controller's limits API."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def chat(content: str = "hello", max_tokens: int = 8, **kw: Any) -> dict[str, An
 
 
 class LimitsServer:
-    """A stand-in for the controller's admission API, in a thread with its own loop.
+    """A stand-in for the controller's limits API, in a thread with its own loop.
 
     Its address (``port``, ``url``) is fixed at construction, before it first listens, and
     stays its own while it is stopped (connections refused) and started again: a

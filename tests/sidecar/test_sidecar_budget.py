@@ -1,5 +1,5 @@
 """A spent budget at a real sidecar: the limits document's ``budget`` block (served by a stand-in
-for the controller's admission API) makes the sidecar answer the documented 429 (OpenAI's
+for the controller's limits API) makes the sidecar answer the documented 429 (OpenAI's
 ``insufficient_quota``, ``Retry-After`` the period's reset, a message naming the budget) to
 that entitlement only, the official client does not retry it, and the refusal ends at the
 reset by itself."""

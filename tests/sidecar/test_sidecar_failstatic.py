@@ -1,4 +1,4 @@
-"""Limits from the controller's admission API, polled with ETags; fail-static when it goes
+"""Limits from the controller's limits API, polled with ETags; fail-static when it goes
 away, guaranteed floors after the expiry, and back when it returns. The controller is
 stood in for by a small real aiohttp server serving :class:`LimitsDocument` JSON
 (``tests.sidecar.harness.LimitsServer``)."""

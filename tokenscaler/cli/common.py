@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from tokenscaler.core.model import ConfigError
+from tokenscaler.core.validation import ConfigError
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 1

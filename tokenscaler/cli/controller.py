@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_address,
         default="0.0.0.0:8080",
         metavar="ADDR",
-        help="admission API address (default 0.0.0.0:8080)",
+        help="HTTP API address: the limits API, the plan, health (default 0.0.0.0:8080)",
     )
     p.add_argument("--state", metavar="FILE", help="persist debt, history and the last plan here (restored at start)")
     p.add_argument("--interval-s", type=float, default=5.0, metavar="N", help="planning interval (default 5)")
@@ -167,7 +167,8 @@ async def _main(args: argparse.Namespace) -> int:
     from tokenscaler.control.metrics import ControllerMetrics, PlanCollector, ShowbackCollector
     from tokenscaler.control.persist import StateFileError
     from tokenscaler.control.store import PlanStore
-    from tokenscaler.core.model import ConfigError, TokenPoolsConfig
+    from tokenscaler.core.model import TokenPoolsConfig
+    from tokenscaler.core.validation import ConfigError
     from tokenscaler.serve.api import ControllerApi
     from tokenscaler.serve.http_security import HttpSecurity
     from tokenscaler.serve.scaler import ScalerTLS, start_scaler

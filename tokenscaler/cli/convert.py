@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from tokenscaler.config import load_config
-    from tokenscaler.core.model import ConfigError
+    from tokenscaler.core.validation import ConfigError
     from tokenscaler.kube import API_VERSION, ENTITLEMENT_KIND, POOL_KIND
     from tokenscaler.kube.translate import config_from_crs, crs_yaml
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         return code
     import asyncio
 
-    from tokenscaler.core.model import ConfigError
+    from tokenscaler.core.validation import ConfigError
     from tokenscaler.demo.run import DemoOptions, run_demo
 
     errors = []

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenscaler.cli import extras
 from tokenscaler.cli.common import EXIT_OK, fail, usage_errors
-from tokenscaler.core.model import ConfigError
+from tokenscaler.core.validation import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,11 +10,11 @@ import time
 from tokenscaler.cli.common import EXIT_OK, config_error, fail, usage_errors
 from tokenscaler.config import load_config, load_usage
 from tokenscaler.control.persist import StateFileError, load_state, save_state
-from tokenscaler.core.model import ConfigError
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
 from tokenscaler.core.usage import to_inputs
+from tokenscaler.core.validation import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

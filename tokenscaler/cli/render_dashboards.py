@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if code := extras.require("render-dashboards", "plots"):
         return code
-    from tokenscaler.observe.dashboards import DASHBOARDS, build
+    from tokenscaler.observe.dashboards import all_dashboards
+    from tokenscaler.observe.grafana import build
     from tokenscaler.observe.render import render
 
     if args.dashboard:
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             return fail("render-dashboards", f"--dashboard: {e}")
     else:
-        boards = [build(fn()) for fn in DASHBOARDS.values()]
+        boards = [build(d) for d in all_dashboards()]
     variables = {}
     for item in args.var:
         name, sep, value = item.partition("=")

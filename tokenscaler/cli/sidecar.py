@@ -4,7 +4,7 @@ Prints ``tokenscaler sidecar listening on http://HOST:PORT`` (flushed) once the 
 accepts connections, then ``tokenscaler sidecar metrics on http://HOST:PORT`` for the
 Prometheus endpoint (``--listen HOST:0`` and ``--metrics-port 0`` pick free ports), and
 stops cleanly on SIGTERM or SIGINT. Before serving it reads its engine's KV capacity and
-context window (:mod:`tokenscaler.sidecar.engine`), and again whenever the engine restarts;
+context window (:mod:`tokenscaler.sidecar.engine_limits`), and again whenever the engine restarts;
 each finished request is one JSON line on stderr (``--access-log off`` silences it).
 Limits come from the config split over ``--replicas``
 (the default) or from the controller (``--limits-url``); see
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="this replica's id in metrics and limit polls (default: $POD_NAME, $HOSTNAME, or HOST:PORT)",
     )
     group = parser.add_argument_group("limits source")
-    group.add_argument("--limits-url", default=None, help="controller admission API base URL (default: static limits)")
+    group.add_argument("--limits-url", default=None, help="controller limits API base URL (default: static limits)")
     group.add_argument("--limits-poll-s", type=float, default=2.0, help="poll interval (default: %(default)s)")
     group.add_argument(
         "--limits-expiry-s", type=float, default=60.0,
@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
     from tokenscaler.cli import runtime
     from tokenscaler.config import load_config
     from tokenscaler.core.limiter import Limiter
-    from tokenscaler.core.model import ConfigError
-    from tokenscaler.sidecar.engine import EngineCapacity
+    from tokenscaler.core.validation import ConfigError
+    from tokenscaler.sidecar.engine_limits import EngineCapacity
     from tokenscaler.sidecar.gatekeeper import Gatekeeper
     from tokenscaler.sidecar.limits import HttpLimitsSource, LimitsSource, StaticLimitsSource, describe
     from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics

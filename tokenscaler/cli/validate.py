@@ -6,7 +6,8 @@ import argparse
 
 from tokenscaler.cli.common import EXIT_OK, config_error
 from tokenscaler.config import load_config
-from tokenscaler.core.model import ConfigError, Tier
+from tokenscaler.core.model import Tier
+from tokenscaler.core.validation import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

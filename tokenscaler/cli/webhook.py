@@ -29,15 +29,15 @@ from tokenscaler.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from tokenscaler.kube.webhook import SidecarOptions
+    from tokenscaler.kube.webhook import InjectedSidecar
 
 _address = address("0.0.0.0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tokenscaler.kube.webhook import SidecarOptions
+    from tokenscaler.kube.webhook import InjectedSidecar
 
-    d = SidecarOptions()
+    d = InjectedSidecar()
     p.add_argument("--listen", type=_address, default="0.0.0.0:8443", metavar="ADDR", help="default 0.0.0.0:8443")
     p.add_argument("--tls-cert", required=True, metavar="FILE", help="serving certificate chain (PEM)")
     p.add_argument("--tls-key", required=True, metavar="FILE", help="its private key (PEM)")
@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sidecar-image", default=d.image, help="default %(default)s")
     g.add_argument("--sidecar-port", type=int, default=d.port, help="proxy port the serving port moves to")
     g.add_argument("--sidecar-metrics-port", type=int, default=d.metrics_port)
-    g.add_argument("--limits-url", default=d.limits_url, help="controller admission API (empty: static limits)")
+    g.add_argument("--limits-url", default=d.limits_url, help="controller limits API (empty: static limits)")
     g.add_argument(
         "--limits-secret", default=d.limits_secret, metavar="NAME",
         help="Secret in the pod's namespace with ca.crt and token, mounted for --limits-ca and --limits-token-file "
@@ -63,11 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_log_level(p)
 
 
-def sidecar_options(args: argparse.Namespace) -> SidecarOptions:
+def injected_sidecar(args: argparse.Namespace) -> InjectedSidecar:
     """What the injected sidecar gets, from the flags (the manifests' tests read it the same way)."""
-    from tokenscaler.kube.webhook import SidecarOptions
+    from tokenscaler.kube.webhook import InjectedSidecar
 
-    return SidecarOptions(
+    return InjectedSidecar(
         image=args.sidecar_image,
         port=args.sidecar_port,
         metrics_port=args.sidecar_metrics_port,
@@ -112,7 +112,8 @@ async def _main(args: argparse.Namespace) -> int:
 
     from tokenscaler.cli import runtime
     from tokenscaler.config import load_config
-    from tokenscaler.core.model import ConfigError, TokenPoolsConfig
+    from tokenscaler.core.model import TokenPoolsConfig
+    from tokenscaler.core.validation import ConfigError
     from tokenscaler.kube.webhook import Webhook
     from tokenscaler.tlsfiles import ServerTLS, TLSFileError
 
@@ -137,7 +138,7 @@ async def _main(args: argparse.Namespace) -> int:
     def config() -> TokenPoolsConfig | None:
         return static if watch is None else watch.config()
 
-    opts = sidecar_options(args)
+    opts = injected_sidecar(args)
     hook = Webhook(config, opts, max_body_bytes=args.max_body_bytes, ready=lambda: watch is None or watch.synced())
     runner = web.AppRunner(hook.app(), access_log=None, handle_signals=False)
     await runner.setup()

@@ -43,7 +43,7 @@ from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.step import (
     ControlState,
-    StepResult,
+    ControlStepResult,
     StepSettings,
     apply_profile,
     control_step,
@@ -187,7 +187,7 @@ class Controller:
         self.metrics.intervals.labels("ok").inc()
         return published
 
-    def _publish(self, result: StepResult, now: float) -> PublishedPlan | None:
+    def _publish(self, result: ControlStepResult, now: float) -> PublishedPlan | None:
         """Adopt the step's state, log its notes and publish its plan (if there is one)."""
         self.state = result.state
         for note in result.notes:

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from tokenscaler.core.model import ConfigError
 from tokenscaler.core.state import PlannerState
+from tokenscaler.core.validation import ConfigError
 
 
 class StateFileError(Exception):

@@ -1,7 +1,7 @@
 """The latest-plan store: the loop publishes, servers read; nobody waits on the solver.
 
 One :class:`PlanStore` lives in the controller process. The interval loop calls
-:meth:`PlanStore.publish` after each plan; the KEDA scaler and the admission API read
+:meth:`PlanStore.publish` after each plan; the KEDA scaler and the limits API read
 :meth:`PlanStore.current` on every request (a reference read, no lock, no copy) and
 ``StreamIsActive`` awaits :meth:`PlanStore.wait_for_change`. Reads never solve anything.
 """

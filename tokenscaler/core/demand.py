@@ -99,7 +99,7 @@ def _pool_shares(r: PoolRows, table: ReplicaTable, rows: list[int]) -> dict[str,
 
 def routing_shares(rows: Mapping[str, PoolRows], table: ReplicaTable) -> dict[str, dict[str, np.ndarray]]:
     """pool -> replica -> (n,) share of each entitlement's offered load seen on that replica
-    (NaN where the entitlement was not seen: the admission API then splits evenly)."""
+    (NaN where the entitlement was not seen: the limits API then splits evenly)."""
     by_pool = _rows_by_pool(table.pools)
     return {pool: _pool_shares(r, table, by_pool.get(pool, [])) for pool, r in rows.items()}
 

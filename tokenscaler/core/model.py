@@ -6,7 +6,8 @@ config is an error that names the field, never a silently ignored key. The same 
 back the Kubernetes CRDs; :func:`check_config` (cross-object rules) and
 :func:`check_oversubscription` are the single place those rules live, reused by
 ``tokenscaler validate`` and by the Kubernetes webhook. :func:`parse_config` validates a
-decoded document; reading files is :mod:`tokenscaler.config`'s.
+decoded document (:mod:`tokenscaler.core.validation` says what is wrong with one); reading
+files is :mod:`tokenscaler.config`'s.
 
 Every capacity, guarantee, limit, demand and usage is a vector over the three dimensions
 of :data:`DIMENSIONS`; those keys are used verbatim in config, JSON output and the
@@ -15,19 +16,19 @@ of :data:`DIMENSIONS`; those keys are used verbatim in config, JSON output and t
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tokenscaler.core.budget import Budget, OnExhausted
+from tokenscaler.core.validation import validate_document
 
 DIMENSIONS: tuple[str, str, str] = ("throughput_tokens_per_s", "kv_tokens", "concurrency")
 """The three dimensions, in the column order of every array in the core."""
@@ -364,118 +365,7 @@ def check_oversubscription(pools: Sequence[Pool], entitlements: Sequence[Entitle
     return errors
 
 
-# --------------------------------------------------------------------------- validation
-
-
-class ConfigError(Exception):
-    """A config that failed validation; ``errors`` holds one line per problem."""
-
-    def __init__(self, source: str, errors: list[str]) -> None:
-        super().__init__(f"{source}: " + "; ".join(errors))
-        self.source = source
-        self.errors = errors
-
-
-def _loc_to_path(loc: Sequence[int | str], data: Any) -> str:
-    """Render a pydantic error location with list items named: ``entitlements[team-a].limit``."""
-    parts: list[str] = []
-    node = data
-    for item in loc:
-        if isinstance(item, int):
-            name = None
-            if isinstance(node, list) and 0 <= item < len(node):
-                node = node[item]
-                if isinstance(node, Mapping) and isinstance(node.get("name"), str):
-                    name = node["name"]
-            else:
-                node = None
-            label = name if name is not None else str(item)
-            if parts:
-                parts[-1] += f"[{label}]"
-            else:
-                parts.append(f"[{label}]")
-        else:
-            node = node.get(item) if isinstance(node, Mapping) else None
-            parts.append(str(item))
-    return ".".join(parts)
-
-
-def _join_path(path: str, message: str) -> str:
-    """Prefix ``message`` (which starts with a field name) with the path of its object."""
-    if not path or message.startswith(("pools[", "entitlements[")):
-        return message
-    head, _, last = path.rpartition(".")
-    field = last.split("[", 1)[0]
-    if message.startswith((f"{field}.", f"{field}[", f"{field} ")):
-        # a field validator: the location already ends with the field the message names
-        return f"{head}.{message}" if head else message
-    return f"{path}.{message}"
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation (``X``, ``X | None``, ``list[X]``), if any."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in get_args(annotation):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _fields_at(model: type[BaseModel] | None, loc: Sequence[int | str]) -> list[str]:
-    """The field names of the object holding the last item of ``loc`` (walked from ``model``)."""
-    node = model
-    for item in loc[:-1]:
-        if node is None:
-            return []
-        if isinstance(item, int):
-            continue
-        info = node.model_fields.get(str(item))
-        node = _model_of(info.annotation) if info is not None else None
-    return list(node.model_fields) if node is not None else []
-
-
-def _did_you_mean(model: type[BaseModel] | None, loc: Sequence[int | str]) -> str:
-    if not loc or not isinstance(loc[-1], str):
-        return ""
-    close = difflib.get_close_matches(loc[-1], _fields_at(model, loc), n=1, cutoff=0.75)
-    return f"; did you mean `{close[0]}`?" if close else ""
-
-
-def format_validation_error(err: ValidationError, data: Any, model: type[BaseModel] | None = None) -> list[str]:
-    """One line per pydantic error, naming the field path and the offending value (and, for an
-    unknown field close to a known one of ``model``'s, which one was probably meant)."""
-    lines = []
-    for e in err.errors(include_url=False):
-        path = _loc_to_path(e["loc"], data)
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg += _did_you_mean(model, e["loc"])
-        if e["type"] in ("value_error", "assertion_error"):
-            # our own messages already name the field (relative to the object) and the values
-            for part in msg.split("; "):
-                lines.append(_join_path(path, part))
-            continue
-        value = e.get("input")
-        shown = "" if e["type"] == "missing" or isinstance(value, Mapping | list) else f" (got {value!r})"
-        lines.append(f"{path}: {msg}{shown}")
-    return lines
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def validate_document(model: type[M], data: Any, source: str, what: str) -> M:
-    """Validate a decoded document as ``model``; :class:`ConfigError` names each field and value."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(source, [f"the document must be a mapping with {what}, got {type(data).__name__}"])
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(source, format_validation_error(e, data, model)) from e
-
-
 def parse_config(data: Any, source: str = "<config>") -> TokenPoolsConfig:
-    """Validate a decoded config document; raises :class:`ConfigError` naming each field."""
+    """Validate a decoded config document; raises :class:`~tokenscaler.core.validation.ConfigError`
+    naming each field."""
     return validate_document(TokenPoolsConfig, data, source, "'pools' and 'entitlements'")

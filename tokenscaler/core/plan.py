@@ -22,7 +22,7 @@ import numpy as np
 from tokenscaler.core.allocator import BOUND_NAMES, Allocation
 from tokenscaler.core.budget import BudgetStatus
 from tokenscaler.core.capacity import CapacityCondition
-from tokenscaler.core.model import DIMENSIONS, TIER_ORDER, Pool
+from tokenscaler.core.model import DIMENSIONS, TIER_ORDER, Pool, Tier
 from tokenscaler.core.rows import PoolRows, vector_dict
 
 
@@ -83,11 +83,24 @@ class PoolPlan:
         """Whether any guarantee or demand needs a replica (KEDA's IsActive)."""
         return bool(self.desired_replicas > 0 and (np.any(self.need > 0) or self.pool.min_replicas > 0))
 
+    def tier(self, i: int) -> Tier:
+        """The tier entitlement ``i`` is planned in (spot while its budget is spent)."""
+        return TIER_ORDER[int(self.rows.problem.tier[i])]
+
+    def usage_of(self, i: int) -> np.ndarray | None:
+        """(3,) the service entitlement ``i`` received last interval; None where unknown."""
+        return None if self.usage is None or np.isnan(self.usage[i]).any() else self.usage[i]
+
+    def bound_by(self, i: int) -> str:
+        """What bound entitlement ``i``'s allocation (:data:`~tokenscaler.core.allocator.BOUND_NAMES`)."""
+        return BOUND_NAMES[int(self.allocation.bound_by[i])]
+
     def entitlement_json(self, i: int) -> dict[str, Any]:
         p = self.rows.problem
+        usage = self.usage_of(i)
         return {
             "pool": self.pool.name,
-            "tier": TIER_ORDER[int(p.tier[i])].value,
+            "tier": self.tier(i).value,
             "priority": int(p.priority[i]),
             "demand": vector_dict(self.demand[i]),
             "allocation": vector_dict(self.allocation.allocation[i]),
@@ -97,9 +110,9 @@ class PoolPlan:
             "limit_per_replica": vector_dict(self.limit_per_replica[i]),
             "burst_per_replica": vector_dict(self.burst_per_replica[i]),
             "guarantee_shortfall": vector_dict(self.allocation.guarantee_shortfall[i]),
-            "usage": None if self.usage is None or np.isnan(self.usage[i]).any() else vector_dict(self.usage[i]),
+            "usage": None if usage is None else vector_dict(usage),
             "debt": float(self.debt[i]),
-            "bound_by": BOUND_NAMES[int(self.allocation.bound_by[i])],
+            "bound_by": self.bound_by(i),
             "budget": budget_json(self.budgets.get(self.rows.names[i])),
         }
 
@@ -149,6 +162,14 @@ class Plan:
     now: float
     interval_s: float
     pools: dict[str, PoolPlan]
+
+    def entitlement(self, name: str) -> tuple[PoolPlan, int] | None:
+        """The pool plan of entitlement ``name`` and its row there; None when not planned."""
+        for pp in self.pools.values():
+            i = pp.rows.index.get(name)
+            if i is not None:
+                return pp, i
+        return None
 
     def to_json(self) -> dict[str, Any]:
         """The shape ``tokenscaler plan`` prints and ``GET /v1/plan`` serves."""

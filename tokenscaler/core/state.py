@@ -38,9 +38,10 @@ from tokenscaler.core.allocator import Allocation
 from tokenscaler.core.budget import BudgetEntry, BudgetPeriod
 from tokenscaler.core.codec import decode_array, encode_array
 from tokenscaler.core.inputs import align
-from tokenscaler.core.model import N_DIMS, ConfigError, format_validation_error
+from tokenscaler.core.model import N_DIMS
 from tokenscaler.core.plan import Plan, PoolPlan
 from tokenscaler.core.rows import PoolRows
+from tokenscaler.core.validation import ConfigError, format_validation_error
 
 STATE_VERSION = 1
 

@@ -1,6 +1,6 @@
 """The control step: one interval of the controller as a pure function.
 
-``control_step(rows, observation, state, now, settings) -> StepResult`` holds every rule
+``control_step(rows, observation, state, now, settings) -> ControlStepResult`` holds every rule
 the controller applies between reading metrics and publishing; the controller loop
 (:class:`tokenscaler.control.loop.Controller`) is I/O around it, also with ``--source
 kubernetes``, where the Kubernetes operator only supplies the config and the state to that
@@ -23,7 +23,7 @@ budget's status, and so do the limits documents); after it, the interval's repli
 split between the entitlements (showback) and added to ``ControlState.ledgers``.
 
 Everything the step carries between intervals is in :class:`ControlState`; what it decided
-and why comes back as data (:class:`StepResult`, with ``notes`` for the log).
+and why comes back as data (:class:`ControlStepResult`, with ``notes`` for the log).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class StepSettings:
     interval_s: float = 5.0
     demand_half_life_s: float = 10.0  # half-life of the demand moving average (0: none)
     capacity_tolerance: float = CAPACITY_TOLERANCE  # engine vs configured replica, before a mismatch
-    # how debt moves and bends the weights (tokenscaler.core.weighting): ours, none, the paper's
+    # how debt moves and bends the weights (tokenscaler.core.weighting): ours, none, or the experiments' paper's
     weighting: Weighting = DEFAULT_WEIGHTING
     # the longest time since the last step that one step accounts for (showback, budgets)
     max_gap_s: float = DEFAULT_MAX_GAP_S
@@ -110,7 +110,7 @@ class Note:
 
 
 @dataclass(frozen=True)
-class StepResult:
+class ControlStepResult:
     """What one step decided: publish ``plan`` as ``version`` (``stale`` if it is the last
     good one), and continue from ``state``. ``plan`` is None only while there has never
     been one (the source failed before the first plan)."""
@@ -130,7 +130,7 @@ def control_step(
     settings: StepSettings,
     *,
     failure: str | None = None,
-) -> StepResult:
+) -> ControlStepResult:
     """One interval. ``observation`` None means the source failed (``failure`` says why)."""
     if observation is None:
         return _stale(state, now, failure or "no observation")
@@ -180,7 +180,7 @@ def control_step(
         stale_since=None,
         ledgers=add_to_ledgers(state.ledgers, splits),
     )
-    return StepResult(state=new_state, plan=plan, version=version, stale=False, notes=tuple(notes))
+    return ControlStepResult(state=new_state, plan=plan, version=version, stale=False, notes=tuple(notes))
 
 
 def _budgets(
@@ -241,17 +241,17 @@ def capacity_notes(plan: Plan, previous: Plan | None) -> list[Note]:
     return notes
 
 
-def _stale(state: ControlState, now: float, why: str) -> StepResult:
+def _stale(state: ControlState, now: float, why: str) -> ControlStepResult:
     notes: tuple[Note, ...] = ()
     stale_since = state.stale_since
     if stale_since is None:
         stale_since = now
         notes = (Note(f"metrics unavailable ({why}): serving the last good plan, marked stale"),)
     if state.plan is None:
-        return StepResult(dataclasses.replace(state, stale_since=stale_since), None, state.version, True, notes)
+        return ControlStepResult(dataclasses.replace(state, stale_since=stale_since), None, state.version, True, notes)
     version = state.version + 1
     new_state = dataclasses.replace(state, version=version, stale_since=stale_since)
-    return StepResult(new_state, state.plan, version, True, notes)
+    return ControlStepResult(new_state, state.plan, version, True, notes)
 
 
 def apply_profile(rows: Mapping[str, PoolRows], state: ControlState, profile: LoadProfile) -> ControlState:

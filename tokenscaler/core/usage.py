@@ -20,8 +20,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenscaler.core.inputs import PoolInput
-from tokenscaler.core.model import N_DIMS, ConfigError, ResourceVector, validate_document
+from tokenscaler.core.model import N_DIMS, ResourceVector
 from tokenscaler.core.rows import PoolRows
+from tokenscaler.core.validation import ConfigError, validate_document
 
 
 class _Strict(BaseModel):

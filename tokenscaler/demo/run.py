@@ -273,11 +273,12 @@ def _render_dashboards(prometheus: str, out: Path, pool: str, start: float) -> i
     (what `tokenscaler render-dashboards` does); a failure is reported, never fatal."""
     import requests
 
-    from tokenscaler.observe.dashboards import DASHBOARDS, build
+    from tokenscaler.observe.dashboards import all_dashboards
+    from tokenscaler.observe.grafana import build
     from tokenscaler.observe.render import render
 
     end = time.time()
-    boards = [build(fn()) for fn in DASHBOARDS.values()]
+    boards = [build(d) for d in all_dashboards()]
     try:
         written = render(prometheus, out, boards, start, end, max((end - start) / 120, 1.0), 1.0, {"pool": pool})
     except (requests.RequestException, ValueError, OSError) as e:

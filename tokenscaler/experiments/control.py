@@ -7,7 +7,7 @@ Three things the real processes do, each reached through the shared code and nev
   in-process from the very collectors the sidecars and engines export (:func:`collect_samples`).
 * :class:`ControlLoop`: the controller's interval, :func:`~tokenscaler.core.step.control_step`,
   with the policy's :class:`~tokenscaler.core.weighting.Weighting` in its settings.
-* :func:`replica_gate_limits`: the admission API's per-replica limits document
+* :func:`replica_gate_limits`: the limits API's per-replica limits document
   (:func:`~tokenscaler.core.limits.limits_document`) converted to the sidecar's
   :class:`~tokenscaler.core.limiter.GateLimits` exactly as the sidecar's HTTP limits source
   does (:func:`~tokenscaler.sidecar.limits.gate_limits_from_document`).

@@ -29,7 +29,8 @@ import math
 from dataclasses import dataclass
 
 from tokenscaler.core.model import THROUGHPUT, Tier, TokenPoolsConfig
-from tokenscaler.core.weighting import DEFAULT_WEIGHTING, NoDebt, PaperWeighting, Weighting
+from tokenscaler.core.weighting import DEFAULT_WEIGHTING, NoDebt, Weighting
+from tokenscaler.experiments.paper_weighting import PaperWeighting
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenscaler.config import load_config
-from tokenscaler.core.model import ConfigError, TokenPoolsConfig, format_validation_error, parse_config
+from tokenscaler.core.model import TokenPoolsConfig, parse_config
+from tokenscaler.core.validation import ConfigError, format_validation_error
 
 
 def shipped_dir() -> Path:

@@ -12,8 +12,8 @@ lines::
     op.on_config(controller.set_config)              # every later valid change
     ...
     if op.is_leader():                               # each interval: only the leader
-        plan_json = published.plan.to_json()         #   steps, publishes, writes status
-        await op.write_status(plan_json, version=published.version, stale=published.stale)
+        await op.write_status(published.plan,        #   steps, publishes, writes status
+                              version=published.version, stale=published.stale)
         await op.save_state(new_state.to_json())
     ...
     state_doc = await op.load_state()                # on becoming leader (on_leading)
@@ -36,8 +36,10 @@ from typing import Any
 
 from tokenscaler.control.persist import StateFileError
 from tokenscaler.control.store import PublishedPlan
-from tokenscaler.core.model import ConfigError, TokenPoolsConfig
+from tokenscaler.core.model import TokenPoolsConfig
+from tokenscaler.core.plan import Plan
 from tokenscaler.core.state import PlannerState
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.kube import ENTITLEMENT_PLURAL, POOL_PLURAL
 from tokenscaler.kube.client import (
     LEASE_NAME,
@@ -215,8 +217,8 @@ class KubeOperator(CrWatch):
     def _now(self) -> str:
         return dt.datetime.fromtimestamp(self.clock(), tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    async def write_status(self, plan_json: Mapping[str, Any], *, version: int, stale: bool) -> int:
-        """Write the status of every object a published plan (``Plan.to_json()``) changed.
+    async def write_status(self, plan: Plan, *, version: int, stale: bool) -> int:
+        """Write the status of every object a published plan changed.
 
         Returns the number of patches written; 0 (and nothing written) when this replica does
         not lead. A 409 is retried; an object deleted meanwhile is skipped; other API errors
@@ -230,7 +232,7 @@ class KubeOperator(CrWatch):
             list(pools.values()),
             list(ents.values()),
             self._config,
-            plan_json,
+            plan,
             version=version,
             stale=stale,
             now=self._now(),
@@ -356,8 +358,6 @@ class KubeStateBackend:
     async def write_status(self, published: PublishedPlan) -> None:
         """The controller's ``on_published``: status of every object the plan changed."""
         try:
-            await self.operator.write_status(
-                published.plan.to_json(), version=published.version, stale=published.stale
-            )
+            await self.operator.write_status(published.plan, version=published.version, stale=published.stale)
         except ApiError as e:
             log.warning("status not written for plan version %d: %s", published.version, e)

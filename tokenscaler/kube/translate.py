@@ -6,8 +6,9 @@ No I/O and no clock: the caller passes ``now`` (an RFC 3339 string) where a cond
 - :func:`config_to_crs` / :func:`config_from_crs`: a :class:`TokenPoolsConfig` as TokenPool
   and Entitlement objects and back. A CR's spec is the model's fields minus ``name``
   (``metadata.name``), defaults left out.
-- :func:`status_patches`: for a published plan (``Plan.to_json()``), the status of every
-  object that changed, as merge patches for the status subresource.
+- :func:`status_patches`: for a published :class:`~tokenscaler.core.plan.Plan` (read through
+  its typed fields, never its JSON view), the status of every object that changed, as merge
+  patches for the status subresource.
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from tokenscaler.core.model import (
     DIMENSIONS,
-    ConfigError,
     Entitlement,
     Pool,
     Tier,
     TokenPoolsConfig,
     check_config,
-    format_validation_error,
 )
+from tokenscaler.core.plan import Plan
+from tokenscaler.core.validation import ConfigError, format_validation_error
 from tokenscaler.kube import API_VERSION, ENTITLEMENT_KIND, ENTITLEMENT_PLURAL, POOL_KIND, POOL_PLURAL
 
 Obj = dict[str, Any]
@@ -164,10 +166,9 @@ def _round(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def _vector(v: Mapping[str, Any] | None) -> dict[str, float] | None:
-    if v is None:
-        return None
-    return {d: _round(float(v[d])) for d in DIMENSIONS if v.get(d) is not None and math.isfinite(float(v[d]))}
+def _vector(v: np.ndarray) -> dict[str, float]:
+    """A (3,) vector as ``{dimension: value}``, 4 significant digits, unbounded components left out."""
+    return {d: _round(x) for d, x in zip(DIMENSIONS, v.tolist(), strict=True) if math.isfinite(x)}
 
 
 def _condition(
@@ -216,23 +217,23 @@ def _not_planned(
 def pool_status(
     obj: Mapping[str, Any],
     pool: Pool | None,
-    plan: Mapping[str, Any],
+    plan: Plan,
     *,
     version: int,
     stale: bool,
     now: str,
     problem: str | None = None,
 ) -> dict[str, Any]:
-    """The status of one TokenPool for a plan (``Plan.to_json()``)."""
+    """The status of one TokenPool for a plan."""
     gen, prev, status = _status_start(obj)
-    pj = (plan.get("pools") or {}).get(_name(obj))
-    if pj is None or pool is None:
+    pp = plan.pools.get(_name(obj))
+    if pp is None or pool is None:
         return _not_planned(status, version, problem, gen, prev, now)
-    ready = int(pj.get("ready_replicas") or 0)
+    ready = int(pp.ready_replicas)
     configured = {d: _round(getattr(pool.replica, d) * ready) for d in DIMENSIONS}
-    is_stale, s_reason, s_msg = _stale(stale, pj.get("incomplete"))
-    fit = bool(pj.get("guarantees_fit", True))
-    shortfall = _vector(pj.get("guarantee_shortfall")) or {}
+    is_stale, s_reason, s_msg = _stale(stale, pp.incomplete)
+    fit = pp.guarantees_fit
+    shortfall = _vector(pp.pool_shortfall())
     fit_msg = (
         "every guarantee fits the ready replicas"
         if fit
@@ -240,13 +241,13 @@ def pool_status(
     )
     status.update(
         planVersion=version,
-        desiredReplicas=int(pj.get("desired_replicas") or 0),
+        desiredReplicas=int(pp.desired_replicas),
         readyReplicas=ready,
-        capacity={"observed": _vector(pj.get("capacity")) or {}, "configured": configured},
-        allocated=_vector(pj.get("allocated")) or {},
-        need=_vector(pj.get("need")) or {},
+        capacity={"observed": _vector(pp.capacity), "configured": configured},
+        allocated=_vector(pp.allocation.allocation.sum(axis=0)),
+        need=_vector(pp.need),
         conditions=[
-            _condition("Ready", True, "Planned", f"desired replicas {pj.get('desired_replicas')}", gen, prev, now),
+            _condition("Ready", True, "Planned", f"desired replicas {pp.desired_replicas}", gen, prev, now),
             _condition("GuaranteesFit", fit, "Fit" if fit else "Shortfall", fit_msg, gen, prev, now),
             _condition("Stale", is_stale, s_reason, s_msg, gen, prev, now),
         ],
@@ -256,39 +257,40 @@ def pool_status(
 
 def entitlement_status(
     obj: Mapping[str, Any],
-    plan: Mapping[str, Any],
+    plan: Plan,
     *,
     version: int,
     stale: bool,
     now: str,
     problem: str | None = None,
 ) -> dict[str, Any]:
-    """The status of one Entitlement for a plan (``Plan.to_json()``)."""
+    """The status of one Entitlement for a plan."""
     gen, prev, status = _status_start(obj)
-    ej = (plan.get("entitlements") or {}).get(_name(obj))
-    if ej is None:
+    found = plan.entitlement(_name(obj))
+    if found is None:
         return _not_planned(status, version, problem, gen, prev, now)
-    pj = (plan.get("pools") or {}).get(ej.get("pool")) or {}
-    is_stale, s_reason, s_msg = _stale(stale, pj.get("incomplete"))
-    shortfall = _vector(ej.get("guarantee_shortfall")) or {}
+    pp, i = found
+    is_stale, s_reason, s_msg = _stale(stale, pp.incomplete)
+    shortfall = _vector(pp.allocation.guarantee_shortfall[i])
     short = {d: v for d, v in shortfall.items() if v > 0}
-    if ej.get("tier") != Tier.GUARANTEED.value:
-        fit, reason, msg = True, "NoGuarantee", f"the {ej.get('tier')} tier has no guarantee"
+    tier = pp.tier(i)
+    if tier is not Tier.GUARANTEED:
+        fit, reason, msg = True, "NoGuarantee", f"the {tier.value} tier has no guarantee"
     elif short:
         fit, reason = False, "Shortfall"
         msg = "guarantee short by " + ", ".join(f"{d} {v:g}" for d, v in short.items())
     else:
         fit, reason, msg = True, "Fit", "the guarantee fits the ready replicas"
-    status.update(planVersion=version, allocation=_vector(ej.get("allocation")) or {})
-    usage = _vector(ej.get("usage"))
+    status.update(planVersion=version, allocation=_vector(pp.allocation.allocation[i]))
+    usage = pp.usage_of(i)
     if usage is not None:
-        status["usage"] = usage
+        status["usage"] = _vector(usage)
     status.update(
-        limit=_vector(ej.get("limit")) or {},
-        debt=_round(float(ej.get("debt") or 0.0)),
-        boundBy=str(ej.get("bound_by", "")),
+        limit=_vector(pp.limit[i]),
+        debt=_round(float(pp.debt[i]) or 0.0),  # -0.0 reads as 0.0
+        boundBy=pp.bound_by(i),
         conditions=[
-            _condition("Ready", True, "Planned", f"planned in pool {ej.get('pool')}", gen, prev, now),
+            _condition("Ready", True, "Planned", f"planned in pool {pp.pool.name}", gen, prev, now),
             _condition("GuaranteesFit", fit, reason, msg, gen, prev, now),
             _condition("Stale", is_stale, s_reason, s_msg, gen, prev, now),
         ],
@@ -326,7 +328,7 @@ def status_patches(
     pools: Sequence[Mapping[str, Any]],
     entitlements: Sequence[Mapping[str, Any]],
     config: TokenPoolsConfig | None,
-    plan: Mapping[str, Any],
+    plan: Plan,
     *,
     version: int,
     stale: bool,

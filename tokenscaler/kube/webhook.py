@@ -8,7 +8,7 @@ changes are allowed with ``warnings``: guarantees above 80% of what ``max_replic
 provision, a spot entitlement with a limit of zero, an Entitlement whose pool is not there.
 
 ``POST /mutate``: Pods labelled ``tokenpools.io/pool``. Adds the rate-limit sidecar
-(:class:`SidecarOptions`: image, ports, args, probes, resources, the pool from the label),
+(:class:`InjectedSidecar`: image, ports, args, probes, resources, the pool from the label),
 and routes the serving port through it: the app container's serving port gives up its name
 (it becomes ``ts-upstream``) and the sidecar takes it, so a Service that targets the port by
 name reaches the sidecar, which proxies to the engine on localhost. Idempotent: a pod that
@@ -34,7 +34,6 @@ from aiohttp import web
 from tokenscaler import __version__
 from tokenscaler.core.model import (
     DIMENSIONS,
-    ConfigError,
     Entitlement,
     Pool,
     Tier,
@@ -42,6 +41,7 @@ from tokenscaler.core.model import (
     check_config,
     check_oversubscription,
 )
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.kube import ENTITLEMENT_KIND, GROUP, POOL_KIND, POOL_LABEL
 from tokenscaler.kube.translate import entitlement_from_cr, pool_from_cr, ref
 
@@ -62,7 +62,9 @@ WARN_SHARE = 0.8
 
 
 @dataclass(frozen=True)
-class SidecarOptions:
+class InjectedSidecar:
+    """The sidecar container the webhook injects into a pool's pods: image, ports, limits API, resources."""
+
     image: str = f"{IMAGE}:{__version__}"  # the image follows the package's version
     port: int = 8001
     metrics_port: int = 9464
@@ -238,7 +240,7 @@ def _serving_port(pod: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]] | N
     return candidates[0] if candidates else None
 
 
-def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: SidecarOptions) -> dict[str, Any]:
+def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: InjectedSidecar) -> dict[str, Any]:
     args = [
         "sidecar",
         "--listen", f"0.0.0.0:{opts.port}",
@@ -287,7 +289,7 @@ def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: Side
     }
 
 
-def sidecar_volumes(opts: SidecarOptions) -> list[dict[str, Any]]:
+def sidecar_volumes(opts: InjectedSidecar) -> list[dict[str, Any]]:
     """The pod volumes the injected sidecar mounts: the config, and the client Secret when used."""
     volumes: list[dict[str, Any]] = [{"name": CONFIG_VOLUME, "configMap": {"name": opts.config_map}}]
     if opts.limits_url and opts.limits_secret:
@@ -297,7 +299,7 @@ def sidecar_volumes(opts: SidecarOptions) -> list[dict[str, Any]]:
 
 
 def mutate_request(
-    req: Mapping[str, Any], config: TokenPoolsConfig | None, opts: SidecarOptions
+    req: Mapping[str, Any], config: TokenPoolsConfig | None, opts: InjectedSidecar
 ) -> dict[str, Any]:
     """The AdmissionReview answering one /mutate request: a JSONPatch that injects the sidecar."""
     uid = req["uid"]
@@ -384,7 +386,7 @@ class Webhook:
     def __init__(
         self,
         config: Callable[[], TokenPoolsConfig | None],
-        sidecar: SidecarOptions = SidecarOptions(),
+        sidecar: InjectedSidecar = InjectedSidecar(),
         *,
         max_body_bytes: int = 3 * 2**20,
         ready: Callable[[], bool] | None = None,

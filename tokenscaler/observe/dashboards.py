@@ -1,9 +1,10 @@
-"""The Grafana dashboards, built from one source; ``make generate`` writes them into the repository.
+"""What the Grafana dashboards show, built from one source; ``make generate`` writes them into the repository.
 
-Four dashboards, one per concern, written to ``dashboards/*.json`` as importable JSON
-("export for sharing externally": an ``__inputs`` entry ``DS_PROMETHEUS``) that also works
-when provisioned from files (a datasource variable of the same name). Every dashboard has
-the variables ``pool``, ``tier`` and ``entitlement`` (multi-value, "All" = ``.*``).
+Four dashboards, one per concern (:data:`DASHBOARDS`): *Pools*, *Entitlements*, *Health*
+(the sidecars, the controller and the KEDA scaler) and *Showback*, each written to
+``dashboards/NAME.json`` by :mod:`tokenscaler.observe.grafana` (the model and the writer: one
+name per dashboard gives its file, uid and title). Every dashboard has the variables
+``pool``, ``tier`` and ``entitlement`` (multi-value, "All" = ``.*``).
 
 Metric names come from :mod:`tokenscaler.observe.names`; the checked-in JSON is what this
 module builds (:func:`render_all`; a test fails on a difference).
@@ -15,17 +16,12 @@ controller's Prometheus source expects), sidecars also ``replica``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
-from tokenscaler.observe.names import controller as c
+from tokenscaler.observe.grafana import Dashboard, Panel, QueryVariable, Row, Target, to_text
+from tokenscaler.observe.names import ours as m
 from tokenscaler.observe.names import scaler as s
-from tokenscaler.observe.names import sidecar as sc
 from tokenscaler.observe.names import vllm as v
-
-DS = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
-SCHEMA_VERSION = 39
 
 DIMENSIONS: tuple[tuple[str, str, str], ...] = (
     # (dimension label value, title, Grafana unit)
@@ -38,6 +34,16 @@ P = 'pool=~"$pool"'
 E = 'pool=~"$pool", tier=~"$tier", entitlement=~"$entitlement"'
 RI = "$__rate_interval"
 
+VARIABLES = (
+    QueryVariable("pool", "pool", f"label_values({m.POOL_DESIRED_REPLICAS}, pool)"),
+    QueryVariable("tier", "tier", f'label_values({m.ENTITLEMENT_ALLOCATION}{{pool=~"$pool"}}, tier)'),
+    QueryVariable(
+        "entitlement",
+        "entitlement",
+        f'label_values({m.ENTITLEMENT_ALLOCATION}{{pool=~"$pool", tier=~"$tier"}}, entitlement)',
+    ),
+)
+
 
 def _base(name: str) -> str:
     return name.removesuffix("_total")
@@ -48,41 +54,6 @@ def total(name: str) -> str:
     return _base(name) + "_total"
 
 
-@dataclass(frozen=True)
-class Target:
-    expr: str
-    legend: str
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    description: str
-    targets: tuple[Target, ...]
-    unit: str = "short"
-    kind: str = "timeseries"
-    width: int = 12
-    height: int = 8
-    min: float | None = None
-
-
-@dataclass(frozen=True)
-class Row:
-    title: str
-
-
-@dataclass
-class Dashboard:
-    uid: str
-    title: str
-    description: str
-    items: list[Panel | Row] = field(default_factory=list)
-    tags: tuple[str, ...] = ("tokenscaler",)
-
-    def panels(self) -> list[Panel]:
-        return [p for p in self.items if isinstance(p, Panel)]
-
-
 def _q(expr: str, legend: str) -> Target:
     return Target(" ".join(expr.split()), legend)
 
@@ -90,15 +61,15 @@ def _q(expr: str, legend: str) -> Target:
 def _tier_join(expr: str) -> str:
     """Attach ``tier`` to a per-pool series: one copy per tier that has entitlements in the pool
     (engines know pools, not tiers)."""
-    tiers = f'{c.ENTITLEMENT_ALLOCATION}{{{P}, tier=~"$tier"}}'
+    tiers = f'{m.ENTITLEMENT_ALLOCATION}{{{P}, tier=~"$tier"}}'
     return f"group by (pool, tier) ({tiers}) * on (pool) group_left () ({expr})"
 
 
 def pools() -> Dashboard:
     d = Dashboard(
-        "tokenscaler-pools",
-        "tokenscaler / Pools",
+        "pools",
         "Per pool: capacity against demand and what is provisioned, replicas, the plan and engine load.",
+        VARIABLES,
     )
     d.items.append(Row("Capacity and demand"))
     for dim, title, unit in DIMENSIONS:
@@ -109,16 +80,16 @@ def pools() -> Dashboard:
                 f"{title} of the ready replicas (capacity), what the desired replicas provision, smoothed demand, "
                 "the sum of allocations and the guarantee shortfall (should be 0).",
                 (
-                    _q(f"sum by (pool) ({c.POOL_CAPACITY}{{{sel}}})", "{{pool}} capacity (ready)"),
+                    _q(f"sum by (pool) ({m.POOL_CAPACITY}{{{sel}}})", "{{pool}} capacity (ready)"),
                     _q(
-                        f"sum by (pool) ({c.POOL_CAPACITY}{{{sel}}})"
-                        f" / on (pool) (max by (pool) ({c.POOL_READY_REPLICAS}{{{P}}}) > 0)"
-                        f" * on (pool) max by (pool) ({c.POOL_DESIRED_REPLICAS}{{{P}}})",
+                        f"sum by (pool) ({m.POOL_CAPACITY}{{{sel}}})"
+                        f" / on (pool) (max by (pool) ({m.POOL_READY_REPLICAS}{{{P}}}) > 0)"
+                        f" * on (pool) max by (pool) ({m.POOL_DESIRED_REPLICAS}{{{P}}})",
                         "{{pool}} provisioned (desired)",
                     ),
-                    _q(f"sum by (pool) ({c.POOL_DEMAND}{{{sel}}})", "{{pool}} demand"),
-                    _q(f"sum by (pool) ({c.POOL_ALLOCATED}{{{sel}}})", "{{pool}} allocated"),
-                    _q(f"sum by (pool) ({c.POOL_GUARANTEE_SHORTFALL}{{{sel}}})", "{{pool}} guarantee shortfall"),
+                    _q(f"sum by (pool) ({m.POOL_DEMAND}{{{sel}}})", "{{pool}} demand"),
+                    _q(f"sum by (pool) ({m.POOL_ALLOCATED}{{{sel}}})", "{{pool}} allocated"),
+                    _q(f"sum by (pool) ({m.POOL_GUARANTEE_SHORTFALL}{{{sel}}})", "{{pool}} guarantee shortfall"),
                 ),
                 unit=unit,
                 width=8,
@@ -131,11 +102,11 @@ def pools() -> Dashboard:
             "Replicas: desired against ready",
             "Desired is what KEDA is told; target is before scale-down stabilization; min and max from the config.",
             (
-                _q(f"{c.POOL_DESIRED_REPLICAS}{{{P}}}", "{{pool}} desired"),
-                _q(f"{c.POOL_TARGET_REPLICAS}{{{P}}}", "{{pool}} target"),
-                _q(f"{c.POOL_READY_REPLICAS}{{{P}}}", "{{pool}} ready"),
-                _q(f"{c.POOL_MAX_REPLICAS}{{{P}}}", "{{pool}} max"),
-                _q(f"{c.POOL_MIN_REPLICAS}{{{P}}}", "{{pool}} min"),
+                _q(f"{m.POOL_DESIRED_REPLICAS}{{{P}}}", "{{pool}} desired"),
+                _q(f"{m.POOL_TARGET_REPLICAS}{{{P}}}", "{{pool}} target"),
+                _q(f"{m.POOL_READY_REPLICAS}{{{P}}}", "{{pool}} ready"),
+                _q(f"{m.POOL_MAX_REPLICAS}{{{P}}}", "{{pool}} max"),
+                _q(f"{m.POOL_MIN_REPLICAS}{{{P}}}", "{{pool}} min"),
             ),
             min=0,
         )
@@ -145,7 +116,7 @@ def pools() -> Dashboard:
             "Capacity observed vs configured",
             "Observed per-replica capacity over the configured one, per dimension (1 = as configured; "
             "below 1 the engines deliver less than the pool's replica spec).",
-            (_q(f"{c.POOL_CAPACITY_RATIO}{{{P}}}", "{{pool}} {{dimension}}"),),
+            (_q(f"{m.POOL_CAPACITY_RATIO}{{{P}}}", "{{pool}} {{dimension}}"),),
             unit="percentunit",
             min=0,
         )
@@ -155,8 +126,8 @@ def pools() -> Dashboard:
             "Plan age and staleness",
             "Seconds since the published plan was made, and 1 while the controller serves its last good plan.",
             (
-                _q(f"max by (instance) ({c.PLAN_AGE})", "plan age {{instance}}"),
-                _q(f"max by (instance) ({c.PLAN_STALE})", "stale {{instance}}"),
+                _q(f"max by (instance) ({m.PLAN_AGE})", "plan age {{instance}}"),
+                _q(f"max by (instance) ({m.PLAN_STALE})", "stale {{instance}}"),
             ),
             unit="s",
             min=0,
@@ -166,7 +137,7 @@ def pools() -> Dashboard:
         Panel(
             "Plan version",
             "Version of the published plan; it rises once per planning interval.",
-            (_q(f"max by (instance) ({c.PLAN_VERSION})", "version {{instance}}"),),
+            (_q(f"max by (instance) ({m.PLAN_VERSION})", "version {{instance}}"),),
             kind="stat",
             width=6,
         )
@@ -175,7 +146,7 @@ def pools() -> Dashboard:
         Panel(
             "Pool data incomplete",
             "1 when part of the pool's metrics were missing in the last interval.",
-            (_q(f"{c.POOL_DATA_INCOMPLETE}{{{P}}}", "{{pool}}"),),
+            (_q(f"{m.POOL_DATA_INCOMPLETE}{{{P}}}", "{{pool}}"),),
             width=6,
             min=0,
         )
@@ -206,10 +177,10 @@ def pools() -> Dashboard:
 
 def entitlements() -> Dashboard:
     d = Dashboard(
-        "tokenscaler-entitlements",
-        "tokenscaler / Entitlements",
+        "entitlements",
         "Per entitlement: allocation against guarantee, limit and usage; offered against admitted; 429s; "
         "debt; SLO attainment and latency by tier.",
+        VARIABLES,
     )
     d.items.append(Row("Allocation"))
     for dim, title, unit in DIMENSIONS:
@@ -220,11 +191,11 @@ def entitlements() -> Dashboard:
                 f"Per entitlement, {title}: the allocation of this interval, its guarantee (guaranteed tier), "
                 "the sustained limit the sidecars enforce (whole pool), service received and smoothed demand.",
                 (
-                    _q(f"{c.ENTITLEMENT_ALLOCATION}{{{sel}}}", "{{entitlement}} allocation"),
-                    _q(f'{c.ENTITLEMENT_GUARANTEE}{{{sel}, tier="guaranteed"}}', "{{entitlement}} guarantee"),
-                    _q(f"{c.ENTITLEMENT_LIMIT}{{{sel}}}", "{{entitlement}} limit"),
-                    _q(f"{c.ENTITLEMENT_USAGE}{{{sel}}}", "{{entitlement}} usage"),
-                    _q(f"{c.ENTITLEMENT_DEMAND}{{{sel}}}", "{{entitlement}} demand"),
+                    _q(f"{m.ENTITLEMENT_ALLOCATION}{{{sel}}}", "{{entitlement}} allocation"),
+                    _q(f'{m.ENTITLEMENT_GUARANTEE}{{{sel}, tier="guaranteed"}}', "{{entitlement}} guarantee"),
+                    _q(f"{m.ENTITLEMENT_LIMIT}{{{sel}}}", "{{entitlement}} limit"),
+                    _q(f"{m.ENTITLEMENT_USAGE}{{{sel}}}", "{{entitlement}} usage"),
+                    _q(f"{m.ENTITLEMENT_DEMAND}{{{sel}}}", "{{entitlement}} demand"),
                 ),
                 unit=unit,
                 width=8,
@@ -235,7 +206,7 @@ def entitlements() -> Dashboard:
         Panel(
             "Guarantee shortfall",
             "Guaranteed demand the plan could not allocate, per dimension: the breach signal (should be 0).",
-            (_q(f"{c.ENTITLEMENT_SHORTFALL}{{{E}}}", "{{entitlement}} {{dimension}}"),),
+            (_q(f"{m.ENTITLEMENT_SHORTFALL}{{{E}}}", "{{entitlement}} {{dimension}}"),),
             min=0,
         )
     )
@@ -244,8 +215,8 @@ def entitlements() -> Dashboard:
             "Debt over time",
             "Fair-share debt in dominant-share seconds (positive: owed service), against its configured bound.",
             (
-                _q(f"{c.ENTITLEMENT_DEBT}{{{E}}}", "{{entitlement}}"),
-                _q(f"{c.ENTITLEMENT_DEBT_BOUND}{{{E}}}", "{{entitlement}} bound"),
+                _q(f"{m.ENTITLEMENT_DEBT}{{{E}}}", "{{entitlement}}"),
+                _q(f"{m.ENTITLEMENT_DEBT_BOUND}{{{E}}}", "{{entitlement}} bound"),
             ),
             unit="s",
         )
@@ -257,11 +228,11 @@ def entitlements() -> Dashboard:
             "Weighted tokens/s offered (rejected requests' estimates included) and served, over all replicas.",
             (
                 _q(
-                    f"sum by (entitlement) (rate({sc.OFFERED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                    f"sum by (entitlement) (rate({m.OFFERED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
                     "{{entitlement}} offered",
                 ),
                 _q(
-                    f"sum by (entitlement) (rate({sc.ADMITTED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                    f"sum by (entitlement) (rate({m.ADMITTED_WEIGHTED_TOKENS_TOTAL}{{{E}}}[{RI}]))",
                     "{{entitlement}} admitted",
                 ),
             ),
@@ -274,10 +245,10 @@ def entitlements() -> Dashboard:
             "Requests by outcome",
             "Requests/s reaching admission, and their outcome (admitted, rejected with 429, error).",
             (
-                _q(f"sum by (entitlement) (rate({sc.OFFERED_REQUESTS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} offered"),
+                _q(f"sum by (entitlement) (rate({m.OFFERED_REQUESTS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} offered"),
                 _q(
                     f"sum by (entitlement, outcome) "
-                    f'(rate({sc.REQUESTS_TOTAL}{{{E}, outcome!="unauthenticated"}}[{RI}]))',
+                    f'(rate({m.REQUESTS_TOTAL}{{{E}, outcome!="unauthenticated"}}[{RI}]))',
                     "{{entitlement}} {{outcome}}",
                 ),
             ),
@@ -291,7 +262,7 @@ def entitlements() -> Dashboard:
             "Rejections/s by the dimension that bound them (throughput, KV tokens, concurrency).",
             (
                 _q(
-                    f"sum by (entitlement, dimension) (rate({sc.REJECTIONS_TOTAL}{{{E}}}[{RI}]))",
+                    f"sum by (entitlement, dimension) (rate({m.REJECTIONS_TOTAL}{{{E}}}[{RI}]))",
                     "{{entitlement}} {{dimension}}",
                 ),
             ),
@@ -305,7 +276,7 @@ def entitlements() -> Dashboard:
             "How long queued guaranteed requests waited for admission at the sidecars.",
             (
                 _q(
-                    f"histogram_quantile(0.99, sum by (pool, le) (rate({sc.QUEUE_WAIT_SECONDS}_bucket{{{P}}}[{RI}])))",
+                    f"histogram_quantile(0.99, sum by (pool, le) (rate({m.QUEUE_WAIT_SECONDS}_bucket{{{P}}}[{RI}])))",
                     "{{pool}} p99",
                 ),
             ),
@@ -369,17 +340,17 @@ def entitlements() -> Dashboard:
 
 def health() -> Dashboard:
     d = Dashboard(
-        "tokenscaler-health",
-        "tokenscaler / Sidecars and controller health",
+        "health",
         "Sidecars: limits age and fail-static state per replica. Controller: intervals, the metrics source, "
         "the KEDA scaler's calls.",
+        VARIABLES,
     )
     d.items.append(Row("Sidecars"))
     d.items.append(
         Panel(
             "Limits age per replica",
             "Seconds since each sidecar's limits were last confirmed by the controller (static limits: 0).",
-            (_q(f"{sc.LIMITS_AGE_SECONDS}{{{P}}}", "{{pool}}/{{replica}}"),),
+            (_q(f"{m.LIMITS_AGE_SECONDS}{{{P}}}", "{{pool}}/{{replica}}"),),
             unit="s",
             min=0,
         )
@@ -389,7 +360,7 @@ def health() -> Dashboard:
             "Limits state (fail-static)",
             "Replicas per limits state: fresh (the controller's), stale (its last limits kept: fail-static), "
             "expired (floors), static (no controller).",
-            (_q(f"sum by (pool, state) ({sc.LIMITS_STATE}{{{P}}})", "{{pool}} {{state}}"),),
+            (_q(f"sum by (pool, state) ({m.LIMITS_STATE}{{{P}}})", "{{pool}} {{state}}"),),
             min=0,
         )
     )
@@ -399,7 +370,7 @@ def health() -> Dashboard:
             "Failed polls of the controller's limits per second, per replica.",
             (
                 _q(
-                    f"sum by (pool, replica) (rate({total(sc.LIMITS_FETCH_ERRORS_TOTAL)}{{{P}}}[{RI}]))",
+                    f"sum by (pool, replica) (rate({total(m.LIMITS_FETCH_ERRORS_TOTAL)}{{{P}}}[{RI}]))",
                     "{{pool}}/{{replica}}",
                 ),
             ),
@@ -414,7 +385,7 @@ def health() -> Dashboard:
             (
                 _q(
                     "histogram_quantile(0.99, sum by (pool, route, le) "
-                    f"(rate({sc.ADDED_LATENCY_SECONDS}_bucket{{{P}}}[{RI}])))",
+                    f"(rate({m.ADDED_LATENCY_SECONDS}_bucket{{{P}}}[{RI}])))",
                     "{{pool}} {{route}}",
                 ),
             ),
@@ -430,7 +401,7 @@ def health() -> Dashboard:
             (
                 _q(
                     "histogram_quantile(0.99, sum by (phase, le) "
-                    f"(rate({c.INTERVAL_DURATION}_bucket[{RI}])))",
+                    f"(rate({m.INTERVAL_DURATION}_bucket[{RI}])))",
                     "{{phase}}",
                 ),
             ),
@@ -442,7 +413,7 @@ def health() -> Dashboard:
         Panel(
             "Intervals by outcome",
             "Planning intervals per second by outcome.",
-            (_q(f"sum by (outcome) (rate({total(c.INTERVALS)}[{RI}]))", "{{outcome}}"),),
+            (_q(f"sum by (outcome) (rate({total(m.INTERVALS)}[{RI}]))", "{{outcome}}"),),
             unit="ops",
             min=0,
         )
@@ -453,8 +424,8 @@ def health() -> Dashboard:
             "Answers of the metrics source per second by shape (ok, empty, nan, multi, stale), and failed reads "
             "by kind (0 when none).",
             (
-                _q(f"sum by (kind) (rate({total(c.SOURCE_ANSWERS)}[{RI}]))", "answers {{kind}}"),
-                _q(f"sum by (kind) (rate({total(c.SOURCE_ERRORS)}[{RI}])) or vector(0)", "errors {{kind}}"),
+                _q(f"sum by (kind) (rate({total(m.SOURCE_ANSWERS)}[{RI}]))", "answers {{kind}}"),
+                _q(f"sum by (kind) (rate({total(m.SOURCE_ERRORS)}[{RI}])) or vector(0)", "errors {{kind}}"),
             ),
             unit="ops",
             min=0,
@@ -464,7 +435,7 @@ def health() -> Dashboard:
         Panel(
             "Controller API requests",
             "Requests/s to the controller's HTTP API (the sidecars' limits polls, the plan) by route and status.",
-            (_q(f"sum by (route, code) (rate({total(c.API_REQUESTS)}[{RI}]))", "{{route}} {{code}}"),),
+            (_q(f"sum by (route, code) (rate({total(m.API_REQUESTS)}[{RI}]))", "{{route}} {{code}}"),),
             unit="reqps",
             min=0,
         )
@@ -510,19 +481,19 @@ def health() -> Dashboard:
 def showback() -> Dashboard:
     """Cost per tenant over time, reserved against used, idle, and budgets (docs/showback.md)."""
     d = Dashboard(
-        "tokenscaler-showback",
-        "tokenscaler / Showback",
+        "showback",
         "Per entitlement: the replica time it is charged by basis (reserved, allocated, backfill, idle), its cost "
         "at the pool's price, its guarantee reserved against used, tokens served; budgets and their burn rate. "
         "For a statement over a range: tokenscaler showback.",
+        VARIABLES,
     )
     ent = 'pool=~"$pool", entitlement=~"$entitlement"'
-    rs = f"{total(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{ent}}}"
-    rs_pool = f"{total(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{P}}}"
-    used = f"{total(c.ENTITLEMENT_GUARANTEE_USED_TOTAL)}{{{ent}}}"
-    price = f"max by (pool, currency) ({c.POOL_PRICE}{{{P}}})"
+    rs = f"{total(m.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{ent}}}"
+    rs_pool = f"{total(m.ENTITLEMENT_REPLICA_SECONDS_TOTAL)}{{{P}}}"
+    used = f"{total(m.ENTITLEMENT_GUARANTEE_USED_TOTAL)}{{{ent}}}"
+    price = f"max by (pool, currency) ({m.POOL_PRICE}{{{P}}})"
     # the counters carry no tier: keep the entitlements of the selected tiers (the plan's gauges know them)
-    tiers = f"group by (pool, entitlement) ({c.ENTITLEMENT_ALLOCATION}{{{E}}})"
+    tiers = f"group by (pool, entitlement) ({m.ENTITLEMENT_ALLOCATION}{{{E}}})"
 
     def of_tiers(expr: str) -> str:
         return f"({expr}) * on (pool, entitlement) group_left () {tiers}"
@@ -562,7 +533,7 @@ def showback() -> Dashboard:
             "_platform, or the guaranteed ones with idle_attribution: guarantees; against the pool's ready replicas.",
             (
                 _q(f'sum by (pool, entitlement) (rate({rs_pool[:-1]}, basis="idle"}}[{RI}]))', "{{entitlement}} idle"),
-                _q(f"sum by (pool) (rate({total(c.POOL_REPLICA_SECONDS_TOTAL)}{{{P}}}[{RI}]))", "{{pool}} ready"),
+                _q(f"sum by (pool) (rate({total(m.POOL_REPLICA_SECONDS_TOTAL)}{{{P}}}[{RI}]))", "{{pool}} ready"),
             ),
             min=0,
         )
@@ -584,8 +555,8 @@ def showback() -> Dashboard:
             "Tokens served per tenant",
             "Prompt and generated tokens/s the sidecars served, over all replicas.",
             (
-                _q(f"sum by (entitlement) (rate({sc.PROMPT_TOKENS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} prompt"),
-                _q(f"sum by (entitlement) (rate({sc.GENERATION_TOKENS_TOTAL}{{{E}}}[{RI}]))",
+                _q(f"sum by (entitlement) (rate({m.PROMPT_TOKENS_TOTAL}{{{E}}}[{RI}]))", "{{entitlement}} prompt"),
+                _q(f"sum by (entitlement) (rate({m.GENERATION_TOKENS_TOTAL}{{{E}}}[{RI}]))",
                    "{{entitlement}} generated"),
             ),
             unit="suffix: tok/s",
@@ -599,21 +570,21 @@ def showback() -> Dashboard:
             "Weighted tokens left in each budget's period, against the budget (0: spent; refused or spot until the "
             "period resets).",
             (
-                _q(per_ent(c.ENTITLEMENT_BUDGET_REMAINING), "{{entitlement}} remaining"),
-                _q(per_ent(c.ENTITLEMENT_BUDGET), "{{entitlement}} budget"),
+                _q(per_ent(m.ENTITLEMENT_BUDGET_REMAINING), "{{entitlement}} remaining"),
+                _q(per_ent(m.ENTITLEMENT_BUDGET), "{{entitlement}} budget"),
             ),
             min=0,
         )
     )
-    left = f"clamp_min({per_ent(c.ENTITLEMENT_BUDGET_RESETS_AT)} - time(), 1)"
+    left = f"clamp_min({per_ent(m.ENTITLEMENT_BUDGET_RESETS_AT)} - time(), 1)"
     d.items.append(
         Panel(
             "Budget consumption rate",
             "Weighted tokens/s charged to each budget (smoothed over hours), against the pace that spends what is "
             "left exactly at the period's end (remaining / time left).",
             (
-                _q(per_ent(c.ENTITLEMENT_BUDGET_RATE), "{{entitlement}} rate"),
-                _q(f"{per_ent(c.ENTITLEMENT_BUDGET_REMAINING)} / on (pool, entitlement) {left}",
+                _q(per_ent(m.ENTITLEMENT_BUDGET_RATE), "{{entitlement}} rate"),
+                _q(f"{per_ent(m.ENTITLEMENT_BUDGET_REMAINING)} / on (pool, entitlement) {left}",
                    "{{entitlement}} even pace"),
             ),
             unit="suffix: tok/s",
@@ -623,146 +594,14 @@ def showback() -> Dashboard:
     return d
 
 
-DASHBOARDS = {"pools": pools, "entitlements": entitlements, "sidecars-controller": health, "showback": showback}
+DASHBOARDS: tuple[Callable[[], Dashboard], ...] = (pools, entitlements, health, showback)
+"""Every dashboard, in the order a reader meets them."""
 
 
-def _variables() -> list[dict[str, Any]]:
-    def query_var(name: str, label: str, query: str) -> dict[str, Any]:
-        return {
-            "name": name,
-            "label": label,
-            "type": "query",
-            "datasource": DS,
-            "definition": query,
-            "query": {"query": query, "refId": "StandardVariableQuery"},
-            "refresh": 2,
-            "multi": True,
-            "includeAll": True,
-            "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-            "sort": 1,
-            "hide": 0,
-            "options": [],
-            "regex": "",
-        }
-
-    return [
-        {
-            "name": "DS_PROMETHEUS",
-            "label": "Prometheus",
-            "type": "datasource",
-            "query": "prometheus",
-            "current": {},
-            "hide": 0,
-            "options": [],
-            "refresh": 1,
-            "regex": "",
-        },
-        query_var("pool", "pool", f"label_values({c.POOL_DESIRED_REPLICAS}, pool)"),
-        query_var("tier", "tier", f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool"}}, tier)'),
-        query_var(
-            "entitlement",
-            "entitlement",
-            f'label_values({c.ENTITLEMENT_ALLOCATION}{{pool=~"$pool", tier=~"$tier"}}, entitlement)',
-        ),
-    ]
-
-
-def build(d: Dashboard) -> dict[str, Any]:
-    """Grafana dashboard JSON (schema 39) for ``d``: panels laid out left to right, rows full width."""
-    panels: list[dict[str, Any]] = []
-    x = y = row_h = 0
-    kinds = set()
-    for pid, item in enumerate(d.items, start=1):
-        if isinstance(item, Row):
-            if x:
-                x, y = 0, y + row_h
-            panels.append(
-                {
-                    "id": pid,
-                    "type": "row",
-                    "title": item.title,
-                    "collapsed": False,
-                    "gridPos": {"x": 0, "y": y, "w": 24, "h": 1},
-                    "panels": [],
-                }
-            )
-            y += 1
-            row_h = 0
-            continue
-        if x + item.width > 24:
-            x, y, row_h = 0, y + row_h, 0
-        kinds.add(item.kind)
-        defaults: dict[str, Any] = {"unit": item.unit, "color": {"mode": "palette-classic"}}
-        if item.min is not None:
-            defaults["min"] = item.min
-        options: dict[str, Any] = (
-            {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True}, "tooltip": {"mode": "multi"}}
-            if item.kind == "timeseries"
-            else {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}}
-        )
-        panels.append(
-            {
-                "id": pid,
-                "type": item.kind,
-                "title": item.title,
-                "description": item.description,
-                "datasource": DS,
-                "gridPos": {"x": x, "y": y, "w": item.width, "h": item.height},
-                "fieldConfig": {"defaults": defaults, "overrides": []},
-                "options": options,
-                "targets": [
-                    {
-                        "refId": chr(ord("A") + i),
-                        "datasource": DS,
-                        "editorMode": "code",
-                        "expr": t.expr,
-                        "legendFormat": t.legend,
-                        "range": True,
-                        "instant": False,
-                    }
-                    for i, t in enumerate(item.targets)
-                ],
-            }
-        )
-        x += item.width
-        row_h = max(row_h, item.height)
-    return {
-        "__inputs": [
-            {
-                "name": "DS_PROMETHEUS",
-                "label": "Prometheus",
-                "description": "",
-                "type": "datasource",
-                "pluginId": "prometheus",
-                "pluginName": "Prometheus",
-            }
-        ],
-        "__requires": [
-            {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"},
-            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
-        ]
-        + [{"type": "panel", "id": k, "name": k, "version": ""} for k in sorted(kinds)],
-        "id": None,
-        "uid": d.uid,
-        "title": d.title,
-        "description": d.description,
-        "tags": list(d.tags),
-        "editable": True,
-        "graphTooltip": 1,
-        "timezone": "",
-        "time": {"from": "now-1h", "to": "now"},
-        "timepicker": {},
-        "refresh": "30s",
-        "schemaVersion": SCHEMA_VERSION,
-        "version": 1,
-        "links": [],
-        "annotations": {"list": []},
-        "templating": {"list": _variables()},
-        "panels": panels,
-    }
+def all_dashboards() -> list[Dashboard]:
+    return [make() for make in DASHBOARDS]
 
 
 def render_all() -> dict[str, str]:
     """``{file name: JSON text}`` of every dashboard, as checked in."""
-    return {f"{name}.json": json.dumps(build(fn()), indent=2) + "\n" for name, fn in DASHBOARDS.items()}
+    return {d.file_name: to_text(d) for d in all_dashboards()}

@@ -37,8 +37,7 @@ from typing import Any
 from tokenscaler.core.model import DIMENSIONS
 from tokenscaler.core.showback import BASES, PLATFORM, cost, statement_markdown
 from tokenscaler.observe.counters import Labels, Prometheus, increases, labels_of, last_values
-from tokenscaler.observe.names import controller as c
-from tokenscaler.observe.names import sidecar as sc
+from tokenscaler.observe.names import ours as m
 
 COLUMNS: tuple[str, ...] = (
     "pool", "entitlement", "tier", *(f"{b}_s" for b in BASES), "replica_hours", "cost", "currency",
@@ -71,23 +70,23 @@ def statement(prom: Prometheus, start: float, end: float, *, max_points: int = 1
     def inc(metric: str, selector: str = "") -> dict[Labels, float]:
         return increases(prom, metric, start, end, selector=selector, max_points=max_points)
 
-    parts = _by(inc(c.ENTITLEMENT_REPLICA_SECONDS_TOTAL), "pool", "entitlement", "basis")
-    used = _by(inc(c.ENTITLEMENT_GUARANTEE_USED_TOTAL), "pool", "entitlement")
-    pool_total = _by(inc(c.POOL_REPLICA_SECONDS_TOTAL), "pool")
-    prompt = _by(inc(sc.PROMPT_TOKENS_TOTAL, 'entitlement!=""'), "pool", "entitlement")
-    generated = _by(inc(sc.GENERATION_TOKENS_TOTAL, 'entitlement!=""'), "pool", "entitlement")
-    outcomes = _by(inc(sc.REQUESTS_TOTAL, 'entitlement!=""'), "pool", "entitlement", "outcome")
-    refused = _by(inc(sc.REJECTIONS_TOTAL, 'entitlement!=""'), "pool", "entitlement", "dimension")
-    slo = _by(inc(sc.TTFT_SLO_REQUESTS_TOTAL), "pool", "entitlement", "outcome")
+    parts = _by(inc(m.ENTITLEMENT_REPLICA_SECONDS_TOTAL), "pool", "entitlement", "basis")
+    used = _by(inc(m.ENTITLEMENT_GUARANTEE_USED_TOTAL), "pool", "entitlement")
+    pool_total = _by(inc(m.POOL_REPLICA_SECONDS_TOTAL), "pool")
+    prompt = _by(inc(m.PROMPT_TOKENS_TOTAL, 'entitlement!=""'), "pool", "entitlement")
+    generated = _by(inc(m.GENERATION_TOKENS_TOTAL, 'entitlement!=""'), "pool", "entitlement")
+    outcomes = _by(inc(m.REQUESTS_TOTAL, 'entitlement!=""'), "pool", "entitlement", "outcome")
+    refused = _by(inc(m.REJECTIONS_TOTAL, 'entitlement!=""'), "pool", "entitlement", "dimension")
+    slo = _by(inc(m.TTFT_SLO_REQUESTS_TOTAL), "pool", "entitlement", "outcome")
     prices = {
         lab["pool"]: (v, lab.get("currency", ""))
-        for key, v in last_values(prom, f"max by (pool, currency) (last_over_time({c.POOL_PRICE}[{rng}]))", end).items()
+        for key, v in last_values(prom, f"max by (pool, currency) (last_over_time({m.POOL_PRICE}[{rng}]))", end).items()
         for lab in (labels_of(key),)
     }
     tiers = {
         (lab.get("pool", ""), lab.get("entitlement", "")): lab.get("tier", "")
         for key in last_values(
-            prom, f'group by (pool, entitlement, tier) (last_over_time({sc.REQUESTS_TOTAL}{{entitlement!=""}}[{rng}]))',
+            prom, f'group by (pool, entitlement, tier) (last_over_time({m.REQUESTS_TOTAL}{{entitlement!=""}}[{rng}]))',
             end,
         )
         for lab in (labels_of(key),)

@@ -10,7 +10,7 @@ split evenly over ``--replicas`` with the planner's floors
   unlimited components;
 * spot: 0 sustained and 0 burst; lives on backfill of idle capacity.
 
-:class:`HttpLimitsSource` polls the controller's admission API
+:class:`HttpLimitsSource` polls the controller's limits API
 (``GET {url}/v1/pools/{pool}/limits?replica={id}``, a :class:`LimitsDocument`) with
 ``If-None-Match`` and applies each new version; entitlements missing from a document get
 their floors. Fail-static: while polls fail, the last limits stay in force (state
@@ -211,7 +211,7 @@ class StaticLimitsSource:
 
 
 class HttpLimitsSource:
-    """Polls the controller's admission API with ETags; fail-static, then floors after expiry."""
+    """Polls the controller's limits API with ETags; fail-static, then floors after expiry."""
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ from tokenscaler.core.limiter import Shortfall
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
 from tokenscaler.sidecar.apis import METERED, PASSTHROUGH, Api
 from tokenscaler.sidecar.budget import BUDGET_DIMENSION, QUOTA, BudgetGuard, refusal_headers, refusal_message
-from tokenscaler.sidecar.engine import EngineLimits
+from tokenscaler.sidecar.engine_limits import EngineLimits
 from tokenscaler.sidecar.errors import RATE_LIMIT_TYPES, error_response, ratelimit_headers, retry_headers
 from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest
 from tokenscaler.sidecar.flight import Flight

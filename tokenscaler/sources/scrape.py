@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
 from tokenscaler.config import load_model
 from tokenscaler.core import metric_names as names
-from tokenscaler.core.model import ConfigError
 from tokenscaler.core.observation import OFFERED_TPS, LoadProfile, ReplicaTable, SignalTableBuilder
+from tokenscaler.core.validation import ConfigError
 from tokenscaler.sources.base import (
     SIDECAR_FRESHNESS,
     SIDECAR_GAUGES,

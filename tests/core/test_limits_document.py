@@ -1,5 +1,5 @@
-"""The limits document the controller's API serves: each entitlement's ceiling follows the ready
-replicas and the replica's share of the load, as its limits do."""
+"""The limits document the controller's limits API serves (``core/limits.py``): each entitlement's
+ceiling follows the ready replicas and the replica's share of the load, as its limits do."""
 
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ import json
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
-from tokenscaler.control.metrics import ControllerMetrics
-from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.limits import LimitsDocument
+from tokenscaler.core.limits import limits_document as make_document
 from tokenscaler.core.model import TokenPoolsConfig
+from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
-from tokenscaler.serve.api import ControllerApi
 
 CONFIG = TokenPoolsConfig.model_validate(
     {
@@ -43,24 +41,30 @@ CONFIG = TokenPoolsConfig.model_validate(
 )
 
 
-def published(ready: int, shares: dict[str, list[float]] | None = None) -> PublishedPlan:
+Published = tuple[Plan, dict[str, dict[str, np.ndarray]]]  # the plan, and pool -> replica -> share of the load
+
+
+def published(ready: int, shares: dict[str, list[float]] | None = None) -> Published:
     rows = build_pool_rows(CONFIG)
     demand = np.array([[1000.0, 20000.0, 10.0], [500.0, 5000.0, 2.0]])
     plan, _ = plan_interval(
         rows, {"p": PoolInput(ready_replicas=ready, demand=demand)}, PlannerState(), now=1000.0, interval_s=5.0
     )
     observed = {"p": {r: np.array(s) for r, s in (shares or {}).items()}}
-    return PublishedPlan(plan=plan, version=7, published_at=1000.0, shares=observed)
+    return plan, observed
 
 
-def limits_document(pub: PublishedPlan, pool: str, replica: str | None, ttl_s: float) -> dict:
-    """The document as the API serves it (JSON)."""
-    registry = CollectorRegistry()
-    api = ControllerApi(PlanStore(), registry, ControllerMetrics(registry), limits_ttl_s=ttl_s)
-    return json.loads(api.document(pub, pool, replica).model_dump_json())
+def limits_document(pub: Published, pool: str, replica: str | None, ttl_s: float) -> dict:
+    """The document as the limits API serves it (JSON): plan version 7, published at 1000."""
+    plan, shares = pub
+    doc = make_document(
+        plan.pools[pool], shares.get(pool, {}), replica,
+        version="7", generated_at=plan.now, expires_at=1000.0 + ttl_s, stale=False,
+    )  # fmt: skip
+    return json.loads(doc.model_dump_json())
 
 
-def document(pub: PublishedPlan, replica: str | None) -> LimitsDocument:
+def document(pub: Published, replica: str | None) -> LimitsDocument:
     # through JSON, as a sidecar receives it
     return LimitsDocument.model_validate_json(json.dumps(limits_document(pub, "p", replica, ttl_s=60.0)))
 
