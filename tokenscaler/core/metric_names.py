@@ -13,6 +13,8 @@ Label sets: every sidecar series carries ``pool`` and ``replica``; per-entitleme
 
 from __future__ import annotations
 
+from tokenscaler.core import vllm
+
 # --- sidecar (produced by each sidecar, read by the controller)
 
 SIDECAR_LABELS: tuple[str, ...] = ("pool", "replica")
@@ -162,15 +164,15 @@ SCALER_NAMES: tuple[str, ...] = (
 
 ALL_NAMES: tuple[str, ...] = (*SIDECAR_NAMES, *CONTROLLER_NAMES, *SCALER_NAMES)
 
-# --- vLLM's (produced by each engine, read by the controller)
+# --- vLLM's (produced by each engine, read by the controller; the names' table: tokenscaler.core.vllm)
 
-VLLM_CACHE_CONFIG_INFO = "vllm:cache_config_info"
+VLLM_CACHE_CONFIG_INFO = vllm.CACHE_CONFIG_INFO
 """Info gauge; labels ``num_gpu_blocks`` and ``block_size`` (read by name) give KV capacity."""
-VLLM_NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
-VLLM_NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
-VLLM_KV_CACHE_USAGE_PERC = "vllm:kv_cache_usage_perc"
-VLLM_PROMPT_TOKENS_TOTAL = "vllm:prompt_tokens_total"
-VLLM_GENERATION_TOKENS_TOTAL = "vllm:generation_tokens_total"
+VLLM_NUM_REQUESTS_RUNNING = vllm.NUM_REQUESTS_RUNNING
+VLLM_NUM_REQUESTS_WAITING = vllm.NUM_REQUESTS_WAITING
+VLLM_KV_CACHE_USAGE_PERC = vllm.KV_CACHE_USAGE_PERC
+VLLM_PROMPT_TOKENS_TOTAL = vllm.PROMPT_TOKENS + "_total"
+VLLM_GENERATION_TOKENS_TOTAL = vllm.GENERATION_TOKENS + "_total"
 ENGINE_NAMES: tuple[str, ...] = (
     VLLM_CACHE_CONFIG_INFO,
     VLLM_NUM_REQUESTS_RUNNING,

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from tokenscaler.core.limiter import RateLimitStatus
 from tokenscaler.core.model import DIMENSIONS
+from tokenscaler.core.vllm import ANTHROPIC_ERROR_TYPES
 
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -56,12 +57,6 @@ def error_response(
 def sse_error_event(message: str, type_: str, code: str) -> bytes:
     """A final error event for a stream already answered 200, followed by ``[DONE]``."""
     return b"data: " + error_body(message, type_, None, code) + b"\n\ndata: [DONE]\n\n"
-
-
-ANTHROPIC_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
-}  # fmt: skip
 
 
 def _error_event(data: dict[str, Any]) -> bytes:
@@ -106,7 +101,7 @@ class AnthropicErrors(OpenAIErrors):
         code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> web.Response:
-        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+        body = {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
         return web.Response(status=status, body=_DUMPS(body).encode(), content_type="application/json", headers=headers)
 
     def stream_error(self, message: str, type_: str, code: str) -> bytes:
