@@ -15,6 +15,7 @@ produces.
 | ``k8s/monitoring/prometheusrule.yaml`` | ``alerts/tokenscaler-alerts.rules.yml`` (:mod:`tokenscaler.observe.alerts`) |
 | ``alerts/tokenscaler-recording.rules.yml`` | the controller's queries (:mod:`tokenscaler.sources.prometheus`) |
 | ``tokenscaler/experiments/scaledobject.yaml`` | ``keda/scaledobject.yaml``, copied: the package's HPA rules |
+| ``docs/reference/metrics.md`` | the metric specs (:mod:`tokenscaler.observe.metrics_reference`) |
 
 The directories the generator owns (``OWNED``) hold nothing else: a file there that it no
 longer generates is stale too (``--check`` names it, a write removes it).
@@ -37,6 +38,7 @@ PROMETHEUS_RULE = Path("k8s/monitoring/prometheusrule.yaml")
 RECORDING_RULES = Path("alerts/tokenscaler-recording.rules.yml")
 SCALED_OBJECT = Path("keda/scaledobject.yaml")
 PACKAGED_SCALED_OBJECT = Path("tokenscaler/experiments/scaledobject.yaml")
+METRICS_REFERENCE = Path("docs/reference/metrics.md")
 
 # directory -> glob of the files in it that only the generator writes
 OWNED = {
@@ -49,7 +51,7 @@ OWNED = {
 def generated(repo: Path = REPO) -> dict[Path, str]:
     """Repository-relative path -> the text that file must hold, from the sources in ``repo``."""
     from tokenscaler.kube import crds
-    from tokenscaler.observe import alerts, dashboards
+    from tokenscaler.observe import alerts, dashboards, metrics_reference
     from tokenscaler.sources.prometheus import rules_yaml
     from tools import protos
 
@@ -63,6 +65,7 @@ def generated(repo: Path = REPO) -> dict[Path, str]:
     out[PROMETHEUS_RULE] = alerts.render(repo / ALERT_RULES)
     out[RECORDING_RULES] = rules_yaml()
     out[PACKAGED_SCALED_OBJECT] = (repo / SCALED_OBJECT).read_text(encoding="utf-8")
+    out[METRICS_REFERENCE] = metrics_reference.render()
     return out
 
 
