@@ -28,6 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tokenscaler.core.budget import Budget, OnExhausted
+from tokenscaler.core.frozen import Frozen
 
 DIMENSIONS: tuple[str, str, str] = ("throughput_tokens_per_s", "kv_tokens", "concurrency")
 """The three dimensions, in the column order of every array in the core."""
@@ -64,8 +65,8 @@ class Tier(StrEnum):
 TIER_ORDER: tuple[Tier, Tier, Tier] = (Tier.GUARANTEED, Tier.ELASTIC, Tier.SPOT)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+class _Frozen(Frozen):
+    model_config = ConfigDict(populate_by_name=True)  # a field by its name or its alias
 
 
 class ResourceVector(_Frozen):

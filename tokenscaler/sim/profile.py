@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from tokenscaler.core.frozen import Frozen
 
 DEFAULT_PROFILE = "llama-3.1-8b-h100"
 _PROFILE_PACKAGE = "tokenscaler.sim"
@@ -36,11 +38,7 @@ class ProfileError(ValueError):
     """A profile that cannot be found or does not validate; the message names file and field."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class StepTimeModel(_Frozen):
+class StepTimeModel(Frozen):
     """Duration of one engine step as a function of what the step schedules."""
 
     fixed_ms: float = Field(ge=0)
@@ -64,7 +62,7 @@ class StepTimeModel(_Frozen):
         )
 
 
-class OutputLength(_Frozen):
+class OutputLength(Frozen):
     """How many tokens a request generates before the model would stop on its own (EOS).
 
     ``fixed``: never stops early, every request generates its ``max_tokens``.
@@ -87,7 +85,7 @@ class OutputLength(_Frozen):
         return self
 
 
-class EngineProfile(_Frozen):
+class EngineProfile(Frozen):
     """One simulated engine: its cache, its scheduler limits, its speed, its outputs."""
 
     name: str
