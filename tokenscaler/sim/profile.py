@@ -22,8 +22,9 @@ from __future__ import annotations
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
+import numpy as np
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
@@ -52,8 +53,19 @@ class StepTimeModel(Frozen):
     prefill_knee_tokens: int = Field(ge=0)
     """Prefill tokens a step absorbs at no extra cost (memory bound below the knee)."""
 
-    def step_s(self, num_requests: int, context_tokens: int, prefill_tokens: int) -> float:
-        """Seconds for a step of ``num_requests`` requests reading ``context_tokens`` of KV."""
+    @overload
+    def step_s(self, num_requests: int, context_tokens: int, prefill_tokens: int) -> float: ...
+
+    @overload
+    def step_s(self, num_requests: int, context_tokens: np.ndarray, prefill_tokens: int) -> np.ndarray: ...
+
+    def step_s(self, num_requests: int, context_tokens: int | np.ndarray, prefill_tokens: int) -> float | np.ndarray:
+        """Seconds for a step of ``num_requests`` requests reading ``context_tokens`` of KV, of which
+        ``prefill_tokens`` are prefilled: the one home of the formula (module docstring).
+
+        ``context_tokens`` may be an array (several steps of the same batch, one context each, as
+        a decode run has them): each element is what the scalar call gives, to the last bit
+        (the same operations in the same order)."""
         return (
             self.fixed_ms * 1e-3
             + self.per_request_us * 1e-6 * num_requests
