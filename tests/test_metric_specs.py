@@ -5,6 +5,8 @@ names, and nothing else; and the declared list cannot miss a metric."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 import numpy as np
 import pytest
@@ -105,7 +107,9 @@ def scaler_registry() -> CollectorRegistry:
     ],
     ids=["sidecar", "controller", "scaler"],
 )
-def test_an_exporter_exports_exactly_its_declared_specs(build, specs) -> None:  # type: ignore[no-untyped-def]
+def test_an_exporter_exports_exactly_its_declared_specs(
+    build: Callable[[], CollectorRegistry], specs: tuple[MetricSpec, ...]
+) -> None:
     assert exported(build()) == declared(specs)
 
 
