@@ -34,6 +34,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tokenscaler.core.percentile import percentile as core_percentile
 from tokenscaler.sidecar.engine_limits import parse_metrics, parse_models
 
 
@@ -94,12 +95,10 @@ class EngineInfo:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (nearest rank); NaN when empty."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(math.ceil(q / 100.0 * len(ordered)), 1)
-    return ordered[min(rank, len(ordered)) - 1]
+    """The ``q``-th percentile by nearest rank (an observed sample; :mod:`tokenscaler.core.percentile`);
+    NaN when empty, as the probe's tables print it."""
+    p = core_percentile(values, q, method="nearest_rank")
+    return math.nan if p is None else p
 
 
 def knee(levels: Sequence[Level], target_ms: float) -> Level | None:

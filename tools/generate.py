@@ -16,6 +16,7 @@ produces.
 | ``alerts/tokenscaler-recording.rules.yml`` | the controller's queries (:mod:`tokenscaler.sources.prometheus`) |
 | ``tokenscaler/experiments/scaledobject.yaml`` | ``keda/scaledobject.yaml``, copied: the package's HPA rules |
 | ``docs/experiments.md`` (its claims table) | the digests ``docs/data/experiments/*.json`` (:mod:`tools.claims`) |
+| ``docs/reference/metrics.md`` | the metric specs (:mod:`tokenscaler.observe.metrics_reference`) |
 
 The directories the generator owns (``OWNED``) hold nothing else: a file there that it no
 longer generates is stale too (``--check`` names it, a write removes it).
@@ -39,6 +40,7 @@ RECORDING_RULES = Path("alerts/tokenscaler-recording.rules.yml")
 SCALED_OBJECT = Path("keda/scaledobject.yaml")
 PACKAGED_SCALED_OBJECT = Path("tokenscaler/experiments/scaledobject.yaml")
 CLAIMS_PAGE = Path("docs/experiments.md")  # only its claims block is generated
+METRICS_REFERENCE = Path("docs/reference/metrics.md")
 
 # directory -> glob of the files in it that only the generator writes
 OWNED = {
@@ -51,7 +53,7 @@ OWNED = {
 def generated(repo: Path = REPO) -> dict[Path, str]:
     """Repository-relative path -> the text that file must hold, from the sources in ``repo``."""
     from tokenscaler.kube import crds
-    from tokenscaler.observe import alerts, dashboards
+    from tokenscaler.observe import alerts, dashboards, metrics_reference
     from tokenscaler.sources.prometheus import rules_yaml
     from tools import claims, protos
 
@@ -66,6 +68,7 @@ def generated(repo: Path = REPO) -> dict[Path, str]:
     out[RECORDING_RULES] = rules_yaml()
     out[PACKAGED_SCALED_OBJECT] = (repo / SCALED_OBJECT).read_text(encoding="utf-8")
     out[CLAIMS_PAGE] = claims.render_page(repo)
+    out[METRICS_REFERENCE] = metrics_reference.render()
     return out
 
 

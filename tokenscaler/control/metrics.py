@@ -1,4 +1,4 @@
-"""The controller's own metrics (names: :mod:`tokenscaler.core.metric_names`).
+"""The controller's own metrics (specs: :mod:`tokenscaler.core.metric_names`).
 
 Dashboards and alert rules are built on these names; a test fails when one of them uses a
 name this module does not define. Per-pool and per-entitlement series are produced at
@@ -63,6 +63,7 @@ from tokenscaler.core.metric_names import (
     POOL_TARGET_REPLICAS,
     SOURCE_ANSWERS,
     SOURCE_ERRORS,
+    SPECS,
     STATE_WRITE_ERRORS,
 )
 from tokenscaler.core.metric_names import CONTROLLER_NAMES as ALL_NAMES
@@ -74,43 +75,38 @@ __all__ = ["ALL_NAMES", "ControllerMetrics", "PlanCollector", "ShowbackCollector
 _TIERS = [t.value for t in TIER_ORDER]
 
 
-def _without_total(name: str) -> str:
-    # prometheus-client appends _total to counters itself
-    return name.removesuffix("_total")
+def _gauge(name: str) -> GaugeMetricFamily:
+    spec = SPECS[name]
+    return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+
+
+def _counter(name: str) -> CounterMetricFamily:
+    spec = SPECS[name]
+    return CounterMetricFamily(spec.family_name, spec.help, labels=spec.labels)
+
+
+def _counter_metric(name: str, registry: CollectorRegistry) -> Counter:
+    spec = SPECS[name]
+    return Counter(spec.family_name, spec.help, spec.labels, registry=registry)
 
 
 class ControllerMetrics:
     """The loop's counters and histograms, on the controller's registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        duration = SPECS[INTERVAL_DURATION]
         self.interval_duration = Histogram(
-            INTERVAL_DURATION,
-            "Time spent in one planning interval, by phase (read, plan, persist, total), and reading the profile.",
-            ["phase"],
+            duration.name,
+            duration.help,
+            duration.labels,
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.intervals = Counter(
-            _without_total(INTERVALS), "Planning intervals by outcome.", ["outcome"], registry=registry
-        )
-        self.source_errors = Counter(
-            _without_total(SOURCE_ERRORS), "Metric reads that failed, by kind.", ["kind"], registry=registry
-        )
-        self.source_answers = Counter(
-            _without_total(SOURCE_ANSWERS),
-            "Answers of the metrics source by query and shape (ok, empty, nan, multi, stale).",
-            ["query", "kind"],
-            registry=registry,
-        )
-        self.state_write_errors = Counter(
-            _without_total(STATE_WRITE_ERRORS), "State file writes that failed.", registry=registry
-        )
-        self.api_requests = Counter(
-            _without_total(API_REQUESTS),
-            "HTTP API requests (limits, plan) by route and status code.",
-            ["route", "code"],
-            registry=registry,
-        )
+        self.intervals = _counter_metric(INTERVALS, registry)
+        self.source_errors = _counter_metric(SOURCE_ERRORS, registry)
+        self.source_answers = _counter_metric(SOURCE_ANSWERS, registry)
+        self.state_write_errors = _counter_metric(STATE_WRITE_ERRORS, registry)
+        self.api_requests = _counter_metric(API_REQUESTS, registry)
 
 
 class PlanCollector(Collector):
@@ -122,9 +118,7 @@ class PlanCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         published = self.store.current()
-        age = GaugeMetricFamily(PLAN_AGE, "Seconds since the published plan was made.")
-        stale = GaugeMetricFamily(PLAN_STALE, "1 while the controller serves its last good plan (metrics missing).")
-        version = GaugeMetricFamily(PLAN_VERSION, "Version of the published plan.")
+        age, stale, version = _gauge(PLAN_AGE), _gauge(PLAN_STALE), _gauge(PLAN_VERSION)
         if published is not None:
             age.add_metric([], max(self.clock() - published.plan.now, 0.0))
             stale.add_metric([], 1.0 if published.stale else 0.0)
@@ -135,49 +129,24 @@ class PlanCollector(Collector):
         if published is None:
             return
         per_dim = {
-            name: GaugeMetricFamily(name, doc, labels=["pool", "entitlement", "tier", "dimension"])
-            for name, doc in (
-                (ENTITLEMENT_GUARANTEE, "Guaranteed amount per dimension (guaranteed tier)."),
-                (ENTITLEMENT_LIMIT, "Sustained limit for the next interval, whole pool."),
-                (ENTITLEMENT_BURST, "Burst allowance, whole pool."),
-                (ENTITLEMENT_ALLOCATION, "Allocation this interval."),
-                (ENTITLEMENT_DEMAND, "Smoothed demand (offered load, rejected included)."),
-                (
-                    ENTITLEMENT_USAGE,
-                    "Service received over the last interval (kv_tokens and concurrency: admitted tokens/s "
-                    "times the profiled footprint where the source reads the gauges with the profile).",
-                ),
-                (ENTITLEMENT_SHORTFALL, "Guaranteed demand not allocated: the breach signal."),
+            name: _gauge(name)
+            for name in (
+                ENTITLEMENT_GUARANTEE, ENTITLEMENT_LIMIT, ENTITLEMENT_BURST, ENTITLEMENT_ALLOCATION,
+                ENTITLEMENT_DEMAND, ENTITLEMENT_USAGE, ENTITLEMENT_SHORTFALL,
             )
-        }
-        debt = GaugeMetricFamily(
-            ENTITLEMENT_DEBT, "Fair-share debt in dominant-share seconds.", labels=["pool", "entitlement", "tier"]
-        )
-        debt_bound = GaugeMetricFamily(
-            ENTITLEMENT_DEBT_BOUND,
-            "The bound |debt| never exceeds (debt.bound_share_s of the entitlement's config).",
-            labels=["pool", "entitlement", "tier"],
-        )
+        }  # fmt: skip
+        debt = _gauge(ENTITLEMENT_DEBT)
+        debt_bound = _gauge(ENTITLEMENT_DEBT_BOUND)
         pool_gauges = {
-            name: GaugeMetricFamily(name, doc, labels=["pool"])
-            for name, doc in (
-                (POOL_DESIRED_REPLICAS, "Replicas the plan asks for (what KEDA is told)."),
-                (POOL_TARGET_REPLICAS, "Replicas needed now, before scale-down stabilization."),
-                (POOL_READY_REPLICAS, "Replicas ready to serve."),
-                (POOL_MIN_REPLICAS, "Configured minimum replicas."),
-                (POOL_MAX_REPLICAS, "Configured maximum replicas."),
-                (POOL_DATA_INCOMPLETE, "1 when part of the pool's metrics were missing this interval."),
+            name: _gauge(name)
+            for name in (
+                POOL_DESIRED_REPLICAS, POOL_TARGET_REPLICAS, POOL_READY_REPLICAS, POOL_MIN_REPLICAS,
+                POOL_MAX_REPLICAS, POOL_DATA_INCOMPLETE,
             )
-        }
+        }  # fmt: skip
         pool_dims = {
-            name: GaugeMetricFamily(name, doc, labels=["pool", "dimension"])
-            for name, doc in (
-                (POOL_CAPACITY, "Capacity of the ready replicas."),
-                (POOL_ALLOCATED, "Sum of allocations."),
-                (POOL_DEMAND, "Sum of smoothed demand."),
-                (POOL_GUARANTEE_SHORTFALL, "Sum of guarantee shortfalls, and guarantees max_replicas cannot carry."),
-                (POOL_CAPACITY_RATIO, "Per-replica capacity the engines state / the configured replica."),
-            )
+            name: _gauge(name)
+            for name in (POOL_CAPACITY, POOL_ALLOCATED, POOL_DEMAND, POOL_GUARANTEE_SHORTFALL, POOL_CAPACITY_RATIO)
         }
         for pool_name, pp in published.plan.pools.items():
             p = pp.rows.problem
@@ -236,19 +205,14 @@ class PlanCollector(Collector):
 
 def _budget_and_price(pools: Mapping[str, object]) -> Iterator[GaugeMetricFamily]:
     """The budget gauges of every entitlement that has a budget, and each pool's price."""
-    labels = ["pool", "entitlement", "period", "on_exhausted"]
     fams = {
-        name: GaugeMetricFamily(name, doc, labels=labels)
-        for name, doc in (
-            (ENTITLEMENT_BUDGET, "The budget: weighted tokens per period."),
-            (ENTITLEMENT_BUDGET_CONSUMED, "Weighted tokens admitted this period."),
-            (ENTITLEMENT_BUDGET_REMAINING, "Weighted tokens left this period (0 when spent)."),
-            (ENTITLEMENT_BUDGET_RATE, "Consumption rate, weighted tokens/s, smoothed (6 h half-life)."),
-            (ENTITLEMENT_BUDGET_RESETS_AT, "Unix seconds when the period ends and the budget resets."),
-            (ENTITLEMENT_BUDGET_EXHAUSTED, "1 while the budget is spent (refused, or spot, until the reset)."),
+        name: _gauge(name)
+        for name in (
+            ENTITLEMENT_BUDGET, ENTITLEMENT_BUDGET_CONSUMED, ENTITLEMENT_BUDGET_REMAINING, ENTITLEMENT_BUDGET_RATE,
+            ENTITLEMENT_BUDGET_RESETS_AT, ENTITLEMENT_BUDGET_EXHAUSTED,
         )
-    }
-    price = GaugeMetricFamily(POOL_PRICE, "Price of one replica-hour (pricing).", labels=["pool", "currency"])
+    }  # fmt: skip
+    price = _gauge(POOL_PRICE)
     for pool_name, pp in pools.items():
         pricing = pp.pool.pricing  # type: ignore[attr-defined]
         if pricing is not None:
@@ -275,20 +239,9 @@ class ShowbackCollector(Collector):
         self.ledgers = ledgers
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        parts = CounterMetricFamily(
-            _without_total(ENTITLEMENT_REPLICA_SECONDS_TOTAL),
-            "Replica-seconds attributed to each entitlement by basis (entitlement _platform: idle time the "
-            "platform pays for).",
-            labels=["pool", "entitlement", "basis"],
-        )
-        used = CounterMetricFamily(
-            _without_total(ENTITLEMENT_GUARANTEE_USED_TOTAL),
-            "The used part of each entitlement's reserved replica-seconds.",
-            labels=["pool", "entitlement"],
-        )
-        total = CounterMetricFamily(
-            _without_total(POOL_REPLICA_SECONDS_TOTAL), "Ready replica-seconds of the pool, split.", labels=["pool"]
-        )
+        parts = _counter(ENTITLEMENT_REPLICA_SECONDS_TOTAL)
+        used = _counter(ENTITLEMENT_GUARANTEE_USED_TOTAL)
+        total = _counter(POOL_REPLICA_SECONDS_TOTAL)
         for pool, ledger in self.ledgers().items():
             rows = ledger.parts.tolist()
             for i, (ent, u) in enumerate(zip(ledger.names, ledger.guarantee_used.tolist(), strict=True)):

@@ -36,7 +36,9 @@ from datetime import date, datetime, timedelta
 from enum import StrEnum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from tokenscaler.core.frozen import Frozen
 
 RATE_HALF_LIFE_S = 6 * 3600.0
 """Half-life of the smoothed consumption rate: long enough that a busy hour is not a trend,
@@ -56,10 +58,8 @@ class OnExhausted(StrEnum):
     SPOT = "spot"  # it keeps only idle capacity (the spot tier's backfill)
 
 
-class Budget(BaseModel):
+class Budget(Frozen):
     """A quota of weighted tokens over a calendar period (see :mod:`tokenscaler.core.budget`)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     period: BudgetPeriod = Field(description="day, week (from Monday) or month, in time_zone.")
     weighted_tokens: float = Field(

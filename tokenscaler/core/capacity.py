@@ -6,15 +6,15 @@ the configured replica on faith where an engine says otherwise:
 
 * **observed** per-replica capacity: the smallest value any ready replica states, per
   dimension (today ``kv_tokens``, from ``vllm:cache_config_info`` as ``num_gpu_blocks x
-  block_size``, read by the controller from the engines and from what each sidecar read of
-  its own engine); NaN where no engine says anything (throughput; ``max_num_seqs`` is not
-  exported by vLLM);
+  block_size``: :func:`tokenscaler.core.vllm.kv_capacity_tokens`, read by the controller
+  from the engines and from what each sidecar read of its own engine); NaN where no engine
+  says anything (throughput; ``max_num_seqs`` is not exported by vLLM);
 * the **planning unit** is the configured replica lowered to what was observed (the smaller
   governs, as it does for admission in the sidecar);
 * a **mismatch** (observed differs from configured by more than ``tolerance``, 10% by
-  default) is a :class:`CapacityCondition` the plan carries: ``/v1/plan`` and ``/readyz``
-  show it, ``tokenscaler_pool_capacity_ratio`` measures it, and the control step logs it
-  once per change.
+  default: :func:`is_mismatch`, the sidecar's warning too) is a :class:`CapacityCondition`
+  the plan carries: ``/v1/plan`` and ``/readyz`` show it, ``tokenscaler_pool_capacity_ratio``
+  measures it, and the control step logs it once per change.
 
 Pure: no I/O, no clock.
 """
@@ -34,6 +34,14 @@ CAPACITY_TOLERANCE = 0.1
 """Observed per-replica capacity may differ from the configured one by this fraction before
 it is a mismatch: vLLM's KV size moves a few percent with the driver, CUDA graphs and
 ``--gpu-memory-utilization`` rounding, which is noise; 10% is a different machine or flag."""
+
+
+def is_mismatch(stated: float, configured: float, tolerance: float = CAPACITY_TOLERANCE) -> bool:
+    """Whether a capacity an engine states differs from the configured one by more than
+    ``tolerance`` (a fraction of the configured): the one rule the planner's conditions and the
+    sidecar's warning share."""
+    return abs(stated / configured - 1.0) > tolerance
+
 
 CONTEXT_DIMENSION = "max_model_len"
 """The ``dimension`` of a condition about the context window (not a planning dimension)."""
@@ -139,7 +147,7 @@ def capacity_conditions(
                 continue
             if worst is None or abs(math.log(v / conf)) > abs(math.log(worst[0] / conf)):
                 worst = (float(v), replica)
-        if worst is not None and abs(worst[0] / conf - 1.0) > tolerance:
+        if worst is not None and is_mismatch(worst[0], conf, tolerance):
             out.append(CapacityCondition(dimension, worst[0], float(conf), worst[1]))
     return tuple(out)
 

@@ -42,19 +42,18 @@ from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tokenscaler.core.budget import BudgetPeriod, BudgetStatus, OnExhausted
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.model import DIMENSIONS, KV, THROUGHPUT, TIER_ORDER, LimitVector, Pool, ResourceVector, Tier
 from tokenscaler.core.plan import PoolPlan
 
 API_VERSION = "tokenscaler.io/v1alpha1"
 
 
-class BudgetLimits(BaseModel):
+class BudgetLimits(Frozen):
     """An entitlement's budget as the sidecars see it (see the module docstring)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     period: BudgetPeriod
     weighted_tokens: float = Field(gt=0, description="The budget: weighted tokens per period.")
@@ -71,9 +70,7 @@ class BudgetLimits(BaseModel):
         )  # fmt: skip
 
 
-class EntitlementLimits(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class EntitlementLimits(Frozen):
     tier: Tier
     priority: int = 0
     limit: ResourceVector
@@ -85,9 +82,7 @@ class EntitlementLimits(BaseModel):
     budget: BudgetLimits | None = Field(None, description="The entitlement's budget, when it has one.")
 
 
-class LimitsDocument(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class LimitsDocument(Frozen):
     api_version: Literal["tokenscaler.io/v1alpha1"] = API_VERSION
     kind: Literal["Limits"] = "Limits"
     pool: str

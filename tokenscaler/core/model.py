@@ -25,9 +25,10 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tokenscaler.core.budget import Budget, OnExhausted
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.validation import validate_document
 
 DIMENSIONS: tuple[str, str, str] = ("throughput_tokens_per_s", "kv_tokens", "concurrency")
@@ -65,8 +66,8 @@ class Tier(StrEnum):
 TIER_ORDER: tuple[Tier, Tier, Tier] = (Tier.GUARANTEED, Tier.ELASTIC, Tier.SPOT)
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+class _Frozen(Frozen):
+    model_config = ConfigDict(populate_by_name=True)  # a field by its name or its alias
 
 
 class ResourceVector(_Frozen):

@@ -25,8 +25,6 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
@@ -37,6 +35,7 @@ from pydantic import (
 from tokenscaler.core.allocator import Allocation
 from tokenscaler.core.budget import BudgetEntry, BudgetPeriod
 from tokenscaler.core.codec import decode_array, encode_array
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.inputs import align
 from tokenscaler.core.model import N_DIMS
 from tokenscaler.core.plan import Plan, PoolPlan
@@ -49,11 +48,7 @@ STATE_VERSION = 1
 # --------------------------------------------------------------------------- the file's models
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class EncodedArray(_Strict):
+class EncodedArray(Frozen):
     """A numpy array as little-endian bytes in base64 (:func:`~tokenscaler.core.codec.encode_array`)."""
 
     dtype: str
@@ -75,7 +70,7 @@ class EncodedArray(_Strict):
         return cls.model_construct(**encode_array(a))
 
 
-class PoolStateFile(_Strict):
+class PoolStateFile(Frozen):
     desired_replicas: int | None
     scale_history: list[tuple[float, int]]
     entitlements: list[str]
@@ -91,7 +86,7 @@ class PoolStateFile(_Strict):
         return self
 
 
-class PoolPlanSnapshot(_Strict):
+class PoolPlanSnapshot(Frozen):
     ready_replicas: int
     desired_replicas: int
     target_replicas: int
@@ -114,13 +109,13 @@ class PoolPlanSnapshot(_Strict):
     usage: EncodedArray | None
 
 
-class PlanSnapshot(_Strict):
+class PlanSnapshot(Frozen):
     generated_at: float
     interval_s: float
     pools: dict[str, PoolPlanSnapshot]
 
 
-class BudgetAccountFile(_Strict):
+class BudgetAccountFile(Frozen):
     """One budget's account (:class:`~tokenscaler.core.budget.BudgetEntry`)."""
 
     period: BudgetPeriod
@@ -150,7 +145,7 @@ class BudgetAccountFile(_Strict):
         )  # fmt: skip
 
 
-class StateFile(_Strict):
+class StateFile(Frozen):
     """The whole state file (``--state``): written after every interval, read at start."""
 
     version: Literal[1]

@@ -9,7 +9,7 @@ can ask the engine's ``/tokenize`` instead.
 The rule
 --------
 * Text: ``ceil(len(text.encode("utf-8")) / 4)`` tokens (4 bytes per token, OpenAI's rule
-  of thumb for English); the empty string is 0 tokens.
+  of thumb for English; :func:`bytes_tokens`); the empty string is 0 tokens.
 * ``/v1/completions`` ``prompt``: a string is counted as text; a list of ints is already
   token ids (one token each); a list of strings or of int lists is a batch, one count per
   prompt.
@@ -47,11 +47,18 @@ class RequestShapeError(ValueError):
         self.message = message
 
 
+def bytes_tokens(nbytes: int) -> int:
+    """Tokens in ``nbytes`` bytes of UTF-8 text: ``ceil(nbytes / 4)``, the counting rule itself.
+
+    Everything that counts text counts with it: prompts here, and the sidecar's count of
+    generated text as it streams (:mod:`tokenscaler.sidecar.sse`), so estimate and usage agree."""
+    return (nbytes + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
+
+
 def text_tokens(text: str) -> int:
     """Tokens in ``text`` by the 4-bytes-per-token rule (an ASCII string is counted without
     encoding it: a 1M-token prompt costs no 4 MB copy)."""
-    n = len(text) if text.isascii() else len(text.encode("utf-8"))
-    return (n + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
+    return bytes_tokens(len(text) if text.isascii() else len(text.encode("utf-8")))
 
 
 def _is_token_ids(value: Any) -> bool:

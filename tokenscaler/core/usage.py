@@ -17,28 +17,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.inputs import PoolInput
 from tokenscaler.core.model import N_DIMS, ResourceVector
 from tokenscaler.core.rows import PoolRows
 from tokenscaler.core.validation import ConfigError, validate_document
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PoolUsage(_Strict):
+class PoolUsage(Frozen):
     ready_replicas: int = Field(ge=0, description="Replicas ready to serve now.")
 
 
-class EntitlementUsage(_Strict):
+class EntitlementUsage(Frozen):
     demand: ResourceVector = Field(default_factory=ResourceVector, description="What it would use unthrottled.")
     usage: ResourceVector | None = Field(None, description="Service received last interval.")
 
 
-class UsageDocument(_Strict):
+class UsageDocument(Frozen):
     pools: dict[str, PoolUsage] = Field(default_factory=dict)
     entitlements: dict[str, EntitlementUsage] = Field(default_factory=dict)
 

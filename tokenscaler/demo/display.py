@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-import numpy as np
-
+from tokenscaler.core.percentile import percentile
 from tokenscaler.demo.load import Record
 from tokenscaler.demo.measure import TIERS, Sample
 
@@ -45,12 +44,11 @@ def window_stats(records: Sequence[Record], now: float, window_s: float) -> dict
                 ttfts.append(r.ttft)
         if not any_:
             continue
-        arr = np.asarray(ttfts)
         out[tier] = {
             "offered": offered / window_s,
             "admitted": admitted / window_s,
-            "p50": float(np.percentile(arr, 50)) if arr.size else None,
-            "p99": float(np.percentile(arr, 99)) if arr.size else None,
+            "p50": percentile(ttfts, 50),
+            "p99": percentile(ttfts, 99),
             "rejected": dims,
         }
     return out

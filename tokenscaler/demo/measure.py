@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from tokenscaler.core.model import CONCURRENCY, DIMENSIONS, THROUGHPUT, TokenPoolsConfig
+from tokenscaler.core.percentile import percentile
 from tokenscaler.demo.load import Record
 from tokenscaler.experiments.scenario import LoadedScenario
 
@@ -85,11 +86,6 @@ def phases_of(loaded: LoadedScenario, duration: float) -> Phases:
     return Phases(min(best[1], duration), best[2], duration)
 
 
-def pct(values: Iterable[float], q: float) -> float | None:
-    arr = np.fromiter(values, dtype=float)
-    return float(np.percentile(arr, q)) if arr.size else None
-
-
 @dataclass
 class Counts:
     sent: int = 0
@@ -129,8 +125,8 @@ class Counts:
                     ttfts.append(r.ttft)
         c.sent = len(records) - c.unrouted
         c.rejected_by_dimension = dict(sorted(dims.items()))
-        c.ttft_p50_s = pct(ttfts, 50)
-        c.ttft_p99_s = pct(ttfts, 99)
+        c.ttft_p50_s = percentile(ttfts, 50)
+        c.ttft_p99_s = percentile(ttfts, 99)
         c.throttled_fraction = c.rejected / c.sent if c.sent else 0.0
         return c
 
@@ -340,7 +336,7 @@ def series(
         if r.status == "answered" and r.first_token is not None and r.ttft is not None:
             ttft[r.tier][b(r.first_token)].append(r.ttft)  # type: ignore[arg-type]
     p99 = {
-        t: [[t_mid[i], float(np.percentile(v, 99))] for i, v in enumerate(ttft[t]) if v]  # type: ignore[arg-type]
+        t: [[t_mid[i], percentile(v, 99)] for i, v in enumerate(ttft[t]) if v]  # type: ignore[arg-type]
         for t in TIERS
     }
     return {

@@ -35,6 +35,7 @@ import numpy as np
 from tokenscaler.core.allocator import allocate, dominant_share
 from tokenscaler.core.demand import DemandState, derive_inputs
 from tokenscaler.core.model import DIMENSIONS
+from tokenscaler.core.percentile import percentile
 from tokenscaler.core.rows import PoolRows
 from tokenscaler.experiments.policies import Policy
 from tokenscaler.experiments.scenario import LoadedScenario
@@ -42,10 +43,6 @@ from tokenscaler.experiments.showback import ShowbackMeter
 
 TIERS = ("guaranteed", "elastic", "spot")
 CONVERGED = 0.05
-
-
-def _pct(values: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(values, q)) if values.size else None
 
 
 class Recorder:
@@ -247,7 +244,9 @@ class Recorder:
         ttft = np.frombuffer(self.c_ttft)
         tier_idx = np.array([TIERS.index(t) for t in self.tier], dtype=np.int64)[ti]
         inside = (arrival >= lo) & (arrival < hi)
-        return {tier: _pct(ttft[inside & (tier_idx == k)], 99) for k, tier in enumerate(TIERS) if tier in self.tier}
+        return {
+            tier: percentile(ttft[inside & (tier_idx == k)], 99) for k, tier in enumerate(TIERS) if tier in self.tier
+        }
 
     def result(self, end: float) -> dict:
         self._integrate(end)
@@ -268,10 +267,10 @@ class Recorder:
             offered = int(self.offered_n[members].sum())
             with_slo = sel & has_slo
             tiers[tier] = {
-                "ttft_p50_s": _pct(ttft[sel], 50),
-                "ttft_p99_s": _pct(ttft[sel], 99),
-                "tpot_p50_s": _pct(tpot[sel & (tokens > 1)], 50),
-                "tpot_p99_s": _pct(tpot[sel & (tokens > 1)], 99),
+                "ttft_p50_s": percentile(ttft[sel], 50),
+                "ttft_p99_s": percentile(ttft[sel], 99),
+                "tpot_p50_s": percentile(tpot[sel & (tokens > 1)], 50),
+                "tpot_p99_s": percentile(tpot[sel & (tokens > 1)], 99),
                 "goodput_tokens_per_s": float(tokens[sel & ok].sum() / self.duration),
                 "throttled_fraction": float(self.denied_n[members].sum() / offered) if offered else 0.0,
                 "cut_fraction": float(self.cut_n[members].sum() / offered) if offered else 0.0,
@@ -292,7 +291,7 @@ class Recorder:
             for w in range(len(self.t)):
                 v = vals[win == w]
                 if v.size:
-                    series.append([edges[w + 1], float(np.percentile(v, 99))])
+                    series.append([edges[w + 1], percentile(v, 99)])
             over_time[tier] = series
         util = np.asarray(self.util, dtype=float)
         valid = ~np.isnan(util).any(axis=1) if util.size else np.zeros(0, bool)

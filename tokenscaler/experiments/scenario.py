@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from tokenscaler.config import load_config
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.model import TokenPoolsConfig, parse_config
 from tokenscaler.core.validation import ConfigError, format_validation_error
 
@@ -55,17 +56,13 @@ def shipped_dir() -> Path:
 Length = int | Annotated[list[int], Field(min_length=2, max_length=2)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 def _check_length(name: str, v: Length) -> None:
     lo, hi = (v, v) if isinstance(v, int) else (v[0], v[1])
     if lo < 1 or hi < lo:
         raise ValueError(f"{name} ({v!r}) must be >= 1, or [low, high] with 1 <= low <= high")
 
 
-class Poisson(_Strict):
+class Poisson(Frozen):
     rate_rps: float = Field(gt=0, allow_inf_nan=False)
     prompt_tokens: Length
     output_tokens: Length
@@ -78,7 +75,7 @@ class Poisson(_Strict):
         return self
 
 
-class Slots(_Strict):
+class Slots(Frozen):
     count: int = Field(ge=1)
     prompt_tokens: Length
     output_tokens: Length
@@ -92,7 +89,7 @@ class Slots(_Strict):
         return self
 
 
-class Source(_Strict):
+class Source(Frozen):
     trace: str | None = None
     poisson: Poisson | None = None
     slots: Slots | None = None
@@ -115,7 +112,7 @@ class Source(_Strict):
         return "trace" if self.trace is not None else "poisson" if self.poisson is not None else "slots"
 
 
-class Event(_Strict):
+class Event(Frozen):
     at_s: float = Field(ge=0)
     pool: str | None = Field(None, description="Default: the scenario's only pool.")
     fail_replicas: int | None = Field(None, ge=1, description="This many ready replicas die and cannot return.")
@@ -128,20 +125,20 @@ class Event(_Strict):
         return self
 
 
-class Skewed(_Strict):
+class Skewed(Frozen):
     skewed: float = Field(gt=0, lt=1, description="Share of requests sent to the first ready replica.")
 
 
-class Replicas(_Strict):
+class Replicas(Frozen):
     initial: int | None = Field(None, ge=0, description="Autoscaled policies start here (default min_replicas).")
     fixed: int | None = Field(None, ge=1, description="Fixed-replica policies run this many (default max_replicas).")
 
 
-class KedaQueue(_Strict):
+class KedaQueue(Frozen):
     target_waiting: float = Field(5.0, gt=0, description="AverageValue target of vllm:num_requests_waiting.")
 
 
-class Scenario(_Strict):
+class Scenario(Frozen):
     name: str = ""
     description: str = ""
     duration_s: float = Field(gt=0)

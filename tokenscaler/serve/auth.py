@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
-from tokenscaler.core.metric_names import HTTP_AUTH_FAILURES
+from tokenscaler.core.metric_names import HTTP_AUTH_FAILURES, SPECS
 from tokenscaler.credfiles import TokenFile
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,8 @@ class HttpAuth:
         self.tokens = tokens
         self.client_certificates = client_certificates
         self.metrics_auth = metrics_auth
-        self.failures = Counter(
-            HTTP_AUTH_FAILURES.removesuffix("_total"),
-            "Requests to the HTTP API refused for want of authentication, by reason.",
-            ["reason"],
-            registry=registry,
-        )
+        spec = SPECS[HTTP_AUTH_FAILURES]
+        self.failures = Counter(spec.family_name, spec.help, spec.labels, registry=registry)
         for reason in REASONS:
             self.failures.labels(reason)
 

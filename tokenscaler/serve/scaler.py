@@ -55,9 +55,10 @@ from typing import TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from tokenscaler.control.store import PlanStore, PublishedPlan
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.plan import PoolPlan
 from tokenscaler.credfiles import Signature, signature
 from tokenscaler.serve._proto import externalscaler_pb2 as pb
@@ -94,10 +95,8 @@ class ScalerError(Exception):
         self.message = message
 
 
-class TriggerMetadata(BaseModel):
+class TriggerMetadata(Frozen):
     """The ``metadata`` of a ScaledObject trigger of ``type: external`` pointing at tokenscaler."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     pool: str = Field(min_length=1, description="The token pool this ScaledObject scales (required).")
     scaler_address: str | None = Field(None, alias="scalerAddress", description="KEDA's: host:port of this server.")

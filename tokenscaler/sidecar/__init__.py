@@ -13,7 +13,7 @@ stream and exports per-entitlement demand and usage for the controller. Modules:
 * :mod:`~tokenscaler.sidecar.sse`: counting a response as it passes (SSE streams, JSON bodies);
 * :mod:`~tokenscaler.sidecar.errors`: OpenAI error bodies and rate-limit headers;
 * :mod:`~tokenscaler.sidecar.budget`: spent budgets, and the 429 that says so;
-* :mod:`~tokenscaler.sidecar.engine`: what this replica's engine says it holds;
+* :mod:`~tokenscaler.sidecar.engine_limits`: what this replica's engine says it holds;
 * :mod:`~tokenscaler.sidecar.limits`: where limits come from (static, or the controller's limits API);
 * :mod:`~tokenscaler.sidecar.limits_auth`: the sidecar's credentials as a client of that API;
 * :mod:`~tokenscaler.sidecar.metrics`: every metric it exports.

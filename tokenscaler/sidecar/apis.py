@@ -15,29 +15,24 @@ route                          charged for                  errors
 pooling (embeddings, ...)      input tokens, no output      OpenAI
 ============================== ============================ =================================
 
-Streams are split into SSE events as :class:`~tokenscaler.sidecar.sse.StreamCounter` does
-for chat; :class:`TypedStreamCounter` reads typed events (``event: TYPE``) instead:
-Responses output deltas (``response.output_text.delta`` and the other ``*.delta`` of text)
-and Anthropic ``content_block_delta`` are counted by the shared rule as they pass (so
-generation is charged while the stream runs), and the final usage comes from
-``response.completed`` (Responses) or ``message_start`` + ``message_delta`` (Anthropic).
+Streams are counted as they pass by :mod:`tokenscaler.sidecar.sse`:
+:class:`~tokenscaler.sidecar.sse.StreamCounter` for completions and chat, a
+:class:`~tokenscaler.sidecar.sse.TypedStreamCounter` for the typed events of the Responses
+and Messages APIs. Errors are answered in each API's shape (:mod:`tokenscaler.sidecar.errors`).
 Pooling requests reserve one in-flight sequence and their prompt's KV while they run, and
 are settled to the prompt tokens the engine reports.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
-from typing import Any, ClassVar
-
-from aiohttp import web
+from typing import Any
 
 from tokenscaler.core import api_tokens
 from tokenscaler.core.model import Pool
-from tokenscaler.core.tokens import BYTES_PER_TOKEN, RequestShapeError, chat_prompt_tokens, requested_n
-from tokenscaler.sidecar.errors import error_response, sse_error_event
+from tokenscaler.core.tokens import RequestShapeError, bytes_tokens, chat_prompt_tokens, requested_n
+from tokenscaler.sidecar.errors import OPENAI_ERRORS, AnthropicErrors, OpenAIErrors, ResponsesErrors
 from tokenscaler.sidecar.estimates import (
     BadRequest,
     ParsedRequest,
@@ -48,207 +43,24 @@ from tokenscaler.sidecar.estimates import (
     tokenize_payload,
     upstream_body,
 )
-from tokenscaler.sidecar.sse import StreamCounter, complete_events, response_usage
-
-_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
-_SEP = b"\n\n"
-
-
-# ---- error shapes ------------------------------------------------------------------------
-
-
-def _error_event(data: dict[str, Any]) -> bytes:
-    """A typed SSE ``error`` event (the Responses and Messages APIs end a failed stream with one)."""
-    return b"event: error\ndata: " + _DUMPS(data).encode() + b"\n\n"
-
-
-class OpenAIErrors:
-    """``{"error": {"message", "type", "param", "code"}}``; a stream ends with an error chunk."""
-
-    def response(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> web.Response:
-        return error_response(status, message, type_, param, code, headers)
-
-    def stream_error(self, message: str, type_: str, code: str) -> bytes:
-        return sse_error_event(message, type_, code)
-
-
-class ResponsesErrors(OpenAIErrors):
-    """As OpenAI; a stream ends with the Responses API's typed ``error`` event."""
-
-    def stream_error(self, message: str, type_: str, code: str) -> bytes:
-        return _error_event({"type": "error", "code": code, "message": message, "param": None, "sequence_number": 0})
-
-
-ANTHROPIC_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-    413: "request_too_large", 429: "rate_limit_error", 500: "api_error", 502: "api_error", 503: "overloaded_error",
-}  # fmt: skip
-
-
-class AnthropicErrors(OpenAIErrors):
-    """``{"type": "error", "error": {"type", "message"}}`` with Anthropic's types by status."""
-
-    def response(
-        self,
-        status: int,
-        message: str,
-        type_: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> web.Response:
-        body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
-        return web.Response(status=status, body=_DUMPS(body).encode(), content_type="application/json", headers=headers)
-
-    def stream_error(self, message: str, type_: str, code: str) -> bytes:
-        kind = "overloaded_error" if code == "preempted" else "api_error"
-        return _error_event({"type": "error", "error": {"type": kind, "message": message}})
-
-
-OPENAI_ERRORS = OpenAIErrors()
-
-
-# ---- typed streams -----------------------------------------------------------------------
-
-
-def _tokens(nbytes: int) -> int:
-    return (nbytes + BYTES_PER_TOKEN - 1) // BYTES_PER_TOKEN
-
-
-class TypedStreamCounter:
-    """Feed it upstream bytes of a typed SSE stream; returns them to forward, keeps the counts.
-
-    Subclasses implement :meth:`_on` for one decoded event. ``usage`` is normalised to
-    ``{"prompt_tokens", "completion_tokens"}`` once both are known."""
-
-    __slots__ = ("_buf", "_bytes", "completion", "done", "error", "generated", "prompt")
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self._bytes: dict[Any, int] = {}
-        self.generated = 0
-        self.prompt: int | None = None
-        self.completion: int | None = None
-        self.error: dict[str, Any] | None = None
-        self.done = False
-
-    @property
-    def usage(self) -> dict[str, int] | None:
-        if self.prompt is None or self.completion is None:
-            return None
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion}
-
-    def _text(self, key: Any, text: Any) -> None:
-        if isinstance(text, str) and text:
-            old = self._bytes.get(key, 0)
-            new = old + len(text.encode("utf-8"))
-            self._bytes[key] = new
-            self.generated += _tokens(new) - _tokens(old)
-
-    def feed(self, data: bytes) -> bytes:
-        complete, self._buf = complete_events(self._buf, data)
-        if not complete:
-            return b""
-        for event in complete[:-2].split(_SEP):
-            for line in event.split(b"\n"):
-                if line.startswith(b"data:"):
-                    with contextlib.suppress(ValueError):
-                        obj = json.loads(line[5:])
-                        if isinstance(obj, dict):
-                            self._on(obj)
-        return complete
-
-    def _on(self, obj: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def tail(self) -> bytes:
-        buf, self._buf = self._buf, b""
-        return buf
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-
-class ResponsesStreamCounter(TypedStreamCounter):
-    __slots__ = ()
-    _ENDS: ClassVar[frozenset[str]] = frozenset(("response.completed", "response.incomplete", "response.failed"))
-
-    def _on(self, obj: dict[str, Any]) -> None:
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            return
-        if kind.endswith(".delta"):
-            key = (obj.get("output_index"), obj.get("content_index", obj.get("summary_index")), kind)
-            self._text(key, obj.get("delta"))
-        elif kind in self._ENDS:
-            self.done = True
-            response = obj.get("response")
-            if isinstance(response, dict):
-                usage = response.get("usage")
-                if isinstance(usage, dict):
-                    self.prompt, self.completion = _int(usage.get("input_tokens")), _int(usage.get("output_tokens"))
-                if kind == "response.failed" and isinstance(response.get("error"), dict):
-                    self.error = response["error"]
-        elif kind == "error":
-            self.error = obj
-
-
-class AnthropicStreamCounter(TypedStreamCounter):
-    __slots__ = ()
-
-    def _on(self, obj: dict[str, Any]) -> None:
-        kind = obj.get("type")
-        if kind == "content_block_delta":
-            delta = obj.get("delta")
-            if isinstance(delta, dict):
-                text = delta.get("text", delta.get("thinking", delta.get("partial_json")))
-                self._text(obj.get("index"), text)
-        elif kind == "message_start":
-            message = obj.get("message")
-            usage = message.get("usage") if isinstance(message, dict) else None
-            if isinstance(usage, dict):
-                self.prompt = _int(usage.get("input_tokens"))
-        elif kind == "message_delta":
-            usage = obj.get("usage")
-            if isinstance(usage, dict):
-                self.completion = _int(usage.get("output_tokens"))
-                if _int(usage.get("input_tokens")) is not None:
-                    self.prompt = usage["input_tokens"]
-        elif kind == "message_stop":
-            self.done = True
-        elif kind == "error":
-            self.error = obj.get("error") if isinstance(obj.get("error"), dict) else obj
-
+from tokenscaler.sidecar.sse import (
+    AnthropicStreamCounter,
+    ResponsesStreamCounter,
+    StreamCounter,
+    TypedStreamCounter,
+    nonnegative_int,
+    response_usage,
+    trailing_usage,
+)
 
 # ---- the APIs ----------------------------------------------------------------------------
 
 
-_DECODER = json.JSONDecoder()
-
-
 def _usage_pair(data: bytes, prompt_key: str, output_key: str) -> tuple[int, int] | None:
-    """The usage near the end of a body, decoding just that object (as for chat)."""
-    at = data.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = data.find(b"{", at)
-    if start < 0 or data[at + 7 : start].strip() != b":":
-        return None
-    try:
-        usage = _DECODER.raw_decode(data[start:].decode("utf-8"))[0]
-    except (ValueError, UnicodeDecodeError):
-        return None
+    """The usage near the end of a body (:func:`~tokenscaler.sidecar.sse.trailing_usage`)."""
+    usage = trailing_usage(data)
     if isinstance(usage, dict):
-        p, c = _int(usage.get(prompt_key)), _int(usage.get(output_key))
+        p, c = nonnegative_int(usage.get(prompt_key)), nonnegative_int(usage.get(output_key))
         if p is not None and c is not None:
             return p, c
     return None
@@ -372,7 +184,7 @@ class _TypedEventApi(Api):
         obj = _loads(data)
         if obj is None:
             return None, None
-        return None, sum(_tokens(len(t.encode("utf-8"))) for t in self._texts(obj) if isinstance(t, str))
+        return None, sum(bytes_tokens(len(t.encode("utf-8"))) for t in self._texts(obj) if isinstance(t, str))
 
     def tokenize_payload(self, req: ParsedRequest) -> list[dict[str, Any]] | None:
         return None
@@ -462,11 +274,11 @@ class PoolingApi(Api):
         usage = obj.get("usage")
         if isinstance(usage, dict):
             for key in ("prompt_tokens", "input_tokens", "total_tokens"):
-                if (p := _int(usage.get(key))) is not None:
+                if (p := nonnegative_int(usage.get(key))) is not None:
                     return p, 0
         meta = obj.get("meta")
         billed = meta.get("billed_units") if isinstance(meta, dict) else None
-        if isinstance(billed, dict) and (p := _int(billed.get("input_tokens"))) is not None:
+        if isinstance(billed, dict) and (p := nonnegative_int(billed.get("input_tokens"))) is not None:
             return p, 0
         return None, 0
 

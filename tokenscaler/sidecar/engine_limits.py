@@ -5,7 +5,7 @@ knows the truth. :class:`EngineCapacity` reads it at start and whenever the engi
 restarts, off the request path:
 
 * KV tokens from ``vllm:cache_config_info`` on the engine's ``/metrics`` (``num_gpu_blocks x
-  block_size``, labels read by name);
+  block_size``, labels read by name: :func:`tokenscaler.core.vllm.kv_capacity_tokens`);
 * the context window from ``/v1/models`` (``max_model_len`` of the served model);
 * a restart is seen as a changed ``process_start_time_seconds`` (vLLM exports it), a changed
   cache config, or a failed poll followed by a good one (a health flap): each re-reads both.
@@ -23,14 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
 
-from tokenscaler.core.metric_names import VLLM_CACHE_CONFIG_INFO
+from tokenscaler.core.vllm import CACHE_CONFIG_INFO, kv_capacity_tokens
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +56,11 @@ def parse_metrics(text: str) -> tuple[float | None, float | None, tuple[tuple[st
     started: float | None = None
     config: tuple[tuple[str, str], ...] = ()
     for line in text.splitlines():
-        if line.startswith(VLLM_CACHE_CONFIG_INFO + "{"):
-            labels = dict(_LABEL_RE.findall(line[len(VLLM_CACHE_CONFIG_INFO) : line.rfind("}") + 1]))
+        if line.startswith(CACHE_CONFIG_INFO + "{"):
+            labels = dict(_LABEL_RE.findall(line[len(CACHE_CONFIG_INFO) : line.rfind("}") + 1]))
             config = tuple(sorted(labels.items()))
-            try:
-                value = float(labels["num_gpu_blocks"]) * float(labels["block_size"])
-            except (KeyError, ValueError):
-                continue
-            if math.isfinite(value) and value > 0:
+            value = kv_capacity_tokens(labels)
+            if value is not None:
                 kv = value if kv is None else min(kv, value)  # several engines (DP): the smallest
         elif line.startswith(PROCESS_START):
             with contextlib.suppress(ValueError, IndexError):

@@ -1,8 +1,10 @@
-"""What the sidecar says to clients about limits and failures, in OpenAI's shapes.
+"""What the sidecar says to clients about limits and failures, in each API's shapes.
 
 * Error bodies: ``{"error": {"message", "type", "param", "code"}}`` with OpenAI's string
   codes (``invalid_api_key``, ``rate_limit_exceeded``, ...), never vLLM's integer ones, so
-  the official clients raise the right exception class.
+  the official clients raise the right exception class. Each metered API answers through
+  its shape (:class:`OpenAIErrors`, :class:`ResponsesErrors`, :class:`AnthropicErrors`):
+  how a refusal body looks and how a stream already answered 200 ends on an error.
 * Rate-limit headers on every response of an identified entitlement
   (INTERFACES.md section 3.5): ``x-ratelimit-{limit,remaining,reset}-tokens`` describe the
   entitlement's throughput bucket on this replica (depth, level, time to full, in weighted
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 from aiohttp import web
 
 from tokenscaler.core.limiter import RateLimitStatus
 from tokenscaler.core.model import DIMENSIONS
+from tokenscaler.core.vllm import ANTHROPIC_ERROR_TYPES
 
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -53,6 +57,59 @@ def error_response(
 def sse_error_event(message: str, type_: str, code: str) -> bytes:
     """A final error event for a stream already answered 200, followed by ``[DONE]``."""
     return b"data: " + error_body(message, type_, None, code) + b"\n\ndata: [DONE]\n\n"
+
+
+def _error_event(data: dict[str, Any]) -> bytes:
+    """A typed SSE ``error`` event (the Responses and Messages APIs end a failed stream with one)."""
+    return b"event: error\ndata: " + _DUMPS(data).encode() + b"\n\n"
+
+
+class OpenAIErrors:
+    """``{"error": {"message", "type", "param", "code"}}``; a stream ends with an error chunk."""
+
+    def response(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        return error_response(status, message, type_, param, code, headers)
+
+    def stream_error(self, message: str, type_: str, code: str) -> bytes:
+        return sse_error_event(message, type_, code)
+
+
+class ResponsesErrors(OpenAIErrors):
+    """As OpenAI; a stream ends with the Responses API's typed ``error`` event."""
+
+    def stream_error(self, message: str, type_: str, code: str) -> bytes:
+        return _error_event({"type": "error", "code": code, "message": message, "param": None, "sequence_number": 0})
+
+
+class AnthropicErrors(OpenAIErrors):
+    """``{"type": "error", "error": {"type", "message"}}`` with Anthropic's types by status."""
+
+    def response(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        body = {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}
+        return web.Response(status=status, body=_DUMPS(body).encode(), content_type="application/json", headers=headers)
+
+    def stream_error(self, message: str, type_: str, code: str) -> bytes:
+        kind = "overloaded_error" if code == "preempted" else "api_error"
+        return _error_event({"type": "error", "error": {"type": kind, "message": message}})
+
+
+OPENAI_ERRORS = OpenAIErrors()
 
 
 def go_duration(seconds: float) -> str:

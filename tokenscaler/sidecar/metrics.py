@@ -1,4 +1,4 @@
-"""Every metric the sidecar exports: the collector (names: :mod:`tokenscaler.core.metric_names`).
+"""Every metric the sidecar exports: the collector (specs: :mod:`tokenscaler.core.metric_names`).
 
 All names start with ``tokenscaler_sidecar_`` and carry the labels ``pool`` and ``replica``
 (this sidecar's replica id). The controller reads demand and usage from them:
@@ -47,6 +47,7 @@ from tokenscaler.core.metric_names import (
     REJECTIONS_TOTAL,
     REQUESTS_TOTAL,
     RESERVED_KV_TOKENS,
+    SPECS,
     TIER_INVERSIONS_TOTAL,
     TTFT_SLO_REQUESTS_TOTAL,
 )
@@ -86,8 +87,19 @@ class EntitlementStats:
     ttft_slo: list[int] = field(default_factory=lambda: [0, 0])  # streamed requests [missed, met] the TTFT SLO
 
 
-def _counter(name: str) -> str:
-    return name.removesuffix("_total")
+def _counter(name: str) -> CounterMetricFamily:
+    spec = SPECS[name]
+    return CounterMetricFamily(spec.family_name, spec.help, labels=spec.labels)
+
+
+def _gauge(name: str) -> GaugeMetricFamily:
+    spec = SPECS[name]
+    return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+
+
+def _histogram(name: str, registry: CollectorRegistry, buckets: tuple[float, ...]) -> Histogram:
+    spec = SPECS[name]
+    return Histogram(spec.name, spec.help, spec.labels, registry=registry, buckets=buckets)
 
 
 class SidecarMetrics(Collector):
@@ -107,17 +119,9 @@ class SidecarMetrics(Collector):
         self.engine_max_model_len: int | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
-        base = ("pool", "replica")
-        latency = Histogram(
-            ADDED_LATENCY_SECONDS, "Latency added by the sidecar: before forwarding plus per-response overhead.",
-            [*base, "route"], registry=self.registry, buckets=LATENCY_BUCKETS,
-        )  # fmt: skip
-        self._latency = latency
+        self._latency = _histogram(ADDED_LATENCY_SECONDS, self.registry, LATENCY_BUCKETS)
         self._latency_children: dict[str, Histogram] = {}
-        self.queue_wait = Histogram(
-            QUEUE_WAIT_SECONDS, "Time queued guaranteed requests waited for admission.",
-            base, registry=self.registry, buckets=QUEUE_BUCKETS,
-        ).labels(pool, replica)  # fmt: skip
+        self.queue_wait = _histogram(QUEUE_WAIT_SECONDS, self.registry, QUEUE_BUCKETS).labels(pool, replica)
 
     def latency(self, route: str) -> Histogram:
         child = self._latency_children.get(route)
@@ -130,35 +134,26 @@ class SidecarMetrics(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         p, r = self.pool, self.replica
-        ent = ["pool", "replica", "entitlement", "tier"]
-        requests = CounterMetricFamily(_counter(REQUESTS_TOTAL), "Requests by outcome.", labels=[*ent, "outcome"])
+        requests = _counter(REQUESTS_TOTAL)
         requests.add_metric([p, r, "", "", "unauthenticated"], self.unauthenticated)
-        rejections = CounterMetricFamily(
-            _counter(REJECTIONS_TOTAL), "Rejections by binding dimension.", labels=[*ent, "dimension"]
-        )
-        ttft_slo = CounterMetricFamily(
-            _counter(TTFT_SLO_REQUESTS_TOTAL),
-            "Streamed requests of entitlements with a TTFT SLO, by whether their first token met it.",
-            labels=[*ent, "outcome"],
-        )
-        simple = {
-            PROMPT_TOKENS_TOTAL: ("Prompt tokens of admitted requests.", "prompt_tokens"),
-            GENERATION_TOKENS_TOTAL: ("Generated tokens, counted as they stream.", "generation_tokens"),
-            ADMITTED_WEIGHTED_TOKENS_TOTAL: ("Weighted tokens served (usage).", "admitted_weighted"),
-            OFFERED_WEIGHTED_TOKENS_TOTAL: ("Weighted tokens offered, rejected included (demand).", "offered_weighted"),
-            OFFERED_REQUESTS_TOTAL: ("Requests offered for admission.", "offered_requests"),
-            PREEMPTED_STREAMS_TOTAL: ("Requests on idle capacity cut to give it back.", "preempted"),
+        rejections = _counter(REJECTIONS_TOTAL)
+        ttft_slo = _counter(TTFT_SLO_REQUESTS_TOTAL)
+        simple = {  # counter -> its EntitlementStats attribute
+            PROMPT_TOKENS_TOTAL: "prompt_tokens",
+            GENERATION_TOKENS_TOTAL: "generation_tokens",
+            ADMITTED_WEIGHTED_TOKENS_TOTAL: "admitted_weighted",
+            OFFERED_WEIGHTED_TOKENS_TOTAL: "offered_weighted",
+            OFFERED_REQUESTS_TOTAL: "offered_requests",
+            PREEMPTED_STREAMS_TOTAL: "preempted",
         }
-        counters = {n: CounterMetricFamily(_counter(n), h, labels=ent) for n, (h, _) in simple.items()}
-        inflight = GaugeMetricFamily(INFLIGHT_REQUESTS, "Sequences in flight.", labels=ent)
-        kv = GaugeMetricFamily(RESERVED_KV_TOKENS, "KV tokens reserved by in-flight requests.", labels=ent)
-        queued = GaugeMetricFamily(QUEUED_REQUESTS, "Requests waiting in the guaranteed queue.", labels=ent)
-        backfill = GaugeMetricFamily(BACKFILL_ALLOWED, "1 if idle capacity may be used.", labels=ent)
-        limit = GaugeMetricFamily(LIMIT, "Sustained limit on this replica.", labels=[*ent, "dimension"])
-        burst = GaugeMetricFamily(BURST, "Burst on this replica.", labels=[*ent, "dimension"])
-        ceiling = GaugeMetricFamily(
-            CEILING, "Never exceeded on this replica, backfill included.", labels=[*ent, "dimension"]
-        )
+        counters = {n: _counter(n) for n in simple}
+        inflight = _gauge(INFLIGHT_REQUESTS)
+        kv = _gauge(RESERVED_KV_TOKENS)
+        queued = _gauge(QUEUED_REQUESTS)
+        backfill = _gauge(BACKFILL_ALLOWED)
+        limit = _gauge(LIMIT)
+        burst = _gauge(BURST)
+        ceiling = _gauge(CEILING)
         for s in list(self.stats.values()):
             labels = [p, r, s.name, s.tier]
             requests.add_metric([*labels, "admitted"], s.admitted)
@@ -169,7 +164,7 @@ class SidecarMetrics(Collector):
             ttft_slo.add_metric([*labels, "missed"], s.ttft_slo[0])
             for dim, count in s.rejected.items():
                 rejections.add_metric([*labels, dim], count)
-            for n, (_, attr) in simple.items():
+            for n, attr in simple.items():
                 counters[n].add_metric(labels, getattr(s, attr))
             queued.add_metric(labels, s.queued)
             gate = self.limiter.gates.get(s.name)
@@ -194,43 +189,28 @@ class SidecarMetrics(Collector):
         yield limit
         yield burst
         yield ceiling
-        inversions = CounterMetricFamily(
-            _counter(TIER_INVERSIONS_TOTAL),
-            "Idle-capacity admissions of a lower tier within an interval after a higher tier was refused here "
-            "for the replica's capacity.",
-            labels=["pool", "replica", "higher", "lower"],
-        )
+        inversions = _counter(TIER_INVERSIONS_TOTAL)
         counts = self.limiter.inversions
         for i, higher in enumerate(TIER_ORDER):
             for lower in TIER_ORDER[i + 1 :]:
                 inversions.add_metric([p, r, higher.value, lower.value], counts.get((higher, lower), 0))
         yield inversions
-        age = GaugeMetricFamily(
-            LIMITS_AGE_SECONDS, "Seconds since the limits were confirmed.", labels=["pool", "replica"]
-        )
+        age = _gauge(LIMITS_AGE_SECONDS)
         age.add_metric([p, r], self.limits_age())
         yield age
-        state = GaugeMetricFamily(LIMITS_STATE, "Current limits state.", labels=["pool", "replica", "state"])
+        state = _gauge(LIMITS_STATE)
         for st in LIMITS_STATES:
             state.add_metric([p, r, st], 1.0 if st == self.limits_state else 0.0)
         yield state
-        errors = CounterMetricFamily(
-            _counter(LIMITS_FETCH_ERRORS_TOTAL), "Failed polls of the limits source, by reason.",
-            labels=["pool", "replica", "reason"],
-        )  # fmt: skip
+        errors = _counter(LIMITS_FETCH_ERRORS_TOTAL)
         for reason, count in self.limits_fetch_errors().items():
             errors.add_metric([p, r, reason], count)
         yield errors
-        capacity = GaugeMetricFamily(
-            ENGINE_CAPACITY, "What this replica's engine states it holds (kv_tokens: its cache config).",
-            labels=["pool", "replica", "dimension"],
-        )  # fmt: skip
+        capacity = _gauge(ENGINE_CAPACITY)
         for dim, value in self.engine_capacity.items():
             capacity.add_metric([p, r, dim], value)
         yield capacity
-        window = GaugeMetricFamily(
-            ENGINE_MAX_MODEL_LEN, "The engine's context window (/v1/models max_model_len).", labels=["pool", "replica"]
-        )
+        window = _gauge(ENGINE_MAX_MODEL_LEN)
         if self.engine_max_model_len is not None:
             window.add_metric([p, r], float(self.engine_max_model_len))
         yield window

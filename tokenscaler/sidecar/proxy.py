@@ -33,7 +33,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from tokenscaler.core.capacity import CAPACITY_TOLERANCE
+from tokenscaler.core.capacity import is_mismatch
 from tokenscaler.core.limiter import Shortfall
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
 from tokenscaler.sidecar.apis import METERED, PASSTHROUGH, Api
@@ -189,7 +189,7 @@ class Sidecar:
             ("replica.kv_tokens", limits.kv_tokens, configured.kv_tokens),
             ("max_model_len", limits.max_model_len, self.pool.max_model_len),
         ):
-            if stated is not None and abs(stated / conf - 1.0) > CAPACITY_TOLERANCE:
+            if stated is not None and is_mismatch(stated, conf):
                 log.warning(
                     "capacity mismatch: pool %s, replica %s: the engine states %s %g, the config says %g; "
                     "the smaller governs admission",

@@ -4,7 +4,9 @@
 (:mod:`tokenscaler.sim.engine`) reproduces vLLM V1's continuous batching over a paged KV
 cache, with a step time calibrated per profile (:mod:`tokenscaler.sim.profile`); it takes
 ``now`` as an argument, so the same model runs in real time behind the server
-(:mod:`tokenscaler.sim.server`) and in virtual time inside experiments.
+(:mod:`tokenscaler.sim.server`, its other APIs in :mod:`tokenscaler.sim.endpoints`, both
+running requests through one lifecycle in :mod:`tokenscaler.sim.session`) and in virtual
+time inside experiments.
 
 Token counting: there is no tokenizer. Prompt tokens are counted, and output budgets
 resolved, by the shared rule in :mod:`tokenscaler.core.tokens` (text is

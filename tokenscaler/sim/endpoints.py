@@ -17,11 +17,10 @@ not encoder passes), with deterministic vectors and scores and the prompt tokens
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -30,9 +29,7 @@ from tokenscaler.core.tokens import RequestShapeError
 from tokenscaler.sim import api, shapes
 from tokenscaler.sim.api import ApiError
 from tokenscaler.sim.prompt import count_chat, filler_text
-
-if TYPE_CHECKING:
-    from tokenscaler.sim.server import SimServer
+from tokenscaler.sim.session import EngineSession
 
 STORE_SIZE = 256
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -54,12 +51,14 @@ def _shape_error(e: RequestShapeError) -> ApiError:
 
 
 class Endpoints:
-    """The extra routes of one :class:`SimServer`."""
+    """The extra routes of one simulator's ``app``, served by its engine ``session``."""
 
-    def __init__(self, server: SimServer) -> None:
-        self.server = server
+    def __init__(self, app: web.Application, session: EngineSession, model_name: str) -> None:
+        self.session = session
+        self.model_name = model_name
+        self.max_model_len = session.profile.max_model_len
         self.store: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        r = server.app.router
+        r = app.router
         r.add_post("/v1/responses", self._responses)
         r.add_get("/v1/responses/{id}", self._retrieve)
         r.add_post("/v1/responses/{id}/cancel", self._cancel)
@@ -73,8 +72,8 @@ class Endpoints:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         body = api.parse_body(await request.read())
-        self.server._check_ready()
-        api.check_model(body, self.server.model_name)
+        self.session.check_ready()
+        api.check_model(body, self.model_name)
         return body
 
     def _prompt(self, messages: list[dict[str, Any]], max_tokens: dict[str, Any]) -> api.Prompt:
@@ -82,28 +81,20 @@ class Endpoints:
             count, stream = count_chat(messages)
         except RequestShapeError as e:
             raise _shape_error(e) from e
-        budget = api.output_budget(max_tokens, count, chat=True, max_model_len=self.server.profile.max_model_len)
+        budget = api.output_budget(max_tokens, count, chat=True, max_model_len=self.max_model_len)
         return api.Prompt(count, stream, budget)
 
     async def _generate_one(
         self, request: web.Request, prompt: api.Prompt, body: dict[str, Any], writer: _Writer, start: bytes | None
     ) -> tuple[web.StreamResponse, dict[str, Any]]:
         """Run one prompt on the engine; a stream if ``start`` is given, else the final body."""
-        from tokenscaler.sim.server import _Group
-
-        server = self.server
         ignore_eos = api.optional(body, "ignore_eos", bool, False)
         stream = start is not None
         parsed = api.Generate(True, [prompt], 1, stream, False, False, 0, 0, ignore_eos)
-        group = _Group(streaming=stream, prompt_tokens=prompt.tokens)
-        server._submit(group, parsed)
-        c = group.choices[0]
-        try:
+        async with self.session.request(parsed) as group:
+            c = group.choices[0]
             if not stream:
-                while not group.all_finished:
-                    await group.event.wait()
-                    group.event.clear()
-                server._check_ready()
+                await group.finished()
                 out = c.req.output_tokens
                 final = writer.final(filler_text(0, out), prompt.tokens, out, c.req.finish_reason)
                 return _json(final), final
@@ -126,12 +117,6 @@ class Endpoints:
                     await resp.write(chunk)
             await resp.write_eof()
             return resp, writer.final(text, prompt.tokens, n, reason)
-        except (asyncio.CancelledError, ConnectionError):
-            server._abort(group)
-            raise
-        finally:
-            if not group.all_finished:
-                server._abort(group)
 
     # ---- Responses API -----------------------------------------------------------------
 
@@ -146,7 +131,7 @@ class Endpoints:
             raise _shape_error(e) from e
         limit = api.optional(body, "max_output_tokens", int, None)
         prompt = self._prompt(messages, {} if limit is None else {"max_tokens": limit})
-        writer = shapes.ResponsesWriter(self.server.model_name, body)
+        writer = shapes.ResponsesWriter(self.model_name, body)
         resp, final = await self._generate_one(request, prompt, body, writer, writer.start() if stream else None)
         if final is not None and body.get("store", True) is not False:
             self.store[writer.id] = final
@@ -187,7 +172,7 @@ class Endpoints:
         except RequestShapeError as e:
             raise _shape_error(e) from e
         prompt = self._prompt(messages, {"max_tokens": limit})
-        writer = shapes.MessagesWriter(self.server.model_name)
+        writer = shapes.MessagesWriter(self.model_name)
         start = writer.start(prompt.tokens) if stream else None
         resp, _ = await self._generate_one(request, prompt, body, writer, start)
         return resp
@@ -202,9 +187,6 @@ class Endpoints:
     # ---- batch chat --------------------------------------------------------------------
 
     async def _batch(self, request: web.Request) -> web.Response:
-        from tokenscaler.sim.server import _Group
-
-        server = self.server
         body = await self._body(request)
         if api.optional(body, "stream", bool, False):
             raise ApiError(400, "Streaming is not supported for batch chat completions.", "stream")
@@ -214,7 +196,7 @@ class Endpoints:
         except RequestShapeError as e:
             raise _shape_error(e) from e
         prompts = []
-        max_len = server.profile.max_model_len
+        max_len = self.max_model_len
         for i, conv in enumerate(convs):
             try:
                 count, stream = count_chat(conv)
@@ -223,44 +205,33 @@ class Endpoints:
             prompts.append(api.Prompt(count, stream, api.output_budget(body, count, chat=True, max_model_len=max_len)))
         ignore_eos = api.optional(body, "ignore_eos", bool, False)
         parsed = api.Generate(True, prompts, n, False, False, False, 0, 0, ignore_eos)
-        group = _Group(streaming=False, prompt_tokens=parsed.prompt_tokens)
-        server._submit(group, parsed)
-        try:
-            while not group.all_finished:
-                await group.event.wait()
-                group.event.clear()
-            server._check_ready()
+        async with self.session.request(parsed) as group:
+            await group.finished()
             choices = [
                 (c.index, filler_text(0, c.req.output_tokens), c.req.finish_reason)
                 for c in sorted(group.choices, key=lambda c: c.index)
             ]
             rid = "chatcmpl-" + uuid.uuid4().hex
-            out = api.completion_response(rid, server.model_name, True, choices, group.usage())
+            out = api.completion_response(rid, self.model_name, True, choices, group.usage())
             out["object"] = "batch.chat.completion"
             return _json(out)
-        except (asyncio.CancelledError, ConnectionError):
-            server._abort(group)
-            raise
-        finally:
-            if not group.all_finished:
-                server._abort(group)
 
     # ---- pooling -----------------------------------------------------------------------
 
     async def _pooling(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         route = request.path
-        model = self.server.model_name
+        model = self.model_name
         try:
             counts = api_tokens.pooling_prompt_tokens(route, body)
         except RequestShapeError as e:
             raise _shape_error(e) from e
         total = sum(counts)
         longest = max(counts)
-        if longest > self.server.profile.max_model_len:
+        if longest > self.max_model_len:
             raise ApiError(
                 400, f"Input length ({longest}) exceeds model's maximum context length "
-                f"({self.server.profile.max_model_len}).", "input",
+                f"({self.max_model_len}).", "input",
             )  # fmt: skip
         if route in api_tokens.RERANK:
             query, docs = api_tokens.rerank_pairs(body)

@@ -29,14 +29,12 @@ The running set lives in numpy arrays indexed by a stable slot, so a decode step
 few vector operations whatever the batch size; Python touches a request only when it is
 admitted, produces its first token, is preempted or ends.
 
-``scheduling_policy: vtc`` is the Virtual Token Counter of Sheng et al., "Fairness in
-Serving Large Language Models" (OSDI 2024): every tenant (``add_request(tenant=...)``) has
-a counter of the service it received, ``VTC_PROMPT_WEIGHT`` per prompt token at admission
-and ``VTC_OUTPUT_WEIGHT`` per generated token as it is generated; the waiting queue is one
-FCFS queue per tenant and admission always takes the head of the tenant with the smallest
-counter (ties by tenant name). A tenant whose queue was empty is lifted on arrival to the
-smallest counter of the tenants waiting (or, when none waits, of the tenant served last), so
-idle time banks no credit. Preemption picks the newest running request, as FCFS does.
+The waiting queue is one class per ``scheduling_policy`` (:mod:`tokenscaler.sim.request_queue`:
+FCFS, priority, and the Virtual Token Counter of Sheng et al., OSDI 2024, over the tenants
+named by ``add_request(tenant=...)``); with VTC, preemption picks the newest running request,
+as FCFS does. Pure decode runs, virtual time's fast path (many steps at once, with the
+numbers single steps give), are :mod:`tokenscaler.sim.decode_run`; the step time is the
+profile's (:meth:`~tokenscaler.sim.profile.StepTimeModel.step_s`).
 
 Invariants of every step (asserted by the tests): tokens scheduled <= ``max_num_batched_tokens``;
 running <= ``max_num_seqs``; every running request holds ``ceil(computed / block_size)`` or
@@ -46,28 +44,24 @@ exactly its target.
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import random
-from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tokenscaler.sim.decode_run import NO_SEQ, DecodeRuns
 from tokenscaler.sim.kv_cache import BlockPool
 from tokenscaler.sim.profile import EngineProfile
 from tokenscaler.sim.request import QueueFullError, Request, RequestStatus, StepResult
+from tokenscaler.sim.request_queue import request_queue
 from tokenscaler.sim.stats import EngineStats
 
 __all__ = ["Engine", "QueueFullError", "Request", "RequestStatus", "StepResult"]
 
-_NO_SEQ = np.iinfo(np.int64).max
-VTC_PROMPT_WEIGHT = 1.0  # VTC's w_p (Sheng et al. 2024, section 4: input tokens cost 1)
-VTC_OUTPUT_WEIGHT = 2.0  # VTC's w_q (output tokens cost 2, as in the paper's evaluation)
 
-
-class Engine:
+class Engine(DecodeRuns):
     """A simulated vLLM engine for one profile. See the module docstring for the model."""
 
     def __init__(self, profile: EngineProfile, *, seed: int = 0, max_num_queued_reqs: int | None = None) -> None:
@@ -81,11 +75,7 @@ class Engine:
         self._max_seqs = profile.max_num_seqs
         self._priority = profile.scheduling_policy == "priority"
         self._vtc = profile.scheduling_policy == "vtc"
-        self._vtc_queues: dict[str, deque[Request]] = {}
-        self._vtc_counter: dict[str, float] = {}
-        self._vtc_tenants: list[str] = []  # index -> tenant name (slot arrays hold the index)
-        self._vtc_index: dict[str, int] = {}
-        self._vtc_last = 0.0  # counter of the tenant served last
+        self._waiting = request_queue(profile.scheduling_policy)
         self._caching = profile.enable_prefix_caching
         self._step_s = profile.step_time.step_s
         out = profile.output_length
@@ -106,19 +96,15 @@ class Engine:
         self._prompt = np.zeros(cap, dtype=np.int64)
         self._target = np.zeros(cap, dtype=np.int64)
         self._blocks = np.zeros(cap, dtype=np.int64)
-        self._seq = np.full(cap, _NO_SEQ, dtype=np.int64)
+        self._seq = np.full(cap, NO_SEQ, dtype=np.int64)
         self._last_tok = np.zeros(cap, dtype=np.float64)
-        self._tenant = np.zeros(cap, dtype=np.int64)
-        self._vtc_gen = np.zeros(0, dtype=np.float64)  # generated tokens per tenant index (VTC)
+        self._tenant = np.zeros(cap, dtype=np.int64)  # VTC: the queue's index of the request's tenant
         self._slots: list[Request | None] = [None] * cap
         self._free_slots = list(range(cap))
         self._hi = 0  # slots >= _hi are free
         self._next_seq = 0
         self._num_running = 0
 
-        self._fcfs: deque[Request] = deque()
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._num_waiting = 0
         self._requests: dict[str, Request] = {}
         self._busy_until = 0.0
         # the last pure decode run's step ends, valid while (busy_until, num_steps) match and
@@ -138,7 +124,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._num_waiting
+        return len(self._waiting)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -197,7 +183,7 @@ class Engine:
                 f"prompt_tokens ({prompt_tokens}) and max_tokens ({max_tokens}) must be >= 1 with a sum "
                 f"<= max_model_len ({self.profile.max_model_len})"
             )
-        if self.max_num_queued_reqs is not None and self._num_waiting >= self.max_num_queued_reqs:
+        if self.max_num_queued_reqs is not None and len(self._waiting) >= self.max_num_queued_reqs:
             self.stats.admission_rejections["max_num_queued_reqs"] += 1
             raise QueueFullError(
                 f"the waiting queue is full (max_num_queued_reqs={self.max_num_queued_reqs})"
@@ -213,13 +199,11 @@ class Engine:
         )
         req.tenant = tenant
         self._run_cache = None
-        if self._vtc:
-            self._vtc_arrive(tenant)
         if not self._requests:  # idle: the next step starts when this request arrives
             self._busy_until = max(self._busy_until, now)
         self._requests[request_id] = req
         self.stats.request_params_max_tokens.observe(max_tokens)
-        self._push_waiting(req, front=False)
+        self._waiting.add(req)
         return req
 
     def _output_target(self, max_tokens: int, min_tokens: int, ignore_eos: bool) -> tuple[int, str]:
@@ -241,83 +225,9 @@ class Engine:
         self._shrink_hi()
         return req
 
-    # ---- waiting queue -----------------------------------------------------------------
-
-    def _vtc_arrive(self, tenant: str) -> None:
-        """VTC's counter lift for a tenant whose queue is empty."""
-        self._vtc_sync()
-        if tenant not in self._vtc_index:
-            self._vtc_index[tenant] = len(self._vtc_tenants)
-            self._vtc_tenants.append(tenant)
-            self._vtc_gen = np.append(self._vtc_gen, 0.0)
-            self._vtc_counter[tenant] = 0.0
-        if self._vtc_waiting(tenant):
-            return
-        waiting = [self._vtc_counter[t] for t, q in self._vtc_queues.items() if t != tenant and self._vtc_waiting(t)]
-        floor = min(waiting) if waiting else self._vtc_last
-        self._vtc_counter[tenant] = max(self._vtc_counter[tenant], floor)
-
-    def _vtc_waiting(self, tenant: str) -> bool:
-        q = self._vtc_queues.get(tenant)
-        while q and q[0].status is not RequestStatus.WAITING:
-            q.popleft()
-        return bool(q)
-
     def vtc_counters(self) -> dict[str, float]:
         """Each tenant's virtual token counter (VTC policy; generated tokens included)."""
-        self._vtc_sync()
-        return dict(self._vtc_counter)
-
-    def _vtc_sync(self) -> None:
-        if self._vtc_gen.size and self._vtc_gen.any():
-            for i in np.flatnonzero(self._vtc_gen).tolist():
-                self._vtc_counter[self._vtc_tenants[i]] += VTC_OUTPUT_WEIGHT * float(self._vtc_gen[i])
-            self._vtc_gen[:] = 0.0
-
-    def _push_waiting(self, req: Request, *, front: bool) -> None:
-        req.status = RequestStatus.WAITING
-        if self._vtc:
-            q = self._vtc_queues.setdefault(req.tenant, deque())
-            if front:
-                q.appendleft(req)
-            else:
-                q.append(req)
-        elif self._priority:
-            heapq.heappush(self._heap, (req.priority, req.arrival_s, self._next_seq, req))
-            self._next_seq += 1
-        elif front:
-            self._fcfs.appendleft(req)
-        else:
-            self._fcfs.append(req)
-        self._num_waiting += 1
-
-    def _peek_waiting(self) -> Request:
-        # Aborted requests stay in the queue until they reach its head (lazy removal).
-        if self._vtc:
-            self._vtc_sync()
-            best = min((t for t in self._vtc_queues if self._vtc_waiting(t)), key=lambda t: (self._vtc_counter[t], t))
-            return self._vtc_queues[best][0]
-        if self._priority:
-            while self._heap[0][3].status is not RequestStatus.WAITING:
-                heapq.heappop(self._heap)
-            return self._heap[0][3]
-        while self._fcfs[0].status is not RequestStatus.WAITING:
-            self._fcfs.popleft()
-        return self._fcfs[0]
-
-    def _pop_waiting(self) -> None:
-        if self._vtc:
-            req = self._peek_waiting()
-            self._vtc_queues[req.tenant].popleft()
-            self._vtc_counter[req.tenant] += VTC_PROMPT_WEIGHT * req.prompt_tokens
-            self._vtc_last = self._vtc_counter[req.tenant]
-            self._num_waiting -= 1
-            return
-        if self._priority:
-            heapq.heappop(self._heap)
-        else:
-            self._fcfs.popleft()
-        self._num_waiting -= 1
+        return self._waiting.counters()
 
     # ---- slots -------------------------------------------------------------------------
 
@@ -342,7 +252,7 @@ class Engine:
         req.num_registered = 0
         for arr in (self._computed, self._total, self._prompt, self._target, self._blocks):
             arr[s] = 0
-        self._seq[s] = _NO_SEQ
+        self._seq[s] = NO_SEQ
         self._slots[s] = None
         heapq.heappush(self._free_slots, s)
         self._num_running -= 1
@@ -358,14 +268,14 @@ class Engine:
         self._leave_running(req)
         req.num_preemptions += 1
         self.stats.num_preemptions += 1
-        self._push_waiting(req, front=True)
+        self._waiting.prepend(req)
         return req
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
         if req.slot >= 0:
             self._leave_running(req)
         elif req.status is RequestStatus.WAITING:
-            self._num_waiting -= 1  # removed lazily from the queue
+            self._waiting.discard(req)  # removed lazily from the queue
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finished_s = now
@@ -398,9 +308,9 @@ class Engine:
             # Every running request was preempted or stopped behind a self-preemption: vLLM
             # runs an empty step and schedules the waiting queue next; do that now.
             nn = self._schedule(start, preempted)
-        if not nn.any() and self._num_waiting and not self._num_running:
+        if not nn.any() and len(self._waiting) and not self._num_running:
             # Nothing runs and the next request arrives after ``start``: the step starts then.
-            start = max(start, self._peek_waiting().arrival_s)
+            start = max(start, self._waiting.peek().arrival_s)
             nn = self._schedule(start, preempted)
         hi = nn.size
         sched = nn > 0
@@ -423,7 +333,7 @@ class Engine:
         tot += gen
         num_gen = int(np.count_nonzero(gen))
         if self._vtc and num_gen:
-            np.add.at(self._vtc_gen, self._tenant[:hi][gen], 1.0)
+            self._waiting.charge_generated(self._tenant[:hi][gen], 1.0)
         st = self.stats
         later = gen & ~first
         if num_gen > len(first_idx := np.flatnonzero(first)):
@@ -457,163 +367,6 @@ class Engine:
             start, end, num_reqs, num_tokens, prefill_tokens, num_gen, first_token, finished, preempted
         )
 
-    # ---- pure decode runs (virtual time's fast path) -----------------------------------
-
-    def _decode_run_len(self) -> int:
-        """How many of the next steps are a *pure decode run*, 0 when the next is not.
-
-        In such a run every running request decodes one token per step, nothing is admitted
-        (nothing waits, or ``max_num_seqs`` run), no block runs short and no request ends
-        before the run's last step, so each step is determined by the state before the run:
-        the same requests, context growing by one token each, a new block where a sequence
-        crosses a block boundary. :meth:`advance_decode_run` executes such steps at once,
-        with exactly the numbers :meth:`step` would give one at a time.
-        """
-        n = self._num_running
-        if n == 0 or n > self._budget:
-            return 0
-        hi = self._hi
-        # cheap rejections first: free slots hold zeros, and a running request always has
-        # tokens to compute (total > computed), so "every one has exactly one" is a sum
-        tot_all, comp_all = self._total[:hi], self._computed[:hi]
-        if int(tot_all.sum()) - int(comp_all.sum()) != n or int(np.count_nonzero(tot_all > self._prompt[:hi])) != n:
-            return 0  # a prefill (chunk) is under way
-        if self._num_waiting and n < self._max_seqs and not self._head_blocked(n):
-            return 0
-        occupied = self._seq[:hi] != _NO_SEQ
-        comp, tot = comp_all[occupied], tot_all[occupied]
-        last = self._last_tok[:hi][occupied]
-        if not bool((last == self._busy_until).all()):
-            return 0  # a request that skipped a step has its own inter-token gap
-        m = int((self._target[:hi][occupied] - tot).min())  # the step in which the first one ends
-        blk, bs, free = self._blocks[:hi][occupied], self._bs, self._pool.free
-
-        def need(k: int) -> int:
-            return int(np.maximum((comp + k + (bs - 1)) // bs - blk, 0).sum())
-
-        if need(m) <= free:
-            return m
-        lo, top = 0, m  # need(lo) <= free < need(top)
-        while top - lo > 1:
-            mid = (lo + top) // 2
-            if need(mid) <= free:
-                lo = mid
-            else:
-                top = mid
-        return lo
-
-    def _head_blocked(self, n: int) -> bool:
-        """Whether the waiting queue's head cannot be admitted in any step of a decode run of
-        ``n`` requests: it does not fit the free blocks now, and they only shrink in a run."""
-        if self._vtc:
-            return False  # the head changes as the counters grow
-        budget = self._budget - n
-        if budget <= 0:
-            return True
-        req = self._peek_waiting()
-        if req.arrival_s > self._busy_until:
-            return False
-        bs, pool = self._bs, self._pool
-        total = req.num_tokens
-        hits = evictable = 0
-        if self._caching and req.block_hashes:
-            hits, evictable = pool.lookup(req.block_hashes, (total - 1) // bs)
-            if evictable:
-                return False  # a hit the run's allocations evict changes the arithmetic
-        computed = hits * bs
-        k = total - computed
-        if self._thr:
-            k = min(k, self._thr)
-        k = min(k, budget)
-        return -(-(computed + k) // bs) - hits > pool.free
-
-    def decode_run_remains(self, k: int) -> bool:
-        """Whether the next ``k`` steps are still a pure decode run (after a request was added)."""
-        return self._decode_run_len() >= k
-
-    def decode_run_ends(self, now: float) -> list[float]:
-        """End times of the pure decode run starting at ``max(now, busy_until_s)`` (empty: none)."""
-        if now > self._busy_until:
-            return []
-        k = self._decode_run_len()
-        if k == 0:
-            return []
-        return self._run_ends(k)
-
-    def _run_ends(self, k: int) -> list[float]:
-        cached = self._run_cache
-        if (
-            cached is not None
-            and cached[0] == self._busy_until
-            and cached[1] == self.stats.num_steps
-            and len(cached[2]) >= k
-        ):
-            return cached[2][:k]
-        n = self._num_running
-        context = int(self._computed[: self._hi].sum())
-        m = self.profile.step_time
-        # StepTimeModel.step_s(n, context, 0), term by term in its order (the same floats)
-        a = m.fixed_ms * 1e-3 + m.per_request_us * 1e-6 * n
-        c = m.kv_read_us_per_token * 1e-6
-        p = m.prefill_us_per_token * 1e-6 * max(0, 0 - m.prefill_knee_tokens)
-        # t_j = t_{j-1} + d_j, left to right (cumsum accumulates in order: the same floats)
-        d = (a + c * (context + n * np.arange(1, k + 1, dtype=np.int64))) + p
-        ends = np.cumsum(np.concatenate(([self._busy_until], d)))[1:].tolist()
-        self._run_cache = (self._busy_until, self.stats.num_steps, ends)
-        return ends
-
-    def advance_decode_run(self, k: int) -> StepResult:
-        """Execute the next ``k`` steps, which must be (part of) a pure decode run, at once.
-
-        Same state, stats and result (the last step's) as ``k`` calls of :meth:`step` at
-        ``busy_until_s``; raises ``ValueError`` if the next ``k`` steps are not such a run.
-        """
-        cached = self._run_cache
-        valid = cached is not None and cached[0] == self._busy_until and cached[1] == self.stats.num_steps
-        if k < 1 or (not (valid and len(cached[2]) >= k) and self._decode_run_len() < k):  # type: ignore[index]
-            raise ValueError(f"the next {k} steps are not a pure decode run")
-        ends = self._run_ends(k)
-        rest = cached[2][k:] if valid else []  # type: ignore[index]
-        hi, n, st = self._hi, self._num_running, self.stats
-        occupied = self._seq[:hi] != _NO_SEQ
-        comp, tot, blk = self._computed[:hi], self._total[:hi], self._blocks[:hi]
-        new_blk = np.where(occupied, np.maximum((comp + k + (self._bs - 1)) // self._bs, blk), blk)
-        self._pool.allocate(int((new_blk - blk).sum()))
-        blk[:] = new_blk
-        comp += occupied * k
-        tot += occupied * k
-        if self._vtc:
-            np.add.at(self._vtc_gen, self._tenant[:hi][occupied], float(k))
-        # inter-token latency: every running request, one gap per step (as step() observes it)
-        itl = st.inter_token_latency
-        prev = [self._busy_until, *ends[:-1]]
-        gaps = np.array([e - p for e, p in zip(ends, prev, strict=True)], dtype=np.float64)
-        itl.counts += n * np.bincount(np.searchsorted(itl.bounds, gaps, side="left"), minlength=itl.counts.size)
-        for v in np.repeat(gaps[:, None], n, axis=1).sum(axis=1).tolist():
-            itl.sum += v
-        itl.count += n * k
-        it = st.iteration_tokens
-        it.counts[bisect.bisect_left(it._bounds_list, n)] += k
-        for _ in range(k):
-            it.sum += n
-        it.count += k
-        st.generation_tokens += n * k
-        st.num_steps += k
-        end = ends[-1]
-        self._last_tok[:hi][occupied] = end
-        finished: list[Request] = []
-        for s in np.flatnonzero(occupied & (tot >= self._target[:hi])).tolist():
-            req = self._slots[s]
-            assert req is not None
-            req.last_token_s = end
-            self._finish(req, req.target_reason, end)
-            finished.append(req)
-        self._shrink_hi()
-        start = ends[-2] if k > 1 else self._busy_until
-        self._busy_until = end
-        self._run_cache = (end, st.num_steps, rest) if rest and not finished else None
-        return StepResult(start, end, n, n, 0, n, [], finished, [])
-
     def _schedule(self, now: float, preempted: list[Request]) -> np.ndarray:
         """Tokens per slot for this step (running requests first, then admissions)."""
         budget = self._budget
@@ -637,7 +390,7 @@ class Engine:
             budget -= int(nn.sum())
         if (
             len(preempted) == preempted_before
-            and self._num_waiting
+            and len(self._waiting)
             and budget > 0
             and self._num_running < self._max_seqs
         ):
@@ -685,7 +438,7 @@ class Engine:
             or (self._caching and self._pool.num_cached_blocks and any(r is not None and r.held for r in slots[:hi]))
         ):
             return self._preemption_loop(budget, preempted)
-        occ = np.flatnonzero(self._seq[:hi] != _NO_SEQ)
+        occ = np.flatnonzero(self._seq[:hi] != NO_SEQ)
         order = occ[np.argsort(self._seq[occ], kind="stable")]
         m = int(order.size)
         comp, blk = self._computed[order], self._blocks[order]
@@ -768,10 +521,10 @@ class Engine:
         return running[-1]
 
     def _admit_waiting(self, nn: np.ndarray, budget: int, now: float) -> np.ndarray:
-        bs, pool, st = self._bs, self._pool, self.stats
+        bs, pool, st, waiting = self._bs, self._pool, self.stats, self._waiting
         admitted: list[tuple[int, int]] = []
-        while budget > 0 and self._num_waiting and self._num_running < self._max_seqs:
-            req = self._peek_waiting()
+        while budget > 0 and len(waiting) and self._num_running < self._max_seqs:
+            req = waiting.peek()
             if req.arrival_s > now:  # it arrives during this step: the next one can take it
                 break
             total = req.num_tokens
@@ -786,7 +539,7 @@ class Engine:
             new_blocks = -(-(computed + n) // bs) - hits
             if new_blocks + evictable > pool.free:
                 break
-            self._pop_waiting()
+            waiting.pop()
             held = list(req.block_hashes[:hits])
             pool.touch(held)
             pool.allocate(new_blocks)
@@ -801,7 +554,7 @@ class Engine:
             self._seq[s] = self._next_seq
             self._next_seq += 1
             if self._vtc:
-                self._tenant[s] = self._vtc_index[req.tenant]
+                self._tenant[s] = self._waiting.tenant_index(req.tenant)
             self._last_tok[s] = req.last_token_s if req.last_token_s is not None else 0.0
             if req.scheduled_s is None:
                 req.scheduled_s = now
@@ -849,5 +602,5 @@ class Engine:
         assert all(self._slots[s] is None for s in range(self._hi, len(self._slots)))
         self._pool.check(private)
         waiting = [r for r in self._requests.values() if r.status is RequestStatus.WAITING]
-        assert len(waiting) == self._num_waiting
+        assert len(waiting) == len(self._waiting)
         assert len(waiting) + len(running) == len(self._requests)

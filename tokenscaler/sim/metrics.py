@@ -1,6 +1,7 @@
 """The simulator's ``/metrics``: vLLM 0.33's metric names, types, labels and default buckets.
 
-Every name is a constant here (``docs/reference/INTERFACES.md`` section 2). The engine
+Every name is a constant of :mod:`tokenscaler.core.vllm` (``docs/reference/INTERFACES.md``
+section 2), the table the controller's sources read them by. The engine
 keeps plain counters and histograms (:mod:`tokenscaler.sim.stats`); :class:`EngineCollector`
 turns them into Prometheus families at scrape time, in a registry of its own per server
 (:func:`build_registry`), so several servers can live in one process. Labels are
@@ -24,40 +25,38 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from tokenscaler.core.vllm import (
+    ADMISSION_REJECTIONS,
+    CACHE_CONFIG_INFO,
+    E2E_REQUEST_LATENCY_SECONDS,
+    GENERATION_TOKENS,
+    INTER_TOKEN_LATENCY_SECONDS,
+    ITERATION_TOKENS_TOTAL,
+    KV_CACHE_USAGE_PERC,
+    NUM_PREEMPTIONS,
+    NUM_REQUESTS_RUNNING,
+    NUM_REQUESTS_WAITING,
+    NUM_REQUESTS_WAITING_BY_REASON,
+    PREFIX_CACHE_HITS,
+    PREFIX_CACHE_QUERIES,
+    PROMPT_TOKENS,
+    REQUEST_DECODE_TIME_SECONDS,
+    REQUEST_GENERATION_TOKENS,
+    REQUEST_INFERENCE_TIME_SECONDS,
+    REQUEST_MAX_NUM_GENERATION_TOKENS,
+    REQUEST_PARAMS_MAX_TOKENS,
+    REQUEST_PREFILL_TIME_SECONDS,
+    REQUEST_PROMPT_TOKENS,
+    REQUEST_QUEUE_TIME_SECONDS,
+    REQUEST_SUCCESS,
+    REQUEST_TIME_PER_OUTPUT_TOKEN_SECONDS,
+    TIME_TO_FIRST_TOKEN_SECONDS,
+)
 from tokenscaler.sim.engine import Engine
 from tokenscaler.sim.stats import Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 """What vLLM's ``/metrics`` answers with."""
-
-# Gauges
-NUM_REQUESTS_RUNNING = "vllm:num_requests_running"
-NUM_REQUESTS_WAITING = "vllm:num_requests_waiting"
-NUM_REQUESTS_WAITING_BY_REASON = "vllm:num_requests_waiting_by_reason"
-KV_CACHE_USAGE_PERC = "vllm:kv_cache_usage_perc"
-CACHE_CONFIG_INFO = "vllm:cache_config_info"
-# Counters (exposed with _total)
-PROMPT_TOKENS = "vllm:prompt_tokens"
-GENERATION_TOKENS = "vllm:generation_tokens"
-REQUEST_SUCCESS = "vllm:request_success"
-NUM_PREEMPTIONS = "vllm:num_preemptions"
-PREFIX_CACHE_QUERIES = "vllm:prefix_cache_queries"
-PREFIX_CACHE_HITS = "vllm:prefix_cache_hits"
-ADMISSION_REJECTIONS = "vllm:admission_rejections"
-# Histograms
-TIME_TO_FIRST_TOKEN_SECONDS = "vllm:time_to_first_token_seconds"
-INTER_TOKEN_LATENCY_SECONDS = "vllm:inter_token_latency_seconds"
-E2E_REQUEST_LATENCY_SECONDS = "vllm:e2e_request_latency_seconds"
-REQUEST_QUEUE_TIME_SECONDS = "vllm:request_queue_time_seconds"
-REQUEST_INFERENCE_TIME_SECONDS = "vllm:request_inference_time_seconds"
-REQUEST_PREFILL_TIME_SECONDS = "vllm:request_prefill_time_seconds"
-REQUEST_DECODE_TIME_SECONDS = "vllm:request_decode_time_seconds"
-REQUEST_TIME_PER_OUTPUT_TOKEN_SECONDS = "vllm:request_time_per_output_token_seconds"
-REQUEST_PROMPT_TOKENS = "vllm:request_prompt_tokens"
-REQUEST_GENERATION_TOKENS = "vllm:request_generation_tokens"
-REQUEST_MAX_NUM_GENERATION_TOKENS = "vllm:request_max_num_generation_tokens"
-REQUEST_PARAMS_MAX_TOKENS = "vllm:request_params_max_tokens"
-ITERATION_TOKENS_TOTAL = "vllm:iteration_tokens_total"
 
 BASE_LABELS = ("model_name", "engine")
 

@@ -22,10 +22,13 @@ from __future__ import annotations
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
+import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+from tokenscaler.core.frozen import Frozen
 
 DEFAULT_PROFILE = "llama-3.1-8b-h100"
 _PROFILE_PACKAGE = "tokenscaler.sim"
@@ -36,11 +39,7 @@ class ProfileError(ValueError):
     """A profile that cannot be found or does not validate; the message names file and field."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class StepTimeModel(_Frozen):
+class StepTimeModel(Frozen):
     """Duration of one engine step as a function of what the step schedules."""
 
     fixed_ms: float = Field(ge=0)
@@ -54,8 +53,19 @@ class StepTimeModel(_Frozen):
     prefill_knee_tokens: int = Field(ge=0)
     """Prefill tokens a step absorbs at no extra cost (memory bound below the knee)."""
 
-    def step_s(self, num_requests: int, context_tokens: int, prefill_tokens: int) -> float:
-        """Seconds for a step of ``num_requests`` requests reading ``context_tokens`` of KV."""
+    @overload
+    def step_s(self, num_requests: int, context_tokens: int, prefill_tokens: int) -> float: ...
+
+    @overload
+    def step_s(self, num_requests: int, context_tokens: np.ndarray, prefill_tokens: int) -> np.ndarray: ...
+
+    def step_s(self, num_requests: int, context_tokens: int | np.ndarray, prefill_tokens: int) -> float | np.ndarray:
+        """Seconds for a step of ``num_requests`` requests reading ``context_tokens`` of KV, of which
+        ``prefill_tokens`` are prefilled: the one home of the formula (module docstring).
+
+        ``context_tokens`` may be an array (several steps of the same batch, one context each, as
+        a decode run has them): each element is what the scalar call gives, to the last bit
+        (the same operations in the same order)."""
         return (
             self.fixed_ms * 1e-3
             + self.per_request_us * 1e-6 * num_requests
@@ -64,7 +74,7 @@ class StepTimeModel(_Frozen):
         )
 
 
-class OutputLength(_Frozen):
+class OutputLength(Frozen):
     """How many tokens a request generates before the model would stop on its own (EOS).
 
     ``fixed``: never stops early, every request generates its ``max_tokens``.
@@ -87,7 +97,7 @@ class OutputLength(_Frozen):
         return self
 
 
-class EngineProfile(_Frozen):
+class EngineProfile(Frozen):
     """One simulated engine: its cache, its scheduler limits, its speed, its outputs."""
 
     name: str

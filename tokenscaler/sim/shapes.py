@@ -32,20 +32,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tokenscaler.core.vllm import ANTHROPIC_ERROR_TYPES
+
 dumps = json.JSONEncoder(separators=(",", ":")).encode
-
-ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
-
 
 def anthropic_error(status: int, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message}}

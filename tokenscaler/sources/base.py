@@ -46,6 +46,7 @@ from tokenscaler.core.observation import (
     Observation,
     PoolSignals,
 )
+from tokenscaler.core.vllm import kv_capacity_tokens
 
 # The sidecar metrics the controller reads (names from the one list) and the signal column
 # each feeds: four series per entitlement and replica, whatever else the sidecars export.
@@ -100,14 +101,11 @@ class MetricsSource(Protocol):
 
 def add_engine(ps: PoolSignals, labels: Mapping[str, str], replica: str | None = None) -> None:
     """Count one engine's ``vllm:cache_config_info`` series: a ready replica, and its KV
-    capacity (``num_gpu_blocks x block_size``) when its labels carry it, stated for
+    capacity (:func:`~tokenscaler.core.vllm.kv_capacity_tokens`) when its labels carry it, stated for
     ``replica`` (default: its ``instance`` and ``engine`` labels)."""
     ps.ready_replicas += 1
-    try:
-        kv = float(labels["num_gpu_blocks"]) * float(labels["block_size"])
-    except (KeyError, ValueError):
-        return
-    if not finite(kv) or kv <= 0:
+    kv = kv_capacity_tokens(labels)
+    if kv is None:
         return
     ps.kv_capacity_tokens = (ps.kv_capacity_tokens or 0.0) + kv
     if replica is None:

@@ -35,10 +35,11 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import Field, HttpUrl
 
 from tokenscaler.config import load_model
 from tokenscaler.core import metric_names as names
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.observation import OFFERED_TPS, LoadProfile, ReplicaTable, SignalTableBuilder
 from tokenscaler.core.validation import ConfigError
 from tokenscaler.sources.base import (
@@ -66,14 +67,12 @@ _ENGINE_CONSUMED = frozenset(
 _SIDECAR_CAPACITY = frozenset((names.ENGINE_CAPACITY, names.ENGINE_MAX_MODEL_LEN))
 
 
-class PoolTargets(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class PoolTargets(Frozen):
     engines: list[HttpUrl] = Field(default_factory=list)
     sidecars: list[HttpUrl] = Field(default_factory=list)
 
 
-class ScrapeConfig(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class ScrapeConfig(Frozen):
     pools: dict[str, PoolTargets]
     timeout_s: float = Field(2.0, gt=0)
 
