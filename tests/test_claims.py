@@ -17,7 +17,10 @@ from tools import claims
 
 # full length where it is cheap (the paper's scenarios run in seconds), shortened elsewhere:
 # what is checked is that every figure a row reads exists in what the runner writes
-RUNS = {"paper-overload": None, "paper-fairshare": None, "overload": 30.0, "fairshare": 30.0, "burst": 30.0}
+RUNS = {
+    "paper-overload": None, "paper-fairshare": None, "overload": 30.0, "fairshare": 30.0, "burst": 30.0,
+    "long-prompt": 30.0,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
