@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from aiohttp import web
 
+    from tokenscaler.core.model import TokenPoolsConfig
     from tokenscaler.sidecar.limits import LimitsUpdate
     from tokenscaler.sidecar.limits_auth import LimitsClientAuth
     from tokenscaler.sidecar.metrics import SidecarMetrics
@@ -36,7 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to serve on (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument("--upstream", required=True, help="base URL of the engine, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--config", required=True, help="token-pools config file (YAML or JSON)")
+    parser.add_argument(
+        "--config", default=None,
+        help="token-pools config file (YAML or JSON): the limits and keys without --limits-url; with it, a "
+        "bootstrap until the controller's first document (optional: without it the sidecar waits for that)",
+    )  # fmt: skip
     parser.add_argument("--pool", required=True, help="the pool this replica belongs to")
     parser.add_argument(
         "--metrics-port",
@@ -55,6 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("limits source")
     group.add_argument("--limits-url", default=None, help="controller limits API base URL (default: static limits)")
     group.add_argument("--limits-poll-s", type=float, default=2.0, help="poll interval (default: %(default)s)")
+    group.add_argument(
+        "--limits-api", choices=["auto", "v1beta1", "v1alpha1"], default="auto",
+        help="the limits API to ask: v1beta1 (pool document, keys and config included, watched, deltas), "
+        "v1alpha1 (one document per replica, limits only; needs --config), auto: v1beta1 where the controller "
+        "has it (default: %(default)s)",
+    )  # fmt: skip
+    group.add_argument(
+        "--limits-watch-s", type=float, default=30.0,
+        help="v1beta1: hold each ask this long for a new version (0: poll every --limits-poll-s; "
+        "default: %(default)s)",
+    )  # fmt: skip
     group.add_argument(
         "--limits-expiry-s", type=float, default=60.0,
         help="after this long without a successful poll, fall back to guaranteed floors (default: %(default)s)",
@@ -125,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenscaler.sidecar.gatekeeper import Gatekeeper
     from tokenscaler.sidecar.limits import HttpLimitsSource, LimitsSource, StaticLimitsSource, describe
     from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
+    from tokenscaler.sidecar.pool_source import PoolLimitsSource
     from tokenscaler.sidecar.proxy import Sidecar, SidecarOptions
 
     setup_logging(args.log_level)
@@ -135,17 +152,26 @@ def run(args: argparse.Namespace) -> int:
     if args.interval_s <= 0:
         return fail("sidecar", f"--interval-s ({args.interval_s:g}) must be > 0", 2)
     host, port = args.listen
+    if args.config is None and not args.limits_url:
+        return fail("sidecar", "--config FILE is needed without --limits-url (the limits and keys come from it)", 2)
+    if args.config is None and args.limits_api == "v1alpha1":
+        return fail("sidecar", "--limits-api v1alpha1 needs --config FILE (that API sends no keys or config)", 2)
+    if args.limits_watch_s < 0:
+        return fail("sidecar", f"--limits-watch-s ({args.limits_watch_s:g}) must be >= 0", 2)
+    config = None
     try:
-        config = load_config(args.config)
-        pool = config.pool(args.pool)
+        if args.config is not None:
+            config = load_config(args.config)
+            config.pool(args.pool)
         limits_auth = _limits_auth(args)
     except ConfigError as e:
         return config_error(e)
     except KeyError:
-        known = ", ".join(p.name for p in config.pools)
+        known = ", ".join(p.name for p in config.pools) if config is not None else ""
         return fail("sidecar", f"--pool {args.pool!r} is not in {args.config} (pools: {known})")
 
     async def serve() -> int:
+        nonlocal config
         try:
             proxy_sock = bind("--listen", host, port)
             metrics_sock = bind("--metrics-port", host, args.metrics_port)
@@ -155,6 +181,23 @@ def run(args: argparse.Namespace) -> int:
         actual_port = proxy_sock.getsockname()[1]
         replica = args.replica_id or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or f"{host}:{actual_port}"
         loop = asyncio.get_running_loop()
+        source: LimitsSource
+        pool_source: PoolLimitsSource | None = None
+        if args.limits_url and args.limits_api != "v1alpha1":
+            pool_source = PoolLimitsSource(
+                config, args.pool, args.limits_url, replica=replica, replicas=args.replicas,
+                watch_s=args.limits_watch_s, api=args.limits_api, poll_s=args.limits_poll_s,
+                expiry_s=args.limits_expiry_s, auth=limits_auth,
+            )  # fmt: skip
+            if config is None:
+                log.info("no --config: waiting for pool %s's first document from %s", args.pool, args.limits_url)
+                config = await pool_source.first_config()
+                pool_source.adopt(config)
+        assert config is not None
+        try:
+            pool = config.pool(args.pool)
+        except KeyError:
+            return fail("sidecar", f"the controller at {args.limits_url} has no pool {args.pool!r}")
         limiter = Limiter(
             pool, now=loop.time(), preempt=args.preempt, replica_window_s=args.replica_window_s,
             interval_s=args.interval_s,
@@ -162,8 +205,9 @@ def run(args: argparse.Namespace) -> int:
         stats = [EntitlementStats(e.name, e.tier.value) for e in config.entitlements_of(pool.name)]
         metrics = SidecarMetrics(pool.name, replica, limiter, stats)
         gate = Gatekeeper(limiter, metrics, queue_size=args.queue_size, max_wait_s=args.queue_max_wait_s)
-        source: LimitsSource
-        if args.limits_url:
+        if pool_source is not None:
+            source = pool_source
+        elif args.limits_url:
             source = HttpLimitsSource(
                 config, pool.name, args.limits_url, replica=replica, replicas=args.replicas,
                 poll_s=args.limits_poll_s, expiry_s=args.limits_expiry_s, auth=limits_auth,
@@ -204,6 +248,19 @@ def run(args: argparse.Namespace) -> int:
         def apply(update: LimitsUpdate) -> None:
             gate.apply(update, loop.time())
             sidecar.budgets.apply(update.budgets)  # spent budgets to refuse (the documents' budget blocks)
+            if update.version is not None and update.version.isdigit():
+                metrics.limits_version = int(update.version)
+            if pool_source is not None and pool_source.generation is not None:
+                metrics.config_generation = pool_source.generation
+
+        def on_config(new: TokenPoolsConfig) -> None:
+            changes = sidecar.apply_config(new, loop.time())
+            generation = pool_source.view.generation if pool_source is not None else None
+            log.info("config generation %s from the controller: %d entitlements%s", generation,
+                     len(new.entitlements), "".join(f"; {c}" for c in changes))  # fmt: skip
+
+        if pool_source is not None:
+            pool_source.on_config = on_config
 
         source_task = asyncio.create_task(source.run(apply), name="limits-source")
         source_task.add_done_callback(_log_source_failure)

@@ -84,6 +84,7 @@ class Controller:
             raise ValueError(f"profile_refresh_s ({profile_refresh_s}) must be > 0")
         self.config = config
         self.rows = build_pool_rows(config)
+        self.generation = 1  # +1 per config applied (set_config): the limits API's spec follows it
         self.source = source
         self.store = store
         self.metrics = metrics
@@ -109,6 +110,7 @@ class Controller:
         Carried state maps onto the new rows by entitlement name."""
         self.config = config
         self.rows = build_pool_rows(config)
+        self.generation += 1
 
     async def restore(self) -> PublishedPlan | None:
         """Load the saved state and publish the last plan it holds, if any (from then on this
@@ -128,7 +130,9 @@ class Controller:
         if self.state.plan is None:
             return None
         log.info("restored plan version %d from %s", self.state.version, backend.name)
-        return self.store.publish(self.state.plan, self.clock(), version=self.state.version)
+        return self.store.publish(
+            self.state.plan, self.clock(), version=self.state.version, generation=self.generation, config=self.config
+        )
 
     async def _persist(self) -> None:
         backend = self.state_backend
@@ -201,6 +205,8 @@ class Controller:
             stale_since=result.state.stale_since,
             shares=result.state.shares,
             version=result.version,
+            generation=self.generation,
+            config=self.config,
         )
 
     async def refresh_profile(self) -> bool:

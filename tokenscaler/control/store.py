@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.plan import Plan
 
 
@@ -26,6 +27,8 @@ class PublishedPlan:
     stale_since: float | None = None
     # pool -> replica -> (n,) share of each entitlement's offered load seen there, NaN if unseen
     shares: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    generation: int = 1  # the controller's config generation this plan was made with
+    config: TokenPoolsConfig | None = None  # that config: the limits API's spec (keys as digests)
 
 
 class PlanStore:
@@ -45,12 +48,16 @@ class PlanStore:
         stale_since: float | None = None,
         shares: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         version: int | None = None,
+        generation: int = 1,
+        config: TokenPoolsConfig | None = None,
     ) -> PublishedPlan:
         """Make ``plan`` current. ``version`` (e.g. restored from state) is honoured when higher."""
         next_version = 1 if self._current is None else self._current.version + 1
         if version is not None:
             next_version = max(next_version, version)
-        self._current = PublishedPlan(plan, next_version, published_at, stale, stale_since, shares or {})
+        self._current = PublishedPlan(
+            plan, next_version, published_at, stale, stale_since, shares or {}, generation, config
+        )
         if self._changed is not None:
             self._changed.set()
             self._changed = None

@@ -61,7 +61,7 @@ many arrive at once. Tokens beyond an estimate are charged as debt and delay lat
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from tokenscaler.core.model import CONCURRENCY, DIMENSIONS, KV, THROUGHPUT, TIER_ORDER, Pool, Tier
@@ -357,6 +357,7 @@ class Limiter:
         )  # fmt: skip
         self.configured: Vector = self.capacity
         self.engine: tuple[float | None, float | None, float | None] = (None, None, None)
+        self.replica_window_s = replica_window_s
         depth = max(self.capacity[THROUGHPUT] * replica_window_s, float(pool.typical_request_vector()[THROUGHPUT]))
         # one replica-wide bucket per tier (index: rank); bucket k is drained by tiers of rank <= k
         self.replica_buckets: tuple[Bucket, ...] = tuple(
@@ -396,6 +397,39 @@ class Limiter:
         for name, gate in self.gates.items():
             if name not in limits:
                 gate.update(GateLimits(tier=gate.limits.tier, priority=gate.limits.priority), now)
+
+    def update_limits(self, changed: Mapping[str, GateLimits], removed: Iterable[str], now: float) -> None:
+        """Apply the limits of ``changed`` (new entitlements get a gate) and set the gates of
+        ``removed`` to zero (new requests are refused before they reach it); every other gate
+        stays as it is."""
+        for name, gl in changed.items():
+            gate = self.gates.get(name)
+            if gate is None:
+                self.gates[name] = Gate(gl, now)
+            else:
+                gate.update(gl, now)
+        for name in removed:  # zero limits, kept: its in-flight requests still finish against it
+            gate = self.gates.get(name)
+            if gate is not None:
+                gate.update(GateLimits(tier=gate.limits.tier, priority=gate.limits.priority), now)
+
+    def set_pool(self, pool: Pool, now: float) -> None:
+        """The pool's configured replica and token weights changed (a new config): the replica's
+        capacity and its buckets follow, the engine's own statement still bounding them."""
+        self.pool = pool
+        self.w_prompt = pool.token_weights.prompt
+        self.w_generation = pool.token_weights.generation
+        self.configured = (
+            pool.replica.throughput_tokens_per_s, pool.replica.kv_tokens, pool.replica.concurrency,
+        )  # fmt: skip
+        kv, conc, tput = self.engine[1], self.engine[2], self.engine[0]
+        self.set_engine_capacity(kv_tokens=kv, concurrency=conc, throughput=tput)
+        typical = float(pool.typical_request_vector()[THROUGHPUT])
+        depth = max(self.capacity[THROUGHPUT] * self.replica_window_s, typical)
+        for b in self.replica_buckets:
+            b.refill(now)
+            b.rate, b.depth = self.capacity[THROUGHPUT], depth
+            b.level = min(b.level, depth)
 
     def set_engine_capacity(
         self, kv_tokens: float | None = None, concurrency: float | None = None, throughput: float | None = None

@@ -137,6 +137,29 @@ def replica_shares(pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: st
     return shares
 
 
+def replica_split(
+    pool: Pool,
+    limit: np.ndarray,
+    burst: np.ndarray,
+    configured: np.ndarray,
+    spot: np.ndarray,
+    guarantees_fit: bool,
+    shares: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This replica's (limit, burst, ceiling, ceiling_burst), each (n, 3), of pool-level
+    ``limit`` and ``burst`` (n, 3), the configured limits ``configured`` (n, 3; inf where
+    unlimited) and ``spot`` (n,) bool, at ``shares`` (n,). While the guarantees do not fit,
+    spot ceilings are 0 (no idle capacity is not owed)."""
+    lim, bur = split_per_replica(pool, limit, burst, configured, shares)
+    ceiling, ceiling_burst = split_per_replica(pool, configured, burst, configured, shares)
+    if not guarantees_fit:
+        # every bit of capacity is owed to guarantees that do not fit (capacity lost, or a config
+        # larger than the engines): spot has no idle capacity to backfill, throttled first, to zero
+        ceiling[spot] = 0.0
+        ceiling_burst[spot] = 0.0
+    return lim, bur, ceiling, ceiling_burst
+
+
 def limits_document(
     pp: PoolPlan,
     observed: Mapping[str, np.ndarray],
@@ -150,16 +173,11 @@ def limits_document(
     """The document for ``replica`` of pool ``pp`` (``None``: the even split)."""
     shares = replica_shares(pp, observed, replica)
     p = pp.rows.problem
+    lim, bur, ceiling, ceiling_burst = replica_split(
+        pp.pool, pp.limit, pp.burst, p.limit, p.is_spot, pp.guarantees_fit, shares
+    )
     if replica is None:
         lim, bur = pp.limit_per_replica, pp.burst_per_replica
-    else:
-        lim, bur = split_per_replica(pp.pool, pp.limit, pp.burst, p.limit, shares)
-    ceiling, ceiling_burst = split_per_replica(pp.pool, p.limit, pp.burst, p.limit, shares)
-    if not pp.guarantees_fit:
-        # every bit of capacity is owed to guarantees that do not fit (capacity lost, or a config
-        # larger than the engines): spot has no idle capacity to backfill, throttled first, to zero
-        ceiling[p.is_spot] = 0.0
-        ceiling_burst[p.is_spot] = 0.0
     lim_rows, bur_rows = lim.tolist(), bur.tolist()
     ceil_rows, ceil_bur_rows = ceiling.tolist(), ceiling_burst.tolist()
     tiers, prios = p.tier.tolist(), p.priority.tolist()

@@ -152,6 +152,14 @@ LIMITS_AGE_SECONDS = _sidecar.gauge(
 """Since the limits in force were last confirmed by their source (static: 0)."""
 LIMITS_STATE = _sidecar.gauge("tokenscaler_sidecar_limits_state", "Current limits state.", "state")
 """1 for the current state among static, fresh, stale, expired."""
+CONFIG_GENERATION = _sidecar.gauge(
+    "tokenscaler_sidecar_config_generation",
+    "The controller's config generation this sidecar enforces (0: only its own --config so far).",
+)
+"""Lags ``tokenscaler_config_generation`` by at most an interval and a poll; longer: the alert."""
+LIMITS_VERSION = _sidecar.gauge(
+    "tokenscaler_sidecar_limits_version", "The version of the controller's limits document in force (0: none)."
+)
 LIMITS_FETCH_ERRORS_TOTAL = _sidecar.counter(
     "tokenscaler_sidecar_limits_fetch_errors_total", "Failed polls of the limits source, by reason.", "reason"
 )

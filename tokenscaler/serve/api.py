@@ -1,8 +1,14 @@
 """The controller's HTTP API: limits for the sidecars, the plan, health, metrics.
 
-Routes (all answers come from the :class:`PlanStore`; nothing is solved on a request):
+Routes (all answers come from the :class:`PlanStore`; nothing is solved on a request, and
+nothing per entitlement is built on the event loop: documents are built once per version in
+a worker thread by :class:`~tokenscaler.control.publish.Publisher`):
 
-* ``GET /v1/pools/{pool}/limits?replica={id}``: the
+* ``GET /v1beta1/pools/{pool}/limits?replica={id}&generation=&since=&watch=true``: the
+  pool-level :class:`~tokenscaler.core.pool_limits.PoolLimitsDocument` every replica shares
+  (spec with key digests, limit columns or a delta, this replica's routing shares), held
+  open with ``watch`` until a new version; ``ETag`` is the version.
+* ``GET /v1/pools/{pool}/limits?replica={id}`` (v1alpha1, kept one release): the
   :class:`~tokenscaler.core.limits.LimitsDocument` for one replica's sidecar, built by
   :func:`~tokenscaler.core.limits.limits_document` (each entitlement's pool-level limit
   and burst split by this replica's observed share of its offered load, so uneven routing
@@ -20,10 +26,14 @@ Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 
 from __future__ import annotations
 
+import asyncio
+
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tokenscaler.control.metrics import ControllerMetrics
+from tokenscaler.control.publish import Publisher
 from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.limits import LimitsDocument, limits_document
 
@@ -41,11 +51,11 @@ class ControllerApi:
         self.registry = registry
         self.metrics = metrics
         self.limits_ttl_s = limits_ttl_s
-        self._cache: dict[tuple[str, str | None], bytes] = {}  # documents of plan _cache_version
-        self._cache_version: int | None = None
+        self.publisher = Publisher(limits_ttl_s)
+        self._plan_body: tuple[int, bytes] | None = None  # /v1/plan of one version, built off the loop
 
     def document(self, published: PublishedPlan, pool: str, replica: str | None) -> LimitsDocument:
-        """The limits document of ``replica`` (None: the even split) in the published plan."""
+        """The v1alpha1 limits document of ``replica`` (None: the even split) in the published plan."""
         return limits_document(
             published.plan.pools[pool],
             published.shares.get(pool, {}),
@@ -59,6 +69,7 @@ class ControllerApi:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/v1/pools/{pool}/limits", self.limits)
+        app.router.add_get("/v1beta1/pools/{pool}/limits", self.pool_limits)
         app.router.add_get("/v1/plan", self.plan)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -69,9 +80,24 @@ class ControllerApi:
         self.metrics.api_requests.labels(route, str(status)).inc()
 
     async def limits(self, request: web.Request) -> web.StreamResponse:
+        """v1alpha1, kept one release: one replica's :class:`LimitsDocument`."""
         route = "limits"
         pool = request.match_info["pool"]
         replica = request.query.get("replica") or None
+        checked = self._check(route, pool, replica)
+        if isinstance(checked, web.Response):
+            return checked
+        published = checked
+        etag = f'"{published.version}"'
+        if request.headers.get("If-None-Match") == etag:
+            self._count(route, 304)
+            return web.Response(status=304, headers={"ETag": etag})
+        body = await self.publisher.legacy(published, pool, replica)  # built once, off the loop
+        self._count(route, 200)
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+    def _check(self, route: str, pool: str, replica: str | None) -> web.Response | PublishedPlan:
+        """The published plan, or the error answer: no plan yet, an unknown pool or replica."""
         published = self.store.current()
         if published is None:
             self._count(route, 503)
@@ -81,28 +107,62 @@ class ControllerApi:
             known = ", ".join(sorted(published.plan.pools)) or "none"
             return _error(404, f"unknown pool {pool!r} (known: {known})", "not_found")
         known_replicas = self._known_replicas(published, pool)
-        # a plan that has seen no replica at all (the first intervals, a plan restored from the
-        # state file) cannot tell: it answers, as it did before it knew replicas
         if replica is not None and known_replicas and replica not in known_replicas:
             self._count(route, 404)
-            known = ", ".join(sorted(known_replicas))
+            known = ", ".join(sorted(known_replicas)[:20]) + (", ..." if len(known_replicas) > 20 else "")
             return _error(
                 404,
                 f"unknown replica {replica!r} of pool {pool!r} (known: {known}; the controller learns a replica "
                 "from its sidecar's metrics within an interval; without ?replica= the document is the even split)",
                 "not_found",
             )
+        return published
+
+    async def pool_limits(self, request: web.Request) -> web.StreamResponse:
+        """v1beta1: the pool-level document (module docstring). Query: ``replica``, ``generation``
+        and ``since`` (what the sidecar holds), ``watch=true`` with ``timeout_s`` (at most 60):
+        answer once the version differs from ``since`` (or ``If-None-Match``), else 304."""
+        route = "pool_limits"
+        pool = request.match_info["pool"]
+        q = request.query
+        replica = q.get("replica") or None
+        try:
+            generation = int(q["generation"]) if q.get("generation") else None
+            since = int(q["since"]) if q.get("since") else None
+            timeout_s = min(max(float(q.get("timeout_s", "30")), 0.0), 60.0)
+        except ValueError:
+            self._count(route, 400)
+            return _error(400, "generation and since must be integers, timeout_s a number of seconds "
+                          f"(got generation={q.get('generation')!r}, since={q.get('since')!r}, "
+                          f"timeout_s={q.get('timeout_s')!r})", "invalid_request_error")  # fmt: skip
+        watch = q.get("watch", "").lower() in ("1", "true", "yes")
+        held = since
+        match = request.headers.get("If-None-Match")
+        if held is None and match and match.strip('"').isdigit():
+            held = int(match.strip('"'))
+        checked = self._check(route, pool, replica)
+        if isinstance(checked, web.Response):
+            return checked
+        published = checked
+        if watch and held == published.version:
+            changed = await self.store.wait_for_change(held, timeout_s)
+            if changed is None:
+                self._count(route, 304)
+                return web.Response(status=304, headers={"ETag": f'"{held}"'})
+            checked = self._check(route, pool, replica)
+            if isinstance(checked, web.Response):
+                return checked
+            published = checked
         etag = f'"{published.version}"'
-        if request.headers.get("If-None-Match") == etag:
+        if held == published.version and generation == published.generation:
             self._count(route, 304)
             return web.Response(status=304, headers={"ETag": etag})
-        if self._cache_version != published.version:  # a new plan: every cached document is old
-            self._cache.clear()
-            self._cache_version = published.version
-        body = self._cache.get((pool, replica))
-        if body is None:
-            body = self.document(published, pool, replica).model_dump_json().encode()
-            self._cache[(pool, replica)] = body
+        try:
+            pub = await self.publisher.pool(published, pool)
+        except LookupError as e:  # a restored plan the config no longer matches: the next interval will
+            self._count(route, 503)
+            return _error(503, f"the plan and the config disagree until the next interval: {e}", "unavailable")
+        body = pub.body(replica, generation, since)
         self._count(route, 200)
         return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
@@ -116,10 +176,19 @@ class ControllerApi:
         if published is None:
             self._count("plan", 503)
             return _error(503, "no plan yet", "unavailable")
-        doc = published.plan.to_json()
-        doc.update(version=published.version, stale=published.stale, stale_since=published.stale_since)
+        cached = self._plan_body
+        if cached is None or cached[0] != published.version:
+            cached = (published.version, await asyncio.to_thread(self._plan_json, published))
+            self._plan_body = cached
         self._count("plan", 200)
-        return web.json_response(doc)
+        return web.Response(body=cached[1], content_type="application/json")
+
+    @staticmethod
+    def _plan_json(published: PublishedPlan) -> bytes:
+        doc = published.plan.to_json()
+        doc.update(version=published.version, stale=published.stale, stale_since=published.stale_since,
+                   generation=published.generation)  # fmt: skip
+        return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

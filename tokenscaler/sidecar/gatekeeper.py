@@ -122,7 +122,10 @@ class Gatekeeper:
     # ---- limits ------------------------------------------------------------------------
 
     def apply(self, update: LimitsUpdate, now: float) -> None:
-        self.limiter.set_limits(update.limits, now)
+        if update.partial:
+            self.limiter.update_limits(update.limits, update.removed, now)
+        else:
+            self.limiter.set_limits(update.limits, now)
         self.metrics.limits_state = update.state
         for name in list(self._queues):
             self._retry_head(name, now)

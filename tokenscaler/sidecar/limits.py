@@ -75,6 +75,8 @@ class LimitsUpdate:
     state: str  # static | fresh | stale | expired
     version: str | None = None
     budgets: Mapping[str, BudgetLimits] = field(default_factory=dict)  # the document's budget blocks
+    partial: bool = False  # ``limits`` holds only what changed; every other gate stays as it is
+    removed: tuple[str, ...] = ()  # with ``partial``: entitlements no longer in the pool (gates to zero)
 
 
 def budgets_of(doc: LimitsDocument | None) -> dict[str, BudgetLimits]:
@@ -314,10 +316,17 @@ class HttpLimitsSource:
                     self._on_success(status, doc, apply)
                 delay = self.poll_s if failures == 0 else min(self.poll_s * 2 ** min(failures, 10), self.max_backoff_s)
                 delay *= 1 + 0.1 * random.random()
+                hook = self._delay(failures)
+                if hook is not None:
+                    delay = hook
                 until_expiry = self._last_ok + self.expiry_s - self.clock()
                 if self.state != "expired" and until_expiry > 0:
                     delay = min(delay, until_expiry + 0.01)
                 await self._sleep(delay)
+
+    def _delay(self, failures: int) -> float | None:
+        """The wait before the next ask, where a subclass knows better than the poll rule (None)."""
+        return None
 
     async def _sleep(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less when a credential file changes (a fix is tried at once)."""

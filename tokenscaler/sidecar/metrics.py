@@ -30,6 +30,7 @@ from tokenscaler.core.metric_names import (
     BACKFILL_ALLOWED,
     BURST,
     CEILING,
+    CONFIG_GENERATION,
     ENGINE_CAPACITY,
     ENGINE_MAX_MODEL_LEN,
     GENERATION_TOKENS_TOTAL,
@@ -38,6 +39,7 @@ from tokenscaler.core.metric_names import (
     LIMITS_AGE_SECONDS,
     LIMITS_FETCH_ERRORS_TOTAL,
     LIMITS_STATE,
+    LIMITS_VERSION,
     OFFERED_REQUESTS_TOTAL,
     OFFERED_WEIGHTED_TOKENS_TOTAL,
     PREEMPTED_STREAMS_TOTAL,
@@ -113,6 +115,8 @@ class SidecarMetrics(Collector):
         self.unauthenticated = 0
         self.limits_fetch_errors: Callable[[], Mapping[str, int]] = lambda: dict.fromkeys(FETCH_ERROR_REASONS, 0)
         self.limits_state = "static"
+        self.config_generation = 0  # the controller's spec in force (0: the --config bootstrap)
+        self.limits_version = 0
         self.limits_age: Callable[[], float] = lambda: 0.0
         # what the engine stated of itself (set when the sidecar reads it): dimension -> value
         self.engine_capacity: dict[str, float] = {}
@@ -202,6 +206,12 @@ class SidecarMetrics(Collector):
         for st in LIMITS_STATES:
             state.add_metric([p, r, st], 1.0 if st == self.limits_state else 0.0)
         yield state
+        generation = _gauge(CONFIG_GENERATION)
+        generation.add_metric([p, r], float(self.config_generation))
+        yield generation
+        version = _gauge(LIMITS_VERSION)
+        version.add_metric([p, r], float(self.limits_version))
+        yield version
         errors = _counter(LIMITS_FETCH_ERRORS_TOTAL)
         for reason, count in self.limits_fetch_errors().items():
             errors.add_metric([p, r, reason], count)

@@ -34,7 +34,7 @@ from aiohttp import web
 from yarl import URL
 
 from tokenscaler.core.capacity import is_mismatch
-from tokenscaler.core.limiter import Shortfall
+from tokenscaler.core.limiter import Shortfall, Vector
 from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig, hash_api_key
 from tokenscaler.sidecar.apis import METERED, PASSTHROUGH, Api
 from tokenscaler.sidecar.budget import BUDGET_DIMENSION, QUOTA, BudgetGuard, refusal_headers, refusal_message
@@ -43,12 +43,26 @@ from tokenscaler.sidecar.errors import RATE_LIMIT_TYPES, error_response, ratelim
 from tokenscaler.sidecar.estimates import BadRequest, ParsedRequest
 from tokenscaler.sidecar.flight import Flight
 from tokenscaler.sidecar.gatekeeper import Gatekeeper, whole_limit
-from tokenscaler.sidecar.metrics import SidecarMetrics
+from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
 from tokenscaler.sidecar.sse import usage_counts
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("tokenscaler.sidecar.access")
 _ACCESS_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+
+
+MAX_TOMBSTONES = 100_000  # revoked keys remembered, to say "revoked" rather than "unknown"
+
+
+def _presented_key(request: web.Request) -> str | None:
+    """The API key a request presents (``Authorization: Bearer``, or Anthropic's ``x-api-key``)."""
+    auth = request.headers.get("Authorization")
+    if auth:
+        scheme, _, key = auth.partition(" ")
+        key = key.strip()
+        return key if scheme.lower() == "bearer" and key else None
+    key = request.headers.get("x-api-key", "").strip()
+    return key or None
 
 
 class AccessEntry:
@@ -103,18 +117,17 @@ class Sidecar:
         self.limiter = gate.limiter
         self.metrics = metrics
         self.options = options
-        ents = config.entitlements_of(pool)
-        self.by_name: dict[str, Entitlement] = {e.name: e for e in ents}
-        self.by_key: dict[str, Entitlement] = {k: e for e in ents for k in e.api_keys}
-        # each entitlement's whole configured limit plus burst: a request above it can never run
-        self.whole = {e.name: whole_limit(e) for e in ents}
-        self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
-        # entitlements with a TTFT objective: their streamed requests count as met or missed
-        self.ttft_slo: dict[str, float] = {
-            e.name: e.slo.ttft_p99_s for e in ents if e.slo is not None and e.slo.ttft_p99_s is not None
-        }
+        self.by_name: dict[str, Entitlement] = {}
+        self.by_key: dict[str, Entitlement] = {}
+        self.whole: dict[str, Vector] = {}
+        self.ttft_slo: dict[str, float] = {}
+        # what a new config took away, so a refusal says why: digest -> entitlement, and names
+        self.revoked: dict[str, str] = {}
+        self.removed: set[str] = set()
+        self.engine_limits: EngineLimits | None = None
         self.max_model_len = self.pool.max_model_len  # the smaller of the engine's and the pool's
         self.admission_pool = self.pool  # the pool with that context window
+        self._identities(config.entitlements_of(pool))
         self.session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
         self.app = web.Application(client_max_size=options.max_body_bytes)
@@ -139,22 +152,78 @@ class Sidecar:
 
     # ---- identification ----------------------------------------------------------------
 
+    def _identities(self, ents: list[Entitlement]) -> None:
+        self.by_name = {e.name: e for e in ents}
+        self.by_key = {k: e for e in ents for k in e.api_keys}
+        # each entitlement's whole configured limit plus burst: a request above it can never run
+        self.whole = {e.name: whole_limit(e) for e in ents}
+        self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
+        # entitlements with a TTFT objective: their streamed requests count as met or missed
+        self.ttft_slo = {e.name: e.slo.ttft_p99_s for e in ents if e.slo is not None and e.slo.ttft_p99_s is not None}
+        for e in ents:
+            if e.name not in self.metrics.stats:
+                self.metrics.stats[e.name] = EntitlementStats(e.name, e.tier.value)
+            else:
+                self.metrics.stats[e.name].tier = e.tier.value
+
+    def apply_config(self, config: TokenPoolsConfig, now: float) -> list[str]:
+        """A new config of this pool from the controller (the limits document's spec): keys,
+        tiers, ceilings and SLOs take effect for the next request; requests in flight finish as
+        they started. Returns what changed, for the log (names and counts, never a key)."""
+        pool = config.pool(self.pool.name)
+        ents = config.entitlements_of(pool.name)
+        names = {e.name for e in ents}
+        keys = {k for e in ents for k in e.api_keys}
+        gone = [n for n in self.by_name if n not in names]
+        added = sorted(names - set(self.by_name))
+        revoked = {k: e.name for k, e in self.by_key.items() if k not in keys}
+        self.removed = (self.removed | set(gone)) - names
+        self.revoked = {k: n for k, n in {**self.revoked, **revoked}.items() if k not in keys}
+        if len(self.revoked) > MAX_TOMBSTONES:  # the oldest go first: a refusal then says only "unknown"
+            self.revoked = dict(list(self.revoked.items())[-MAX_TOMBSTONES:])
+        if pool != self.pool:
+            self.pool = pool
+            self.limiter.set_pool(pool, now)
+            if self.engine_limits is not None:
+                self.apply_engine(self.engine_limits)
+            else:
+                self.max_model_len = pool.max_model_len
+                self.admission_pool = pool
+        self._identities(ents)
+        out = []
+        if added:
+            out.append(f"added {', '.join(added[:10])}{' ...' if len(added) > 10 else ''}")
+        if gone:
+            out.append(f"removed {', '.join(sorted(gone)[:10])}{' ...' if len(gone) > 10 else ''}")
+        if revoked:
+            out.append(f"{len(revoked)} API key(s) revoked")
+        return out
+
+    def refusal(self, request: web.Request) -> tuple[int, str, str]:
+        """(status, message, code) for a request :meth:`identify` found no entitlement for."""
+        pool = self.pool.name
+        if self.options.trust_header is not None and (name := request.headers.get(self.options.trust_header)):
+            if name in self.removed:
+                return 403, f"Entitlement {name!r} no longer exists in pool {pool}.", "entitlement_removed"
+            return 401, f"No entitlement {name!r} in pool {pool}.", "invalid_api_key"
+        key = _presented_key(request)
+        if key is None:
+            return 401, ("You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: "
+                         "KEY'."), "invalid_api_key"  # fmt: skip
+        digest = hash_api_key(key)
+        if (name := self.revoked.get(digest)) is not None:
+            if name in self.removed:
+                return 403, f"Entitlement {name!r} no longer exists in pool {pool}.", "entitlement_removed"
+            return 401, "This API key has been revoked.", "api_key_revoked"
+        return 401, f"Incorrect API key provided: it identifies no entitlement of pool {pool}.", "invalid_api_key"
+
     def identify(self, request: web.Request) -> Entitlement | None:
         if self.options.trust_header is not None:
             name = request.headers.get(self.options.trust_header)
             if name:
                 return self.by_name.get(name)
-        auth = request.headers.get("Authorization")
-        if auth:
-            scheme, _, key = auth.partition(" ")
-            key = key.strip()
-            if scheme.lower() != "bearer" or not key:
-                return None
-        else:  # Anthropic's clients send the key as x-api-key
-            key = request.headers.get("x-api-key", "").strip()
-            if not key:
-                return None
-        return self.by_key.get(hash_api_key(key))
+        key = _presented_key(request)
+        return None if key is None else self.by_key.get(hash_api_key(key))
 
     # ---- metered routes ----------------------------------------------------------------
 
@@ -169,6 +238,7 @@ class Sidecar:
     def apply_engine(self, limits: EngineLimits) -> None:
         """What the engine states of itself governs where it is smaller than the config:
         the replica capacity of admission (KV) and the context window of the 400 check."""
+        self.engine_limits = limits
         capacity = self.limiter.set_engine_capacity(kv_tokens=limits.kv_tokens)
         window = self.pool.max_model_len
         if limits.max_model_len is not None:
@@ -243,15 +313,9 @@ class Sidecar:
         ent = self.identify(request)
         if ent is None:
             self.metrics.unauthenticated += 1
-            missing = not request.headers.get("Authorization") and not request.headers.get("x-api-key") and not (
-                self.options.trust_header and request.headers.get(self.options.trust_header)
-            )
-            message = (
-                "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'."
-                if missing
-                else f"Incorrect API key provided: it identifies no entitlement of pool {self.pool.name}."
-            )
-            return errors.response(401, message, "authentication_error", None, "invalid_api_key")
+            status, message, code = self.refusal(request)
+            kind = "permission_error" if status == 403 else "authentication_error"
+            return errors.response(status, message, kind, None, code)
         name = ent.name
         if entry is not None:
             entry.entitlement, entry.tier = name, ent.tier.value

@@ -1,0 +1,347 @@
+"""Limits at fleet scale: the real controller, N entitlements, R replicas' sidecars asking it for limits.
+
+Run: python benchmarks/fleet.py [--cells 1000x10,1000x100,10000x100] [--versions 20] [--interval-s 5]
+     [--baseline-repo PATH]
+
+For each cell (N entitlements x R replicas) it starts a synthetic exporter (the sidecar and
+engine series of R replicas, each entitlement routed to two of them, demand moving every
+interval), the real ``tokenscaler controller --scrape-config`` on it, and R limits clients
+in a few worker processes: real ``PoolLimitsSource`` instances (v1beta1: watch, deltas) or,
+for the baseline, real ``HttpLimitsSource`` instances polling v1alpha1 every 2 s with ETags
+(what every sidecar did before v1beta1). ``--baseline-repo`` runs the baseline from another
+checkout (its own ``.venv``: the code before the change), cell by cell beside the new code.
+
+Columns: the time from publish until every replica holds the version (p50 and p99 over the
+versions; "holds" = parsed and applied to its view), the controller's CPU-seconds per
+interval (with the clients, minus the same controller's idle interval measured first),
+bytes per replica per version, ``/healthz`` and KEDA ``GetMetrics`` p99 during the run, the
+sidecar's parse and apply time of one document, and one real sidecar's RSS at N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TTL_S = 60.0  # the controller's default limits_ttl_s: published_at = expires_at - TTL_S
+
+
+# --------------------------------------------------------------------------- worker: R/k limits clients
+
+
+async def worker(url: str, pool: str, replicas: list[str], api: str, duration_s: float, poll_s: float) -> None:
+    """Run the limits clients of ``replicas`` for ``duration_s``; print one JSON line of what each held when."""
+    from tokenscaler.core.model import TokenPoolsConfig
+
+    held: dict[str, dict[str, float]] = {r: {} for r in replicas}  # replica -> version -> unix time held
+    sources: list[Any] = []
+    if api == "v1alpha1":
+        import yaml
+
+        from tokenscaler.sidecar.limits import HttpLimitsSource
+
+        config = TokenPoolsConfig.model_validate(yaml.safe_load(Path(os.environ["FLEET_CONFIG"]).read_text()))
+        for r in replicas:
+            sources.append(HttpLimitsSource(config, pool, url, replica=r, replicas=len(replicas), poll_s=poll_s))
+    else:
+        from tokenscaler.sidecar.pool_source import PoolLimitsSource
+
+        for r in replicas:
+            sources.append(PoolLimitsSource(None, pool, url, replica=r, watch_s=30.0, poll_s=poll_s))
+
+    def applier(r: str) -> Any:
+        def apply(update: Any) -> None:
+            if update.version is not None and update.version not in held[r]:
+                held[r][update.version] = time.time()
+
+        return apply
+
+    tasks = [asyncio.create_task(s.run(applier(r))) for s, r in zip(sources, replicas, strict=True)]
+    await asyncio.sleep(duration_s)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    stats = {
+        "held": held,
+        "bytes": sum(getattr(s, "received_bytes", 0) for s in sources),
+        "parse_s": [s.parse_s for s in sources if getattr(s, "parse_s", 0)],
+        "apply_s": [s.apply_s for s in sources if getattr(s, "apply_s", 0)],
+    }
+    print(json.dumps(stats), flush=True)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def fleet_config(n: int, path: Path) -> None:
+    import yaml
+
+    tiers = ("guaranteed", "elastic", "spot")
+    ents = []
+    for i in range(n):
+        e: dict[str, Any] = {"name": f"e{i}", "pool": "bench", "tier": tiers[i % 3], "priority": i % 4,
+                             "weight": 1 + i % 3, "api_keys": [f"{i:064x}"]}  # fmt: skip
+        if e["tier"] == "guaranteed":
+            e["guaranteed"] = {"throughput_tokens_per_s": 1.0, "kv_tokens": 10.0, "concurrency": 0.01}
+        ents.append(e)
+    pool = {"name": "bench", "replica": {"throughput_tokens_per_s": 8000, "kv_tokens": 410128, "concurrency": 256},
+            "min_replicas": 1, "max_replicas": 1000}  # fmt: skip
+    path.write_text(yaml.safe_dump({"pools": [pool], "entitlements": ents}))
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def p99(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))] if xs else float("nan")
+
+
+async def sample_latency(
+    url: str, grpc_port: int, api: str, stop: asyncio.Event, published: dict[str, float]
+) -> tuple[list[float], list[float]]:
+    """``/healthz`` and ``GetMetrics`` latencies until ``stop``; meanwhile each new version's
+    publish time (``expires_at - TTL_S`` of its document, asked with the version held: a 304
+    until there is a new one) into ``published``."""
+    import aiohttp
+    import grpc
+
+    from tokenscaler.serve._proto import externalscaler_pb2 as pb
+    from tokenscaler.serve._proto import externalscaler_pb2_grpc as pbg
+
+    health: list[float] = []
+    keda: list[float] = []
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+    stub = pbg.ExternalScalerStub(channel)
+    ref = pb.ScaledObjectRef(name="bench", namespace="default", scalerMetadata={"pool": "bench"})
+    held = ""
+    beta = api != "v1alpha1"
+    doc_url = f"{url}/v1beta1/pools/bench/limits" if beta else f"{url}/v1/pools/bench/limits"
+    async with aiohttp.ClientSession() as http:
+        while not stop.is_set():
+            params = {"replica": "r0"}
+            if beta and held:
+                params.update(since=held, generation="1")
+            async with http.get(doc_url, params=params, headers={"If-None-Match": f'"{held}"'}) as r:
+                if r.status == 200:
+                    doc = json.loads(await r.read())
+                    held = str(doc["version"])
+                    published.setdefault(held, doc["expires_at"] - TTL_S)
+            t = time.perf_counter()
+            async with http.get(f"{url}/healthz") as r:
+                await r.read()
+            health.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            try:
+                await stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName="bench"), timeout=5)
+                keda.append(time.perf_counter() - t)
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.02)
+    await channel.close()
+    return health, keda
+
+
+def run_cell(n: int, r: int, api: str, python: str, versions: int, interval_s: float, work: Path) -> dict[str, Any]:
+    import urllib.request
+
+    cfg = work / f"fleet-{n}.yaml"
+    if not cfg.exists():
+        fleet_config(n, cfg)
+    exporter = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "fleet_exporter.py"), str(n), str(r),
+                                 "bench"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    procs: list[subprocess.Popen] = [exporter]
+    try:
+        port = int(exporter.stdout.readline())  # type: ignore[union-attr]
+        scrape = work / "scrape.yaml"
+        scrape.write_text(json.dumps({"pools": {"bench": {
+            "engines": [f"http://127.0.0.1:{port}/e{j}" for j in range(r)],
+            "sidecars": [f"http://127.0.0.1:{port}/s{j}" for j in range(r)]}}, "timeout_s": 4}))  # fmt: skip
+        http_port, grpc_port = free_port(), free_port()
+        ctl = subprocess.Popen(
+            [python, "-m", "tokenscaler", "controller", "--config", str(cfg), "--scrape-config", str(scrape),
+             "--http-listen", f"127.0.0.1:{http_port}", "--grpc-listen", f"127.0.0.1:{grpc_port}",
+             "--interval-s", f"{interval_s:g}", "--log-level", "WARNING"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        procs.append(ctl)
+        url = f"http://127.0.0.1:{http_port}"
+        deadline = time.time() + 180
+        while True:  # ready, and every replica known
+            try:
+                with urllib.request.urlopen(f"{url}/v1/plan", timeout=10) as resp:
+                    plan = json.load(resp)
+                if len(plan["pools"]["bench"].get("replicas", [])) >= r:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"the controller did not come up with {r} replicas known")
+            time.sleep(0.5)
+        idle0, t_idle = cpu_s(ctl.pid), time.time()
+        time.sleep(2 * interval_s)
+        idle_cpu = (cpu_s(ctl.pid) - idle0) / (time.time() - t_idle) * interval_s  # per interval, no clients
+        duration = versions * interval_s + 3 * interval_s
+        workers = max(1, min(4, r // 50 + 1))
+        chunks = [[f"r{j}" for j in range(k, r, workers)] for k in range(workers)]
+        env = dict(os.environ, FLEET_CONFIG=str(cfg))
+        for chunk in chunks:
+            procs.append(subprocess.Popen(
+                [python, str(Path(__file__).resolve()), "--worker", url, "--api", api, "--duration-s",
+                 f"{duration:g}", "--replicas", ",".join(chunk)],
+                stdout=subprocess.PIPE, text=True, env=env,
+            ))  # fmt: skip
+        cpu0, t0 = cpu_s(ctl.pid), time.time()
+        stop = asyncio.Event()
+
+        published: dict[str, float] = {}
+
+        async def sample() -> tuple[list[float], list[float]]:
+            task = asyncio.create_task(sample_latency(url, grpc_port, api, stop, published))
+            await asyncio.sleep(duration)
+            stop.set()
+            return await task
+
+        health, keda = asyncio.run(sample())
+        cpu = (cpu_s(ctl.pid) - cpu0) / (time.time() - t0) * interval_s - idle_cpu
+        results = [json.loads(p.stdout.read()) for p in procs[2:]]  # type: ignore[union-attr]
+        for p in procs[2:]:
+            p.wait(timeout=60)
+        held: dict[str, dict[str, float]] = {}
+        for res in results:
+            held.update(res["held"])
+        fan = []
+        for v, at in published.items():
+            times = [h.get(v) for h in held.values()]
+            if all(t is not None for t in times):
+                fan.append(max(times) - at)  # type: ignore[type-var]
+        nbytes = sum(res["bytes"] for res in results)
+        seen = max(1, len(published))
+        rss = sidecar_rss(python, url, work) if api != "v1alpha1" else float("nan")
+        parse = [x for res in results for x in res["parse_s"]]
+        apply = [x for res in results for x in res["apply_s"]]
+        return {
+            "n": n, "r": r, "api": api, "versions": len(fan), "fan_p50": statistics.median(fan) if fan else None,
+            "fan_p99": p99(fan), "cpu_per_interval": cpu, "bytes_per_replica": nbytes / seen / r if nbytes else None,
+            "healthz_p99": p99(health), "keda_p99": p99(keda),
+            "parse_ms": 1e3 * statistics.median(parse) if parse else None,
+            "apply_ms": 1e3 * statistics.median(apply) if apply else None, "sidecar_rss_mb": rss,
+        }  # fmt: skip
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def sidecar_rss(python: str, url: str, work: Path) -> float:
+    """RSS of one real ``tokenscaler sidecar`` holding the pool's document (no --config)."""
+    import urllib.request
+
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen(
+        [python, "-m", "tokenscaler", "sidecar", "--listen", f"127.0.0.1:{port}", "--upstream", "http://127.0.0.1:9",
+         "--pool", "bench", "--metrics-port", str(metrics), "--limits-url", url, "--replica-id", "r0",
+         "--engine-limits", "off", "--access-log", "off", "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as resp:
+                    text = resp.read().decode()
+                if "tokenscaler_sidecar_limits_version" in text and 'limits_version{pool="bench",replica="r0"} 0.0' \
+                        not in text:  # fmt: skip
+                    time.sleep(1.0)
+                    return rss_mb(proc.pid)
+            except OSError:
+                pass
+            time.sleep(0.5)
+        return float("nan")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--api", default="v1beta1", help=argparse.SUPPRESS)
+    ap.add_argument("--replicas", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--duration-s", type=float, default=60.0, help=argparse.SUPPRESS)
+    ap.add_argument("--cells", default="1000x10,1000x100,10000x10,10000x100",
+                    help="entitlements x replicas, comma-separated (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--versions", type=int, default=20, help="plan versions measured per cell (default: 20)")
+    ap.add_argument("--interval-s", type=float, default=5.0, help="the controller's interval (default: 5)")
+    ap.add_argument("--baseline-repo", default=None, help="a checkout of the code before (its .venv): v1alpha1")
+    args = ap.parse_args()
+    if args.worker:
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:
+            pass
+        asyncio.run(worker(args.worker, "bench", args.replicas.split(","), args.api, args.duration_s, 2.0))
+        return 0
+    sys.path.insert(0, str(REPO))
+    print(f"# {platform.node()} | {platform.machine()} | Python {platform.python_version()} | "
+          f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell")
+    cols = ("code", "N x R", "versions", "held p50 ms", "held p99 ms", "ctl CPU s/interval", "kB/replica/version",
+            "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms", "sidecar RSS MB")  # fmt: skip
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    runs = [("new", sys.executable, "v1beta1")]
+    if args.baseline_repo:
+        runs.append(("before", str(Path(args.baseline_repo) / ".venv" / "bin" / "python"), "v1alpha1"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for cell in args.cells.split(","):
+            n, r = (int(x) for x in cell.lower().split("x"))
+            for label, python, api in runs:
+                res = run_cell(n, r, api, python, args.versions, args.interval_s, Path(tmp))
+
+                def f(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
+                    return "n/a" if x is None or x != x else f"{x * scale:,.{digits}f}"
+
+                print(f"| {label} ({api}) | {n:,} x {r:,} | {res['versions']} | {f(res['fan_p50'], 1e3)} | "
+                      f"{f(res['fan_p99'], 1e3)} | {f(res['cpu_per_interval'], 1, 2)} | "
+                      f"{f(res['bytes_per_replica'], 1e-3)} | {f(res['healthz_p99'], 1e3, 1)} | "
+                      f"{f(res['keda_p99'], 1e3, 1)} | {f(res['parse_ms'], 1, 1)} | {f(res['apply_ms'], 1, 1)} | "
+                      f"{f(res['sidecar_rss_mb'])} |", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""The limits API's documents, built once per plan version from the plan's arrays, off the event loop.
+
+A :class:`Publisher` lives beside the :class:`~tokenscaler.control.store.PlanStore`. The
+first request for a version builds that pool's :class:`PoolPublication` in a worker thread
+(every other request for it awaits the same build), so nothing per entitlement runs on the
+HTTP event loop, and ``/healthz``, ``/readyz`` and the KEDA scaler never wait behind it:
+
+* v1beta1 (:mod:`tokenscaler.core.pool_limits`): the pool's ``spec`` once per config
+  generation, its limit columns once per version (every row, plus a delta per version a
+  sidecar holds, computed on first ask), and each replica's routing shares (small, sparse).
+  A body is those prebuilt fragments joined, O(bytes) per request.
+* v1alpha1 (:class:`~tokenscaler.core.limits.LimitsDocument`, one per replica, kept one
+  release for older sidecars): built with numpy and orjson instead of a pydantic model per
+  entry, the same JSON, cached per (version, replica).
+
+Cost: O(N) per version to build, O(N) bytes per replica for a full document and O(rows
+changed) for a delta, O(N) per replica per version for v1alpha1 (which is why it is legacy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+
+from tokenscaler.control.store import PublishedPlan
+from tokenscaler.core.limits import API_VERSION, BudgetLimits, replica_shares, replica_split
+from tokenscaler.core.model import DIMENSIONS, TIER_ORDER, Entitlement, Pool, TokenPoolsConfig
+from tokenscaler.core.plan import PoolPlan
+from tokenscaler.core.pool_limits import API_VERSION_V1BETA1, finite, rounded, routing_shares
+
+HISTORY = 8  # versions a delta can be computed from
+
+
+@dataclass(frozen=True)
+class SpecPublication:
+    """A pool's spec (pool and entitlements as configured, keys as digests) of one generation."""
+
+    generation: int
+    names: tuple[str, ...]
+    fragment: bytes  # {"pool": ..., "entitlements": [...]}
+
+
+def build_spec(pool: Pool, entitlements: list[Entitlement], generation: int) -> SpecPublication:
+    body = {
+        "pool": pool.model_dump(mode="json"),
+        "entitlements": [e.model_dump(mode="json", exclude_defaults=True) for e in entitlements],
+    }
+    return SpecPublication(generation, tuple(e.name for e in entitlements), orjson.dumps(body))
+
+
+def pool_entitlements(config: TokenPoolsConfig | None, pp: PoolPlan) -> list[Entitlement]:
+    """The pool's entitlements in the plan's row order (the spec's order is the columns')."""
+    by_name = {} if config is None else {e.name: e for e in config.entitlements_of(pp.pool.name)}
+    missing = [n for n in pp.rows.names if n not in by_name]
+    if missing:  # a plan restored from a state file before the config caught up: the rows say enough
+        raise LookupError(f"the plan's entitlements {missing[:3]} are not in the config")
+    return [by_name[n] for n in pp.rows.names]
+
+
+@dataclass
+class PoolPublication:
+    """One pool's documents of one published version."""
+
+    pool: str
+    version: int
+    generation: int
+    spec: SpecPublication
+    header: Mapping[str, object]
+    tier: np.ndarray  # (n,) planned tier rank
+    limit: np.ndarray  # (n, 3) pool-level, rounded
+    burst: np.ndarray  # (n, 3)
+    full: bytes  # the limits columns, every row
+    budgets: bytes
+    observed: Mapping[str, np.ndarray]  # replica -> (n,) observed share, NaN where unseen
+    ready_replicas: int
+    previous: dict[int, PoolPublication] = field(default_factory=dict)  # older versions, same rows
+    _deltas: dict[int, bytes] = field(default_factory=dict)
+    _routing: dict[str | None, bytes] = field(default_factory=dict)
+
+    def delta(self, since: int | None) -> bytes:
+        """The limits columns: the rows changed since version ``since`` if it is known, else all."""
+        if since is None or since == self.version:
+            return self.full if since is None else self._delta_of(self)
+        old = self.previous.get(since)
+        if old is None:
+            return self.full
+        if since not in self._deltas:
+            self._deltas[since] = self._delta_of(old)
+        return self._deltas[since]
+
+    def _delta_of(self, old: PoolPublication) -> bytes:
+        changed = (
+            (old.tier != self.tier) | np.any(old.limit != self.limit, axis=1) | np.any(old.burst != self.burst, axis=1)
+        )
+        idx = np.flatnonzero(changed)
+        return orjson.dumps(
+            {"since": old.version, "index": idx, "tier": self.tier[idx], "limit": self.limit[idx],
+             "burst": self.burst[idx]},
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )  # fmt: skip
+
+    def routing(self, replica: str | None) -> bytes:
+        got = self._routing.get(replica)
+        if got is None:
+            rows = routing_shares(self.observed.get(replica) if replica else None, self.ready_replicas)
+            names = self.spec.names
+            got = orjson.dumps({names[i]: s for i, s in rows.items()})
+            self._routing[replica] = got
+        return got
+
+    def body(self, replica: str | None, generation: int | None, since: int | None) -> bytes:
+        """The document for ``replica``, for a sidecar that holds ``generation`` and version ``since``."""
+        same = generation == self.generation
+        head = dict(self.header, replica=replica)
+        return b"".join((
+            orjson.dumps(head)[:-1],
+            b',"spec":', b"null" if same else self.spec.fragment,
+            b',"limits":', self.delta(since if same else None),
+            b',"routing":', self.routing(replica),
+            b',"budgets":', self.budgets, b"}",
+        ))  # fmt: skip
+
+
+def build_pool_publication(
+    published: PublishedPlan, pool: str, spec: SpecPublication, ttl_s: float, previous: PoolPublication | None
+) -> PoolPublication:
+    """The v1beta1 publication of ``pool`` in ``published`` (pure but for the clock it is given)."""
+    pp = published.plan.pools[pool]
+    tier = pp.rows.problem.tier.astype(np.int8)
+    limit, burst = rounded(finite(pp.limit)), rounded(finite(pp.burst))
+    header = {
+        "api_version": API_VERSION_V1BETA1, "kind": "PoolLimits", "pool": pool, "version": published.version,
+        "generation": spec.generation, "generated_at": published.plan.now,
+        "expires_at": published.published_at + ttl_s, "stale": published.stale,
+        "guarantees_fit": pp.guarantees_fit, "ready_replicas": int(pp.ready_replicas),
+    }  # fmt: skip
+    full = orjson.dumps(
+        {"since": None, "index": None, "tier": tier, "limit": limit, "burst": burst}, option=orjson.OPT_SERIALIZE_NUMPY
+    )
+    budgets = orjson.dumps({n: BudgetLimits.of(s).model_dump(mode="json") for n, s in pp.budgets.items()})
+    pub = PoolPublication(
+        pool, published.version, spec.generation, spec, header, tier, limit, burst, full, budgets,
+        published.shares.get(pool, {}), int(pp.ready_replicas),
+    )  # fmt: skip
+    if previous is not None and previous.spec.names == spec.names and previous.generation == spec.generation:
+        older = dict(previous.previous)
+        older[previous.version] = previous
+        for v in sorted(older)[:-HISTORY]:
+            del older[v]
+        for p in older.values():
+            p.previous = {}  # only the newest keeps the chain: memory stays HISTORY x N
+        pub.previous = older
+    return pub
+
+
+def legacy_document(
+    pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: str | None, *, version: str,
+    generated_at: float, expires_at: float, stale: bool,
+) -> bytes:  # fmt: skip
+    """The v1alpha1 :class:`~tokenscaler.core.limits.LimitsDocument` of ``replica`` as JSON,
+    equal to ``limits_document(...).model_dump_json()`` but built from the arrays."""
+    shares = replica_shares(pp, observed, replica)
+    p = pp.rows.problem
+    lim, bur, ceiling, ceiling_burst = replica_split(
+        pp.pool, pp.limit, pp.burst, p.limit, p.is_spot, pp.guarantees_fit, shares
+    )
+    if replica is None:
+        lim, bur = pp.limit_per_replica, pp.burst_per_replica
+    tier_names = [t.value for t in TIER_ORDER]
+    tiers, prios = p.tier.tolist(), p.priority.tolist()
+    lim_rows, bur_rows, ceil_rows, cb_rows = lim.tolist(), bur.tolist(), ceiling.tolist(), ceiling_burst.tolist()
+    d0, d1, d2 = DIMENSIONS
+    budgets = {n: BudgetLimits.of(s).model_dump(mode="json") for n, s in pp.budgets.items()}
+    ents = {}
+    for i, name in enumerate(pp.rows.names):
+        lr, br, cr, cbr = lim_rows[i], bur_rows[i], ceil_rows[i], cb_rows[i]
+        ents[name] = {
+            "tier": tier_names[tiers[i]], "priority": prios[i],
+            "limit": {d0: lr[0], d1: lr[1], d2: lr[2]},
+            "burst": {d0: br[0], d1: br[1], d2: br[2]},
+            "ceiling": {d0: None if math.isinf(cr[0]) else cr[0], d1: None if math.isinf(cr[1]) else cr[1],
+                        d2: None if math.isinf(cr[2]) else cr[2]},
+            "ceiling_burst": {d0: cbr[0], d1: cbr[1], d2: cbr[2]},
+            "budget": budgets.get(name),
+        }  # fmt: skip
+    return orjson.dumps({
+        "api_version": API_VERSION, "kind": "Limits", "pool": pp.pool.name, "replica": replica, "version": version,
+        "generated_at": generated_at, "expires_at": expires_at, "stale": stale, "entitlements": ents,
+    })  # fmt: skip
+
+
+class Publisher:
+    """The documents of the published plans, each built once, in a worker thread, on first ask."""
+
+    def __init__(self, ttl_s: float = 60.0) -> None:
+        self.ttl_s = ttl_s
+        self._specs: dict[tuple[str, int], SpecPublication] = {}
+        self._pools: dict[str, PoolPublication] = {}
+        self._building: dict[tuple[str, int], asyncio.Future[PoolPublication]] = {}
+        self._legacy: OrderedDict[tuple[int, str, str | None], asyncio.Future[bytes]] = OrderedDict()
+
+    async def pool(self, published: PublishedPlan, pool: str) -> PoolPublication:
+        have = self._pools.get(pool)
+        if have is not None and have.version == published.version:
+            return have
+        key = (pool, published.version)
+        fut = self._building.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._building[key] = fut
+            try:
+                pub = await asyncio.to_thread(self._build, published, pool, have)
+            except BaseException as e:
+                fut.set_exception(e)
+                fut.exception()  # retrieved: a failed build is reported to each asker, not logged unretrieved
+                raise
+            finally:
+                self._building.pop(key, None)
+            fut.set_result(pub)
+            current = self._pools.get(pool)
+            if current is None or current.version < pub.version:
+                self._pools[pool] = pub
+            return pub
+        return await fut
+
+    def _build(self, published: PublishedPlan, pool: str, previous: PoolPublication | None) -> PoolPublication:
+        pp = published.plan.pools[pool]
+        skey = (pool, published.generation)
+        spec = self._specs.get(skey)
+        if spec is None or spec.names != pp.rows.names:
+            spec = build_spec(pp.pool, pool_entitlements(published.config, pp), published.generation)
+            self._specs = {k: v for k, v in self._specs.items() if k[0] != pool}
+            self._specs[skey] = spec
+        return build_pool_publication(published, pool, spec, self.ttl_s, previous)
+
+    async def legacy(self, published: PublishedPlan, pool: str, replica: str | None) -> bytes:
+        key = (published.version, pool, replica)
+        fut = self._legacy.get(key)
+        if fut is None:
+            if self._legacy and next(iter(self._legacy))[0] != published.version:
+                self._legacy = OrderedDict((k, f) for k, f in self._legacy.items() if k[0] == published.version)
+            fut = asyncio.ensure_future(asyncio.to_thread(
+                legacy_document, published.plan.pools[pool], published.shares.get(pool, {}), replica,
+                version=str(published.version), generated_at=published.plan.now,
+                expires_at=published.published_at + self.ttl_s, stale=published.stale,
+            ))  # fmt: skip
+            self._legacy[key] = fut
+        return await asyncio.shield(fut)

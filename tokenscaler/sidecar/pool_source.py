@@ -1,0 +1,234 @@
+"""The sidecar's client of the limits API v1beta1: the pool's spec and limits, watched, as deltas.
+
+:class:`PoolLimitsSource` asks ``GET {url}/v1beta1/pools/{pool}/limits?replica=&generation=
+&since=&watch=true`` (:mod:`tokenscaler.core.pool_limits`): the controller answers at once
+when a newer version exists, else holds the request up to ``watch_s`` and answers when one
+is published (304 if none), so a sidecar learns a version within milliseconds of publish
+rather than within a poll. It sends the generation and version it holds: the spec comes only
+when the config changed, the limits only as the rows that changed. A document is parsed in a
+worker thread when large and applied as the gates that changed
+(:class:`~tokenscaler.sidecar.pool_view.PoolView`), so proxying never waits for 10,000
+entitlements.
+
+Fail-static and expiry are those of :class:`~tokenscaler.sidecar.limits.HttpLimitsSource`;
+the floors follow the last spec. An older controller (no v1beta1 route) is asked the
+v1alpha1 way instead (``api="auto"``, the default), with the sidecar's own config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+import orjson
+from pydantic import ValidationError
+
+from tokenscaler.core.limits import LimitsDocument
+from tokenscaler.core.model import TokenPoolsConfig
+from tokenscaler.core.pool_limits import PoolLimitsDocument
+from tokenscaler.sidecar.limits import HttpLimitsSource, LimitRules, LimitsUpdate, budgets_of
+from tokenscaler.sidecar.limits_auth import LimitsHttpError, LimitsRefused, error_message
+from tokenscaler.sidecar.pool_view import OutOfStep, PoolView
+
+log = logging.getLogger(__name__)
+PARSE_IN_THREAD_BYTES = 64 * 1024  # larger documents are parsed off the proxy's event loop
+
+
+def parse(body: bytes) -> PoolLimitsDocument:
+    return PoolLimitsDocument.model_validate(orjson.loads(body))
+
+
+class PoolLimitsSource(HttpLimitsSource):
+    """Watches the controller's v1beta1 document; ``on_config`` gets each new spec's config
+    (before the limits of that document are applied)."""
+
+    def __init__(
+        self,
+        config: TokenPoolsConfig | None,
+        pool: str,
+        url: str,
+        *,
+        replica: str,
+        replicas: int = 1,
+        watch_s: float = 30.0,
+        api: str = "auto",
+        on_config: Callable[[TokenPoolsConfig], None] | None = None,
+        **kwargs: object,
+    ) -> None:
+        self.base = url.rstrip("/")
+        self.pool_name = pool
+        self.bootstrap = config
+        if config is not None:
+            super().__init__(config, pool, url, replica=replica, replicas=replicas, **kwargs)  # type: ignore[arg-type]
+        else:
+            self._init_without_config(pool, url, replica, replicas, kwargs)
+        self.view = PoolView(pool)
+        self.watch_s = watch_s
+        self.api = api  # auto | v1beta1 | v1alpha1
+        self.legacy = api == "v1alpha1"
+        self.on_config = on_config
+        self.generation: int | None = None
+        self.received_bytes = 0  # document bytes received (v1beta1)
+        self.parse_s = 0.0  # the last document's parse, and its application to the view, in seconds
+        self.apply_s = 0.0
+        self._pending: PoolLimitsDocument | LimitsDocument | None = None
+
+    def _init_without_config(self, pool: str, url: str, replica: str, replicas: int, kwargs: dict) -> None:
+        # HttpLimitsSource without its rules: they come with the first document's spec
+        placeholder = TokenPoolsConfig.model_validate(
+            {"pools": [{"name": pool, "replica": {"throughput_tokens_per_s": 1, "kv_tokens": 1, "concurrency": 1},
+                        "max_replicas": 1}]}
+        )  # fmt: skip
+        super().__init__(placeholder, pool, url, replica=replica, replicas=replicas, **kwargs)  # type: ignore[arg-type]
+
+    def adopt(self, config: TokenPoolsConfig) -> None:
+        """Bootstrap from ``config`` (the first document's, when there is no ``--config``)."""
+        self.bootstrap = config
+        self.rules = LimitRules(config, self.pool_name, self.rules.replicas)
+
+    @property
+    def config(self) -> TokenPoolsConfig | None:
+        """The config in force: the last spec's, else the bootstrap."""
+        return self.view.config or self.bootstrap
+
+    def _v1beta1_url(self) -> str:
+        return f"{self.base}/v1beta1/pools/{self.pool_name}/limits"
+
+    async def _fetch(self, session: object) -> tuple[int, LimitsDocument | None]:
+        if self.legacy:
+            return await super()._fetch(session)
+        import aiohttp
+
+        assert isinstance(session, aiohttp.ClientSession)
+        params = {"replica": self.replica}
+        watching = self.view.version is not None and self.watch_s > 0 and self.state not in ("expired",)
+        if self.view.generation is not None:
+            params["generation"] = str(self.view.generation)
+        if self.view.version is not None:
+            params["since"] = str(self.view.version)
+        if watching:
+            params.update(watch="true", timeout_s=f"{self.watch_s:g}")
+        headers = {"Accept": "application/json"}
+        tls: ssl.SSLContext | bool = True
+        if self.auth is not None:
+            headers.update(self.auth.headers())
+            tls = self.auth.ssl_context() or True
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s + (self.watch_s if watching else 0.0))
+        async with session.get(self._v1beta1_url(), params=params, headers=headers, ssl=tls, timeout=timeout) as resp:
+            if resp.status == 304:
+                return 304, None
+            body = await resp.read()
+            self.received_bytes += len(body)
+            if resp.status in (401, 403):
+                raise LimitsRefused(resp.status, self._redact(error_message(body)))
+            if resp.status == 404 and self.api == "auto" and not body.startswith(b'{"error"'):
+                # no such route: a controller older than v1beta1
+                log.warning("the controller at %s has no v1beta1 limits API: asking it the v1alpha1 way", self.base)
+                if self.bootstrap is None:
+                    raise LimitsHttpError("the controller serves only v1alpha1, which needs this sidecar's --config")
+                self.legacy = True
+                return await super()._fetch(session)
+            if resp.status != 200:
+                raise LimitsHttpError(f"HTTP {resp.status}: {self._redact(error_message(body))}")
+            t0 = time.perf_counter()
+            if len(body) > PARSE_IN_THREAD_BYTES:
+                doc = await asyncio.to_thread(parse, body)
+            else:
+                doc = parse(body)
+            self.parse_s = time.perf_counter() - t0
+            if doc.pool != self.pool_name:
+                raise RuntimeError(f"document is for pool {doc.pool!r}, not {self.pool_name!r}")
+            self._pending = doc
+            return 200, None
+
+    async def first_config(self, retry_s: float = 1.0, max_retry_s: float = 10.0) -> TokenPoolsConfig:
+        """The pool's config from the first document (no ``--config``): retried until it comes."""
+        import aiohttp
+
+        delay = retry_s
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
+            while True:
+                try:
+                    await self._fetch(session)
+                    doc = self._pending
+                    if isinstance(doc, PoolLimitsDocument) and doc.spec is not None:
+                        return TokenPoolsConfig(pools=[doc.spec.pool], entitlements=doc.spec.entitlements)
+                except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError, ValidationError, ValueError) as e:
+                    log.warning("waiting for the first limits document from %s: %s", self._v1beta1_url(),
+                                self._redact(str(e) or type(e).__name__))  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, max_retry_s)
+
+    def _on_success(self, status: int, doc: LimitsDocument | None, apply: Callable[[LimitsUpdate], None]) -> None:
+        if self.legacy:
+            super()._on_success(status, doc, apply)
+            return
+        self._last_ok = self.clock()
+        was = self.state
+        pending, self._pending = self._pending, None
+        if not isinstance(pending, PoolLimitsDocument):
+            if self.view.version is not None and was in ("stale", "expired"):
+                self._restore(apply, was)
+            return
+        if was == "expired":
+            self.view.forget_gates()  # the floors are in force: every gate is set anew
+        t0 = time.perf_counter()
+        try:
+            change = self.view.apply(pending)
+        except OutOfStep as e:  # a delta against what this view does not hold: ask for everything
+            log.info("limits document out of step (%s): asking for the whole document", e)
+            self.view.version = None
+            self.view.generation = None
+            return
+        self.apply_s = time.perf_counter() - t0
+        if change.config is not None:
+            self.rules = LimitRules(change.config, self.pool_name, max(pending.ready_replicas, 1))
+            if self.on_config is not None:
+                self.on_config(change.config)
+        state = "stale" if pending.stale else "fresh"
+        self.state = state
+        self.version = str(pending.version)
+        self.generation = pending.generation
+        # after a new spec every gate is set anew; after an expiry too (the floors were in force)
+        full = change.config is not None or was == "expired"
+        apply(LimitsUpdate(change.changed, state, self.version, change.budgets, partial=not full,
+                           removed=change.removed))  # fmt: skip
+        if was == "expired":
+            log.warning("limits restored from %s (version %s)", self.base, pending.version)
+
+    def _restore(self, apply: Callable[[LimitsUpdate], None], was: str) -> None:
+        """The source answers again, with the version this view holds."""
+        self.state = "fresh"
+        if was == "expired":  # the floors are in force: every gate of the view anew
+            apply(LimitsUpdate(self.view.current(), "fresh", self.version, budgets=self.view.budgets))
+            log.warning("limits restored from %s (version %s)", self.base, self.version)
+        else:
+            apply(LimitsUpdate({}, "fresh", self.version, budgets=self.view.budgets, partial=True))
+
+    def _on_failure(self, apply: Callable[[LimitsUpdate], None]) -> None:
+        if self.legacy:
+            super()._on_failure(apply)
+            return
+        if self.state == "expired":
+            return
+        if self.age_s() >= self.expiry_s:
+            self.state = "expired"
+            log.warning(
+                "limits expired: no successful poll of %s for %.1fs (--limits-expiry-s %g); "
+                "falling back to guaranteed floors, elastic at 0 sustained (backfill only), spot at 0",
+                self.base, self.age_s(), self.expiry_s,
+            )  # fmt: skip
+            apply(LimitsUpdate(self.rules.all_floors(), "expired", self.version))
+        elif self.state == "fresh":
+            self.state = "stale"
+            apply(LimitsUpdate({}, "stale", self.version, partial=True))
+
+    def _delay(self, failures: int) -> float | None:
+        """After a watch answered, ask again at once (the watch itself waits); None: the poll rule."""
+        return 0.01 if failures == 0 and not self.legacy and self.watch_s > 0 else None
+
+
+__all__ = ["PoolLimitsSource", "budgets_of"]
