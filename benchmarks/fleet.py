@@ -134,19 +134,21 @@ async def sample_latency(
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
     stub = pbg.ExternalScalerStub(channel)
     ref = pb.ScaledObjectRef(name="bench", namespace="default", scalerMetadata={"pool": "bench"})
-    held = ""
+    held, hold = "", {}
     beta = api != "v1alpha1"
     doc_url = f"{url}/v1beta1/pools/bench/limits" if beta else f"{url}/v1/pools/bench/limits"
     async with aiohttp.ClientSession() as http:
         while not stop.is_set():
             params = {"replica": "r0"}
             if beta and held:
-                params.update(since=held, generation="1")
+                params.update(since=held, **hold)
             async with http.get(doc_url, params=params, headers={"If-None-Match": f'"{held}"'}) as r:
                 if r.status == 200:
                     doc = json.loads(await r.read())
                     held = str(doc["version"])
                     published.setdefault(held, doc["expires_at"] - TTL_S)
+                    if beta:
+                        hold = {"spec": doc["spec_hash"], "instance": doc["instance"]}
             t = time.perf_counter()
             async with http.get(f"{url}/healthz") as r:
                 await r.read()

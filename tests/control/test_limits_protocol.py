@@ -191,9 +191,15 @@ async def twenty_sidecars() -> None:
                 assert close(s.gates, legacy_gates(doc, plans.config)), s.source.replica
 
             # ETag: the version held is a 304, on both APIs
-            r = await http.get(f"{url}/v1beta1/pools/{POOL}/limits",
-                               params={"replica": "r0", "since": str(v), "generation": "1"})  # fmt: skip
+            held = sidecars[0].source.view
+            hold = {"replica": "r0", "spec": held.spec_hash, "instance": held.instance}
+            r = await http.get(f"{url}/v1beta1/pools/{POOL}/limits", params={**hold, "since": str(v)})
             assert r.status == 304
+            # another controller process (instance) or spec: the whole document, never a 304
+            for other in ({"instance": "elsewhere"}, {"spec": "0" * 16}):
+                r = await http.get(f"{url}/v1beta1/pools/{POOL}/limits", params={**hold, "since": str(v), **other})
+                doc = PoolLimitsDocument.model_validate_json(await r.read())
+                assert r.status == 200 and doc.limits.index is None and (doc.spec is None) == ("instance" in other)
             r = await http.get(f"{url}/v1/pools/{POOL}/limits", params={"replica": "r0"},
                                headers={"If-None-Match": f'"{v}"'})  # fmt: skip
             assert r.status == 304
@@ -201,7 +207,7 @@ async def twenty_sidecars() -> None:
             # a watch held open is answered by the next publish; a delta carries only what moved
             watch = asyncio.ensure_future(http.get(
                 f"{url}/v1beta1/pools/{POOL}/limits",
-                params={"replica": "r0", "since": str(v), "generation": "1", "watch": "true", "timeout_s": "20"},
+                params={**hold, "since": str(v), "watch": "true", "timeout_s": "20"},
             ))  # fmt: skip
             await asyncio.sleep(0.2)
             assert not watch.done()
@@ -217,8 +223,8 @@ async def twenty_sidecars() -> None:
             assert all(u.partial for s in sidecars for u in s.updates[1:])  # after the first: deltas
 
             # a watch that sees no new version ends in a 304
-            r = await http.get(f"{url}/v1beta1/pools/{POOL}/limits", params={
-                "replica": "r0", "since": str(v2), "generation": "1", "watch": "true", "timeout_s": "0.2"})  # fmt: skip
+            r = await http.get(f"{url}/v1beta1/pools/{POOL}/limits",
+                               params={**hold, "since": str(v2), "watch": "true", "timeout_s": "0.2"})  # fmt: skip
             assert r.status == 304
 
             # a new generation: e1 removed, e2's key rotated, e-new added; the spec goes out once
@@ -230,6 +236,7 @@ async def twenty_sidecars() -> None:
             await until(lambda: all(s.source.view.version == v3 for s in sidecars), what="every sidecar at v3")
             for s in sidecars:
                 assert s.source.generation == 2 and s.configs and s.configs[-1] == new_cfg
+                assert s.source.view.spec_hash != hold["spec"]
                 assert "e1" not in s.gates and "e-new" in s.gates
                 keys = {k for e in s.configs[-1].entitlements for k in e.api_keys}
                 assert digest("k2-rotated") in keys and digest("k2") not in keys and digest("k-new") in keys

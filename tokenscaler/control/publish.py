@@ -20,7 +20,9 @@ changed) for a delta, O(N) per replica per version for v1alpha1 (which is why it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
+import secrets
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class SpecPublication:
     generation: int
     names: tuple[str, ...]
     fragment: bytes  # {"pool": ..., "entitlements": [...]}
+    hash: str  # of ``fragment``: what a sidecar holding this spec sends back (``?spec=``)
 
 
 def build_spec(pool: Pool, entitlements: list[Entitlement], generation: int) -> SpecPublication:
@@ -51,7 +54,9 @@ def build_spec(pool: Pool, entitlements: list[Entitlement], generation: int) -> 
         "pool": pool.model_dump(mode="json"),
         "entitlements": [e.model_dump(mode="json", exclude_defaults=True) for e in entitlements],
     }
-    return SpecPublication(generation, tuple(e.name for e in entitlements), orjson.dumps(body))
+    fragment = orjson.dumps(body)
+    return SpecPublication(generation, tuple(e.name for e in entitlements), fragment,
+                           hashlib.sha256(fragment).hexdigest()[:16])  # fmt: skip
 
 
 def pool_entitlements(config: TokenPoolsConfig | None, pp: PoolPlan) -> list[Entitlement]:
@@ -69,7 +74,7 @@ class PoolPublication:
 
     pool: str
     version: int
-    generation: int
+    instance: str  # the controller process that made it: versions and deltas mean nothing across two
     spec: SpecPublication
     header: Mapping[str, object]
     tier: np.ndarray  # (n,) planned tier rank
@@ -114,29 +119,37 @@ class PoolPublication:
             self._routing[replica] = got
         return got
 
-    def body(self, replica: str | None, generation: int | None, since: int | None) -> bytes:
-        """The document for ``replica``, for a sidecar that holds ``generation`` and version ``since``."""
-        same = generation == self.generation
+    def holds(self, spec: str | None, since: int | None, instance: str | None) -> bool:
+        """A sidecar that holds ``spec``, version ``since`` of ``instance`` holds this version."""
+        return since == self.version and spec == self.spec.hash and instance == self.instance
+
+    def body(self, replica: str | None, spec: str | None, since: int | None, instance: str | None) -> bytes:
+        """The document for ``replica``, for a sidecar that holds ``spec`` and version ``since`` of
+        ``instance``: the spec only if it holds another, a delta only against a version it holds."""
+        same = spec == self.spec.hash
+        since = since if same and instance == self.instance else None
         head = dict(self.header, replica=replica)
         return b"".join((
             orjson.dumps(head)[:-1],
             b',"spec":', b"null" if same else self.spec.fragment,
-            b',"limits":', self.delta(since if same else None),
+            b',"limits":', self.delta(since),
             b',"routing":', self.routing(replica),
             b',"budgets":', self.budgets, b"}",
         ))  # fmt: skip
 
 
 def build_pool_publication(
-    published: PublishedPlan, pool: str, spec: SpecPublication, ttl_s: float, previous: PoolPublication | None
-) -> PoolPublication:
+    published: PublishedPlan, pool: str, spec: SpecPublication, ttl_s: float, previous: PoolPublication | None,
+    instance: str = "",
+) -> PoolPublication:  # fmt: skip
     """The v1beta1 publication of ``pool`` in ``published`` (pure but for the clock it is given)."""
     pp = published.plan.pools[pool]
     tier = pp.rows.problem.tier.astype(np.int8)
     limit, burst = rounded(finite(pp.limit)), rounded(finite(pp.burst))
     header = {
         "api_version": API_VERSION_V1BETA1, "kind": "PoolLimits", "pool": pool, "version": published.version,
-        "generation": spec.generation, "generated_at": published.plan.now,
+        "instance": instance, "generation": spec.generation, "spec_hash": spec.hash,
+        "generated_at": published.plan.now,
         "expires_at": published.published_at + ttl_s, "stale": published.stale,
         "guarantees_fit": pp.guarantees_fit, "ready_replicas": int(pp.ready_replicas),
     }  # fmt: skip
@@ -145,10 +158,10 @@ def build_pool_publication(
     )
     budgets = orjson.dumps({n: BudgetLimits.of(s).model_dump(mode="json") for n, s in pp.budgets.items()})
     pub = PoolPublication(
-        pool, published.version, spec.generation, spec, header, tier, limit, burst, full, budgets,
+        pool, published.version, instance, spec, header, tier, limit, burst, full, budgets,
         published.shares.get(pool, {}), int(pp.ready_replicas),
     )  # fmt: skip
-    if previous is not None and previous.spec.names == spec.names and previous.generation == spec.generation:
+    if previous is not None and previous.spec.hash == spec.hash and previous.instance == instance:
         older = dict(previous.previous)
         older[previous.version] = previous
         for v in sorted(older)[:-HISTORY]:
@@ -200,6 +213,7 @@ class Publisher:
 
     def __init__(self, ttl_s: float = 60.0) -> None:
         self.ttl_s = ttl_s
+        self.instance = secrets.token_hex(6)
         self._specs: dict[tuple[str, int], SpecPublication] = {}
         self._pools: dict[str, PoolPublication] = {}
         self._building: dict[tuple[str, int], asyncio.Future[PoolPublication]] = {}
@@ -237,7 +251,7 @@ class Publisher:
             spec = build_spec(pp.pool, pool_entitlements(published.config, pp), published.generation)
             self._specs = {k: v for k, v in self._specs.items() if k[0] != pool}
             self._specs[skey] = spec
-        return build_pool_publication(published, pool, spec, self.ttl_s, previous)
+        return build_pool_publication(published, pool, spec, self.ttl_s, previous, self.instance)
 
     async def legacy(self, published: PublishedPlan, pool: str, replica: str | None) -> bytes:
         key = (published.version, pool, replica)

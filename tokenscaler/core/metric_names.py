@@ -152,9 +152,9 @@ LIMITS_AGE_SECONDS = _sidecar.gauge(
 """Since the limits in force were last confirmed by their source (static: 0)."""
 LIMITS_STATE = _sidecar.gauge("tokenscaler_sidecar_limits_state", "Current limits state.", "state")
 """1 for the current state among static, fresh, stale, expired."""
-CONFIG_GENERATION = _sidecar.gauge(
+SIDECAR_CONFIG_GENERATION = _sidecar.gauge(
     "tokenscaler_sidecar_config_generation",
-    "The controller's config generation this sidecar enforces (0: only its own --config so far).",
+    "The controller's config generation whose spec this sidecar enforces (absent: only its own --config).",
 )
 """Lags ``tokenscaler_config_generation`` by at most an interval and a poll; longer: the alert."""
 LIMITS_VERSION = _sidecar.gauge(

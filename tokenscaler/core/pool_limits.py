@@ -4,15 +4,17 @@
 Everything a sidecar needs comes from it, under one version (also the ETag) and the same
 TLS and token as before; the sidecar's own ``--config`` is only a bootstrap:
 
-* ``spec`` (its :attr:`~PoolLimitsDocument.generation` changes with the controller's config):
+* ``spec`` (named by :attr:`~PoolLimitsDocument.spec_hash`, a digest of its content, so
+  it means the same across controller restarts and replicas; ``generation`` counts configs):
   the pool as configured (replica capacity, token weights, typical request) and its
   entitlements (tier, priority, limits, burst, SLO, budget, **the sha256 digests of their
-  API keys**, never a key). Sent only when the sidecar does not hold that generation
-  (``?generation=G``): a config changes a few times a day, limits every interval.
+  API keys**, never a key). Sent only when the sidecar does not hold that spec
+  (``?spec=HASH``): a config changes a few times a day, limits every interval.
 * ``limits``: the plan's pool-level limit and burst of each entitlement, and the tier it is
   planned at (a spent budget plans it as spot), as columns in the order of ``spec``'s
-  entitlements; with ``?since=V`` (the version the sidecar holds) only the rows that changed
-  since (``index``), else every row. Numbers are rounded to :data:`DIGITS` significant
+  entitlements; with ``?since=V&instance=I`` (the version the sidecar holds, and the
+  controller process it came from) only the rows that changed since (``index``), else every
+  row. Numbers are rounded to :data:`DIGITS` significant
   figures, so a row whose limits did not move is not resent.
 * ``routing``: this replica's share of each entitlement whose observed share of its traffic
   here is more than :data:`ROUTING_DEADBAND` away from the even split (all others: even).
@@ -74,13 +76,15 @@ class PoolLimitsDocument(_Wire):
     pool: str
     replica: str | None = None
     version: int = Field(description="Changes whenever the content changes; also the ETag.")
-    generation: int = Field(description="The controller's config generation; ``spec`` is sent when it changes.")
+    instance: str = Field("", description="The controller process behind ``version``: send it back with ``since``.")
+    generation: int = Field(description="The controller's config generation (for people and metrics).")
+    spec_hash: str = Field(description="Names the spec; send it back (``?spec=``): the spec comes when it changed.")
     generated_at: float
     expires_at: float = Field(description="Unix seconds after which it must not be enforced as is.")
     stale: bool = False
     guarantees_fit: bool = True
     ready_replicas: int = Field(ge=0)
-    spec: PoolSpec | None = Field(None, description="Null when the sidecar holds ``generation`` already.")
+    spec: PoolSpec | None = Field(None, description="Null when the sidecar holds ``spec_hash`` already.")
     limits: LimitColumns
     routing: dict[str, float] = Field(default_factory=dict, description="This replica's shares away from even.")
     budgets: dict[str, BudgetLimits] = Field(default_factory=dict)

@@ -366,6 +366,18 @@ def health() -> Dashboard:
     )
     d.items.append(
         Panel(
+            "Config generation per replica",
+            "The controller's config generation (dashed) and the one each sidecar enforces: a sidecar below it "
+            "has not yet received tenants, keys or limits changed since (alert TokenscalerSidecarConfigBehind).",
+            (
+                _q("max(tokenscaler_config_generation)", "controller"),
+                _q(f"{m.SIDECAR_CONFIG_GENERATION}{{{P}}}", "{{pool}}/{{replica}}"),
+            ),
+            min=0,
+        )
+    )
+    d.items.append(
+        Panel(
             "Limits fetch errors",
             "Failed polls of the controller's limits per second, per replica.",
             (

@@ -4,7 +4,7 @@ Routes (all answers come from the :class:`PlanStore`; nothing is solved on a req
 nothing per entitlement is built on the event loop: documents are built once per version in
 a worker thread by :class:`~tokenscaler.control.publish.Publisher`):
 
-* ``GET /v1beta1/pools/{pool}/limits?replica={id}&generation=&since=&watch=true``: the
+* ``GET /v1beta1/pools/{pool}/limits?replica={id}&spec=&since=&instance=&watch=true``: the
   pool-level :class:`~tokenscaler.core.pool_limits.PoolLimitsDocument` every replica shares
   (spec with key digests, limit columns or a delta, this replica's routing shares), held
   open with ``watch`` until a new version; ``ETag`` is the version.
@@ -33,7 +33,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from tokenscaler.control.metrics import ControllerMetrics
-from tokenscaler.control.publish import Publisher
+from tokenscaler.control.publish import PoolPublication, Publisher
 from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.limits import LimitsDocument, limits_document
 
@@ -119,52 +119,49 @@ class ControllerApi:
         return published
 
     async def pool_limits(self, request: web.Request) -> web.StreamResponse:
-        """v1beta1: the pool-level document (module docstring). Query: ``replica``, ``generation``
-        and ``since`` (what the sidecar holds), ``watch=true`` with ``timeout_s`` (at most 60):
-        answer once the version differs from ``since`` (or ``If-None-Match``), else 304."""
+        """v1beta1: the pool-level document (module docstring). Query: ``replica``; ``spec``,
+        ``since`` and ``instance`` (what the sidecar holds); ``watch=true`` with ``timeout_s``
+        (at most 60): answer once there is a version the sidecar does not hold, else 304."""
         route = "pool_limits"
         pool = request.match_info["pool"]
         q = request.query
         replica = q.get("replica") or None
+        spec, instance = q.get("spec") or None, q.get("instance")
         try:
-            generation = int(q["generation"]) if q.get("generation") else None
             since = int(q["since"]) if q.get("since") else None
             timeout_s = min(max(float(q.get("timeout_s", "30")), 0.0), 60.0)
         except ValueError:
             self._count(route, 400)
-            return _error(400, "generation and since must be integers, timeout_s a number of seconds "
-                          f"(got generation={q.get('generation')!r}, since={q.get('since')!r}, "
-                          f"timeout_s={q.get('timeout_s')!r})", "invalid_request_error")  # fmt: skip
+            return _error(400, "since must be an integer and timeout_s a number of seconds "
+                          f"(got since={q.get('since')!r}, timeout_s={q.get('timeout_s')!r})",
+                          "invalid_request_error")  # fmt: skip
         watch = q.get("watch", "").lower() in ("1", "true", "yes")
-        held = since
-        match = request.headers.get("If-None-Match")
-        if held is None and match and match.strip('"').isdigit():
-            held = int(match.strip('"'))
+        pub = await self._publication(route, pool, replica)
+        if isinstance(pub, web.Response):
+            return pub
+        if watch and pub.holds(spec, since, instance):
+            changed = await self.store.wait_for_change(pub.version, timeout_s)
+            if changed is not None:
+                pub = await self._publication(route, pool, replica)
+                if isinstance(pub, web.Response):
+                    return pub
+        etag = f'"{pub.version}"'
+        if pub.holds(spec, since, instance):
+            self._count(route, 304)
+            return web.Response(status=304, headers={"ETag": etag})
+        body = pub.body(replica, spec, since, instance)
+        self._count(route, 200)
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+    async def _publication(self, route: str, pool: str, replica: str | None) -> web.Response | PoolPublication:
         checked = self._check(route, pool, replica)
         if isinstance(checked, web.Response):
             return checked
-        published = checked
-        if watch and held == published.version:
-            changed = await self.store.wait_for_change(held, timeout_s)
-            if changed is None:
-                self._count(route, 304)
-                return web.Response(status=304, headers={"ETag": f'"{held}"'})
-            checked = self._check(route, pool, replica)
-            if isinstance(checked, web.Response):
-                return checked
-            published = checked
-        etag = f'"{published.version}"'
-        if held == published.version and generation == published.generation:
-            self._count(route, 304)
-            return web.Response(status=304, headers={"ETag": etag})
         try:
-            pub = await self.publisher.pool(published, pool)
+            return await self.publisher.pool(checked, pool)
         except LookupError as e:  # a restored plan the config no longer matches: the next interval will
             self._count(route, 503)
             return _error(503, f"the plan and the config disagree until the next interval: {e}", "unavailable")
-        body = pub.body(replica, generation, since)
-        self._count(route, 200)
-        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
     @staticmethod
     def _known_replicas(published: PublishedPlan, pool: str) -> set[str]:

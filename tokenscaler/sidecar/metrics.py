@@ -30,7 +30,6 @@ from tokenscaler.core.metric_names import (
     BACKFILL_ALLOWED,
     BURST,
     CEILING,
-    CONFIG_GENERATION,
     ENGINE_CAPACITY,
     ENGINE_MAX_MODEL_LEN,
     GENERATION_TOKENS_TOTAL,
@@ -49,6 +48,7 @@ from tokenscaler.core.metric_names import (
     REJECTIONS_TOTAL,
     REQUESTS_TOTAL,
     RESERVED_KV_TOKENS,
+    SIDECAR_CONFIG_GENERATION,
     SPECS,
     TIER_INVERSIONS_TOTAL,
     TTFT_SLO_REQUESTS_TOTAL,
@@ -206,8 +206,9 @@ class SidecarMetrics(Collector):
         for st in LIMITS_STATES:
             state.add_metric([p, r, st], 1.0 if st == self.limits_state else 0.0)
         yield state
-        generation = _gauge(CONFIG_GENERATION)
-        generation.add_metric([p, r], float(self.config_generation))
+        generation = _gauge(SIDECAR_CONFIG_GENERATION)  # only once a controller's spec is in force
+        if self.config_generation:
+            generation.add_metric([p, r], float(self.config_generation))
         yield generation
         version = _gauge(LIMITS_VERSION)
         version.add_metric([p, r], float(self.limits_version))

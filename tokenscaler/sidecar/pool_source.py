@@ -1,10 +1,10 @@
 """The sidecar's client of the limits API v1beta1: the pool's spec and limits, watched, as deltas.
 
-:class:`PoolLimitsSource` asks ``GET {url}/v1beta1/pools/{pool}/limits?replica=&generation=
-&since=&watch=true`` (:mod:`tokenscaler.core.pool_limits`): the controller answers at once
+:class:`PoolLimitsSource` asks ``GET {url}/v1beta1/pools/{pool}/limits?replica=&spec=
+&since=&instance=&watch=true`` (:mod:`tokenscaler.core.pool_limits`): the controller answers at once
 when a newer version exists, else holds the request up to ``watch_s`` and answers when one
 is published (304 if none), so a sidecar learns a version within milliseconds of publish
-rather than within a poll. It sends the generation and version it holds: the spec comes only
+rather than within a poll. It sends the spec and version it holds: the spec comes only
 when the config changed, the limits only as the rows that changed. A document is parsed in a
 worker thread when large and applied as the gates that changed
 (:class:`~tokenscaler.sidecar.pool_view.PoolView`), so proxying never waits for 10,000
@@ -105,10 +105,11 @@ class PoolLimitsSource(HttpLimitsSource):
         assert isinstance(session, aiohttp.ClientSession)
         params = {"replica": self.replica}
         watching = self.view.version is not None and self.watch_s > 0 and self.state not in ("expired",)
-        if self.view.generation is not None:
-            params["generation"] = str(self.view.generation)
+        if self.view.spec_hash is not None:
+            params["spec"] = self.view.spec_hash
         if self.view.version is not None:
             params["since"] = str(self.view.version)
+            params["instance"] = self.view.instance or ""
         if watching:
             params.update(watch="true", timeout_s=f"{self.watch_s:g}")
         headers = {"Accept": "application/json"}
@@ -181,7 +182,7 @@ class PoolLimitsSource(HttpLimitsSource):
         except OutOfStep as e:  # a delta against what this view does not hold: ask for everything
             log.info("limits document out of step (%s): asking for the whole document", e)
             self.view.version = None
-            self.view.generation = None
+            self.view.spec_hash = None
             return
         self.apply_s = time.perf_counter() - t0
         if change.config is not None:

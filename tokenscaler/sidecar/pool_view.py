@@ -45,6 +45,8 @@ class PoolView:
         self.config: TokenPoolsConfig | None = None
         self.names: tuple[str, ...] = ()
         self.generation: int | None = None
+        self.spec_hash: str | None = None
+        self.instance: str | None = None
         self.version: int | None = None
         self._priority = np.zeros(0, dtype=np.int64)
         self._configured = np.zeros((0, 3))
@@ -87,10 +89,11 @@ class PoolView:
             self._priority = np.array([e.priority for e in doc.spec.entitlements], dtype=np.int64)
             self._configured = configured_limits(doc.spec.entitlements)
             self.config = new_config
-            self.generation = doc.generation
+            self.spec_hash = doc.spec_hash
             self._gates = None  # every gate is set anew
-        elif self.config is None or doc.generation != self.generation:
-            raise OutOfStep(f"a document of generation {doc.generation} without its spec (held: {self.generation})")
+        elif self.config is None or doc.spec_hash != self.spec_hash:
+            raise OutOfStep(f"a document of spec {doc.spec_hash} without it (held: {self.spec_hash})")
+        self.generation = doc.generation
         n = len(self.names)
         cols = doc.limits
         if cols.index is None:
@@ -100,7 +103,7 @@ class PoolView:
             self._limit = np.asarray(cols.limit, dtype=float).reshape(n, 3)
             self._burst = np.asarray(cols.burst, dtype=float).reshape(n, 3)
         else:
-            if cols.since != self.version or new_config is not None:
+            if cols.since != self.version or doc.instance != self.instance or new_config is not None:
                 raise OutOfStep(f"a delta since version {cols.since} (held: {self.version})")
             idx = np.asarray(cols.index, dtype=np.int64)
             if idx.size:
@@ -110,6 +113,7 @@ class PoolView:
                 self._limit[idx] = np.asarray(cols.limit, dtype=float).reshape(idx.size, 3)
                 self._burst[idx] = np.asarray(cols.burst, dtype=float).reshape(idx.size, 3)
         self.version = doc.version
+        self.instance = doc.instance
         assert self.config is not None
         pool = self.config.pools[0]
         index = {name: i for i, name in enumerate(self.names)} if doc.routing else {}
