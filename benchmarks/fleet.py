@@ -155,7 +155,8 @@ async def sample_latency(
             health.append(time.perf_counter() - t)
             t = time.perf_counter()
             try:
-                await stub.GetMetrics(pb.GetMetricsRequest(scaledObjectRef=ref, metricName="bench"), timeout=5)
+                request = pb.GetMetricsRequest(scaledObjectRef=ref, metricName="tokenscaler-bench")
+                await stub.GetMetrics(request, timeout=5)
                 keda.append(time.perf_counter() - t)
             except grpc.aio.AioRpcError:
                 pass
@@ -165,6 +166,7 @@ async def sample_latency(
 
 
 def run_cell(n: int, r: int, api: str, python: str, versions: int, interval_s: float, work: Path) -> dict[str, Any]:
+    import urllib.error
     import urllib.request
 
     cfg = work / f"fleet-{n}.yaml"
@@ -189,12 +191,16 @@ def run_cell(n: int, r: int, api: str, python: str, versions: int, interval_s: f
         procs.append(ctl)
         url = f"http://127.0.0.1:{http_port}"
         deadline = time.time() + 180
-        while True:  # ready, and every replica known
+        path = "v1beta1" if api != "v1alpha1" else "v1"
+        while True:  # ready, and every replica known: the last one answered, an unknown one 404
             try:
-                with urllib.request.urlopen(f"{url}/v1/plan", timeout=10) as resp:
-                    plan = json.load(resp)
-                if len(plan["pools"]["bench"].get("replicas", [])) >= r:
-                    break
+                with urllib.request.urlopen(f"{url}/{path}/pools/bench/limits?replica=r{r - 1}", timeout=30):
+                    pass
+                try:
+                    urllib.request.urlopen(f"{url}/{path}/pools/bench/limits?replica=nobody", timeout=30).close()
+                except urllib.error.HTTPError as e:
+                    if e.code == 404:
+                        break
             except OSError:
                 pass
             if time.time() > deadline:

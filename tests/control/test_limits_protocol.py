@@ -47,7 +47,7 @@ def make_cfg(n: int = N, extra: list[dict] | None = None, keys: dict[str, list[s
         tier = tiers[i % 3]
         kw: dict[str, Any] = {"priority": i % 4, "api_keys": [digest(k) for k in (keys or {}).get(f"e{i}", [f"k{i}"])]}
         if tier == "guaranteed":
-            kw["guaranteed"] = {"throughput_tokens_per_s": 5.0, "kv_tokens": 100.0, "concurrency": 0.1}
+            kw["guaranteed"] = {"throughput_tokens_per_s": 1000.0 / n, "kv_tokens": 100.0, "concurrency": 0.1}
         ents.append(make_entitlement(f"e{i}", tier, **kw))
     return TokenPoolsConfig.model_validate(
         {"pools": [make_pool(POOL, min_replicas=R, max_replicas=R)], "entitlements": ents + (extra or [])}

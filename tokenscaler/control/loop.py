@@ -200,7 +200,7 @@ class Controller:
             return None
         return self.store.publish(
             result.plan,
-            now,
+            self.clock(),  # when servers answer with it (the interval began at ``now``)
             stale=result.stale,
             stale_since=result.state.stale_since,
             shares=result.state.shares,

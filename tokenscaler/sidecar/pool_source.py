@@ -22,23 +22,57 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from tokenscaler.core.limits import LimitsDocument
-from tokenscaler.core.model import TokenPoolsConfig
-from tokenscaler.core.pool_limits import PoolLimitsDocument
+from tokenscaler.core.model import Entitlement, Pool, TokenPoolsConfig
+from tokenscaler.core.pool_limits import PoolLimitsDocument, PoolSpec
 from tokenscaler.sidecar.limits import HttpLimitsSource, LimitRules, LimitsUpdate, budgets_of
 from tokenscaler.sidecar.limits_auth import LimitsHttpError, LimitsRefused, error_message
-from tokenscaler.sidecar.pool_view import OutOfStep, PoolView
+from tokenscaler.sidecar.pool_view import OutOfStep, PoolView, ViewChange
 
 log = logging.getLogger(__name__)
 PARSE_IN_THREAD_BYTES = 64 * 1024  # larger documents are parsed off the proxy's event loop
 
 
+SPEC_CHUNK = 500  # entitlements validated at a time: the GIL is let go between chunks
+_ENTITLEMENTS = TypeAdapter(list[Entitlement])
+
+
 def parse(body: bytes) -> PoolLimitsDocument:
-    return PoolLimitsDocument.model_validate(orjson.loads(body))
+    """A document from its bytes. A spec's entitlements are validated in chunks, so a worker
+    thread parsing 10,000 of them lets the proxy's event loop run between chunks (one
+    validation call would hold the GIL for the whole spec); the config is assembled without
+    validating it again (its cross-object rules are the controller's, which checked them)."""
+    raw = orjson.loads(body)
+    spec = raw.pop("spec", None) if isinstance(raw, dict) else None
+    doc = PoolLimitsDocument.model_validate(raw)
+    if spec is None:
+        return doc
+    if not isinstance(spec, dict) or not isinstance(spec.get("entitlements"), list):
+        raise ValueError("spec: expected {pool, entitlements: [...]}")
+    pool = Pool.model_validate(spec.get("pool"))
+    items: list[object] = spec["entitlements"]
+    ents: list[Entitlement] = []
+    for i in range(0, len(items), SPEC_CHUNK):
+        ents.extend(_ENTITLEMENTS.validate_python(items[i : i + SPEC_CHUNK]))
+        time.sleep(0)  # let the event loop's thread have the GIL
+    return doc.model_copy(update={"spec": PoolSpec.model_construct(pool=pool, entitlements=ents)})
+
+
+@dataclass
+class Applied:
+    """A document parsed and applied to the view (in a worker thread when it is large)."""
+
+    doc: PoolLimitsDocument
+    change: ViewChange | None = None
+    rules: LimitRules | None = None  # the floors of a new spec
+    out_of_step: str | None = None
+    parse_s: float = 0.0
+    apply_s: float = 0.0
 
 
 class PoolLimitsSource(HttpLimitsSource):
@@ -74,7 +108,7 @@ class PoolLimitsSource(HttpLimitsSource):
         self.received_bytes = 0  # document bytes received (v1beta1)
         self.parse_s = 0.0  # the last document's parse, and its application to the view, in seconds
         self.apply_s = 0.0
-        self._pending: PoolLimitsDocument | LimitsDocument | None = None
+        self._pending: Applied | None = None
 
     def _init_without_config(self, pool: str, url: str, replica: str, replicas: int, kwargs: dict) -> None:
         # HttpLimitsSource without its rules: they come with the first document's spec
@@ -134,16 +168,33 @@ class PoolLimitsSource(HttpLimitsSource):
                 return await super()._fetch(session)
             if resp.status != 200:
                 raise LimitsHttpError(f"HTTP {resp.status}: {self._redact(error_message(body))}")
-            t0 = time.perf_counter()
+            if self.state == "expired":
+                self.view.forget_gates()  # the floors are in force: every gate is set anew
             if len(body) > PARSE_IN_THREAD_BYTES:
-                doc = await asyncio.to_thread(parse, body)
+                applied = await asyncio.to_thread(self._parse_apply, body)
             else:
-                doc = parse(body)
-            self.parse_s = time.perf_counter() - t0
-            if doc.pool != self.pool_name:
-                raise RuntimeError(f"document is for pool {doc.pool!r}, not {self.pool_name!r}")
-            self._pending = doc
+                applied = self._parse_apply(body)
+            self.parse_s, self.apply_s = applied.parse_s, applied.apply_s
+            self._pending = applied
             return 200, None
+
+    def _parse_apply(self, body: bytes) -> Applied:
+        """Parse ``body`` and apply it to the view (pure but for the view; no event loop)."""
+        t0 = time.perf_counter()
+        doc = parse(body)
+        if doc.pool != self.pool_name:
+            raise RuntimeError(f"document is for pool {doc.pool!r}, not {self.pool_name!r}")
+        out = Applied(doc, parse_s=time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        try:
+            out.change = self.view.apply(doc)
+        except OutOfStep as e:  # a delta against what this view does not hold: ask for everything
+            out.out_of_step = str(e)
+            return out
+        if out.change.config is not None:
+            out.rules = LimitRules(out.change.config, self.pool_name, max(doc.ready_replicas, 1))
+        out.apply_s = time.perf_counter() - t1
+        return out
 
     async def first_config(self, retry_s: float = 1.0, max_retry_s: float = 10.0) -> TokenPoolsConfig:
         """The pool's config from the first document (no ``--config``): retried until it comes."""
@@ -154,14 +205,19 @@ class PoolLimitsSource(HttpLimitsSource):
             while True:
                 try:
                     await self._fetch(session)
-                    doc = self._pending
-                    if isinstance(doc, PoolLimitsDocument) and doc.spec is not None:
-                        return TokenPoolsConfig(pools=[doc.spec.pool], entitlements=doc.spec.entitlements)
+                    applied = self._pending
+                    if isinstance(applied, Applied) and applied.change is not None and applied.change.config:
+                        return applied.change.config  # kept pending: run() applies it first
                 except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError, ValidationError, ValueError) as e:
                     log.warning("waiting for the first limits document from %s: %s", self._v1beta1_url(),
                                 self._redact(str(e) or type(e).__name__))  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, max_retry_s)
+
+    async def run(self, apply: Callable[[LimitsUpdate], None]) -> None:
+        if self._pending is not None:  # the document first_config() fetched
+            self._on_success(200, None, apply)
+        await super().run(apply)
 
     def _on_success(self, status: int, doc: LimitsDocument | None, apply: Callable[[LimitsUpdate], None]) -> None:
         if self.legacy:
@@ -169,24 +225,21 @@ class PoolLimitsSource(HttpLimitsSource):
             return
         self._last_ok = self.clock()
         was = self.state
-        pending, self._pending = self._pending, None
-        if not isinstance(pending, PoolLimitsDocument):
+        applied, self._pending = self._pending, None
+        if not isinstance(applied, Applied):
             if self.view.version is not None and was in ("stale", "expired"):
                 self._restore(apply, was)
             return
-        if was == "expired":
-            self.view.forget_gates()  # the floors are in force: every gate is set anew
-        t0 = time.perf_counter()
-        try:
-            change = self.view.apply(pending)
-        except OutOfStep as e:  # a delta against what this view does not hold: ask for everything
-            log.info("limits document out of step (%s): asking for the whole document", e)
+        pending = applied.doc
+        if applied.out_of_step is not None or applied.change is None:
+            log.info("limits document out of step (%s): asking for the whole document", applied.out_of_step)
             self.view.version = None
             self.view.spec_hash = None
             return
-        self.apply_s = time.perf_counter() - t0
+        change = applied.change
         if change.config is not None:
-            self.rules = LimitRules(change.config, self.pool_name, max(pending.ready_replicas, 1))
+            if applied.rules is not None:
+                self.rules = applied.rules
             if self.on_config is not None:
                 self.on_config(change.config)
         state = "stale" if pending.stale else "fresh"

@@ -82,7 +82,9 @@ class PoolView:
         new_config: TokenPoolsConfig | None = None
         removed: tuple[str, ...] = ()
         if doc.spec is not None:
-            new_config = TokenPoolsConfig(pools=[doc.spec.pool], entitlements=doc.spec.entitlements)
+            # validated where it was parsed; its cross-object rules are the controller's, which checked them
+            ents = list(doc.spec.entitlements)
+            new_config = TokenPoolsConfig.model_construct(pools=[doc.spec.pool], entitlements=ents)
             names = tuple(e.name for e in doc.spec.entitlements)
             removed = tuple(n for n in self.names if n not in set(names))
             self.names = names
