@@ -173,6 +173,7 @@ def test_every_exported_name_is_a_listed_constant_and_every_constant_is_exported
     metrics.latency("/v1/completions").observe(0.001)
     metrics.queue_wait.observe(0.1)
     metrics.engine_capacity, metrics.engine_max_model_len = {"kv_tokens": 6144.0}, 2048  # once the engine was read
+    metrics.config_generation = 3  # once a controller's spec is in force
     exported = set()
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         if family.name.endswith("_created"):  # prometheus-client's creation timestamps of histograms
