@@ -92,41 +92,37 @@ def start_controller(
 
 @contextlib.contextmanager
 def fleet(
-    tmp: Path, config: Path, *, replicas: int = 2, use_prometheus: bool, state: Path | None = None
+    tmp: Path, config: Path, *, replicas: int = 2, use_prometheus: bool, state: Path | None = None,
+    sidecar_configs: list[Path | None] | None = None,
 ) -> Iterator[Fleet]:
+    """``sidecar_configs``: each sidecar's own --config (None: none, it waits for the
+    controller's document); default: the controller's config file."""
     stack = contextlib.ExitStack()
     with stack:
         relay = Relay()
         stack.callback(relay.close)
         sims, sidecars, metric_ports = [], [], []
+        late: list[tuple[int, threading.Thread, list[Server]]] = []  # sidecars that wait for the controller
         for i in range(replicas):
             sim = stack.enter_context(_server(["sim", "--port", "0", "--profile", "demo", "--seed", str(i)]))
             sims.append(sim)
-            sc = stack.enter_context(
-                _server(
-                    [
-                        "sidecar",
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--upstream",
-                        sim.url,
-                        "--config",
-                        str(config),
-                        "--pool",
-                        POOL,
-                        "--metrics-port",
-                        "0",
-                        "--replicas",
-                        str(replicas),
-                        "--replica-id",
-                        f"r{i}",
-                        "--limits-url",
-                        relay.url,
-                        "--limits-expiry-s",
-                        "30",
-                    ]
-                )
-            )
+            own = config if sidecar_configs is None else sidecar_configs[i]
+            metrics_port = 0 if own is not None else _free_port()
+            args = [
+                "sidecar", "--listen", "127.0.0.1:0", "--upstream", sim.url,
+                *(["--config", str(own)] if own is not None else []),
+                "--pool", POOL, "--metrics-port", str(metrics_port), "--replicas", str(replicas),
+                "--replica-id", f"r{i}", "--limits-url", relay.url, "--limits-expiry-s", "30",
+            ]  # fmt: skip
+            if own is None:  # it serves once the controller's first document came: started now, waited on later
+                box: list[Server] = []
+                thread = threading.Thread(target=lambda a=args, b=box: b.append(Server(a, timeout=60)), daemon=True)
+                thread.start()
+                late.append((i, thread, box))
+                sidecars.append(None)  # type: ignore[arg-type]
+                metric_ports.append(metrics_port)
+                continue
+            sc = stack.enter_context(_server(args))
             sidecars.append(sc)
             metric_ports.append(int(sc.wait_for_line(METRICS_RE, timeout=10).group(1)))
         prometheus = None
@@ -160,9 +156,22 @@ def fleet(
         ctl, grpc_port = start_controller(config, prometheus=prometheus, scrape_config=scrape, state=state)
         stack.callback(ctl.stop)
         relay.target = (ctl.host, ctl.port)
+        for i, thread, box in late:
+            thread.join(timeout=90)
+            assert box, f"sidecar r{i} (no --config) never served"
+            sidecars[i] = box[0]
+            stack.callback(box[0].stop)
         keda = KedaClient(f"127.0.0.1:{grpc_port}")
         stack.callback(keda.close)
         yield Fleet(ctl, sims, sidecars, metric_ports, keda, relay, prometheus)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -17,6 +17,12 @@ one needs no code change, and its traces sit in ``tokenscaler/experiments/traces
       copilot: [{slots: {count: 5, prompt_tokens: [32, 176], output_tokens: [32, 176]}}]
     events: [{at_s: 1200, fail_replicas: 2}, {at_s: 1800, restore_replicas: 2}]
 
+Events at ``at_s``: ``fail_replicas`` / ``restore_replicas`` (N), or a config change, as the
+controller's config file would change live: ``add_entitlement`` (an entitlement, as in the
+config), ``remove_entitlement`` (a name), ``revoke_key`` (a name: all its keys) and ``set``
+(``{entitlement: NAME, field: guaranteed.throughput_tokens_per_s, value: 300}``; without
+``entitlement``, a field of the pool). Traffic may name an entitlement an event adds.
+
 Sources: ``trace`` (a CSV ``arrived_at,num_prefill_tokens,num_decode_tokens``, path relative
 to the scenario file; arrival times divided by ``rate_scale``, cycled when shorter than the
 window, token lengths kept), ``poisson`` (``rate_rps`` times ``rate_scale``, optionally
@@ -112,17 +118,98 @@ class Source(Frozen):
         return "trace" if self.trace is not None else "poisson" if self.poisson is not None else "slots"
 
 
+class SetField(Frozen):
+    """One field of an entitlement (``entitlement``) or of the pool (neither named), by dotted path."""
+
+    entitlement: str | None = Field(None, description="The entitlement to change (default: the pool).")
+    field: str = Field(min_length=1, description="Dotted path, e.g. guaranteed.throughput_tokens_per_s.")
+    value: Any
+
+
+ACTIONS = ("fail_replicas", "restore_replicas", "add_entitlement", "remove_entitlement", "revoke_key", "set")
+CONFIG_ACTIONS = ("add_entitlement", "remove_entitlement", "revoke_key", "set")
+
+
 class Event(Frozen):
     at_s: float = Field(ge=0)
     pool: str | None = Field(None, description="Default: the scenario's only pool.")
     fail_replicas: int | None = Field(None, ge=1, description="This many ready replicas die and cannot return.")
     restore_replicas: int | None = Field(None, ge=1, description="This many lost replicas may run again.")
+    add_entitlement: dict[str, Any] | None = Field(None, description="An entitlement, as in the config, onboarded.")
+    remove_entitlement: str | None = Field(None, description="An entitlement retired (its requests: 403).")
+    revoke_key: str | None = Field(
+        None, description="Every API key of this entitlement revoked (its requests: 401 from then on)."
+    )
+    set: SetField | None = Field(None, description="One field of an entitlement or of the pool changed.")
 
     @model_validator(mode="after")
     def _one_action(self) -> Event:
-        if (self.fail_replicas is None) == (self.restore_replicas is None):
-            raise ValueError("an event needs exactly one of fail_replicas, restore_replicas")
+        given = [a for a in ACTIONS if getattr(self, a) is not None]
+        if len(given) != 1:
+            raise ValueError(f"an event needs exactly one of {', '.join(ACTIONS)} (got {', '.join(given) or 'none'})")
         return self
+
+    @property
+    def changes_config(self) -> bool:
+        return any(getattr(self, a) is not None for a in CONFIG_ACTIONS)
+
+
+def _set_path(doc: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        nxt = doc.get(key)
+        if nxt is None:
+            nxt = doc[key] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{path}: {key} is not a mapping")
+        doc = nxt
+    doc[leaf] = value
+
+
+def apply_event(config: TokenPoolsConfig, ev: Event, where: str = "event") -> TokenPoolsConfig:
+    """The config after a config event ``ev`` (the others leave it as it is); :class:`ConfigError`
+    names the event and the field when the result is not a valid config."""
+    if not ev.changes_config:
+        return config
+    doc = config.model_dump(mode="json", exclude_defaults=True)
+    ents: list[dict[str, Any]] = doc.setdefault("entitlements", [])
+    names = [e["name"] for e in ents]
+    pool = ev.pool or config.pools[0].name
+    errors: list[str] = []
+
+    def find(name: str, what: str) -> dict[str, Any] | None:
+        if name not in names:
+            errors.append(f"{where}.{what}: unknown entitlement {name!r} (known: {', '.join(names)})")
+            return None
+        return ents[names.index(name)]
+
+    if ev.add_entitlement is not None:
+        new = {"pool": pool, **ev.add_entitlement}
+        if new.get("name") in names:
+            errors.append(f"{where}.add_entitlement.name: {new.get('name')!r} exists already")
+        ents.append(new)
+    elif ev.remove_entitlement is not None:
+        if find(ev.remove_entitlement, "remove_entitlement") is not None:
+            ents.pop(names.index(ev.remove_entitlement))
+    elif ev.revoke_key is not None:
+        if (e := find(ev.revoke_key, "revoke_key")) is not None:
+            e["api_keys"] = []
+    elif ev.set is not None:
+        target = doc["pools"][[p["name"] for p in doc["pools"]].index(pool)] if ev.set.entitlement is None else (
+            find(ev.set.entitlement, "set.entitlement"))  # fmt: skip
+        if target is not None:
+            try:
+                _set_path(target, ev.set.field, ev.set.value)
+            except ValueError as e:
+                errors.append(f"{where}.set.field: {e}")
+    if errors:
+        raise ConfigError(where, errors)
+    return parse_config(doc, where)
+
+
+def revoked(scenario: Scenario) -> set[str]:
+    """Entitlements some event revokes the keys of (their traffic is refused from then on)."""
+    return {ev.revoke_key for ev in scenario.events if ev.revoke_key is not None}
 
 
 class Skewed(Frozen):
@@ -226,6 +313,15 @@ def load_scenario(name_or_path: str) -> LoadedScenario:
     if len(config.pools) != 1:
         errors.append(f"config.pools: an experiment runs exactly one pool (got {len(config.pools)})")
     names = {e.name for e in config.entitlements}
+    # the config after each config event must be a valid config; traffic may name what events add
+    later = config
+    for ev in sorted(scenario.events, key=lambda e: e.at_s):
+        try:
+            later = apply_event(later, ev, f"events[{scenario.events.index(ev)}]")
+        except ConfigError as e:
+            errors.extend(e.errors)
+            break
+        names |= {e.name for e in later.entitlements}
     for name, sources in scenario.traffic.items():
         if name not in names:
             errors.append(f"traffic.{name}: unknown entitlement {name!r} (known: {', '.join(sorted(names))})")
