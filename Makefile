@@ -75,4 +75,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/controller.py
 
 clean:
-	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .hypothesis .mypy_cache
