@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     v = s.get("verdict", {})
 
     def f(x: object, unit: str = "") -> str:
-        return "-" if x is None else f"{x:.2f}{unit}"  # type: ignore[str-format]
+        return "-" if x is None else f"{x:.2f}{unit}"
 
     print(f"report: {result.report} (plots and demo.json beside it); logs: {result.logs}")
     print(

@@ -68,6 +68,7 @@ from tokenscaler.core.metric_names import (
 )
 from tokenscaler.core.metric_names import CONTROLLER_NAMES as ALL_NAMES
 from tokenscaler.core.model import DIMENSIONS, TIER_ORDER
+from tokenscaler.core.plan import PoolPlan
 from tokenscaler.core.showback import BASES, PLATFORM, PoolLedger
 
 __all__ = ["ALL_NAMES", "ControllerMetrics", "PlanCollector", "ShowbackCollector"]
@@ -203,7 +204,7 @@ class PlanCollector(Collector):
         yield from _budget_and_price(published.plan.pools)
 
 
-def _budget_and_price(pools: Mapping[str, object]) -> Iterator[GaugeMetricFamily]:
+def _budget_and_price(pools: Mapping[str, PoolPlan]) -> Iterator[GaugeMetricFamily]:
     """The budget gauges of every entitlement that has a budget, and each pool's price."""
     fams = {
         name: _gauge(name)
@@ -214,10 +215,10 @@ def _budget_and_price(pools: Mapping[str, object]) -> Iterator[GaugeMetricFamily
     }  # fmt: skip
     price = _gauge(POOL_PRICE)
     for pool_name, pp in pools.items():
-        pricing = pp.pool.pricing  # type: ignore[attr-defined]
+        pricing = pp.pool.pricing
         if pricing is not None:
             price.add_metric([pool_name, pricing.currency], pricing.per_replica_hour)
-        for ent, st in pp.budgets.items():  # type: ignore[attr-defined]
+        for ent, st in pp.budgets.items():
             values = [pool_name, ent, st.period.value, st.on_exhausted.value]
             for name, v in (
                 (ENTITLEMENT_BUDGET, st.weighted_tokens),

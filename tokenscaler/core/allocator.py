@@ -102,15 +102,18 @@ class PoolProblem:
 
     @property
     def is_guaranteed(self) -> np.ndarray:
-        return self.tier == Tier.GUARANTEED.rank
+        out: np.ndarray = self.tier == Tier.GUARANTEED.rank
+        return out
 
     @property
     def is_elastic(self) -> np.ndarray:
-        return self.tier == Tier.ELASTIC.rank
+        out: np.ndarray = self.tier == Tier.ELASTIC.rank
+        return out
 
     @property
     def is_spot(self) -> np.ndarray:
-        return self.tier == Tier.SPOT.rank
+        out: np.ndarray = self.tier == Tier.SPOT.rank
+        return out
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ class Allocation:
 
 def dominant_share(x: np.ndarray, normalization: np.ndarray) -> np.ndarray:
     """``max_k x_k / N_k`` for each row of ``x`` (or for a single vector)."""
-    return np.max(x / normalization, axis=-1)
+    out: np.ndarray = np.max(x / normalization, axis=-1)
+    return out
 
 
 def fill(

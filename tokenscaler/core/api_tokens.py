@@ -210,8 +210,8 @@ POOLING_ROUTES: tuple[str, ...] = (*sorted(EMBED_LIKE), COHERE_EMBED, *sorted(RE
 def _doc_text(doc: Any, param: str) -> str:
     if isinstance(doc, str):
         return doc
-    if isinstance(doc, Mapping) and isinstance(doc.get("text"), str):
-        return doc["text"]
+    if isinstance(doc, Mapping) and isinstance(text := doc.get("text"), str):
+        return text
     raise RequestShapeError(param, "a document must be a string or an object with a string 'text'")
 
 

@@ -127,7 +127,8 @@ def planning_unit(pool: Pool, observed: np.ndarray | None) -> np.ndarray:
     configured = pool.replica.to_array()
     if observed is None:
         return configured
-    return np.fmin(configured, np.where(np.asarray(observed, dtype=float) > 0, observed, np.nan))
+    out: np.ndarray = np.fmin(configured, np.where(np.asarray(observed, dtype=float) > 0, observed, np.nan))
+    return out
 
 
 def capacity_conditions(

@@ -63,6 +63,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokenscaler.core.model import CONCURRENCY, DIMENSIONS, KV, THROUGHPUT, TIER_ORDER, Pool, Tier
 
@@ -196,6 +197,12 @@ class Shortfall:
         return f"requested {self.requested:.0f} {unit} with {self.in_use:.0f} of {self.allowed:g} already in flight"
 
 
+class Preemptible(Protocol):
+    """What a caller registers on a reservation to cut its request when it is preempted."""
+
+    def preempt(self) -> None: ...
+
+
 @dataclass(eq=False, slots=True)
 class Reservation:
     """What one admitted request holds until :meth:`Limiter.finish`."""
@@ -214,7 +221,7 @@ class Reservation:
     active: bool = True  # still holds KV and concurrency
     preempted: bool = False
     finished: bool = False
-    handle: object | None = field(default=None, repr=False)
+    handle: Preemptible | None = field(default=None, repr=False)
     """Set by the caller: whatever it needs to cut the request when preempted."""
 
     @property
@@ -311,6 +318,12 @@ def _in_flight_shortfalls(
             DIMENSIONS[CONCURRENCY], scope, est.sequences, seq_in_use, seq_allowed, seq_allowed - seq_in_use,
             retry_after_s=INF if never else retry,
         )  # fmt: skip
+
+
+def _smaller_stated(configured: float, stated: float | None) -> float:
+    """The smaller of the configured capacity and what the engine states (None, not finite or
+    not positive: it says nothing)."""
+    return configured if stated is None or not math.isfinite(stated) or stated <= 0 else min(configured, float(stated))
 
 
 def _bucket_shortfall(scope: str, bucket: Bucket | None, cost: float, now: float) -> Shortfall | None:
@@ -438,9 +451,11 @@ class Limiter:
         against which idle capacity (backfill) and preemption are judged, becomes the
         smaller of engine and config on each dimension. Returns it."""
         self.engine = (throughput, kv_tokens, concurrency)
-        self.capacity = tuple(  # type: ignore[assignment]
-            c if e is None or not math.isfinite(e) or e <= 0 else min(c, float(e))
-            for c, e in zip(self.configured, self.engine, strict=True)
+        c_throughput, c_kv, c_concurrency = self.configured
+        self.capacity = (
+            _smaller_stated(c_throughput, throughput),
+            _smaller_stated(c_kv, kv_tokens),
+            _smaller_stated(c_concurrency, concurrency),
         )
         return self.capacity
 
@@ -483,8 +498,8 @@ class Limiter:
     def admit(self, name: str, est: Estimate, now: float) -> Decision:
         gate = self.gates.get(name)
         if gate is None:
-            sf = Shortfall(DIMENSIONS[CONCURRENCY], "limit", est.sequences, 0, 0, 0)
-            return Decision(False, shortfalls=(sf,), dimension=sf.dimension, retry_after_s=INF)
+            unknown = Shortfall(DIMENSIONS[CONCURRENCY], "limit", est.sequences, 0, 0, 0)
+            return Decision(False, shortfalls=(unknown,), dimension=unknown.dimension, retry_after_s=INF)
         lim = gate.limits
         rank = lim.tier.rank
         self._seen_at[rank] = now
@@ -508,7 +523,10 @@ class Limiter:
             self._preempt(victims, now)
             return Decision(True, self._reserve(name, gate, est, now, backfill=False), victims=victims)
         if not lim.backfill:
-            binding = own or [yielded]  # type: ignore[list-item]
+            if own:
+                return self._refuse(own, own, now, rank)
+            assert yielded is not None  # nothing of its own binds: it was admitted above unless spot yields
+            binding = [yielded]
             return self._refuse(binding, binding, now, rank)
         other: list[Shortfall] = []
         if (sf := _bucket_shortfall("ceiling", gate.ceiling, cost, now)) is not None:

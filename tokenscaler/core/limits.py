@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Final, Literal
 
 import numpy as np
 from pydantic import Field
@@ -49,7 +49,7 @@ from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.model import DIMENSIONS, KV, THROUGHPUT, TIER_ORDER, LimitVector, Pool, ResourceVector, Tier
 from tokenscaler.core.plan import PoolPlan
 
-API_VERSION = "tokenscaler.io/v1alpha1"
+API_VERSION: Final = "tokenscaler.io/v1alpha1"
 
 
 class BudgetLimits(Frozen):

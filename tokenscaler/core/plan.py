@@ -64,7 +64,7 @@ class PoolPlan:
     def pool_shortfall(self) -> np.ndarray:
         """(3,) the guarantee shortfall of the pool: demand not allocated, or the part of the
         guarantees ``max_replicas`` of the observed replicas cannot carry, whichever is larger."""
-        short = self.allocation.guarantee_shortfall.sum(axis=0)
+        short: np.ndarray = self.allocation.guarantee_shortfall.sum(axis=0)
         if self.promise_shortfall is not None:
             short = np.maximum(short, self.promise_shortfall)
         return short
@@ -73,7 +73,8 @@ class PoolPlan:
         """(3,) observed / configured per replica; NaN where nothing was observed."""
         if self.observed is None:
             return None
-        return np.asarray(self.observed, dtype=float) / self.pool.replica.to_array()
+        ratio: np.ndarray = np.asarray(self.observed, dtype=float) / self.pool.replica.to_array()
+        return ratio
 
     @property
     def pool(self) -> Pool:

@@ -118,7 +118,8 @@ def replica_need(rows: PoolRows, demand: np.ndarray) -> np.ndarray:
     capped = np.minimum(demand, problem.limit)
     need_rows = np.where(problem.is_guaranteed[:, None], np.maximum(problem.guarantee, capped), capped)
     need_rows[problem.is_spot] = 0.0
-    return need_rows.sum(axis=0)
+    need: np.ndarray = need_rows.sum(axis=0)
+    return need
 
 
 def replica_target(pool: Pool, need: np.ndarray, unit: np.ndarray | None = None) -> int:

@@ -70,7 +70,8 @@ def _replicas(x: np.ndarray, unit: np.ndarray) -> np.ndarray:
     """(n,) dominant share of each row of ``x`` (n, 3) in replicas of ``unit``."""
     if not x.shape[0]:
         return np.zeros(0)
-    return np.max(np.maximum(x, 0.0) / unit, axis=1)
+    out: np.ndarray = np.max(np.maximum(x, 0.0) / unit, axis=1)
+    return out
 
 
 def _fit(want: np.ndarray, room: float) -> tuple[np.ndarray, float]:
@@ -112,7 +113,8 @@ def split_interval(
     tier = np.asarray(tier, dtype=np.int64).reshape(n)
 
     def rows(a: np.ndarray) -> np.ndarray:
-        return np.maximum(np.nan_to_num(np.asarray(a, dtype=float).reshape(n, N_DIMS), nan=0.0), 0.0)
+        out: np.ndarray = np.maximum(np.nan_to_num(np.asarray(a, dtype=float).reshape(n, N_DIMS), nan=0.0), 0.0)
+        return out
 
     g, a, u = rows(guarantee), rows(allocation), rows(usage)
     guaranteed, elastic = tier == _G, tier == _E

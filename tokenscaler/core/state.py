@@ -159,7 +159,7 @@ class StateFile(Frozen):
     @model_serializer(mode="wrap")
     def _without_empty_budgets(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # written only when there are accounts: a controller that predates budgets reads the file
-        out = handler(self)
+        out: dict[str, Any] = handler(self)
         if not out.get("budgets"):
             out.pop("budgets", None)
         return out

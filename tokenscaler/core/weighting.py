@@ -54,20 +54,31 @@ class DebtWeighting:
 
     name = "tokenpools"
 
-    def update(self, rows, debt, owed, received, demand, ready, interval_s):  # type: ignore[no-untyped-def]
+    def update(
+        self,
+        rows: PoolRows,
+        debt: np.ndarray,
+        owed: np.ndarray,
+        received: np.ndarray,
+        demand: np.ndarray,
+        ready: int,
+        interval_s: float,
+    ) -> np.ndarray:
         problem = rows.problem
         return update_debt(
             debt,
             owed_share=dominant_share(owed, problem.normalization) / ready,
             received_share=dominant_share(received, problem.normalization) / ready,
-            has_demand=(demand > 0).any(axis=1),
+            has_demand=np.any(demand > 0, axis=1),
             eligible=problem.is_elastic,
             interval_s=interval_s,
             half_life_s=rows.half_life_s,
             bound_share_s=rows.bound_share_s,
         )
 
-    def weights(self, rows, debt, owed, received):  # type: ignore[no-untyped-def]
+    def weights(
+        self, rows: PoolRows, debt: np.ndarray, owed: np.ndarray, received: np.ndarray
+    ) -> np.ndarray | None:
         elastic = rows.problem.is_elastic
         if not np.any(debt[elastic] != 0):
             return None
@@ -79,10 +90,21 @@ class NoDebt:
 
     name = "nodebt"
 
-    def update(self, rows, debt, owed, received, demand, ready, interval_s):  # type: ignore[no-untyped-def]
+    def update(
+        self,
+        rows: PoolRows,
+        debt: np.ndarray,
+        owed: np.ndarray,
+        received: np.ndarray,
+        demand: np.ndarray,
+        ready: int,
+        interval_s: float,
+    ) -> np.ndarray:
         return np.zeros(rows.n)
 
-    def weights(self, rows, debt, owed, received):  # type: ignore[no-untyped-def]
+    def weights(
+        self, rows: PoolRows, debt: np.ndarray, owed: np.ndarray, received: np.ndarray
+    ) -> np.ndarray | None:
         return None
 
 

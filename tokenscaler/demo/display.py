@@ -10,18 +10,33 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO, TypedDict
 
 from tokenscaler.core.percentile import percentile
 from tokenscaler.demo.load import Record
 from tokenscaler.demo.measure import TIERS, Sample
 
+if TYPE_CHECKING:  # rich is the demo extra's, imported when the live table is drawn
+    from rich.console import JustifyMethod
+    from rich.table import Table
+
 SHORT_DIM = {"throughput_tokens_per_s": "tput", "kv_tokens": "kv", "concurrency": "conc"}
 
 
-def window_stats(records: Sequence[Record], now: float, window_s: float) -> dict[str, dict[str, object]]:
+class TierWindow(TypedDict):
+    """One tier over the window: weighted tokens/s offered and admitted, TTFT p50/p99 (None:
+    no first token in the window), and 429s by (short) dimension."""
+
+    offered: float
+    admitted: float
+    p50: float | None
+    p99: float | None
+    rejected: dict[str, int]
+
+
+def window_stats(records: Sequence[Record], now: float, window_s: float) -> dict[str, TierWindow]:
     lo = now - window_s
-    out: dict[str, dict[str, object]] = {}
+    out: dict[str, TierWindow] = {}
     for tier in TIERS:
         offered = admitted = 0.0
         ttfts: list[float] = []
@@ -54,8 +69,8 @@ def window_stats(records: Sequence[Record], now: float, window_s: float) -> dict
     return out
 
 
-def _s(v: object) -> str:
-    return "-" if v is None else f"{v:.2f}s"  # type: ignore[str-format]
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
 
 
 def _dims(d: dict[str, int]) -> str:
@@ -106,22 +121,23 @@ class Display:
             for tier, st in stats.items():
                 parts.append(
                     f"{tier} off {st['offered']:.0f} adm {st['admitted']:.0f} tok/s "
-                    f"p50 {_s(st['p50'])} p99 {_s(st['p99'])} 429 {_dims(st['rejected'])}"  # type: ignore[arg-type]
+                    f"p50 {_s(st['p50'])} p99 {_s(st['p99'])} 429 {_dims(st['rejected'])}"
                 )
             print(" | ".join(parts), file=self.out, flush=True)
 
-    def _table(self, now: float, phase: str, stats: dict[str, dict[str, object]], sample: Sample | None):  # type: ignore[no-untyped-def]
+    def _table(self, now: float, phase: str, stats: dict[str, TierWindow], sample: Sample | None) -> Table:
         from rich.table import Table
 
         table = Table(
             title=f"tokenscaler demo  t={now:.0f}s  phase: {phase}   {_replicas(sample)}   {_plan(sample)}",
             caption=f"last {self.window_s:g}s; tokens are weighted (prompt and generation weights of the pool)",
         )
-        for col, justify in (
+        columns: tuple[tuple[str, JustifyMethod], ...] = (
             ("tier", "left"), ("offered tok/s", "right"), ("admitted tok/s", "right"), ("TTFT p50", "right"),
             ("TTFT p99", "right"), ("429s by dimension", "left"),
-        ):  # fmt: skip
-            table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        )  # fmt: skip
+        for col, justify in columns:
+            table.add_column(col, justify=justify)
         style = {"guaranteed": "green", "elastic": "cyan", "spot": "magenta"}
         for tier, st in stats.items():
             table.add_row(
@@ -130,7 +146,7 @@ class Display:
                 f"{st['admitted']:.0f}",
                 _s(st["p50"]),
                 _s(st["p99"]),
-                _dims(st["rejected"]),  # type: ignore[arg-type]
+                _dims(st["rejected"]),
             )
         return table
 

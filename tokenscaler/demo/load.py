@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletionUserMessageParam
 
 from tokenscaler.core.model import DIMENSIONS, TokenPoolsConfig, hash_api_key
 from tokenscaler.core.tokens import BYTES_PER_TOKEN, CHAT_MESSAGE_OVERHEAD_TOKENS, CHAT_REPLY_PRIMING_TOKENS
@@ -78,7 +79,7 @@ def api_key(config: TokenPoolsConfig, entitlement: str) -> str:
     return key
 
 
-def prompt_messages(seq: int, tokens: int) -> list[dict[str, str]]:
+def prompt_messages(seq: int, tokens: int) -> list[ChatCompletionUserMessageParam]:
     """One user message counted as exactly ``tokens`` prompt tokens (at least the chat overhead + 1);
     unique per ``seq`` so no two prompts share a cached prefix."""
     n = max(tokens - _OVERHEAD, 1) * BYTES_PER_TOKEN
@@ -243,7 +244,7 @@ class LoadGenerator:
         try:
             stream = await client.chat.completions.create(
                 model=self.model,
-                messages=prompt_messages(rec.seq, rec.prompt),  # type: ignore[arg-type]
+                messages=prompt_messages(rec.seq, rec.prompt),
                 max_tokens=rec.max_tokens,
                 stream=True,
                 stream_options={"include_usage": True},

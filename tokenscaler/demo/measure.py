@@ -219,12 +219,9 @@ def _verdict(
     elastic = tiers.get("elastic", {}).get("phases", {}).get("peak", {})
     slo = [e.slo.ttft_p99_s for e in config.entitlements if e.tier.value == "guaranteed" and e.slo and e.slo.ttft_p99_s]
     lo, hi = phases.peak_start, phases.peak_end
-    planned = [s for s in samples if lo <= s.t < hi and s.elastic_demand]
-    excess = (
-        float(np.mean([max(0.0, 1.0 - (s.elastic_allocated or 0.0) / s.elastic_demand) for s in planned]))  # type: ignore[operator]
-        if planned
-        else None
-    )
+    # (allocated, demand) of elastic in the peak's samples that planned for some demand
+    planned = [(s.elastic_allocated or 0.0, s.elastic_demand) for s in samples if lo <= s.t < hi and s.elastic_demand]
+    excess = float(np.mean([max(0.0, 1.0 - a / d) for a, d in planned])) if planned else None
     total_inv = None if inversions is None else sum(inversions.values())
     v: dict[str, Any] = {
         "guaranteed_ttft_p99_unloaded_s": unloaded,
@@ -320,7 +317,7 @@ def series(
     def b(t: float) -> int:
         return min(max(int(t // bin_s), 0), n - 1)
 
-    ttft: dict[str, list[list[float]]] = {t: [[] for _ in range(n)] for t in TIERS}  # type: ignore[misc]
+    ttft: dict[str, list[list[float]]] = {t: [[] for _ in range(n)] for t in TIERS}
     offered = {e.name: [0.0] * n for e in config.entitlements}
     admitted = {e.name: [0.0] * n for e in config.entitlements}
     rejected = {d: [0.0] * n for d in DIMENSIONS}
@@ -334,9 +331,9 @@ def series(
             rejected.setdefault(r.dimension or "unknown", [0.0] * n)[i] += 1 / bin_s
             rejected_tier[r.tier][i] += 1 / bin_s
         if r.status == "answered" and r.first_token is not None and r.ttft is not None:
-            ttft[r.tier][b(r.first_token)].append(r.ttft)  # type: ignore[arg-type]
+            ttft[r.tier][b(r.first_token)].append(r.ttft)
     p99 = {
-        t: [[t_mid[i], percentile(v, 99)] for i, v in enumerate(ttft[t]) if v]  # type: ignore[arg-type]
+        t: [[t_mid[i], percentile(v, 99)] for i, v in enumerate(ttft[t]) if v]
         for t in TIERS
     }
     return {

@@ -19,8 +19,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 LISTEN_RE = re.compile(r"listening on (?:https?|grpc)://(?P<host>[^\s]+):(?P<port>\d+)")
 
@@ -104,7 +106,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.pids: list[int] = []  # every pid ever started, for the report and the tests
         self._installed = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def install(self, signals: bool = False) -> None:
         """An ``atexit`` hook that ends every child and, with ``signals``, SIGTERM/SIGHUP handlers that
@@ -123,8 +125,10 @@ class Supervisor:
         self._installed = False
         atexit.unregister(self.stop_all)
         for sig, handler in self._previous.items():
+            if handler is None:  # installed from outside Python: it cannot be put back
+                continue
             with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(sig, handler)  # type: ignore[arg-type]
+                signal.signal(sig, handler)
         self._previous.clear()
 
     def _on_signal(self, signum: int, frame: object) -> None:

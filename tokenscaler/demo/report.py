@@ -28,6 +28,7 @@ def plots(summary: dict[str, Any], out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     s = summary["series"]
     files = []
@@ -89,7 +90,9 @@ def plots(summary: dict[str, Any], out: Path) -> list[str]:
     ax.set(xlabel="time (s)", ylabel="replicas", xlim=(0, dur), title="replicas: desired vs ready")
     top = max([x["desired"] for x in samples] + [x["ready"] for x in samples] + [1])
     ax.set_ylim(0, top + 1)
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    locator = ax.yaxis.get_major_locator()
+    assert isinstance(locator, MaxNLocator)  # a linear axis's default locator (AutoLocator) is one
+    locator.set_params(integer=True)
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

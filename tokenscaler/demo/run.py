@@ -109,10 +109,11 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
     showback: dict[str, Any] | None = None
     result = DemoResult(None, None, sup.pids, logs, ports)
     main = asyncio.current_task()
+    assert main is not None  # this coroutine runs as a task
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, main.cancel)  # type: ignore[union-attr]
+            loop.add_signal_handler(sig, main.cancel)
     try:
         fleet.write_targets()
         if use_prometheus:
@@ -147,10 +148,10 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
 
         async def ticker() -> None:
             while True:
-                now = gen.now()  # type: ignore[union-attr]
+                now = gen.now()
                 for r in await fleet.reap_dead(now):
                     log(f"t={now:.1f}s replica {r.id} died ({fleet.failures[-1]}); the Deployment replaces it")
-                    await manager.reconcile()  # type: ignore[union-attr]
+                    await manager.reconcile()
                 await fleet.poll_ready()
                 await fleet.read_inversions()
                 plan = await fleet.plan()
@@ -161,24 +162,24 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
                 ]  # fmt: skip
                 samples.append(
                     Sample(
-                        t=round(now, 3), desired=manager.desired, ready=fleet.count("ready"),  # type: ignore[union-attr]
+                        t=round(now, 3), desired=manager.desired, ready=fleet.count("ready"),
                         starting=fleet.count("starting"), draining=fleet.count("draining"),
                         planned=p.get("desired_replicas"), plan_version=(plan or {}).get("version"),
                         plan_stale=(plan or {}).get("stale"),
                         plan_age_s=round(time.time() - plan["generated_at"], 2) if plan else None,
-                        open_requests=gen.inflight,  # type: ignore[union-attr]
+                        open_requests=gen.inflight,
                         elastic_allocated=_tier_sum(elastic, "allocation") if plan else None,
                         elastic_demand=_tier_sum(elastic, "demand") if plan else None,
                     )
                 )  # fmt: skip
                 if display is not None:
-                    display.update(now, phases.of(now), gen.records, samples[-1])  # type: ignore[union-attr]
-                await asyncio.sleep(max(1.0 - (gen.now() - now), 0.05))  # type: ignore[union-attr]
+                    display.update(now, phases.of(now), gen.records, samples[-1])
+                await asyncio.sleep(max(1.0 - (gen.now() - now), 0.05))
 
         async def autoscaler() -> None:
             while True:
                 await asyncio.sleep(rules.polling_interval_s)
-                d = await manager.poll()  # type: ignore[union-attr]
+                d = await manager.poll()
                 if d.error is None:
                     log_scale(d)
 
@@ -244,7 +245,7 @@ async def run_demo(opts: DemoOptions, log: Any = print) -> DemoResult:
         meta["compare"] = compare_live_virtual(summary, loaded, opts.seed, duration)
     from tokenscaler.demo import report
 
-    raw = [{k: getattr(r, k) for k in r.__slots__} for r in gen.records]  # type: ignore[attr-defined]
+    raw = [{k: getattr(r, k) for k in r.__slots__} for r in gen.records]
     result.report = report.write(out, summary, meta, raw)
     result.summary = {**summary, "run": meta}
     return result

@@ -29,20 +29,34 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from tokenscaler.core.allocator import allocate, dominant_share
 from tokenscaler.core.demand import DemandState, derive_inputs
 from tokenscaler.core.model import DIMENSIONS
+from tokenscaler.core.observation import Observation
 from tokenscaler.core.percentile import percentile
+from tokenscaler.core.plan import Plan
 from tokenscaler.core.rows import PoolRows
 from tokenscaler.experiments.policies import Policy
-from tokenscaler.experiments.scenario import LoadedScenario
+from tokenscaler.experiments.scenario import Event, LoadedScenario
 from tokenscaler.experiments.showback import ShowbackMeter
+from tokenscaler.sim.engine import Engine
 
 TIERS = ("guaranteed", "elastic", "spot")
 CONVERGED = 0.05
+
+
+class SampledReplica(Protocol):
+    """What a sample reads of a replica (the runner's ``Replica``): its state, its engine, and
+    the weighted tokens it had served at the last sample, which the sample moves on."""
+
+    state: str
+    engine: Engine
+    served: float
 
 
 class Recorder:
@@ -141,13 +155,15 @@ class Recorder:
         self._integrate(t)
         self.live -= 1
 
-    def mark_event(self, t: float, ev) -> None:  # type: ignore[no-untyped-def]
+    def mark_event(self, t: float, ev: Event) -> None:
         what = f"fail {ev.fail_replicas}" if ev.fail_replicas else f"restore {ev.restore_replicas}"
         self.events.append((t, what))
 
     # ---- samples -----------------------------------------------------------------------
 
-    def sample(self, t: float, obs, plan, replicas, desired: int) -> None:  # type: ignore[no-untyped-def]
+    def sample(
+        self, t: float, obs: Observation | None, plan: Plan | None, replicas: Sequence[SampledReplica], desired: int
+    ) -> None:
         pool = self.rows.pool
         ready = [r for r in replicas if r.state == "ready"]
         live = [r for r in replicas if r.state in ("ready", "draining")]

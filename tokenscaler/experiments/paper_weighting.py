@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tokenscaler.core.allocator import dominant_share
+from tokenscaler.core.rows import PoolRows
 
 CLASS_WEIGHTS = np.array([1000.0, 100.0, 1.0])  # guaranteed, elastic, spot (paper Table 1)
 ALPHA_SLO, ALPHA_BURST, ALPHA_DEBT = 2.0, 1.0, 4.0  # the paper's "typical" values
@@ -36,7 +37,16 @@ class PaperWeighting:
     def __init__(self, slo_s: Mapping[str, float]) -> None:
         self.slo_s = dict(slo_s)
 
-    def update(self, rows, debt, owed, received, demand, ready, interval_s):  # type: ignore[no-untyped-def]
+    def update(
+        self,
+        rows: PoolRows,
+        debt: np.ndarray,
+        owed: np.ndarray,
+        received: np.ndarray,
+        demand: np.ndarray,
+        ready: int,
+        interval_s: float,
+    ) -> np.ndarray:
         norm = rows.problem.normalization
         entitled = dominant_share(owed, norm)
         got = dominant_share(received, norm)
@@ -46,7 +56,9 @@ class PaperWeighting:
         new = np.where(active, new, DEBT_DECAY * debt)  # no demand: it only decays
         return np.where(rows.problem.is_elastic, new, 0.0)
 
-    def weights(self, rows, debt, owed, received):  # type: ignore[no-untyped-def]
+    def weights(
+        self, rows: PoolRows, debt: np.ndarray, owed: np.ndarray, received: np.ndarray
+    ) -> np.ndarray:
         problem = rows.problem
         slo = np.array([self.slo_s.get(name, np.nan) for name in rows.names], dtype=float)
         known = ~np.isnan(slo)

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from tokenscaler.core.limiter import INF, Decision, GateLimits, Limiter
 from tokenscaler.core.rows import build_pool_rows
@@ -45,18 +48,17 @@ from tokenscaler.experiments.control import (
 from tokenscaler.experiments.measure import Recorder
 from tokenscaler.experiments.policies import POLICIES, gateway_limiter
 from tokenscaler.experiments.replicas import HPA_DEFAULTS, Hpa, rules_from_scaledobject
-from tokenscaler.experiments.scenario import LoadedScenario, Skewed
+from tokenscaler.experiments.scenario import Event, LoadedScenario, Skewed
 from tokenscaler.experiments.traffic import SlotSource, build_traffic
 from tokenscaler.sidecar.flight import Flight
 from tokenscaler.sidecar.gatekeeper import Gatekeeper, whole_limit
 from tokenscaler.sidecar.limits import LimitsUpdate
 from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
-from tokenscaler.sim.engine import Engine
+from tokenscaler.sim.engine import Engine, StepResult
 from tokenscaler.sim.metrics import build_registry
 from tokenscaler.sim.profile import load_profile
 from tokenscaler.sources.scrape import ScrapeResult
 
-ARRIVAL, SLOT, STEP, CONTROL, HPA, EVENT, READY, WAKE = range(8)
 LIMITS_TTL_S = 60.0
 
 
@@ -85,18 +87,80 @@ class Replica:
     limiter: Limiter
     gate: Gatekeeper
     metrics: SidecarMetrics
-    registry: object
+    registry: CollectorRegistry
     ready_at: float
     state: str = "starting"  # starting | ready | draining | gone
     step_scheduled: bool = False
-    pending: object | None = None  # the StepResult whose tokens arrive at the next step event
+    pending: StepResult | None = None  # the step whose tokens arrive at the next step event
     calls: dict[str, Call] = field(default_factory=dict)  # engine request id -> call
     streaming: dict[str, Call] = field(default_factory=dict)  # the calls whose first token came
     served: float = 0.0  # weighted tokens at the last sample
-    epoch: int = 0  # a STEP event of an older epoch is stale (its run was cut short)
+    epoch: int = 0  # a StepEnd of an older epoch is stale (its run was cut short)
     run_ends: list[float] = field(default_factory=list)  # the pure decode run under way (not yet executed)
-    wake_at: float = INF  # the earliest WAKE event pushed for its gatekeeper's queue, not yet fired
+    wake_at: float = INF  # the earliest Wake pushed for its gatekeeper's queue, not yet fired
     cuts: list[Call] = field(default_factory=list)  # calls its gatekeeper preempted, to cut now
+
+
+# ---- the events of the heap, one type per kind ----------------------------------------------
+
+
+@dataclass(slots=True)
+class StepEnd:
+    """A step of ``replica``'s engine (or the last of its decode run) ends: it delivers its tokens.
+    Stale when the replica's epoch has moved on (its run was cut short)."""
+
+    replica: Replica
+    epoch: int
+
+
+@dataclass(slots=True)
+class Arrival:
+    """The next request of the open-loop source ``Run.arrivals[source]``."""
+
+    source: int
+
+
+@dataclass(slots=True)
+class SlotTurn:
+    """A closed-loop client of ``slot`` sends its next request."""
+
+    slot: SlotSource
+
+
+@dataclass(slots=True)
+class ControlTick:
+    """Every ``interval_s``: scrape, plan, hand out the limits documents."""
+
+
+@dataclass(slots=True)
+class HpaTick:
+    """Every ``pollingInterval`` of ``hpa``: the HPA moves the Deployment."""
+
+    hpa: Hpa
+
+
+@dataclass(slots=True)
+class ScenarioEvent:
+    """One of the scenario's events (replicas fail or are restored)."""
+
+    event: Event
+
+
+@dataclass(slots=True)
+class ReplicaReady:
+    """``replica`` has started (the profile's ``startup_s`` after it was created)."""
+
+    replica: Replica
+
+
+@dataclass(slots=True)
+class Wake:
+    """``replica``'s gatekeeper asked to be woken (its queue's next timed retry)."""
+
+    replica: Replica
+
+
+Timed = StepEnd | Arrival | SlotTurn | ControlTick | HpaTick | ScenarioEvent | ReplicaReady | Wake
 
 
 class Run:
@@ -121,7 +185,7 @@ class Run:
         self.whole = {e.name: whole_limit(e) for e in self.config.entitlements}
         self.now = 0.0
         self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
-        self.heap: list[tuple[float, int, int, object]] = []
+        self.heap: list[tuple[float, int, Timed]] = []  # (time, order of pushing, event)
         self._seq = 0
         self.replicas: list[Replica] = []
         self._next_id = 0
@@ -151,15 +215,15 @@ class Run:
         self._cursor = [0] * len(arrivals)
         for i, a in enumerate(arrivals):
             if a.times.size:
-                self._push(float(a.times[0]), ARRIVAL, i)
+                self._push(float(a.times[0]), Arrival(i))
         for s in slots:
             for _ in range(s.spec.count):
-                self._push(s.start_s, SLOT, s)
-        for i, ev in enumerate(self.sc.events):
-            self._push(ev.at_s, EVENT, i)
-        self._push(0.0, CONTROL, None)
+                self._push(s.start_s, SlotTurn(s))
+        for ev in self.sc.events:
+            self._push(ev.at_s, ScenarioEvent(ev))
+        self._push(0.0, ControlTick())
         if self.hpa is not None:
-            self._push(self.hpa.rules.polling_interval_s, HPA, None)
+            self._push(self.hpa.rules.polling_interval_s, HpaTick(self.hpa))
         for _ in range(self.desired):
             self._start_replica(0.0, ready_now=True)
 
@@ -169,48 +233,45 @@ class Run:
 
     # ---- events ------------------------------------------------------------------------
 
-    def _push(self, t: float, kind: int, payload: object) -> None:
+    def _push(self, t: float, ev: Timed) -> None:
         self._seq += 1
-        heapq.heappush(self.heap, (t, self._seq, kind, payload))
+        heapq.heappush(self.heap, (t, self._seq, ev))
 
-    def run(self, progress=None) -> dict:  # type: ignore[no-untyped-def]
+    def run(self, progress: Callable[[float], object] | None = None) -> dict[str, Any]:
         heap, end = self.heap, self.duration
         while heap and heap[0][0] < end:
-            t, _, kind, payload = heapq.heappop(heap)
+            t, _, ev = heapq.heappop(heap)
             self.now = t
-            if kind == STEP:
-                r, epoch = payload  # type: ignore[misc]
-                if epoch == r.epoch:
-                    self._step(t, r)
-            elif kind == ARRIVAL:
-                i = payload
-                a = self.arrivals[i]  # type: ignore[index]
-                k = self._cursor[i]  # type: ignore[index]
-                self._cursor[i] = k + 1  # type: ignore[index]
-                if k + 1 < a.times.size:
-                    self._push(float(a.times[k + 1]), ARRIVAL, i)
-                self._send(t, Call(a.tenant, t, int(a.prompt[k]), int(a.output[k]), int(a.max_tokens[k]), None))
-            elif kind == SLOT:
-                s: SlotSource = payload  # type: ignore[assignment]
-                if t < s.end_s:
-                    p, o, m = s.draw()
-                    self._send(t, Call(s.tenant, t, p, o, m, s))
-            elif kind == CONTROL:
-                self._control(t)
-                if progress is not None:
-                    progress(t)
-                self._push(t + self.sc.interval_s, CONTROL, None)
-            elif kind == HPA:
-                self._autoscale(t)
-                self._push(t + self.hpa.rules.polling_interval_s, HPA, None)  # type: ignore[union-attr]
-            elif kind == EVENT:
-                self._event(t, self.sc.events[payload])  # type: ignore[index]
-            elif kind == READY:
-                self._ready(t, payload)  # type: ignore[arg-type]
-            elif kind == WAKE:
-                r = payload  # type: ignore[assignment]
-                r.wake_at = INF
-                r.gate.wake(t)
+            match ev:
+                case StepEnd(r, epoch):
+                    if epoch == r.epoch:
+                        self._step(t, r)
+                case Arrival(i):
+                    a = self.arrivals[i]
+                    k = self._cursor[i]
+                    self._cursor[i] = k + 1
+                    if k + 1 < a.times.size:
+                        self._push(float(a.times[k + 1]), ev)
+                    self._send(t, Call(a.tenant, t, int(a.prompt[k]), int(a.output[k]), int(a.max_tokens[k]), None))
+                case SlotTurn(s):
+                    if t < s.end_s:
+                        p, o, m = s.draw()
+                        self._send(t, Call(s.tenant, t, p, o, m, s))
+                case ControlTick():
+                    self._control(t)
+                    if progress is not None:
+                        progress(t)
+                    self._push(t + self.sc.interval_s, ev)
+                case HpaTick(hpa):
+                    self._autoscale(t)
+                    self._push(t + hpa.rules.polling_interval_s, ev)
+                case ScenarioEvent(scenario_event):
+                    self._event(t, scenario_event)
+                case ReplicaReady(r):
+                    self._ready(t, r)
+                case Wake(r):
+                    r.wake_at = INF
+                    r.gate.wake(t)
         result = self.recorder.result(end)
         pairs: dict[str, int] = {}
         for r in self.replicas:  # the sidecars' own counters (tokenscaler_sidecar_tier_inversions_total)
@@ -245,7 +306,7 @@ class Run:
         call.done = True
         self.recorder.denied(t, call.tenant, why)
         if call.slot is not None:
-            self._push(t + call.slot.spec.backoff_s, SLOT, call.slot)
+            self._push(t + call.slot.spec.backoff_s, SlotTurn(call.slot))
 
     def _send(self, t: float, call: Call) -> None:
         self.recorder.offered(t, call.tenant)
@@ -300,7 +361,7 @@ class Run:
         self.recorder.queue_depth(r.engine.num_waiting)
         if not r.step_scheduled:
             r.step_scheduled = True
-            self._push(max(t, r.engine.busy_until_s), STEP, (r, r.epoch))
+            self._push(max(t, r.engine.busy_until_s), StepEnd(r, r.epoch))
 
     def _do_cuts(self, r: Replica, t: float) -> None:
         """Cut the calls ``r``'s gatekeeper preempted (their capacity is already given to another)."""
@@ -313,7 +374,7 @@ class Run:
         """The gatekeeper of ``r`` asks to be woken at ``at`` (its queue's next timed retry)."""
         if at < r.wake_at:
             r.wake_at = at
-            self._push(max(at, self.now), WAKE, r)
+            self._push(max(at, self.now), Wake(r))
 
     def _cut(self, t: float, r: Replica, call: Call, why: str) -> None:
         """End a call early (preempted by the sidecar, or its replica died)."""
@@ -329,7 +390,7 @@ class Run:
             flight.settle()
         self.recorder.cut(t, call.tenant, why)
         if call.slot is not None:
-            self._push(t + call.slot.spec.backoff_s, SLOT, call.slot)
+            self._push(t + call.slot.spec.backoff_s, SlotTurn(call.slot))
 
     def _sync(self, r: Replica, t: float, *, cut: bool = False) -> None:
         """Execute the steps of ``r``'s decode run begun by ``t`` (``cut``: end the run there)."""
@@ -351,7 +412,7 @@ class Run:
         """Stop ``r``'s decode run after the step in flight, which delivers at its end."""
         r.run_ends.clear()
         r.epoch += 1
-        self._push(r.engine.busy_until_s, STEP, (r, r.epoch))
+        self._push(r.engine.busy_until_s, StepEnd(r, r.epoch))
 
     def _step(self, t: float, r: Replica) -> None:
         if r.run_ends:
@@ -361,28 +422,29 @@ class Run:
         res = r.pending
         r.pending = None
         if res is not None:
-            for req in res.first_token:  # type: ignore[attr-defined]
+            for req in res.first_token:
                 call = r.calls.get(req.request_id)
                 if call is not None:
                     call.first_token = t
                     r.streaming[call.rid] = call
                     if call.flight is not None:  # the sidecar sees the first chunk: the prompt is prefilled
                         call.flight.streamed(req.output_tokens)
-            for req in res.finished:  # type: ignore[attr-defined]
+            for req in res.finished:
                 r.streaming.pop(req.request_id, None)
                 call = r.calls.pop(req.request_id, None)
                 if call is None or call.done:
                     continue
                 call.done = True
                 generated = req.output_tokens
-                call.flight.settle(call.prompt, generated, completed=True)  # type: ignore[union-attr]
+                assert call.flight is not None  # every call its engine serves was admitted
+                call.flight.settle(call.prompt, generated, completed=True)
                 if self.gateway is not None and self.policy.admission == "tpm":
                     served = self.w[0] * call.prompt + self.w[1] * generated
                     self.gateway.count(call.tenant, served, t)
                     self.gateway.served(call.tenant, served, call.arrival)
                 self.recorder.completed(call.tenant, call.arrival, call.first_token or t, t, generated)
                 if call.slot is not None:
-                    self._push(t + call.slot.spec.think_s, SLOT, call.slot)
+                    self._push(t + call.slot.spec.think_s, SlotTurn(call.slot))
         if r.state == "gone":
             r.step_scheduled = False
             return
@@ -390,12 +452,12 @@ class Run:
             ends = r.engine.decode_run_ends(t)
             if len(ends) > 1:
                 r.run_ends = ends
-                self._push(ends[-1], STEP, (r, r.epoch))
+                self._push(ends[-1], StepEnd(r, r.epoch))
                 return
             nxt = r.engine.step(t)
             if nxt.num_requests:
                 r.pending = nxt
-                self._push(nxt.end_s, STEP, (r, r.epoch))
+                self._push(nxt.end_s, StepEnd(r, r.epoch))
                 return
         r.step_scheduled = False
         if r.state == "draining" and not r.engine.has_work:
@@ -437,7 +499,7 @@ class Run:
         if ready_now:
             self._ready(t, r)
         else:
-            self._push(r.ready_at, READY, r)
+            self._push(r.ready_at, ReplicaReady(r))
 
     def _ready(self, t: float, r: Replica) -> None:
         if r.state != "starting":
@@ -471,7 +533,7 @@ class Run:
             r.state = "gone"
             self.recorder.replica_gone(t)
 
-    def _event(self, t: float, ev) -> None:  # type: ignore[no-untyped-def]
+    def _event(self, t: float, ev: Event) -> None:
         if ev.fail_replicas:
             ready = [r for r in self.replicas if r.state == "ready"]
             for r in ready[::-1][: ev.fail_replicas]:
@@ -515,15 +577,15 @@ class Run:
             # those whose first token came, and those whose first token the step in flight made
             streaming = list(r.streaming.values())
             if r.pending is not None:
-                for req in r.pending.first_token:  # type: ignore[attr-defined]
+                for req in r.pending.first_token:
                     call = r.calls.get(req.request_id)
                     if call is not None and call.rid not in r.streaming:
                         streaming.append(call)
             streaming.sort(key=lambda c: c.seq)
             for call in streaming:
-                req = r.engine.get(call.rid)
-                if req is not None and call.flight is not None and req.first_token_s is not None:
-                    call.flight.streamed(req.output_tokens)
+                served = r.engine.get(call.rid)
+                if served is not None and call.flight is not None and served.first_token_s is not None:
+                    call.flight.streamed(served.output_tokens)
             pool = self.pool.name
             results.append(ScrapeResult(pool, "sidecar", f"{r.id}/sidecar", collect_samples(r.metrics.registry)))
             results.append(ScrapeResult(pool, "engine", f"{r.id}/engine", collect_samples(r.registry)))
@@ -538,7 +600,7 @@ class Run:
 
 
 def run_policy(loaded: LoadedScenario, policy: str, seed: int, duration_s: float, *, without_spot: bool = False,
-               progress=None) -> dict:  # type: ignore[no-untyped-def]  # fmt: skip
+               progress: Callable[[float], object] | None = None) -> dict[str, Any]:  # fmt: skip
     """Run one policy (``without_spot``: the uncontended twin) and return its results."""
     return Run(loaded, policy, seed, duration_s, without_spot=without_spot).run(progress)
 

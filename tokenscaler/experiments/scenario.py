@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from tokenscaler.config import load_config
 from tokenscaler.core.frozen import Frozen
@@ -299,10 +299,8 @@ def load_scenario(name_or_path: str) -> LoadedScenario:
     data.setdefault("name", path.stem)
     try:
         scenario = Scenario.model_validate(data)
-    except Exception as e:  # pydantic's ValidationError
-        if hasattr(e, "errors"):
-            raise ConfigError(source, format_validation_error(e, data)) from e  # type: ignore[arg-type]
-        raise
+    except ValidationError as e:
+        raise ConfigError(source, format_validation_error(e, data)) from e
     base = path.parent
     if scenario.config is not None:
         config = parse_config(scenario.config, f"{source}: config")

@@ -42,10 +42,11 @@ def _job(args: tuple[str, str, int, float, bool, int]) -> tuple[str, bool, dict,
         from tqdm import tqdm
 
         label = f"{loaded.name} {policy}{' (no spot)' if without_spot else ''}"
-        bar = tqdm(total=round(duration), desc=label, unit="s", position=position, leave=False, file=sys.stderr)
+        total = round(duration)
+        bar = tqdm(total=total, desc=label, unit="s", position=position, leave=False, file=sys.stderr)
 
         def progress(t: float) -> None:
-            bar.n = min(round(t), bar.total)
+            bar.n = min(round(t), total)
             bar.refresh()
 
     result = run_policy(loaded, policy, seed, duration, without_spot=without_spot, progress=progress)

@@ -93,13 +93,14 @@ def _error(what: str, e: Exception) -> ApiError:
 
 
 # network-level failures the client raises (connection refused, reset, a stream cut mid-chunk)
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
+TRANSPORT_ERRORS: tuple[type[Exception], ...] = (urllib3.exceptions.HTTPError, OSError)
+_CALL_ERRORS: tuple[type[Exception], ...] = (ApiException, *TRANSPORT_ERRORS)  # what _error turns into an ApiError
 
 
 def _call(what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except (ApiException, *TRANSPORT_ERRORS) as e:  # type: ignore[misc]
+    except _CALL_ERRORS as e:
         raise _error(what, e) from e
 
 
@@ -117,7 +118,7 @@ def api_client(host: str | None = None, *, timeout_s: float = 10.0) -> k8s.ApiCl
             kconfig.load_kube_config(client_configuration=cfg)
     cfg.retries = 0  # every caller here retries on its own schedule
     api = k8s.ApiClient(cfg)
-    api.default_timeout_s = timeout_s  # type: ignore[attr-defined]
+    api.default_timeout_s = timeout_s  # type: ignore[attr-defined]  # ours, read back by _timeout
     return api
 
 
@@ -185,7 +186,7 @@ class CustomObjects:
                     event = next(stream)
                 except StopIteration:
                     return
-                except (ApiException, *TRANSPORT_ERRORS) as e:  # type: ignore[misc]
+                except _CALL_ERRORS as e:
                     raise _error(f"watch {self.plural}", e) from e
                 if isinstance(event, dict):
                     yield event

@@ -76,9 +76,14 @@ class CrWatch:
         self.namespace = namespace
         self.pool_objects = CustomObjects(api, namespace, POOL_PLURAL)
         self.entitlement_objects = CustomObjects(api, namespace, ENTITLEMENT_PLURAL)
-        kw = {"watch_timeout_s": watch_timeout_s, "read_timeout_s": read_timeout_s}
-        self.pools = Reflector(self.pool_objects, lambda s: self._changed(), backoff=backoff(), **kw)
-        self.entitlements = Reflector(self.entitlement_objects, lambda s: self._changed(), backoff=backoff(), **kw)
+        self.pools = Reflector(
+            self.pool_objects, lambda s: self._changed(), backoff=backoff(),
+            watch_timeout_s=watch_timeout_s, read_timeout_s=read_timeout_s,
+        )  # fmt: skip
+        self.entitlements = Reflector(
+            self.entitlement_objects, lambda s: self._changed(), backoff=backoff(),
+            watch_timeout_s=watch_timeout_s, read_timeout_s=read_timeout_s,
+        )  # fmt: skip
         self.translation: Translation | None = None
         self.version = 0  # bumped on every new valid config
         self._config: TokenPoolsConfig | None = None

@@ -136,14 +136,14 @@ def config_from_crs(pools: Iterable[Mapping[str, Any]], entitlements: Iterable[M
     good_ents: list[Entitlement] = []
     for obj in sorted(entitlements, key=_name):
         try:
-            e = entitlement_from_cr(obj)
+            ent = entitlement_from_cr(obj)
         except ConfigError as err:
             problems[(ENTITLEMENT_KIND, _name(obj))] = "; ".join(err.errors)
             continue
-        if e.pool not in known:
-            problems[(ENTITLEMENT_KIND, e.name)] = f"spec.pool: no valid TokenPool {e.pool!r} in this namespace"
+        if ent.pool not in known:
+            problems[(ENTITLEMENT_KIND, ent.name)] = f"spec.pool: no valid TokenPool {ent.pool!r} in this namespace"
             continue
-        good_ents.append(e)
+        good_ents.append(ent)
     if not good_pools:
         return Translation(None, problems, ["no valid TokenPool"])
     errors = check_config(good_pools, good_ents)
@@ -184,7 +184,7 @@ def _condition(
     return cond
 
 
-def _prev_conditions(obj: Mapping[str, Any]) -> dict[str, Any]:
+def _prev_conditions(obj: Mapping[str, Any]) -> dict[str | None, Any]:
     return {c.get("type"): c for c in ((obj.get("status") or {}).get("conditions") or []) if isinstance(c, Mapping)}
 
 

@@ -186,18 +186,19 @@ def validate_request(req: Mapping[str, Any], config: TokenPoolsConfig | None) ->
     if isinstance(model, Pool):
         pools = [p for p in config.pools if p.name != model.name] + [model]
         ents = list(config.entitlements)
-        pool: Pool | None = model
+        pool = model
     else:
         pools = list(config.pools)
         ents = [e for e in config.entitlements if e.name != model.name] + [model]
-        pool = next((p for p in pools if p.name == model.pool), None)
+        found = next((p for p in pools if p.name == model.pool), None)
         warnings += _spot_warnings(model)
-        if pool is None:
+        if found is None:
             warnings.append(
                 f"entitlement {model.name}: pool {model.pool!r} does not exist (yet): "
                 "it is left out of the plan until a TokenPool of that name is there"
             )
             return review(uid, True, warnings=warnings)
+        pool = found
     errors = check_oversubscription([pool], ents)
     if not errors:
         # the rest of the config's cross-object rules, limited to the pool this change touches

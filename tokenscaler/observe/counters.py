@@ -143,9 +143,9 @@ def increases(
         for s in prom.instant(sel, end):
             if s.value is not None:
                 values.setdefault(_key(s.metric), {})[end] = _num(s.value[1])
-        for key, v in last_values(prom, f"resets({sel}[{tail}])", end).items():
+        for key, resets in last_values(prom, f"resets({sel}[{tail}])", end).items():
             windows[end] = tail
-            if v > 0:
+            if resets > 0:
                 reset_at.setdefault(end, set()).add(key)
     raw: dict[float, dict[Labels, list[float]]] = {}
     for t, keys in reset_at.items():

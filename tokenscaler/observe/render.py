@@ -82,7 +82,7 @@ def _unit_label(unit: str) -> str:
 
 
 def panels_of(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for p in dashboard.get("panels", []):
         if p.get("type") == "row":
             out.extend(q for q in p.get("panels", []) if q.get("targets"))
@@ -103,11 +103,12 @@ def draw(path: Path, title: str, unit: str, series: list[Series], start: float, 
     fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     try:
         for s in series:
-            ax.plot([datetime.fromtimestamp(t, UTC) for t in s.times], s.values, label=s.legend, lw=1.5)
+            # matplotlib's stubs take no datetimes, which its date converter plots as times
+            ax.plot([datetime.fromtimestamp(t, UTC) for t in s.times], s.values, label=s.legend, lw=1.5)  # type: ignore[arg-type]
         ax.set_title(title, fontsize=12)
         ax.set_xlabel("time (UTC)")
         ax.set_ylabel(_unit_label(unit))
-        ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))
+        ax.set_xlim(datetime.fromtimestamp(start, UTC), datetime.fromtimestamp(end, UTC))  # type: ignore[arg-type]
         ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=7))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
         ax.grid(True, alpha=0.3)

@@ -183,8 +183,11 @@ class ScalerTLS:
                 root_certificates=self.client_ca_pem,
                 require_client_auth=self.mutual,
             )
+        # gRPC keeps the current configuration when fetch returns None; the grpcio stubs type the
+        # callback as never returning None
+        fetch = _Reloader(self).fetch
         return grpc.dynamic_ssl_server_credentials(
-            self.certificate_configuration(), _Reloader(self).fetch, require_client_authentication=self.mutual
+            self.certificate_configuration(), fetch, require_client_authentication=self.mutual  # type: ignore[arg-type]
         )
 
 

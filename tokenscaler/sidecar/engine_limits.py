@@ -26,6 +26,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -68,10 +69,10 @@ def parse_metrics(text: str) -> tuple[float | None, float | None, tuple[tuple[st
     return kv, started, config
 
 
-def parse_models(doc: object) -> tuple[str | None, int | None]:
+def parse_models(doc: Any) -> tuple[str | None, int | None]:
     """(model id, max_model_len) of the first model of a ``/v1/models`` answer."""
     try:
-        card = doc["data"][0]  # type: ignore[index]
+        card = doc["data"][0]  # decoded JSON of any shape: a wrong one is caught below
         model = card.get("id")
         length = card.get("max_model_len")
     except (KeyError, IndexError, TypeError, AttributeError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from tokenscaler.core.limiter import Reservation
 from tokenscaler.sidecar.gatekeeper import Gatekeeper
@@ -84,7 +85,7 @@ class Flight:
         self.gate.finish(self.res, prompt_tokens=prompt, generated_tokens=generated, completed=completed)
 
 
-def _current_task() -> asyncio.Task | None:
+def _current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
     except RuntimeError:  # no running loop

@@ -27,7 +27,7 @@ experiments run one admission path and only the clock differs:
   demand it represents, every preemption, the queue's depth and wait: into
   :class:`~tokenscaler.sidecar.metrics.SidecarMetrics`.
 * **Preemption.** The victims a decision names are cut through the handle their caller
-  registered (:class:`Preemptible`: the proxy's flight cancels its task; the experiments'
+  registered (:class:`~tokenscaler.core.limiter.Preemptible`: the proxy's flight cancels its task; the experiments'
   cuts the simulated engine's request).
 
 The queue is clock-free: :meth:`Gatekeeper.arrive` decides at once or parks a
@@ -44,7 +44,6 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 from tokenscaler.core.limiter import Decision, Estimate, Limiter, Reservation, Shortfall, Vector
 from tokenscaler.core.model import CONCURRENCY, DIMENSIONS, THROUGHPUT, Entitlement, Tier
@@ -54,10 +53,6 @@ from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
 log = logging.getLogger(__name__)
 THROUGHPUT_KEY = DIMENSIONS[THROUGHPUT]
 _UNLIMITED: Vector = (math.inf, math.inf, math.inf)
-
-
-class Preemptible(Protocol):
-    def preempt(self) -> None: ...
 
 
 class Waiter:
@@ -293,7 +288,7 @@ class Gatekeeper:
             self.metrics.stats[victim.entitlement].preempted += 1
             handle = victim.handle
             if handle is not None:
-                handle.preempt()  # type: ignore[attr-defined]
+                handle.preempt()
             log.info(
                 "preempted a %s request of %s (seq %d, %s) to give capacity back to %s",
                 victim.tier.value, victim.entitlement, victim.seq, "backfill" if victim.backfill else "spot allowance",

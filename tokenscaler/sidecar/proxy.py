@@ -363,7 +363,8 @@ class Sidecar:
             headers["x-tokenscaler-dimension"] = dim
             message = api.refusal(req, decision.message(name, ent.tier.value))
             return errors.response(429, message, RATE_LIMIT_TYPES[dim], None, "rate_limit_exceeded", headers)
-        flight = Flight(self.gate, decision.reservation, stats, self.w)  # type: ignore[arg-type]
+        assert decision.reservation is not None  # an admitted decision holds its reservation
+        flight = Flight(self.gate, decision.reservation, stats, self.w)
         if entry is not None:
             entry.flight = flight
         try:
@@ -502,8 +503,8 @@ class Sidecar:
                     break
                 out = counter.feed(data)
                 if counter.generated > flight.counted_gen:
-                    if slo is not None and flight.counted_gen == 0:  # the first token: against the TTFT SLO
-                        flight.stats.ttft_slo[perf_counter() - t0 <= slo] += 1  # type: ignore[operator]
+                    if slo is not None and t0 is not None and flight.counted_gen == 0:  # the first token: vs the SLO
+                        flight.stats.ttft_slo[perf_counter() - t0 <= slo] += 1
                     flight.streamed(counter.generated)
                 if out:
                     await resp.write(out)

@@ -176,10 +176,11 @@ class DecodeRuns:
         """
         cached = self._run_cache
         valid = cached is not None and cached[0] == self._busy_until and cached[1] == self.stats.num_steps
-        if k < 1 or (not (valid and len(cached[2]) >= k) and self._decode_run_len() < k):  # type: ignore[index]
+        known = cached[2] if cached is not None and valid else None  # the run's step ends, when still valid
+        if k < 1 or (not (known is not None and len(known) >= k) and self._decode_run_len() < k):
             raise ValueError(f"the next {k} steps are not a pure decode run")
         ends = self._run_ends(k)
-        rest = cached[2][k:] if valid else []  # type: ignore[index]
+        rest = known[k:] if known is not None else []
         hi, n, st = self._hi, self._num_running, self.stats
         occupied = self._seq[:hi] != NO_SEQ
         comp, tot, blk = self._computed[:hi], self._total[:hi], self._blocks[:hi]

@@ -93,7 +93,7 @@ class Endpoints:
         parsed = api.Generate(True, [prompt], 1, stream, False, False, 0, 0, ignore_eos)
         async with self.session.request(parsed) as group:
             c = group.choices[0]
-            if not stream:
+            if start is None:  # not a stream
                 await group.finished()
                 out = c.req.output_tokens
                 final = writer.final(filler_text(0, out), prompt.tokens, out, c.req.finish_reason)
@@ -235,7 +235,7 @@ class Endpoints:
             )  # fmt: skip
         if route in api_tokens.RERANK:
             query, docs = api_tokens.rerank_pairs(body)
-            results = [
+            results: list[dict[str, Any]] = [
                 {"index": i, "document": {"text": d}, "relevance_score": shapes.unit_score(query, d)}
                 for i, d in enumerate(docs)
             ]

@@ -515,9 +515,14 @@ class Engine(DecodeRuns):
     def _victim(self, running: list[int]) -> int:
         if self._priority:
             # vLLM: max (priority, arrival); ties go to the newest admission, as FCFS does.
-            return max(
-                running, key=lambda s: (self._slots[s].priority, self._slots[s].arrival_s, int(self._seq[s]))
-            )  # type: ignore[union-attr]
+            slots, seq = self._slots, self._seq
+
+            def order(s: int) -> tuple[int, float, int]:
+                req = slots[s]
+                assert req is not None  # a running slot holds its request
+                return req.priority, req.arrival_s, int(seq[s])
+
+            return max(running, key=order)
         return running[-1]
 
     def _admit_waiting(self, nn: np.ndarray, budget: int, now: float) -> np.ndarray:

@@ -69,7 +69,7 @@ class ResponsesWriter:
         self.seq = 0
 
     def _message(self, text: str, status: str) -> dict[str, Any]:
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
+        part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
         return {"id": self.item_id, "type": "message", "role": "assistant", "status": status,
                 "content": [part] if status == "completed" else []}  # fmt: skip
 
@@ -114,7 +114,7 @@ class ResponsesWriter:
         )
 
     def end(self, text: str, prompt: int, output: int, reason: str | None) -> bytes:
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
+        part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": [], "logprobs": None}
         final = self.final(text, prompt, output, reason)
         return b"".join((
             self._event("response.output_text.done", item_id=self.item_id, output_index=0, content_index=0,

@@ -330,6 +330,7 @@ def _signal_table(results: Mapping[str, Any], queries: list[Query], answers: Cou
     for q in queries:
         if q.name in _SIGNAL_QUERIES:
             column = _column(q, results, answers)
+            # a signal query's keys are (pool, entitlement); a Column holds any query's, of any width
             table.set_column(_SIGNAL_QUERIES[q.name], column.keys, column.values)  # type: ignore[arg-type]
     return table.build()
 
@@ -357,7 +358,9 @@ def assemble(
     answers: Counter = obs.answers
     by_name = {q.name: q for q in queries}
     obs.signals = _signal_table(results, queries, answers)
-    small = ("running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens", "targets_down", "freshest")
+    small: tuple[str, ...] = (
+        "running", "waiting", "kv_usage", "prompt_tokens", "generation_tokens", "targets_down", "freshest"
+    )
     small += tuple(name for name in ("sidecars", "engine_capacity", "engine_context") if name in by_name)
     v = {name: collect(_samples(results.get(name, [])), by_name[name].keys, name, answers) for name in small}
     answers[("cache_config", AnswerKind.OK if results.get("cache_config") else AnswerKind.EMPTY)] += 1

@@ -122,12 +122,12 @@ class ScrapeSource:
 
     def reload(self) -> bool:
         """Re-read the config file if it changed since the last read; True when the targets changed."""
-        stamp = self._file_stamp()
-        if stamp is None or stamp == self._stamp:
+        path, stamp = self._path, self._file_stamp()
+        if path is None or stamp is None or stamp == self._stamp:  # no file (no stamp), or unchanged
             return False
         self._stamp = stamp
         try:
-            config = load_model(ScrapeConfig, self._path, "'pools'")  # type: ignore[arg-type]
+            config = load_model(ScrapeConfig, path, "'pools'")
         except ConfigError as e:
             log.warning("scrape config %s changed but cannot be used, keeping the previous targets: %s",
                         self._path, "; ".join(e.errors))  # fmt: skip
