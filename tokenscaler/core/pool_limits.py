@@ -71,7 +71,7 @@ class LimitColumns(_Wire):
 
 
 class PoolLimitsDocument(_Wire):
-    api_version: Literal["tokenscaler.io/v1beta1"] = API_VERSION_V1BETA1
+    api_version: Literal["tokenscaler.io/v1beta1"] = "tokenscaler.io/v1beta1"
     kind: Literal["PoolLimits"] = "PoolLimits"
     pool: str
     replica: str | None = None

@@ -23,6 +23,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from pydantic import TypeAdapter, ValidationError
@@ -110,13 +111,13 @@ class PoolLimitsSource(HttpLimitsSource):
         self.apply_s = 0.0
         self._pending: Applied | None = None
 
-    def _init_without_config(self, pool: str, url: str, replica: str, replicas: int, kwargs: dict) -> None:
+    def _init_without_config(self, pool: str, url: str, replica: str, replicas: int, kwargs: dict[str, Any]) -> None:
         # HttpLimitsSource without its rules: they come with the first document's spec
         placeholder = TokenPoolsConfig.model_validate(
             {"pools": [{"name": pool, "replica": {"throughput_tokens_per_s": 1, "kv_tokens": 1, "concurrency": 1},
                         "max_replicas": 1}]}
         )  # fmt: skip
-        super().__init__(placeholder, pool, url, replica=replica, replicas=replicas, **kwargs)  # type: ignore[arg-type]
+        super().__init__(placeholder, pool, url, replica=replica, replicas=replicas, **kwargs)
 
     def adopt(self, config: TokenPoolsConfig) -> None:
         """Bootstrap from ``config`` (the first document's, when there is no ``--config``)."""

@@ -313,9 +313,9 @@ class Sidecar:
         ent = self.identify(request)
         if ent is None:
             self.metrics.unauthenticated += 1
-            status, message, code = self.refusal(request)
+            status, message, refused = self.refusal(request)
             kind = "permission_error" if status == 403 else "authentication_error"
-            return errors.response(status, message, kind, None, code)
+            return errors.response(status, message, kind, None, refused)
         name = ent.name
         if entry is not None:
             entry.entitlement, entry.tier = name, ent.tier.value
