@@ -8,6 +8,7 @@ never reads a file; this module is where a path becomes a document. Every failur
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +20,19 @@ from tokenscaler.core.usage import UsageDocument, parse_usage
 from tokenscaler.core.validation import ConfigError, validate_document
 
 M = TypeVar("M", bound=BaseModel)
+
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: str | Path) -> FileStamp | None:
+    """``(mtime_ns, size, inode)`` of ``path``, None if it cannot be stat'ed: a file re-read
+    when it changes compares these (an atomic rename brings a new inode, an in-place write
+    a new mtime or size)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def read_document(path: str | Path, *, fmt: str = "yaml") -> Any:
