@@ -42,6 +42,8 @@ def read_document(path: str | Path, *, fmt: str = "yaml") -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {e.start})"]) from e
     try:
         return json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
