@@ -8,6 +8,7 @@ never reads a file; this module is where a path becomes a document. Every failur
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,19 @@ from tokenscaler.core.validation import ConfigError, validate_document
 
 M = TypeVar("M", bound=BaseModel)
 
+FileStamp = tuple[int, int, int]
+
+
+def file_stamp(path: str | Path) -> FileStamp | None:
+    """``(mtime_ns, size, inode)`` of ``path``, None if it cannot be stat'ed: a file re-read
+    when it changes compares these (an atomic rename brings a new inode, an in-place write
+    a new mtime or size)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
 
 def read_document(path: str | Path, *, fmt: str = "yaml") -> Any:
     """Read and decode a YAML (or JSON) file; :class:`ConfigError` names the file and why."""
@@ -28,6 +42,8 @@ def read_document(path: str | Path, *, fmt: str = "yaml") -> Any:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {e.start})"]) from e
     try:
         return json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:

@@ -95,6 +95,16 @@ def errors_of(doc: dict) -> list[str]:
             ["entitlements[a].api_keys[0] must be a sha256 hex digest (64 hex characters), not a plain key"],
             id="plain-api-key",
         ),
+        pytest.param(  # a plain key where the list belongs, or not a string: the value is never echoed
+            make_config(
+                entitlements=[make_entitlement("a", api_keys="sk-plain-key"), make_entitlement("b", api_keys=[7])]
+            ),
+            [
+                "entitlements[a].api_keys: Input should be a valid list",
+                "entitlements[b].api_keys[0]: Input should be a valid string",
+            ],
+            id="plain-api-key-not-echoed",
+        ),
         pytest.param(
             make_config(
                 entitlements=[

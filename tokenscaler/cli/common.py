@@ -69,8 +69,8 @@ def usage_errors(role: str, errors: list[str]) -> int:
 
 def config_error(e: ConfigError) -> int:
     """Report a :class:`ConfigError` (one line per problem, each naming the file) and return 1."""
-    for line in e.errors:
-        print(f"{e.source}: {line}", file=sys.stderr)
+    for line in e.lines():
+        print(line, file=sys.stderr)
     return EXIT_BAD_INPUT
 
 

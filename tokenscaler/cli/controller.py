@@ -8,6 +8,11 @@ and the HTTP API (limits for the sidecars, the plan). Once both servers accept c
 ``tokenscaler controller listening on http://HOST:PORT`` then
 ``tokenscaler controller scaler on grpc://HOST:PORT``. SIGTERM stops it cleanly: servers
 close, the last state is already on disk (it is written after every interval).
+
+With ``--source file`` the controller re-reads ``--config`` when the file changes (checked
+every second) and on SIGHUP (:mod:`tokenscaler.control.reload`): a valid config is planned
+from the next interval on, a file that does not validate is logged and the last good
+config stays in force.
 """
 
 from __future__ import annotations
@@ -157,15 +162,18 @@ def run(args: argparse.Namespace) -> int:
 async def _main(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import signal
+    from typing import Any
 
     from aiohttp import web
     from prometheus_client import CollectorRegistry
 
     from tokenscaler.cli import runtime
-    from tokenscaler.config import load_config, load_model
+    from tokenscaler.config import FileStamp, file_stamp, load_config, load_model
     from tokenscaler.control.loop import Controller
     from tokenscaler.control.metrics import ControllerMetrics, PlanCollector, ShowbackCollector
     from tokenscaler.control.persist import StateFileError
+    from tokenscaler.control.reload import ConfigReloader
     from tokenscaler.control.store import PlanStore
     from tokenscaler.core.model import TokenPoolsConfig
     from tokenscaler.core.validation import ConfigError
@@ -178,8 +186,10 @@ async def _main(args: argparse.Namespace) -> int:
 
     log = logging.getLogger("tokenscaler.controller")
     config: TokenPoolsConfig | None = None
+    stamp: FileStamp | None = None
     try:
         if args.source == "file":
+            stamp = file_stamp(args.config)  # before the read: a write after it is re-read
             config = load_config(args.config)
         source: MetricsSource
         if args.prometheus_url:
@@ -213,11 +223,18 @@ async def _main(args: argparse.Namespace) -> int:
     metrics = ControllerMetrics(registry)
     store = PlanStore()
     controller: Controller | None = None
+    reloader: ConfigReloader | None = None
     registry.register(PlanCollector(store))
     registry.register(ShowbackCollector(lambda: controller.state.ledgers if controller is not None else {}))
 
+    def config_status() -> dict[str, Any]:
+        if reloader is not None:
+            return reloader.status()
+        generation = controller.generation if controller is not None else None
+        return {"generation": generation, "last_reload_error": None, "source": args.source}
+
     # the servers answer from the store alone: up before the first plan (not ready until then)
-    api = ControllerApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s)
+    api = ControllerApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s, config_status=config_status)
     app = api.app()
     security.install(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -248,9 +265,19 @@ async def _main(args: argparse.Namespace) -> int:
         stopping.set()
         if controller is not None:
             controller.stop()
+        if reloader is not None:
+            reloader.stop()
+
+    def hangup() -> None:
+        if reloader is not None:
+            reloader.request()
+        else:
+            log.info("SIGHUP: the config comes from the TokenPool and Entitlement objects; nothing to re-read")
 
     runtime.on_signal(stop)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hangup)
     operator = None
+    watch: asyncio.Task[None] | None = None
     code = EXIT_OK
     try:
         options = {
@@ -265,6 +292,7 @@ async def _main(args: argparse.Namespace) -> int:
                 restored = await controller.restore()
             except StateFileError as e:
                 return fail("controller", f"{e} (move it away to start without state)")
+            reloader = ConfigReloader(args.config, controller, stamp=stamp)
         else:
             from tokenscaler.kube.operator import KubeStateBackend, from_environment
 
@@ -282,7 +310,12 @@ async def _main(args: argparse.Namespace) -> int:
                 config, source, store, metrics, state_backend=backend, leading=operator.is_leader,
                 on_published=backend.write_status, **options,
             )  # fmt: skip
-            operator.on_config(controller.set_config)
+            reconfigure = controller.set_config
+
+            def on_config(new: TokenPoolsConfig) -> None:
+                reconfigure(new)  # logs each change and raises the generation
+
+            operator.on_config(on_config)
             restored = None  # a leader restores when it starts leading
         runtime.settle_heap()
         log.info("%s", security.describe())
@@ -290,9 +323,15 @@ async def _main(args: argparse.Namespace) -> int:
         bound_http = http_sock.getsockname()[1]
         print(f"tokenscaler controller listening on {security.scheme}://{http_host}:{bound_http}", flush=True)
         print(f"tokenscaler controller scaler on grpc://{grpc_host}:{bound_grpc}", flush=True)
+        if reloader is not None:
+            watch = asyncio.create_task(reloader.run())
         if not stopping.is_set():
             await controller.run(first_delay_s=args.interval_s if restored is not None else 0.0)
     finally:
+        if watch is not None:
+            assert reloader is not None
+            reloader.stop()
+            await watch
         await grpc_server.stop(1.0)
         await security.stop()
         await runner.cleanup()

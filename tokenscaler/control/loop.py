@@ -23,6 +23,13 @@ Failure behaviour, each a tested rule (the first two live in the control step):
 * restart: debt, scale-down history and the last plan come back from ``--state``; the
   restored plan is published at once, so KEDA and the sidecars are answered from the first
   second, and the first fresh interval follows one interval later.
+
+A new config (the file re-read, :mod:`tokenscaler.control.reload`, or the operator's watch)
+is :meth:`Controller.set_config`: planned from the next interval on, one log line per change
+(:func:`tokenscaler.core.config_diff.config_changes`), the config generation one higher.
+Debt, demand and scale-down history carry over for the entitlements that stay; one that
+moves pool or tier starts clean (:func:`tokenscaler.core.step.reconfigured`), and the log
+says so.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,8 +46,9 @@ from tokenscaler.control.metrics import ControllerMetrics
 from tokenscaler.control.persist import FileStateBackend, StateBackend, StateFileError
 from tokenscaler.control.store import PlanStore, PublishedPlan
 from tokenscaler.core.capacity import CAPACITY_TOLERANCE
+from tokenscaler.core.config_diff import ConfigChange, config_changes, fresh_starts
 from tokenscaler.core.model import TokenPoolsConfig
-from tokenscaler.core.rows import build_pool_rows
+from tokenscaler.core.rows import PoolRows, build_pool_rows
 from tokenscaler.core.step import (
     ControlState,
     ControlStepResult,
@@ -48,6 +56,7 @@ from tokenscaler.core.step import (
     apply_profile,
     control_step,
     persisted,
+    reconfigured,
     restored,
 )
 from tokenscaler.sources.base import MetricsSource, SourceError
@@ -84,7 +93,6 @@ class Controller:
             raise ValueError(f"profile_refresh_s ({profile_refresh_s}) must be > 0")
         self.config = config
         self.rows = build_pool_rows(config)
-        self.generation = 1  # +1 per config applied (set_config): the limits API's spec follows it
         self.source = source
         self.store = store
         self.metrics = metrics
@@ -101,21 +109,51 @@ class Controller:
         self.timings: dict[str, float] = {}  # phase -> seconds, of the last interval that planned
         self._profile_read_at: float | None = None
         self.state = ControlState()  # what the control step carries between intervals
+        self._state_rows: Mapping[str, PoolRows] = self.rows  # the rows ``state`` is aligned with
+        self._fresh: set[str] = set()  # entitlements that start clean at the next interval
+        self.generation = 1  # of the config in force: one more per change applied
+        self.metrics.config_generation.set(self.generation)
         self._stop = asyncio.Event()
 
     # ------------------------------------------------------------------ state
 
-    def set_config(self, config: TokenPoolsConfig) -> None:
-        """Plan with ``config`` from the next interval on (the operator's watch changed it).
-        Carried state maps onto the new rows by entitlement name."""
+    def set_config(self, config: TokenPoolsConfig) -> list[ConfigChange]:
+        """Plan with ``config`` from the next interval on (the file was re-read, or the
+        operator's watch changed it); returns what changed. A config equal to the one in force
+        changes nothing (no new generation); any change is one generation more, logged one
+        line per change. Carried state maps onto the new rows by entitlement name at the next
+        interval; an entitlement that moved pool or tier starts clean there."""
+        changes = config_changes(self.config, config)
+        if not changes:
+            return []
+        self.generation += 1
+        for change in changes:
+            log.info("config generation %d: %s", self.generation, change,
+                     extra={"config_generation": self.generation, "config_change": change.to_json()})  # fmt: skip
+        for name, why in fresh_starts(changes).items():
+            log.info("config generation %d: entitlement %s %s: its debt starts clean", self.generation, name, why)
+            if self._led:  # a replica that does not lead carries no state (it restores when it leads)
+                self._fresh.add(name)
         self.config = config
         self.rows = build_pool_rows(config)
-        self.generation += 1
+        self.metrics.config_generation.set(self.generation)
+        return changes
+
+    def _aligned(self) -> Mapping[str, PoolRows]:
+        """The rows to plan this interval with, the carried state aligned with them (a new
+        config since the last interval: :func:`reconfigured`)."""
+        rows = self.rows
+        if self._state_rows is not rows:
+            self.state = reconfigured(self._state_rows, rows, self.state, self._fresh)
+            self._state_rows = rows
+            self._fresh = set()
+        return rows
 
     async def restore(self) -> PublishedPlan | None:
         """Load the saved state and publish the last plan it holds, if any (from then on this
         replica acts as the one that leads)."""
         self._led = True
+        self._fresh = set()  # the saved state is the one to continue from, as it was saved
         backend = self.state_backend
         if backend is None:
             return None
@@ -125,6 +163,7 @@ class Controller:
             return None
         try:
             self.state = restored(self.rows, planner)
+            self._state_rows = self.rows
         except (ValueError, TypeError, KeyError) as e:
             raise StateFileError(f"{backend.name}: the saved plan cannot be restored: {e}") from e
         if self.state.plan is None:
@@ -164,14 +203,15 @@ class Controller:
         started = time.perf_counter()
         now = self.clock()
         obs = await self._read("metrics source", self.source.read(now))
+        rows = self._aligned()  # a config applied while the source was read counts from here
         if isinstance(obs, SourceError):
             self.metrics.intervals.labels("stale").inc()
-            return self._publish(control_step(self.rows, None, self.state, now, self.settings, failure=str(obs)), now)
+            return self._publish(control_step(rows, None, self.state, now, self.settings, failure=str(obs)), now)
         read_done = time.perf_counter()
         for (query, kind), n in obs.answers.items():
             self.metrics.source_answers.labels(query, kind.value).inc(n)
 
-        result = await asyncio.to_thread(control_step, self.rows, obs, self.state, now, self.settings)
+        result = await asyncio.to_thread(control_step, rows, obs, self.state, now, self.settings)
         planned = time.perf_counter()
         published = self._publish(result, now)
         await self._persist()
@@ -224,8 +264,10 @@ class Controller:
         for (query, kind), n in profile.answers.items():
             self.metrics.source_answers.labels(query, kind.value).inc(n)
 
+        rows = self._aligned()
+
         def apply() -> None:
-            self.state = apply_profile(self.rows, self.state, profile)
+            self.state = apply_profile(rows, self.state, profile)
 
         await asyncio.to_thread(apply)
         self.metrics.interval_duration.labels("profile").observe(time.perf_counter() - started)

@@ -19,13 +19,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenscaler.control.store import PlanStore
 from tokenscaler.core.metric_names import (
     API_REQUESTS,
+    CONFIG_GENERATION,
+    CONFIG_LAST_RELOAD_SUCCESS,
+    CONFIG_RELOAD_FAILURES,
     ENTITLEMENT_ALLOCATION,
     ENTITLEMENT_BUDGET,
     ENTITLEMENT_BUDGET_CONSUMED,
@@ -91,6 +94,11 @@ def _counter_metric(name: str, registry: CollectorRegistry) -> Counter:
     return Counter(spec.family_name, spec.help, spec.labels, registry=registry)
 
 
+def _gauge_metric(name: str, registry: CollectorRegistry) -> Gauge:
+    spec = SPECS[name]
+    return Gauge(spec.name, spec.help, spec.labels, registry=registry)
+
+
 class ControllerMetrics:
     """The loop's counters and histograms, on the controller's registry."""
 
@@ -108,6 +116,10 @@ class ControllerMetrics:
         self.source_answers = _counter_metric(SOURCE_ANSWERS, registry)
         self.state_write_errors = _counter_metric(STATE_WRITE_ERRORS, registry)
         self.api_requests = _counter_metric(API_REQUESTS, registry)
+        self.config_generation = _gauge_metric(CONFIG_GENERATION, registry)
+        self.config_reload_failures = _counter_metric(CONFIG_RELOAD_FAILURES, registry)
+        self.config_last_reload_success = _gauge_metric(CONFIG_LAST_RELOAD_SUCCESS, registry)
+        self.config_last_reload_success.set(1)  # the config the process started with
 
 
 class PlanCollector(Collector):

@@ -321,6 +321,18 @@ SOURCE_ANSWERS = _controller.counter(
     "query", "kind",
 )  # fmt: skip
 STATE_WRITE_ERRORS = _controller.counter("tokenscaler_state_write_errors_total", "State file writes that failed.")
+CONFIG_GENERATION = _controller.gauge(
+    "tokenscaler_config_generation", "Generation of the config in force: one more per change applied."
+)
+"""Starts at 1 in each process; a re-read that changes nothing is no new generation."""
+CONFIG_RELOAD_FAILURES = _controller.counter(
+    "tokenscaler_config_reload_failures_total",
+    "Config file re-reads refused (unreadable or invalid): the last good config stays in force.",
+)
+CONFIG_LAST_RELOAD_SUCCESS = _controller.gauge(
+    "tokenscaler_config_last_reload_success",
+    "1 if the last config re-read was applied (or changed nothing), 0 if it was refused.",
+)
 API_REQUESTS = _controller.counter(
     "tokenscaler_api_requests_total", "HTTP API requests (limits, plan) by route and status code.", "route", "code"
 )

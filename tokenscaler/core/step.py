@@ -29,7 +29,7 @@ and why comes back as data (:class:`ControlStepResult`, with ``notes`` for the l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,15 +45,15 @@ from tokenscaler.core.accounting import (
 )
 from tokenscaler.core.budget import BudgetEntry, BudgetStatus, budget_status
 from tokenscaler.core.capacity import CAPACITY_TOLERANCE
-from tokenscaler.core.demand import DemandState, derive_inputs, routing_shares, update_footprint
-from tokenscaler.core.inputs import PoolInput
+from tokenscaler.core.demand import DemandState, PoolDemandState, derive_inputs, routing_shares, update_footprint
+from tokenscaler.core.inputs import PoolInput, align
 from tokenscaler.core.model import DIMENSIONS
 from tokenscaler.core.observation import LoadProfile, Observation
 from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import PoolRows
 from tokenscaler.core.showback import PoolLedger
-from tokenscaler.core.state import PlannerState, restore_plan, snapshot_plan
+from tokenscaler.core.state import PlannerState, PoolState, restore_plan, snapshot_plan
 from tokenscaler.core.weighting import DEFAULT_WEIGHTING, Weighting
 
 # pool -> replica -> (n,) share of each entitlement's offered load seen there, NaN if unseen
@@ -285,3 +285,54 @@ def restored(rows: Mapping[str, PoolRows], planner: PlannerState) -> ControlStat
             if pool in plan.pools:
                 plan.pools[pool] = dataclasses.replace(plan.pools[pool], budgets=st)
     return ControlState(planner=planner, plan=plan, version=planner.plan_version)
+
+
+def reconfigured(
+    old_rows: Mapping[str, PoolRows], rows: Mapping[str, PoolRows], state: ControlState, fresh: Collection[str] = ()
+) -> ControlState:
+    """``state`` (carried for ``old_rows``) made ready for the rows of a new config.
+
+    Debt, last allocations and smoothed demand are kept by entitlement name (and by pool: an
+    entitlement that moves pool leaves its state behind), so every entitlement that stays
+    carries over; the pools' scale-down history, budgets and showback ledgers stay as they
+    are. Entitlements named in ``fresh`` (they moved pool or tier:
+    :func:`tokenscaler.core.config_diff.fresh_starts`) start clean: their debt, last
+    allocation and smoothed demand are dropped (the footprint of their requests stays, as
+    it describes the requests, not the entitlement's standing). The routing shares, arrays
+    aligned with the rows, are re-aligned by name (NaN where unseen: an even split)."""
+    drop = frozenset(fresh)
+    planner = state.planner
+    if drop:
+        pools = {name: _without(ps, drop) for name, ps in planner.pools.items()}
+        planner = dataclasses.replace(planner, pools=pools)
+    demand = state.demand
+    if drop:
+        demand = DemandState(pools={name: _demand_without(ds, drop) for name, ds in demand.pools.items()})
+    shares: Shares = {}
+    for pool, r in rows.items():
+        before, seen = old_rows.get(pool), state.shares.get(pool)
+        if before is not None and seen:
+            shares[pool] = {replica: align(a, before.names, r, np.nan) for replica, a in seen.items()}
+    return dataclasses.replace(state, planner=planner, demand=demand, shares=shares)
+
+
+def _without(ps: PoolState, drop: frozenset[str]) -> PoolState:
+    keep = [i for i, name in enumerate(ps.names) if name not in drop]
+    if len(keep) == len(ps.names):
+        return ps
+    return dataclasses.replace(
+        ps,
+        names=tuple(ps.names[i] for i in keep),
+        debt=ps.debt[keep],
+        last_allocation=None if ps.last_allocation is None else ps.last_allocation[keep],
+        scale_history=list(ps.scale_history),
+    )
+
+
+def _demand_without(ds: PoolDemandState, drop: frozenset[str]) -> PoolDemandState:
+    hit = [i for i, name in enumerate(ds.names) if name in drop]
+    if not hit:
+        return ds
+    demand = ds.demand.copy()
+    demand[hit] = np.nan  # as for an entitlement never seen: the next observation starts it
+    return dataclasses.replace(ds, demand=demand)

@@ -25,6 +25,10 @@ class ConfigError(Exception):
         self.source = source
         self.errors = errors
 
+    def lines(self) -> list[str]:
+        """The problems as ``tokenscaler validate`` prints them: one line each, naming the source."""
+        return [f"{self.source}: {line}" for line in self.errors]
+
 
 def _loc_to_path(loc: Sequence[int | str], data: Any) -> str:
     """Render a pydantic error location with list items named: ``entitlements[team-a].limit``."""
@@ -93,9 +97,14 @@ def _did_you_mean(model: type[BaseModel] | None, loc: Sequence[int | str]) -> st
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
+# fields whose values are never echoed in an error: a plain key pasted where a digest belongs
+_SECRET_FIELDS = frozenset({"api_keys"})
+
+
 def format_validation_error(err: ValidationError, data: Any, model: type[BaseModel] | None = None) -> list[str]:
-    """One line per pydantic error, naming the field path and the offending value (and, for an
-    unknown field close to a known one of ``model``'s, which one was probably meant)."""
+    """One line per pydantic error, naming the field path and the offending value (never the
+    value of an ``api_keys`` field: it may be a plain key) and, for an unknown field close to
+    a known one of ``model``'s, which one was probably meant."""
     lines = []
     for e in err.errors(include_url=False):
         path = _loc_to_path(e["loc"], data)
@@ -108,7 +117,8 @@ def format_validation_error(err: ValidationError, data: Any, model: type[BaseMod
                 lines.append(_join_path(path, part))
             continue
         value = e.get("input")
-        shown = "" if e["type"] == "missing" or isinstance(value, Mapping | list) else f" (got {value!r})"
+        hidden = e["type"] == "missing" or isinstance(value, Mapping | list) or _SECRET_FIELDS.intersection(e["loc"])
+        shown = "" if hidden else f" (got {value!r})"
         lines.append(f"{path}: {msg}{shown}")
     return lines
 

@@ -19,7 +19,9 @@ a worker thread by :class:`~tokenscaler.control.publish.Publisher`):
 * ``GET /v1/plan``: the whole plan, the shape ``tokenscaler plan`` prints, plus
   ``version``, ``stale`` and ``stale_since``.
 * ``GET /healthz`` (the process serves), ``GET /readyz`` (a plan exists; its detail lists
-  each pool's ``CapacityMismatch`` conditions and whether its guarantees fit), ``GET /metrics``.
+  each pool's ``CapacityMismatch`` conditions and whether its guarantees fit, and the config
+  in force: its generation, source and a ``ConfigReloadFailed`` condition while the last
+  re-read of the file was refused), ``GET /metrics``.
 
 Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 """
@@ -27,6 +29,8 @@ Errors are JSON ``{"error": {"message", "type", "code"}}`` with the HTTP status.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -45,8 +49,17 @@ def _error(status: int, message: str, kind: str) -> web.Response:
 
 class ControllerApi:
     def __init__(
-        self, store: PlanStore, registry: CollectorRegistry, metrics: ControllerMetrics, *, limits_ttl_s: float = 60.0
+        self,
+        store: PlanStore,
+        registry: CollectorRegistry,
+        metrics: ControllerMetrics,
+        *,
+        limits_ttl_s: float = 60.0,
+        config_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        """``config_status`` says which config is in force (``/readyz``'s ``config``:
+        ``generation``, ``last_reload_error``, ``source``)."""
+        self.config_status = config_status
         self.store = store
         self.registry = registry
         self.metrics = metrics
@@ -191,22 +204,34 @@ class ControllerApi:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        config: dict[str, Any] | None = None
+        if self.config_status is not None:
+            # a refused re-read stays ready: the last good config is in force and serves
+            config = dict(self.config_status())
+            error = config.get("last_reload_error")
+            config["conditions"] = (
+                [{"type": "ConfigReloadFailed", "status": "True", "message": error}] if error is not None else []
+            )
         published = self.store.current()
         if published is None:
-            return web.json_response({"status": "waiting for the first plan"}, status=503)
+            waiting: dict[str, Any] = {"status": "waiting for the first plan"}
+            if config is not None:
+                waiting["config"] = config
+            return web.json_response(waiting, status=503)
         conditions = {
             name: [c.to_json(name) for c in pp.conditions] for name, pp in published.plan.pools.items() if pp.conditions
         }
         guarantees = {name: pp.guarantees_fit for name, pp in published.plan.pools.items()}
-        return web.json_response(
-            {
-                "status": "ready",
-                "version": published.version,
-                "stale": published.stale,
-                "conditions": conditions,
-                "guarantees_fit": guarantees,
-            }
-        )
+        body: dict[str, Any] = {
+            "status": "ready",
+            "version": published.version,
+            "stale": published.stale,
+            "conditions": conditions,
+            "guarantees_fit": guarantees,
+        }
+        if config is not None:
+            body["config"] = config
+        return web.json_response(body)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field, HttpUrl
 
-from tokenscaler.config import load_model
+from tokenscaler.config import FileStamp, file_stamp, load_model
 from tokenscaler.core import metric_names as names
 from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.observation import OFFERED_TPS, LoadProfile, ReplicaTable, SignalTableBuilder
@@ -111,14 +110,8 @@ class ScrapeSource:
         self._path = Path(path) if path is not None else None
         self._stamp = self._file_stamp()
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        if self._path is None:
-            return None
-        try:
-            st = os.stat(self._path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _file_stamp(self) -> FileStamp | None:
+        return None if self._path is None else file_stamp(self._path)
 
     def reload(self) -> bool:
         """Re-read the config file if it changed since the last read; True when the targets changed."""
