@@ -132,17 +132,25 @@ class PoolLimitsSource(HttpLimitsSource):
     def _v1beta1_url(self) -> str:
         return f"{self.base}/v1beta1/pools/{self.pool_name}/limits"
 
-    async def _fetch(self, session: object) -> tuple[int, LimitsDocument | None]:
+    async def _fetch(self, session: object, *, as_replica: bool = True) -> tuple[int, LimitsDocument | None]:
+        """One ask; ``as_replica`` False: without ``replica=`` (the even split), as a sidecar
+        without a config asks first: the controller learns a replica from its sidecar's
+        metrics, which that sidecar serves only once it has a config."""
         if self.legacy:
             return await super()._fetch(session)
         import aiohttp
 
         assert isinstance(session, aiohttp.ClientSession)
-        params = {"replica": self.replica}
-        watching = self.view.version is not None and self.watch_s > 0 and self.state not in ("expired",)
+        params = {"replica": self.replica} if as_replica else {}
+        watching = (
+            self.view.version is not None and self.view.replica == self.replica and self.watch_s > 0
+            and self.state != "expired"
+        )  # fmt: skip
         if self.view.spec_hash is not None:
             params["spec"] = self.view.spec_hash
-        if self.view.version is not None:
+        # a version held for another replica (the even split a config-less sidecar began with)
+        # is not this replica's: ask for its rows again (the spec it holds is still good)
+        if self.view.version is not None and (not as_replica or self.view.replica == self.replica):
             params["since"] = str(self.view.version)
             params["instance"] = self.view.instance or ""
         if watching:
@@ -205,7 +213,7 @@ class PoolLimitsSource(HttpLimitsSource):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
             while True:
                 try:
-                    await self._fetch(session)
+                    await self._fetch(session, as_replica=False)
                     applied = self._pending
                     if isinstance(applied, Applied) and applied.change is not None and applied.change.config:
                         return applied.change.config  # kept pending: run() applies it first

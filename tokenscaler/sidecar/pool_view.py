@@ -48,6 +48,7 @@ class PoolView:
         self.spec_hash: str | None = None
         self.instance: str | None = None
         self.version: int | None = None
+        self.replica: str | None = None  # the replica the last document's routing was for
         self._priority = np.zeros(0, dtype=np.int64)
         self._configured = np.zeros((0, 3))
         self._tier = np.zeros(0, dtype=np.int8)
@@ -116,6 +117,7 @@ class PoolView:
                 self._burst[idx] = np.asarray(cols.burst, dtype=float).reshape(idx.size, 3)
         self.version = doc.version
         self.instance = doc.instance
+        self.replica = doc.replica
         assert self.config is not None
         pool = self.config.pools[0]
         index = {name: i for i, name in enumerate(self.names)} if doc.routing else {}
