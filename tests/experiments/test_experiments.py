@@ -133,3 +133,45 @@ def test_long_prompt_spot_keeps_its_distance_from_the_guarantee() -> None:
     assert _ratio(res, "tokenpools") <= 1.5
     assert res["policies"]["tokenpools"]["tier_inversions"] == 0
     assert _ratio(res, "none") > 3 * _ratio(res, "tokenpools")
+
+
+def test_onboarding_serves_the_new_tenant_within_its_slo_and_refuses_the_revoked_key(tmp_path: Path) -> None:
+    """Scenario onboarding, shortened past its two events: the guaranteed tenant added at 300 s
+    is within its SLO over its first minute, and the tenant whose keys are revoked at 600 s is
+    refused from the next interval (nothing of it served that arrived after that)."""
+    out = tmp_path / "onb"
+    assert main(["experiment", "onboarding", "--policy", "tokenpools", "--duration-s", "660",
+                 "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())["policies"]["tokenpools"]
+    new = res["day_two"]["onboarded"]["chat-new"]
+    assert new["completed_first_minute"] > 10 and new["within_slo"] is True, new
+    gone = res["day_two"]["revoked"]["code-2"]
+    assert gone["served_after_next_interval"] == 0 and 600 <= gone["first_refused_s"] <= 605 + 1, gone
+    assert res["refusals_by_reason"]["revoked"] > 0
+    assert res["tenants"]["code-2"]["admitted"] > 0  # it was served before
+    assert [what for _, what in res["events"]] == ["add chat-new", "revoke code-2"]
+    assert "Day two" in (out / "report.md").read_text()
+
+
+def test_config_events_are_checked_at_load(tmp_path: Path) -> None:
+    base = (
+        "duration_s: 10\nprofile: demo\nconfig: {pools: [{name: p, replica: {throughput_tokens_per_s: 100, "
+        "kv_tokens: 1000, concurrency: 4}, max_replicas: 1}], entitlements: [{name: a, pool: p, tier: spot}]}\n"
+        "traffic: {a: [{poisson: {rate_rps: 1, prompt_tokens: 1, output_tokens: 1}}]}\n"
+    )
+    bad = tmp_path / "bad.yaml"
+    for events, expect in (
+        ("[{at_s: 1, revoke_key: nobody}]", "events[0].revoke_key: unknown entitlement 'nobody'"),
+        ("[{at_s: 1, add_entitlement: {name: a, tier: spot}}]", "events[0].add_entitlement.name: 'a' exists"),
+        ("[{at_s: 1, set: {entitlement: a, field: weight, value: -1}}]", "weight"),
+        ("[{at_s: 1, revoke_key: a, fail_replicas: 1}]", "exactly one of"),
+    ):
+        bad.write_text(base + f"events: {events}\n")
+        with pytest.raises(ConfigError) as e:
+            load_scenario(str(bad))
+        assert expect in str(e.value), (events, str(e.value))
+    # traffic may name a tenant an event adds
+    bad.write_text(base.replace("traffic: {", "traffic: {b: [{poisson: {rate_rps: 1, prompt_tokens: 1, "
+                                "output_tokens: 1}, start_s: 2}], ")
+                   + "events: [{at_s: 2, add_entitlement: {name: b, tier: elastic}}]\n")  # fmt: skip
+    assert [e.name for e in load_scenario(str(bad)).config.entitlements] == ["a"]

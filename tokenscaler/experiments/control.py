@@ -19,13 +19,14 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from tokenscaler.core.config_diff import config_changes, fresh_starts
 from tokenscaler.core.limiter import GateLimits
 from tokenscaler.core.limits import limits_document
 from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.observation import Observation
 from tokenscaler.core.plan import Plan
-from tokenscaler.core.rows import PoolRows
-from tokenscaler.core.step import ControlState, StepSettings, control_step
+from tokenscaler.core.rows import PoolRows, build_pool_rows
+from tokenscaler.core.step import ControlState, StepSettings, control_step, reconfigured
 from tokenscaler.sidecar.limits import StaticLimitsSource, gate_limits_from_document
 from tokenscaler.sources.scrape import PoolTargets, ScrapeConfig, ScrapeResult, ScrapeSource
 
@@ -63,6 +64,13 @@ class ControlLoop:
         self.stale = result.stale
         self.published_at = now
         return result.plan
+
+    def set_config(self, old: TokenPoolsConfig, new: TokenPoolsConfig) -> None:
+        """A new config, as the controller applies one (``Controller.set_config``): planned
+        from the next interval, state carried over by name, moved entitlements clean."""
+        rows = build_pool_rows(new)
+        self.state = reconfigured(self.rows, rows, self.state, fresh_starts(config_changes(old, new)))
+        self.rows = rows
 
     @property
     def plan(self) -> Plan | None:

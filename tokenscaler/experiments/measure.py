@@ -30,13 +30,14 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from tokenscaler.core.allocator import allocate, dominant_share
 from tokenscaler.core.demand import DemandState, derive_inputs
-from tokenscaler.core.model import DIMENSIONS
+from tokenscaler.core.inputs import align
+from tokenscaler.core.model import DIMENSIONS, TokenPoolsConfig
 from tokenscaler.core.observation import Observation
 from tokenscaler.core.percentile import percentile
 from tokenscaler.core.plan import Plan
@@ -60,7 +61,11 @@ class SampledReplica(Protocol):
 
 
 class Recorder:
-    def __init__(self, loaded: LoadedScenario, rows: PoolRows, policy: Policy, duration_s: float) -> None:
+    def __init__(
+        self, loaded: LoadedScenario, rows: PoolRows, policy: Policy, duration_s: float,
+        config: TokenPoolsConfig | None = None,
+    ) -> None:
+        """``rows`` and ``config``: every entitlement the run ever has (config events add some)."""
         self.loaded = loaded
         self.rows = rows
         self.policy = policy
@@ -68,8 +73,9 @@ class Recorder:
         self.interval = loaded.scenario.interval_s
         self.names = list(rows.names)
         self.index = {n: i for i, n in enumerate(self.names)}
-        ents = {e.name: e for e in loaded.config.entitlements}
+        ents = {e.name: e for e in (config or loaded.config).entitlements}
         self.ents = ents
+        self.first_denied: dict[tuple[str, str], float] = {}  # (tenant, why) -> first refusal
         self.tier = [ents[n].tier.value for n in self.names]
         n = len(self.names)
         self.offered_n = np.zeros(n, dtype=np.int64)
@@ -118,6 +124,7 @@ class Recorder:
 
     def denied(self, t: float, tenant: str, why: str) -> None:
         self.denied_n[self.index[tenant]] += 1
+        self.first_denied.setdefault((tenant, why), t)
         self.denied_why[why] = self.denied_why.get(why, 0) + 1
 
     def cut(self, t: float, tenant: str, why: str) -> None:
@@ -156,7 +163,19 @@ class Recorder:
         self.live -= 1
 
     def mark_event(self, t: float, ev: Event) -> None:
-        what = f"fail {ev.fail_replicas}" if ev.fail_replicas else f"restore {ev.restore_replicas}"
+        if ev.fail_replicas:
+            what = f"fail {ev.fail_replicas}"
+        elif ev.restore_replicas:
+            what = f"restore {ev.restore_replicas}"
+        elif ev.add_entitlement is not None:
+            what = f"add {ev.add_entitlement.get('name')}"
+        elif ev.remove_entitlement is not None:
+            what = f"remove {ev.remove_entitlement}"
+        elif ev.revoke_key is not None:
+            what = f"revoke {ev.revoke_key}"
+        else:
+            assert ev.set is not None
+            what = f"set {ev.set.entitlement + '.' if ev.set.entitlement else ''}{ev.set.field}={ev.set.value}"
         self.events.append((t, what))
 
     # ---- samples -----------------------------------------------------------------------
@@ -211,7 +230,8 @@ class Recorder:
         self.share_t.append(self.cum_recv / max(self.cum_recv.sum(), 1e-12))
         self.fair_t.append(self.cum_owed / max(self.cum_owed.sum(), 1e-12))
         if plan is not None:
-            debt = np.asarray(plan.pools[pool.name].debt, dtype=float)
+            pp = plan.pools[pool.name]
+            debt = align(np.asarray(pp.debt, dtype=float), pp.rows.names, self.rows, 0.0)
             self.peak_debt = np.maximum(self.peak_debt, debt)
             self.debt_t.append(debt)
         else:
@@ -339,6 +359,7 @@ class Recorder:
             }
         return {
             "tiers": tiers,
+            "day_two": self._day_two(ti, first, ttft, end),
             "utilization": utilization,
             "utilization_window_s": [lo, hi],
             "utilization_whole_run": whole,
@@ -364,6 +385,35 @@ class Recorder:
                 "debt": {n: [float(x[i]) for x in self.debt_t] for i, n in enumerate(self.names)},
             },
         }
+
+    def _day_two(self, ti: np.ndarray, first: np.ndarray, ttft: np.ndarray, end: float) -> dict[str, Any]:
+        """The config events' outcome: each tenant onboarded, its p99 TTFT over its first minute
+        against its SLO; each tenant whose keys were revoked, when it was first refused for it
+        and how many of its requests were served that arrived after the next interval."""
+        out: dict[str, Any] = {"onboarded": {}, "revoked": {}, "removed": {}}
+        arrival = first - ttft
+        for ev in self.loaded.scenario.events:
+            if ev.add_entitlement is not None:
+                name = str(ev.add_entitlement.get("name"))
+                i = self.index[name]
+                sel = (ti == i) & (arrival >= ev.at_s) & (arrival < ev.at_s + 60.0)
+                p99 = percentile(ttft[sel], 99)
+                slo = self._slo(name, "ttft_p99_s")
+                out["onboarded"][name] = {
+                    "at_s": ev.at_s, "completed_first_minute": int(sel.sum()), "ttft_p99_first_minute_s": p99,
+                    "slo_ttft_p99_s": None if math.isnan(slo) else slo,
+                    "within_slo": None if p99 is None or math.isnan(slo) else bool(p99 <= slo),
+                }  # fmt: skip
+            for kind, gone in (("revoked", ev.revoke_key), ("removed", ev.remove_entitlement)):
+                if gone is None:
+                    continue
+                i = self.index[gone]
+                late = (ti == i) & (arrival > ev.at_s + self.interval)
+                out[kind][gone] = {
+                    "at_s": ev.at_s, "first_refused_s": self.first_denied.get((gone, kind)),
+                    "served_after_next_interval": int(late.sum()),
+                }  # fmt: skip
+        return out
 
     def _spot_window(self, end: float) -> tuple[float, float]:
         spans = [

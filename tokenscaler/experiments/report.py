@@ -208,6 +208,28 @@ def _showback_section(pols: dict) -> list[str]:
     return lines
 
 
+def _day_two_section(pols: dict) -> list[str]:
+    """The config events' outcome (scenario events add_entitlement, revoke_key, remove_entitlement)."""
+    rows = []
+    for p, r in pols.items():
+        d2 = r.get("day_two") or {}
+        for name, o in d2.get("onboarded", {}).items():
+            rows.append(f"| {p} | {name} onboarded at {o['at_s']:g} s | p99 TTFT over its first minute "
+                        f"{_fmt(o['ttft_p99_first_minute_s'])} s ({o['completed_first_minute']} requests; SLO "
+                        f"{_fmt(o['slo_ttft_p99_s'])} s): {'within' if o['within_slo'] else 'NOT within'} |")
+        for kind in ("revoked", "removed"):
+            for name, o in d2.get(kind, {}).items():
+                first = o["first_refused_s"]
+                rows.append(f"| {p} | {name} {kind} at {o['at_s']:g} s | first refused at "
+                            f"{_fmt(first)} s; requests served that arrived after the next interval: "
+                            f"{o['served_after_next_interval']} |")  # fmt: skip
+    if not rows:
+        return []
+    return ["", "## Day two: config changed mid-run", "",
+            "Config events change the controller's config at their time; the sidecars hold it from the next "
+            "plan (an interval and a watch, as live).", "", "| policy | event | outcome |", "|---|---|---|", *rows]
+
+
 def write_report(results: dict, out: Path) -> None:
     pols = results["policies"]
     lines = [f"# Experiment: {results['scenario']}", ""]
@@ -262,6 +284,7 @@ def write_report(results: dict, out: Path) -> None:
                 f"{_fmt(ratio)} | {_fmt(t['peak_debt'])} |"
             )
     lines += _showback_section(pols)
+    lines += _day_two_section(pols)
     paper = results.get("paper")
     if paper in PAPER:
         lines += ["", f"## Side by side with the paper ({paper})", "", "| figure | paper | here |", "|---|---|---|"]

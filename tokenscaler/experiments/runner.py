@@ -48,7 +48,7 @@ from tokenscaler.experiments.control import (
 from tokenscaler.experiments.measure import Recorder
 from tokenscaler.experiments.policies import POLICIES, gateway_limiter
 from tokenscaler.experiments.replicas import HPA_DEFAULTS, Hpa, rules_from_scaledobject
-from tokenscaler.experiments.scenario import Event, LoadedScenario, Skewed
+from tokenscaler.experiments.scenario import Event, LoadedScenario, Skewed, apply_event, union_config
 from tokenscaler.experiments.traffic import SlotSource, build_traffic
 from tokenscaler.sidecar.flight import Flight
 from tokenscaler.sidecar.gatekeeper import Gatekeeper, whole_limit
@@ -181,8 +181,14 @@ class Run:
             profile = profile.with_overrides(scheduling_policy="vtc")
         self.profile = profile
         self.rows = build_pool_rows(self.config)
+        # what the sidecars hold: the config the limits API delivered with the last plan (a
+        # config event reaches the controller at once, the sidecars with the next plan)
+        self.held = self.config
         self.ents = {e.name: e for e in self.config.entitlements}
         self.whole = {e.name: whole_limit(e) for e in self.config.entitlements}
+        self.revoked: set[str] = set()  # entitlements whose keys the sidecars hold as revoked
+        self.removed: set[str] = set()
+        self._revoking: set[str] = set()  # revoked at the controller, not yet at the sidecars
         self.now = 0.0
         self.w = (self.pool.token_weights.prompt, self.pool.token_weights.generation)
         self.heap: list[tuple[float, int, Timed]] = []  # (time, order of pushing, event)
@@ -209,7 +215,8 @@ class Run:
         elif self.policy.replicas == "keda-queue":
             self.hpa = Hpa(HPA_DEFAULTS, self.pool.min_replicas, self.pool.max_replicas)
         self.scraper = Scraper([self.pool.name])
-        self.recorder = Recorder(loaded, self.rows[self.pool.name], self.policy, duration_s)
+        everyone = union_config(self.config, self.sc)  # every entitlement the run ever has
+        self.recorder = Recorder(loaded, build_pool_rows(everyone)[self.pool.name], self.policy, duration_s, everyone)
         arrivals, slots = build_traffic(loaded, seed, duration_s, without=loaded.spot if without_spot else frozenset())
         self.arrivals = arrivals
         self._cursor = [0] * len(arrivals)
@@ -310,6 +317,9 @@ class Run:
 
     def _send(self, t: float, call: Call) -> None:
         self.recorder.offered(t, call.tenant)
+        if call.tenant not in self.ents or call.tenant in self.revoked:  # the sidecar's 401/403
+            why = "revoked" if call.tenant in self.revoked else "removed" if call.tenant in self.removed else "unknown"
+            return self._refused(t, call, why)
         gw = self.gateway
         if gw is not None:
             if not gw.allows(call.tenant, t):
@@ -469,15 +479,15 @@ class Run:
     def _unlimited(self) -> dict[str, GateLimits]:
         return {
             e.name: GateLimits(tier=e.tier, priority=e.priority, limit=(INF, INF, INF), ceiling=(INF, INF, INF))
-            for e in self.config.entitlements
+            for e in self.held.entitlements
         }
 
     def _limits_for(self, r: Replica, ready: int) -> dict[str, GateLimits]:
         if self.control is None:
             return self._unlimited()
         if self.control.plan is None:
-            return static_gate_limits(self.config, self.pool.name, self.static_replicas)
-        return replica_gate_limits(self.config, self.control, self.pool.name, r.id, ready, LIMITS_TTL_S)
+            return static_gate_limits(self.held, self.pool.name, self.static_replicas)
+        return replica_gate_limits(self.held, self.control, self.pool.name, r.id, ready, LIMITS_TTL_S)
 
     def _start_replica(self, t: float, *, ready_now: bool = False) -> None:
         rid = f"r{self._next_id}"
@@ -488,7 +498,7 @@ class Run:
         limiter = Limiter(
             self.pool, now=t, preempt=tokenpools, tier_order=tokenpools, interval_s=self.sc.interval_s
         )
-        stats = [EntitlementStats(e.name, e.tier.value) for e in self.config.entitlements]
+        stats = [EntitlementStats(e.name, e.tier.value) for e in self.held.entitlements]
         metrics = SidecarMetrics(self.pool.name, rid, limiter, stats)
         # the embedded scraper reads the engine's gauges and token counters, never its histograms
         registry = build_registry(engine, self.profile.served_model_name, process_metrics=False, histograms=False)
@@ -534,6 +544,17 @@ class Run:
             self.recorder.replica_gone(t)
 
     def _event(self, t: float, ev: Event) -> None:
+        if ev.changes_config:  # the controller's config file changed: planned from the next interval
+            new = apply_event(self.config, ev)
+            if self.control is not None:
+                self.control.set_config(self.config, new)
+            self.config = new
+            if ev.revoke_key is not None:
+                self._revoking.add(ev.revoke_key)
+            if self.control is None:  # no controller: the sidecars' own config changes at once
+                self._deliver(t)
+            self.recorder.mark_event(t, ev)
+            return
         if ev.fail_replicas:
             ready = [r for r in self.replicas if r.state == "ready"]
             for r in ready[::-1][: ev.fail_replicas]:
@@ -546,6 +567,25 @@ class Run:
             self.lost = max(self.lost - (ev.restore_replicas or 0), 0)
         self.recorder.mark_event(t, ev)
         self._reconcile(t)
+
+    def _deliver(self, t: float) -> None:
+        """The sidecars receive the controller's config (the limits API's spec, with the plan):
+        identities, tiers and ceilings follow it; a tenant gone is refused, its requests in
+        flight finish as they started."""
+        if self.held is self.config:
+            return
+        names = {e.name for e in self.config.entitlements}
+        self.removed |= {n for n in self.ents if n not in names}
+        self.removed -= names
+        self.revoked |= self._revoking
+        self._revoking = set()
+        self.held = self.config
+        self.ents = {e.name: e for e in self.held.entitlements}
+        self.whole = {e.name: whole_limit(e) for e in self.held.entitlements}
+        for r in self.replicas:
+            for e in self.held.entitlements:
+                if e.name not in r.metrics.stats:
+                    r.metrics.stats[e.name] = EntitlementStats(e.name, e.tier.value)
 
     def _autoscale(self, t: float) -> None:
         assert self.hpa is not None
@@ -594,6 +634,7 @@ class Run:
         if self.control is not None:
             plan = self.control.step(obs, t, failure=None if obs is not None else "no replica to scrape")
             if plan is not None:
+                self._deliver(t)  # the spec comes with the plan's document
                 for r in ready:
                     r.gate.apply(LimitsUpdate(self._limits_for(r, len(ready)), "fresh"), t)
         self.recorder.sample(t, obs, plan, self.replicas, self.desired)

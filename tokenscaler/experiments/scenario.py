@@ -207,6 +207,18 @@ def apply_event(config: TokenPoolsConfig, ev: Event, where: str = "event") -> To
     return parse_config(doc, where)
 
 
+def union_config(config: TokenPoolsConfig, scenario: Scenario) -> TokenPoolsConfig:
+    """Every entitlement the run ever has (the config's, then what events add, each as last
+    defined), for what is measured per tenant; not validated as a whole (an entitlement
+    removed and one added may never coexist)."""
+    ents = {e.name: e for e in config.entitlements}
+    later = config
+    for ev in sorted(scenario.events, key=lambda e: e.at_s):
+        later = apply_event(later, ev)
+        ents.update({e.name: e for e in later.entitlements})
+    return TokenPoolsConfig.model_construct(pools=list(config.pools), entitlements=list(ents.values()))
+
+
 def revoked(scenario: Scenario) -> set[str]:
     """Entitlements some event revokes the keys of (their traffic is refused from then on)."""
     return {ev.revoke_key for ev in scenario.events if ev.revoke_key is not None}
