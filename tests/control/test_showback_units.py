@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -71,6 +72,19 @@ def test_the_controller_exports_the_split_as_counters_and_each_budget_and_price_
     assert value("tokenscaler_entitlement_budget_exhausted", **budget) == 0
     assert value("tokenscaler_entitlement_budget_resets_at_timestamp_seconds", **budget) > 1_741_000_000.0
     assert value("tokenscaler_entitlement_budget_consumption_rate_weighted_tokens_per_s", **budget) > 0
+    # each series says when its ledger began (its created timestamp), and a ledger begun anew
+    # since the last scrape says so with a later one: a reader tells that restart from a rise
+    clock = iter([100.0, 250.0])
+    ledgers = {"p": state.ledgers["p"]}
+    showback = ShowbackCollector(lambda: ledgers, clock=lambda: next(clock))
+    created = {
+        s.name: s.value for fam in showback.collect() for s in fam.samples
+        if s.name == "tokenscaler_pool_replica_seconds_created"
+    }  # fmt: skip
+    assert created == {"tokenscaler_pool_replica_seconds_created": 100.0}
+    ledgers["p"] = dataclasses.replace(state.ledgers["p"], replica_seconds=1.0)  # a new ledger, less so far
+    again = {s.value for fam in showback.collect() for s in fam.samples if s.name.endswith("_created")}
+    assert again == {250.0}
     # while the replica does not lead its state is empty: the counters are withdrawn
     empty = CollectorRegistry()
     empty.register(ShowbackCollector(dict))

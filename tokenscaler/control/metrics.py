@@ -9,8 +9,9 @@ gauges and the pool's price come from the published plan too.
 :class:`ShowbackCollector` exports the showback counters
 (``tokenscaler_entitlement_replica_seconds_total{pool, entitlement, basis}`` and its
 companions) from the ledgers the control step keeps: they start at zero in each process
-(a restart is a counter reset, which ``increase()`` handles), and vanish while this
-replica does not lead.
+(a restart is a counter reset, which ``increase()`` handles, and each series carries the
+time its ledger began as its created timestamp), and vanish while this replica does not
+lead.
 """
 
 from __future__ import annotations
@@ -248,21 +249,35 @@ def _budget_and_price(pools: Mapping[str, PoolPlan]) -> Iterator[GaugeMetricFami
 class ShowbackCollector(Collector):
     """The showback counters, read from the control step's ledgers at scrape time."""
 
-    def __init__(self, ledgers: Callable[[], Mapping[str, PoolLedger]]) -> None:
+    def __init__(self, ledgers: Callable[[], Mapping[str, PoolLedger]], clock: Callable[[], float] = time.time) -> None:
         self.ledgers = ledgers
+        self.clock = clock
+        # A ledger starts at zero in each process (and again if a state is started anew): each
+        # series says when with its created timestamp (``<name>_created``), so a reader tells a
+        # restart from a rise even where the new ledger's first value is above the old one's
+        # last, as with a restart behind the same scrape address (observe/counters.py).
+        self.started = clock()
+        self.created: dict[str, float] = {}
+        self.seen: dict[str, float] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         parts = _counter(ENTITLEMENT_REPLICA_SECONDS_TOTAL)
         used = _counter(ENTITLEMENT_GUARANTEE_USED_TOTAL)
         total = _counter(POOL_REPLICA_SECONDS_TOTAL)
         for pool, ledger in self.ledgers().items():
+            if pool not in self.created:
+                self.created[pool] = self.started
+            elif ledger.replica_seconds < self.seen[pool]:
+                self.created[pool] = self.clock()  # a ledger begun anew since the last scrape
+            self.seen[pool] = ledger.replica_seconds
+            created = self.created[pool]
             rows = ledger.parts.tolist()
             for i, (ent, u) in enumerate(zip(ledger.names, ledger.guarantee_used.tolist(), strict=True)):
                 for b, v in zip(BASES, rows[i], strict=True):
-                    parts.add_metric([pool, ent, b], v)
-                used.add_metric([pool, ent], u)
-            parts.add_metric([pool, PLATFORM, "idle"], ledger.platform_idle)
-            total.add_metric([pool], ledger.replica_seconds)
+                    parts.add_metric([pool, ent, b], v, created=created)
+                used.add_metric([pool, ent], u, created=created)
+            parts.add_metric([pool, PLATFORM, "idle"], ledger.platform_idle, created=created)
+            total.add_metric([pool], ledger.replica_seconds, created=created)
         yield parts
         yield used
         yield total

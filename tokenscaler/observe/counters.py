@@ -12,6 +12,10 @@ value at the end minus its value at the start, plus what was counted before each
   query per window with resets) give the exact increase: each rise, and after a drop the
   whole new value (a counter restarts from zero), as ``increase()`` counts them, without
   extrapolation.
+* A restart behind the same scrape address is a reset even where the new process's first
+  value is above the old one's last (a small series): where the exporter sends created
+  timestamps (``foo_created`` beside ``foo_total``, as client_python does), a change of it
+  between two points marks a restart, and that window's raw samples are counted with it.
 * A series that did not exist at the start (a new sidecar, a restarted controller, a new
   leader) counts from zero. One that exists before the range but was not scraped within
   Prometheus' lookback (5 minutes) of the start is counted from zero too.
@@ -151,11 +155,16 @@ def increases(
     for t, keys in reset_at.items():
         got = prom.instant(f"{sel}[{windows.get(t, _ms(step))}]", t)
         raw[t] = {_key(s.metric): [_num(v) for _, v in (s.values or [])] for s in got if _key(s.metric) in keys}
+    created = _created_points(prom, metric, selector, start, end, step, tail=end - last > 1e-3)
     out: dict[Labels, float] = {}
     for key, points in values.items():
         times = sorted(points)
         inc = 0.0 if times and times[0] <= start + 1e-6 else points[times[0]]  # new within the range: from 0
+        born = created.get(key, {})
         for a, b in pairwise(times):
+            if born.get(a) is not None and born.get(b) is not None and born[a] != born[b]:
+                inc += _restart_increase(prom, metric, selector, key, a, b, points[a], born[a])
+                continue
             window = raw.get(b, {}).get(key)
             if window is not None:
                 inc += _window_increase(points[a], window)
@@ -163,6 +172,57 @@ def increases(
                 inc += _window_increase(points[a], [points[b]])
         out[key] = inc
     return out
+
+
+def _created_name(metric: str) -> str | None:
+    """The created-timestamp series of counter ``metric`` (``foo_total`` -> ``foo_created``)."""
+    return f"{metric[: -len('_total')]}_created" if metric.endswith("_total") else None
+
+
+def _created_points(
+    prom: Prometheus, metric: str, selector: str, start: float, end: float, step: float, *, tail: bool
+) -> dict[Labels, dict[float, float]]:
+    """Each series' created timestamp at the range's points (empty where the exporter sends none)."""
+    name = _created_name(metric)
+    if name is None:
+        return {}
+    sel = f"{name}{{{selector}}}" if selector else name
+    out = {_key(s.metric): {t: _num(v) for t, v in (s.values or [])} for s in prom.range(sel, start, end, step)}
+    if tail:
+        for s in prom.instant(sel, end):
+            if s.value is not None:
+                out.setdefault(_key(s.metric), {})[end] = _num(s.value[1])
+    return out
+
+
+def _restart_increase(
+    prom: Prometheus, metric: str, selector: str, key: Labels, a: float, b: float, before: float, born: float
+) -> float:
+    """The increase over ``(a, b]`` of the series ``key``, whose created timestamp changed in it:
+    its raw samples, each one whose created timestamp differs from the one before counted from
+    zero (a restart, even one whose first value is above the last value before it)."""
+    name = _created_name(metric)
+    assert name is not None
+    window = _ms(b - a)
+    sel = f"{metric}{{{selector}}}" if selector else metric
+    csel = f"{name}{{{selector}}}" if selector else name
+    samples = next(
+        ([(float(t), _num(v)) for t, v in (s.values or [])] for s in prom.instant(f"{sel}[{window}]", b)
+         if _key(s.metric) == key), [],
+    )  # fmt: skip
+    births = next(
+        ([(float(t), _num(v)) for t, v in (s.values or [])] for s in prom.instant(f"{csel}[{window}]", b)
+         if _key(s.metric) == key), [],
+    )  # fmt: skip
+    inc, prev, prev_born = 0.0, before, born
+    for t, x in samples:
+        now_born = next((c for ct, c in reversed(births) if ct <= t + 1e-6), prev_born)
+        if now_born != prev_born or x < prev:
+            inc += x  # a (re)start: everything it counted since zero
+        else:
+            inc += x - prev
+        prev, prev_born = x, now_born
+    return inc
 
 
 def _ms(seconds: float) -> str:
