@@ -84,7 +84,9 @@ async def worker(url: str, pool: str, replicas: list[str], api: str, duration_s:
 # --------------------------------------------------------------------------- the driver
 
 
-def fleet_config(n: int, path: Path) -> None:
+def fleet_config(n: int, path: Path, extra_key: str | None = None) -> None:
+    """N entitlements over three tiers and four priorities (``extra_key``: one more, ``gold``,
+    guaranteed, high limits, with that key digest: the sidecar benchmark's caller)."""
     import yaml
 
     tiers = ("guaranteed", "elastic", "spot")
@@ -95,6 +97,10 @@ def fleet_config(n: int, path: Path) -> None:
         if e["tier"] == "guaranteed":
             e["guaranteed"] = {"throughput_tokens_per_s": 1.0, "kv_tokens": 10.0, "concurrency": 0.01}
         ents.append(e)
+    if extra_key is not None:
+        ents.append({"name": "gold", "pool": "bench", "tier": "guaranteed", "priority": 9, "api_keys": [extra_key],
+                     "guaranteed": {"throughput_tokens_per_s": 4000.0, "kv_tokens": 100000.0, "concurrency": 64},
+                     "burst": {"throughput_tokens_per_s": 1e6}})  # fmt: skip
     pool = {"name": "bench", "replica": {"throughput_tokens_per_s": 8000, "kv_tokens": 410128, "concurrency": 256},
             "min_replicas": 1, "max_replicas": 1000}  # fmt: skip
     path.write_text(yaml.safe_dump({"pools": [pool], "entitlements": ents}))

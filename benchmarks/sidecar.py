@@ -19,6 +19,11 @@ reconciliation, metrics) of one guaranteed entitlement whose limits never bind.
 2. Capacity: closed-loop clients saturating the sidecar: requests/s (non-streamed) and
    streamed chunks/s (streams of 200 chunks), with the sidecar's CPU use read from
    ``/proc``; "per core" is the throughput divided by the fraction of a core it used.
+3. Many entitlements (``--entitlements N``, default 10,000): a second sidecar, without a
+   config, holding N entitlements from the real controller (``benchmarks/fleet.py``'s config,
+   its synthetic exporter moving demand so that every 2-s interval publishes new limits),
+   beside the static one at 200 req/s: what holding and applying the documents adds to p99
+   (goal: <= 1 ms), and that sidecar's RSS.
 """
 
 from __future__ import annotations
@@ -374,12 +379,90 @@ async def run(rates: list[float], duration_s: float, cap_s: float) -> None:
                     )
 
 
+async def many_entitlements(n: int, duration_s: float, rate: float) -> None:
+    """The cell of a sidecar holding ``n`` entitlements from the real controller, whose limits
+    documents change every interval (2 s here), beside the same sidecar with one static
+    entitlement, interleaved in 1-second blocks at ``rate`` req/s (non-streamed)."""
+    import aiohttp
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from fleet import fleet_config  # benchmarks/fleet.py: the same N-entitlement config
+
+    cpus = (0, 1) if (os.cpu_count() or 1) >= 2 else (0, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, {cpus[1]})
+    procs: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory() as tmp, processes(cpus) as (up_url, _bare, sc_url, _pid):
+        cfg = Path(tmp) / "fleet.yaml"
+        fleet_config(n, cfg, extra_key=hash_api_key(KEY))
+        exporter = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "fleet_exporter.py"), str(n), "1",
+                                     "bench"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+        procs.append(exporter)
+        try:
+            port = int(exporter.stdout.readline())  # type: ignore[union-attr]
+            scrape = Path(tmp) / "scrape.yaml"
+            scrape.write_text(json.dumps({"pools": {"bench": {"engines": [f"http://127.0.0.1:{port}/e0"],
+                                                              "sidecars": [f"http://127.0.0.1:{port}/s0"]}}}))
+            ctl, ctl_url = _start(
+                [sys.executable, "-m", "tokenscaler", "controller", "--config", str(cfg), "--scrape-config",
+                 str(scrape), "--http-listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--interval-s", "2",
+                 "--log-level", "WARNING"], cpus[1],
+            )  # fmt: skip
+            procs.append(ctl)
+            metrics_port = _free_port()
+            big, big_url = _start(
+                [sys.executable, "-m", "tokenscaler", "sidecar", "--listen", "127.0.0.1:0", "--metrics-port",
+                 str(metrics_port), "--upstream", up_url, "--pool", "bench", "--queue-size", "0", "--limits-url",
+                 ctl_url, "--replica-id", "r0", "--log-level", "WARNING"], cpus[0],
+            )  # fmt: skip
+            procs.append(big)
+            connector = aiohttp.TCPConnector(limit=0)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async def version() -> float:
+                    async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
+                        text = await r.text()
+                    m = re.search(r"tokenscaler_sidecar_limits_version\{[^}]*\} (\S+)", text)
+                    return float(m[1]) if m else 0.0
+
+                first = await version()
+                for url in (up_url, sc_url, big_url):
+                    await open_loop(session, url, rate, 1.0, False)
+                results: dict[str, list[float]] = {u: [] for u in (up_url, sc_url, big_url)}
+                for _ in range(max(int(duration_s), 1)):
+                    for url, out in results.items():
+                        out.extend((await open_loop(session, url, rate, 1.0, False))["total"])
+                versions = await version() - first
+            rss = 0.0
+            for line in Path(f"/proc/{big.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) / 1024
+            (d50, d99), (s50, s99), (b50, b99) = (
+                (_pct(results[u], 0.5) * 1e3, _pct(results[u], 0.99) * 1e3) for u in (up_url, sc_url, big_url)
+            )
+            print()
+            print(f"# {n:,} entitlements from the controller, documents every 2 s ({versions:.0f} applied during "
+                  f"the cell), vs 1 static entitlement; non-streamed, {rate:g} req/s, {duration_s:g} s interleaved")
+            print(f"{'sidecar':<26} | {'p50 ms':>7} {'p99 ms':>7} | {'added p50':>9} {'p99':>6}")
+            print(f"{'1 entitlement, static':<26} | {s50:>7.3f} {s99:>7.2f} | {s50 - d50:>9.3f} {s99 - d99:>6.2f}")
+            print(f"{f'{n:,} from the controller':<26} | {b50:>7.3f} {b99:>7.2f} | {b50 - d50:>9.3f} {b99 - d99:>6.2f}")
+            print(f"difference at {n:,}: p50 {b50 - s50:+.3f} ms, p99 {b99 - s99:+.2f} ms (goal: p99 <= +1 ms); "
+                  f"its RSS {rss:.0f} MB")  # fmt: skip
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter cells (2 s) and fewer rates")
     parser.add_argument("--serve-upstream", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare-proxy", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--entitlements", type=int, default=10_000,
+                        help="the cell of a sidecar holding this many from the controller (0: skip)")  # fmt: skip
+    parser.add_argument("--only-entitlements", action="store_true", help="run only that cell")
     args = parser.parse_args()
     if args.serve_upstream is not None:
         serve_upstream(args.serve_upstream)
@@ -389,10 +472,13 @@ def main() -> int:
         return 0
     import uvloop
 
-    if args.quick:
-        uvloop.run(run([50, 200], 2.0, 3.0))
-    else:
-        uvloop.run(run([50, 100, 200, 400], 5.0, 5.0))
+    if not args.only_entitlements:
+        if args.quick:
+            uvloop.run(run([50, 200], 2.0, 3.0))
+        else:
+            uvloop.run(run([50, 100, 200, 400], 5.0, 5.0))
+    if args.entitlements:
+        uvloop.run(many_entitlements(args.entitlements, 4.0 if args.quick else 20.0, 200.0))
     return 0
 
 
