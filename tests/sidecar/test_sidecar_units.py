@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -183,3 +184,26 @@ def test_every_exported_name_is_a_listed_constant_and_every_constant_is_exported
             exported.add(family.name + ("_total" if family.type == "counter" else ""))
     assert all(name.startswith(PREFIX) for name in ALL_NAMES)
     assert exported == set(ALL_NAMES)
+
+
+def test_a_large_pool_exports_only_the_entitlements_this_replica_was_sent() -> None:
+    from prometheus_client import generate_latest
+
+    from tokenscaler.core.model import TokenPoolsConfig
+    from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
+
+    def exported(n: int) -> set[str]:
+        cfg = TokenPoolsConfig.model_validate({
+            "pools": [{"name": "p", "replica": {"throughput_tokens_per_s": 1e6, "kv_tokens": 1e7, "concurrency": 1e5},
+                       "max_replicas": 1}],
+            "entitlements": [{"name": f"e{i}", "pool": "p", "tier": "spot"} for i in range(n)],
+        })  # fmt: skip
+        limiter = Limiter(cfg.pool("p"))
+        limiter.set_limits(StaticLimitsSource(cfg, "p").initial().limits, 0.0)
+        stats = [EntitlementStats(e.name, e.tier.value) for e in cfg.entitlements]
+        stats[7].offered_requests = 1
+        text = generate_latest(SidecarMetrics("p", "r", limiter, stats).registry).decode()
+        return {m for m in re.findall(r'entitlement="([^"]+)"', text)}
+
+    assert len(exported(1000)) == 1000  # up to 1,000: every entitlement, traffic or not
+    assert exported(1001) == {"e7"}  # above: only those sent a request here

@@ -15,6 +15,8 @@ stream and exports per-entitlement demand and usage for the controller. Modules:
 * :mod:`~tokenscaler.sidecar.budget`: spent budgets, and the 429 that says so;
 * :mod:`~tokenscaler.sidecar.engine_limits`: what this replica's engine says it holds;
 * :mod:`~tokenscaler.sidecar.limits`: where limits come from (static, or the controller's limits API);
+* :mod:`~tokenscaler.sidecar.pool_source`: the limits API v1beta1's client (watch, deltas, the config);
+* :mod:`~tokenscaler.sidecar.pool_view`: what a v1beta1 document changes (pure);
 * :mod:`~tokenscaler.sidecar.limits_auth`: the sidecar's credentials as a client of that API;
 * :mod:`~tokenscaler.sidecar.metrics`: every metric it exports.
 
