@@ -9,6 +9,8 @@ a threaded HTTP server on 127.0.0.1 (port 0) implementing exactly
   ``.../{name}/status``: get, merge patch (``application/merge-patch+json`` only);
 - ``/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]``: get, create, update;
 - ``/api/v1/namespaces/{ns}/configmaps[/{name}]``: get, create, update;
+- ``/api/v1/namespaces/{ns}/secrets``: list and watch, with ``fieldSelector=type=...`` (the
+  one field selector the code uses); tests write Secrets with :meth:`ApiServer.put`;
 
 with one global resourceVersion counter, 409 on a stale ``metadata.resourceVersion`` or an
 existing name, 404 where the object is missing and 410 for a watch from a version older than
@@ -42,14 +44,26 @@ CUSTOM = re.compile(
 LEASES = re.compile(
     r"^/apis/(?P<group>coordination\.k8s\.io)/v1/namespaces/(?P<ns>[^/]+)/(?P<res>leases)(?:/(?P<name>[^/]+))?$"
 )
-CONFIGMAPS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<res>configmaps)(?:/(?P<name>[^/]+))?$")
+CONFIGMAPS = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/(?P<res>configmaps|secrets)(?:/(?P<name>[^/]+))?$")
 
 KINDS = {
     "tokenpools": ("tokenpools.io/v1alpha1", "TokenPool"),
     "entitlements": ("tokenpools.io/v1alpha1", "Entitlement"),
     "leases": ("coordination.k8s.io/v1", "Lease"),
     "configmaps": ("v1", "ConfigMap"),
+    "secrets": ("v1", "Secret"),
 }
+
+
+def field_filter(query: dict[str, str]) -> Any:
+    """The objects a ``fieldSelector`` keeps: ``type=X`` (Secrets) only; no selector keeps all."""
+    selector = query.get("fieldSelector") or ""
+    if not selector:
+        return lambda obj: True
+    field, _, value = selector.partition("=")
+    if field != "type" or not value or "," in value:
+        raise ValueError(f"the stand-in only supports fieldSelector type=X, not {selector!r}")
+    return lambda obj: obj.get("type") == value
 
 
 def merge(target: Any, patch: Any) -> Any:
@@ -264,18 +278,23 @@ class ApiServer:
         except ValueError:
             self._status(h, 400, "BadRequest", "body is not JSON")
             return
+        try:
+            keep = field_filter(query)
+        except ValueError as e:
+            self._status(h, 400, "BadRequest", str(e))
+            return
         if watch:
-            self._watch(h, ns, res, query)
+            self._watch(h, ns, res, query, keep)
             return
         with self.lock:
-            code, doc = self._serve(method, ns, res, name, sub, body, h.headers.get("Content-Type", ""))
+            code, doc = self._serve(method, ns, res, name, sub, body, h.headers.get("Content-Type", ""), keep)
         if code >= 400:
             self._status(h, code, doc["reason"], doc["message"])
         else:
             self._send(h, code, doc)
 
     def _serve(
-        self, method: str, ns: str, res: str, name: str | None, sub: str | None, body: Any, ctype: str
+        self, method: str, ns: str, res: str, name: str | None, sub: str | None, body: Any, ctype: str, keep: Any
     ) -> tuple[int, dict[str, Any]]:
         coll = self.objects.setdefault((ns, res), {})
         api_version, kind = KINDS[res]
@@ -284,7 +303,7 @@ class ApiServer:
             return code, {"reason": reason, "message": message}
 
         if method == "GET" and name is None:
-            items = [copy.deepcopy(o) for _, o in sorted(coll.items())]
+            items = [copy.deepcopy(o) for _, o in sorted(coll.items()) if keep(o)]
             meta = {"resourceVersion": str(self.rv)}
             return 200, {"apiVersion": api_version, "kind": f"{kind}List", "metadata": meta, "items": items}
         if method == "POST":
@@ -345,7 +364,7 @@ class ApiServer:
             return 200, copy.deepcopy(obj)
         return err(405, "MethodNotAllowed", method)
 
-    def _watch(self, h: BaseHTTPRequestHandler, ns: str, res: str, query: dict[str, str]) -> None:
+    def _watch(self, h: BaseHTTPRequestHandler, ns: str, res: str, query: dict[str, str], keep: Any) -> None:
         since = int(query.get("resourceVersion") or 0)
         timeout_s = float(query.get("timeoutSeconds") or 300)
         h.send_response(200)
@@ -385,7 +404,8 @@ class ApiServer:
             timer.start()
             try:
                 for event in self._events_after(ns, res, since, drops, deadline):
-                    chunk(event)
+                    if keep(event["object"]):
+                        chunk(event)
             except _Dropped:
                 with contextlib.suppress(OSError):
                     h.connection.shutdown(socket.SHUT_RDWR)

@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 
 from tests.kube.apiserver import ApiServer
+from tokenscaler.kube import KEYS_SECRET_TYPE
 from tokenscaler.kube.client import (
     CONTROLLER_RULES,
     Conflict,
     CustomObjects,
     Leases,
+    Secrets,
     StateStore,
     api_client,
 )
@@ -63,6 +65,38 @@ def reflector(server: ApiServer, seen: Seen, watch_timeout_s: int = 30) -> Refle
     )
     r.start()
     return r
+
+
+def secret(name: str, type_: str = KEYS_SECRET_TYPE, **data: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "type": type_, "data": data}
+
+
+def secrets_reflector(server: ApiServer, seen: Seen) -> Reflector:
+    r = Reflector(
+        Secrets(api_client(server.url), NS), seen, watch_timeout_s=30, read_timeout_s=30,
+        backoff=Backoff(initial_s=0.05, cap_s=0.5),
+    )  # fmt: skip
+    r.start()
+    return r
+
+
+def test_the_secrets_reflector_sees_only_the_key_secrets(apiserver: ApiServer) -> None:
+    apiserver.put(NS, "secrets", secret("team-a-keys", a="ZGlnZXN0"))
+    apiserver.put(NS, "secrets", secret("tls", "kubernetes.io/tls", **{"tls.key": "UFJJVkFURQ=="}))
+    seen = Seen()
+    r = secrets_reflector(apiserver, seen)
+    try:
+        assert seen.wait(lambda s: set(s) == {"team-a-keys"}), seen.snaps
+        apiserver.wait_for(lambda: apiserver.watches_open > 0)
+        apiserver.put(NS, "secrets", secret("other-token", "Opaque", token="dG9r"))
+        apiserver.put(NS, "secrets", secret("team-a-keys", a="bmV3"))
+        assert seen.wait(lambda s: s["team-a-keys"]["data"] == {"a": "bmV3"})
+        apiserver.delete(NS, "secrets", "team-a-keys")
+        assert seen.wait(lambda s: s == {})
+        # never a Secret of another type, in the list or in the watch
+        assert all("tls" not in snap and "other-token" not in snap for snap in seen.snaps)
+    finally:
+        r.stop()
 
 
 def test_apply_event_is_pure() -> None:
@@ -235,6 +269,15 @@ def test_every_request_the_code_made_is_granted_by_the_declared_rules(apiserver:
     try:
         assert seen.wait(lambda s: "a" in s)
         apiserver.wait_for(lambda: apiserver.watches_open > 0)
+    finally:
+        r.stop()
+    apiserver.put(NS, "secrets", secret("k", a="ZGlnZXN0"))
+    seen_secrets = Seen()
+    r = secrets_reflector(apiserver, seen_secrets)
+    try:
+        assert seen_secrets.wait(lambda s: "k" in s)
+        watched = lambda: any(c.verb == "watch" and c.resource == "secrets" for c in apiserver.requests)  # noqa: E731
+        assert apiserver.wait_for(watched)
     finally:
         r.stop()
     CustomObjects(api, NS, "tokenpools").patch_status("a", {"status": {"x": 1}})

@@ -25,12 +25,11 @@ from urllib.parse import urlsplit
 
 import jsonpatch
 import pytest
-import yaml
 
 from tests.kube.test_manifests import KUSTOMIZATIONS, REPO, build, by_kind
 from tokenscaler.cli import build_parser
 from tokenscaler.cli.webhook import injected_sidecar
-from tokenscaler.core.model import parse_config
+from tokenscaler.kube.translate import config_from_crs
 from tokenscaler.kube.webhook import POOL_LABEL, InjectedSidecar, mutate_request
 
 Doc = dict[str, Any]
@@ -91,8 +90,10 @@ def secret_file(pod_spec: Doc, container: Doc, path: str) -> tuple[str, str]:
 
 
 def sidecar_config(docs: tuple[Doc, ...]) -> Any:
-    (cm,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"] == "tokenscaler-config"]
-    return parse_config(yaml.safe_load(cm["data"]["tokenpools.yaml"]), "ConfigMap tokenscaler-config")
+    """The config the webhook knows: the example's TokenPools and Entitlements."""
+    t = config_from_crs(by_kind(docs, "TokenPool"), by_kind(docs, "Entitlement"))
+    assert t.config is not None, t.errors
+    return t.config
 
 
 def webhook_options(install: str) -> InjectedSidecar:
@@ -188,6 +189,9 @@ def test_the_injected_sidecar_polls_the_controller_over_https_with_a_token(insta
     args = parse(sidecar["args"])
     url = urlsplit(args.limits_url)
     assert url.scheme == "https", args.limits_url
+    # its config, keys included, comes through that API only: no --config, no ConfigMap volume
+    assert args.config is None
+    assert not any("configMap" in v for v in pod["spec"].get("volumes", []))
     # the controller's Service and its API port, whose certificate names that host
     docs = docs_of(install)
     (svc,) = [s for s in by_kind(docs, "Service") if s["metadata"]["name"] == "tokenscaler-controller"]

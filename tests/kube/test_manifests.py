@@ -5,6 +5,7 @@ Dockerfile passes hadolint and has the essentials."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
 from functools import cache
@@ -15,9 +16,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests.kube.test_crds import cel_errors, validator
 from tests.serve.test_keda_manifests import crd_validator
 from tokenscaler import __version__
+from tokenscaler.core.model import hash_api_key
+from tokenscaler.kube import KEYS_SECRET_TYPE
 from tokenscaler.kube.client import CONTROLLER_RULES, WEBHOOK_RULES, Rule
+from tokenscaler.kube.translate import config_from_crs
 from tokenscaler.kube.webhook import IMAGE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,8 +92,23 @@ def test_example_has_what_the_issue_lists() -> None:
     assert by_kind(docs, "ScaledObject") and by_kind(docs, "TriggerAuthentication")
     (svc,) = by_kind(docs, "Service")
     assert svc["spec"]["ports"][0]["targetPort"] == "http"  # by name: through the sidecar once injected
-    (cm,) = by_kind(docs, "ConfigMap")
-    assert cm["metadata"]["name"] == "tokenscaler-config" and cm["metadata"]["namespace"] == "inference"
+    # one source of truth: no ConfigMap for the sidecars, the controller hands them the CRs' config
+    assert by_kind(docs, "ConfigMap") == []
+
+
+def test_example_tenant_keys_come_from_a_secret_of_digests() -> None:
+    docs = build(REPO / "k8s" / "examples")
+    (secret,) = by_kind(docs, "Secret")
+    assert secret["type"] == KEYS_SECRET_TYPE
+    (team,) = [e for e in by_kind(docs, "Entitlement") if "api_key_secret_ref" in e["spec"]]
+    assert team["spec"]["api_key_secret_ref"] == {"name": secret["metadata"]["name"]}
+    assert team["metadata"]["namespace"] == secret["metadata"]["namespace"] == "tokenscaler"
+    assert validator("Entitlement").is_valid(team) and cel_errors("Entitlement", team["spec"]) == []
+    # as the API server stores it (stringData becomes base64 data), the operator resolves the demo key
+    stored = {**secret, "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret["stringData"].items()}}
+    t = config_from_crs(by_kind(docs, "TokenPool"), by_kind(docs, "Entitlement"), {secret["metadata"]["name"]: stored})
+    assert t.config is not None and t.problems == {} and t.keys["team-a"].ok
+    assert t.config.key_index()[hash_api_key("sk-team-a-demo")].name == "team-a"
 
 
 def rules_of(role: dict[str, Any]) -> set[Rule]:

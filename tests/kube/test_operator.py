@@ -5,22 +5,26 @@ by the leader, only when changed), and a hand-over keeps the debt."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.kube.apiserver import ApiServer
 from tests.support import wait_until_async
 from tokenscaler.config import load_usage
-from tokenscaler.core.model import TokenPoolsConfig
+from tokenscaler.core.model import TokenPoolsConfig, hash_api_key
 from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.state import PlannerState
 from tokenscaler.core.usage import to_inputs
+from tokenscaler.kube import KEYS_SECRET_TYPE
 from tokenscaler.kube.client import api_client
 from tokenscaler.kube.leader import LeaseConfig
 from tokenscaler.kube.operator import KubeOperator, from_environment, lease_config_from_env
@@ -138,3 +142,79 @@ def test_environment_configures_the_operator(apiserver: ApiServer) -> None:
         assert "TOKENSCALER_LEASE_DURATION_S" in str(e) and "soon" in str(e)
     else:
         raise AssertionError("a bad duration was accepted")
+
+
+def keys_secret(name: str, *digests: str, type_: str = KEYS_SECRET_TYPE) -> dict[str, Any]:
+    text = "".join(d + "\n" for d in digests)
+    return {"metadata": {"name": name}, "type": type_, "data": {"keys": base64.b64encode(text.encode()).decode()}}
+
+
+def test_a_secret_change_is_a_new_config_on_the_next_watch_event(
+    apiserver: ApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    docs = crs()
+    for d in docs:
+        if d["kind"] == "Entitlement" and d["metadata"]["name"] == "research":
+            d["spec"].pop("api_keys", None)
+            d["spec"]["api_key_secret_ref"] = {"name": "research-keys"}
+        apiserver.put(NS, "tokenpools" if d["kind"] == "TokenPool" else "entitlements", d)
+    old, new, plain = "sk-research-old-41c2", "sk-research-new-8e0a", "sk-plain-pasted-77aa"
+    apiserver.put(NS, "secrets", keys_secret("research-keys", hash_api_key(old)))
+    # a Secret of another type, same name pattern: never read (the field selector)
+    apiserver.put(NS, "secrets", keys_secret("decoy", hash_api_key(plain), type_="Opaque"))
+
+    def keys_of(config: TokenPoolsConfig | None) -> list[str]:
+        assert config is not None
+        return next(e for e in config.entitlements if e.name == "research").api_keys
+
+    async def main() -> None:
+        op = operator(apiserver, "a")
+        seen: list[TokenPoolsConfig] = []
+        op.on_config(seen.append)
+        await op.start()
+        try:
+            assert await op.wait_leading(True, 5)
+            config = await op.wait_config(0, 10)
+            assert keys_of(config) == [hash_api_key(old)]
+            # rotation: the new digest replaces the old one, one watch event later, one new config
+            v = op.version
+            apiserver.put(NS, "secrets", keys_secret("research-keys", hash_api_key(new)))
+            config = await op.wait_config(v, 5)
+            assert keys_of(config) == [hash_api_key(new)] and op.version == v + 1 and seen[-1] == config
+            # a plain key pasted into the Secret: none of its keys are used, the status says which field
+            v = op.version
+            apiserver.put(NS, "secrets", keys_secret("research-keys", hash_api_key(new), plain))
+            config = await op.wait_config(v, 5)
+            assert keys_of(config) == []
+            published, _ = plan(config, PlannerState(), 1000.0)
+            assert await op.write_status(published, version=2, stale=False) > 0
+            status = apiserver.get(NS, "entitlements", "research")["status"]
+            cond = {c["type"]: c for c in status["conditions"]}["KeysResolved"]
+            assert cond["status"] == "False" and cond["reason"] == "InvalidDigest"
+            assert "Secret research-keys data.keys line 2" in cond["message"]
+            # fixed: the keys are back, and the condition with them
+            v = op.version
+            apiserver.put(NS, "secrets", keys_secret("research-keys", hash_api_key(new)))
+            config = await op.wait_config(v, 5)
+            assert keys_of(config) == [hash_api_key(new)]
+            published, _ = plan(config, PlannerState(), 1005.0)
+            await op.write_status(published, version=3, stale=False)
+            status = apiserver.get(NS, "entitlements", "research")["status"]
+            assert {c["type"]: c for c in status["conditions"]}["KeysResolved"]["status"] == "True"
+            # deleted: the Secret's keys go, the Entitlement stays planned
+            v = op.version
+            apiserver.delete(NS, "secrets", "research-keys")
+            config = await op.wait_config(v, 5)
+            assert keys_of(config) == [] and "research" in {e.name for e in config.entitlements}
+            assert op.translation is not None and op.translation.keys["research"].reason == "SecretNotFound"
+        finally:
+            await op.stop()
+
+    with caplog.at_level(logging.DEBUG, logger="tokenscaler"):
+        asyncio.run(main())
+    assert "data.keys line 2: not a sha256 hex digest" in caplog.text
+    # no key and no digest in any log line, and no status carries one
+    everything = caplog.text + json.dumps([apiserver.get(NS, "entitlements", "research")])
+    for secret in (old, new, plain, hash_api_key(old), hash_api_key(new), hash_api_key(plain)):
+        assert secret not in everything
+    assert ("", "secrets", "list") in {(c.group, c.resource, c.verb) for c in apiserver.requests}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import subprocess
@@ -13,6 +14,7 @@ import yaml
 
 from tokenscaler.config import load_config, load_usage
 from tokenscaler.core.inputs import PoolInput
+from tokenscaler.core.model import hash_api_key
 from tokenscaler.core.plan import Plan
 from tokenscaler.core.planning import plan_interval
 from tokenscaler.core.rows import build_pool_rows
@@ -44,8 +46,6 @@ def test_example_crs_are_the_convert_output() -> None:
     assert (REPO / "examples" / "k8s" / "tokenpools.yaml").read_text() == text, (
         "run: tokenscaler convert --config examples/tokenpools.yaml --out examples/k8s/tokenpools.yaml"
     )
-    # the sidecars' ConfigMap in k8s/examples is the same config
-    assert (REPO / "k8s" / "examples" / "tokenpools.yaml").read_text() == CONFIG.read_text()
 
 
 def test_convert_command_both_ways(tmp_path: Path) -> None:
@@ -171,3 +171,88 @@ def test_merge_patch_deletes_keys_that_went_away() -> None:
         "status": {"debt": 2.0, "usage": None}
     }
     assert merge_patch({"debt": 1.0, "planVersion": 1}, {"debt": 1.0, "planVersion": 2}) is None
+
+
+# --------------------------------------------------------------------------- keys from a Secret
+
+KEY_A, KEY_B = "sk-team-a-7f3c1e", "sk-team-a-rotated-92d4"
+PLAIN = "sk-pasted-by-mistake-5b8e"
+
+
+def keys_secret(name: str, type_: str = "tokenpools.io/api-key-digests", **values: str) -> dict[str, Any]:
+    """A Secret as the API server returns it: data values base64."""
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": type_, "data": data}
+
+
+def with_secret_ref(ent: dict[str, Any], secret: str) -> dict[str, Any]:
+    out = copy.deepcopy(ent)
+    out["spec"].pop("api_keys", None)
+    out["spec"]["api_key_secret_ref"] = {"name": secret}
+    return out
+
+
+def test_an_entitlements_keys_come_from_the_secret_it_names() -> None:
+    pools, ents = split(config_to_crs(load_config(CONFIG), "ns"))
+    i = next(i for i, e in enumerate(ents) if e["metadata"]["name"] == "research")
+    listed = list(ents[i]["spec"].get("api_keys", []))
+    ents[i] = with_secret_ref(ents[i], "research-keys")
+    ents[i]["spec"]["api_keys"] = listed  # both: the spec's and the Secret's
+    a, b = hash_api_key(KEY_A), hash_api_key(KEY_B)
+    secret = keys_secret("research-keys", laptop=f"{a}\n", ci=f"\n  SHA256:{b.upper()}  \n{a}\n")
+    t = config_from_crs(pools, ents, {"research-keys": secret})
+    assert t.config is not None and t.problems == {}
+    research = next(e for e in t.config.entitlements if e.name == "research")
+    assert research.api_keys == [*listed, b, a]  # data keys in order (ci, laptop), duplicates once
+    assert t.config.key_index()[a].name == "research"
+    cond = t.keys["research"]
+    assert cond.ok and cond.reason == "Resolved" and cond.message == "2 key digest(s) from Secret research-keys"
+    # without Secrets (the webhook's view), the spec's keys only and no condition
+    plain = config_from_crs(pools, ents)
+    assert plain.config is not None and plain.keys == {}
+    assert next(e for e in plain.config.entitlements if e.name == "research").api_keys == listed
+
+
+def test_a_secret_with_a_plain_key_or_missing_gives_no_keys_and_a_condition_without_the_value() -> None:
+    pools, ents = split(config_to_crs(load_config(CONFIG), "ns"))
+    i = next(i for i, e in enumerate(ents) if e["metadata"]["name"] == "research")
+    ents[i] = with_secret_ref(ents[i], "research-keys")
+    good = hash_api_key(KEY_A)
+    bad = keys_secret("research-keys", primary=good, next=f"{good}\n{PLAIN}\n")
+    t = config_from_crs(pools, ents, {"research-keys": bad})
+    assert t.config is not None  # the entitlement stays planned, without any key of that Secret
+    assert next(e for e in t.config.entitlements if e.name == "research").api_keys == []
+    cond = t.keys["research"]
+    assert not cond.ok and cond.reason == "InvalidDigest"
+    assert "Secret research-keys data.next line 2: not a sha256 hex digest" in cond.message
+    assert PLAIN not in cond.message and good not in cond.message
+    for broken, reason in (
+        ({}, "SecretNotFound"),
+        ({"research-keys": keys_secret("research-keys", "Opaque", a=good)}, "InvalidDigest"),  # wrong type
+        ({"research-keys": {**keys_secret("research-keys"), "data": {"a": "%%%"}}}, "InvalidDigest"),
+    ):
+        t = config_from_crs(pools, ents, broken)
+        assert t.config is not None and t.keys["research"].reason == reason and not t.keys["research"].ok
+    # the status carries the condition, never a digest
+    config = load_config(CONFIG)
+    t = config_from_crs(pools, ents, {"research-keys": bad})
+    patches = status_patches(stored(pools), stored(ents), t.config, example_plan(), version=1, stale=False,
+                             now=NOW, keys=t.keys)  # fmt: skip
+    (research,) = [p for p in patches if p.name == "research"]
+    conds = {c["type"]: c for c in research.body["status"]["conditions"]}
+    assert conds["KeysResolved"]["status"] == "False" and conds["KeysResolved"]["reason"] == "InvalidDigest"
+    text = json.dumps([p.body for p in patches])
+    assert PLAIN not in text and all(k not in text for e in config.entitlements for k in e.api_keys)
+    assert good not in text
+    # an entitlement without a Secret reference has no KeysResolved condition
+    (search,) = [p for p in patches if p.name == "search-prod"]
+    assert "KeysResolved" not in {c["type"] for c in search.body["status"]["conditions"]}
+
+
+def test_a_bad_secret_reference_is_named() -> None:
+    pools, ents = split(config_to_crs(load_config(CONFIG), "ns"))
+    ents[0]["spec"]["api_key_secret_ref"] = {"name": "Bad_Name"}
+    t = config_from_crs(pools, ents, {})
+    name = ents[0]["metadata"]["name"]
+    assert "spec.api_key_secret_ref.name" in t.problems[("Entitlement", name)]
+    assert name not in t.keys

@@ -180,8 +180,10 @@ def test_labelled_pod_gets_the_sidecar_and_the_serving_port(hook: tuple[Server, 
     ]
     assert sidecar["readinessProbe"]["tcpSocket"]["port"] == 8001
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+    # its config (entitlements, key digests, limits) comes from the limits API: no --config, no ConfigMap
+    assert "--config" not in args
+    assert [m["name"] for m in sidecar["volumeMounts"]] == ["tokenscaler-client"]
     assert pod["spec"]["volumes"] == [
-        {"name": "tokenscaler-config", "configMap": {"name": "tokenscaler-config"}},
         {
             "name": "tokenscaler-client",
             "secret": {"secretName": "tokenscaler-client", "items": [
@@ -212,7 +214,47 @@ def test_plain_http_injection_carries_no_credentials_and_never_a_token_in_clear(
     pod = jsonpatch.apply_patch(POD, json.loads(base64.b64decode(r["response"]["patch"])))
     args = pod["spec"]["containers"][1]["args"]
     assert "--limits-ca" not in args and "--limits-token-file" not in args
-    assert [v["name"] for v in pod["spec"]["volumes"]] == ["tokenscaler-config"]
+    # and nothing to mount: no credentials, no config map
+    assert "--config" not in args and "volumes" not in pod["spec"]
+    assert "volumeMounts" not in pod["spec"]["containers"][1]
+
+
+def test_a_config_map_is_mounted_only_when_named_or_for_static_limits() -> None:
+    from tokenscaler.config import load_config
+    from tokenscaler.kube.webhook import InjectedSidecar, mutate_request
+
+    config = load_config(REPO / "examples" / "tokenpools.yaml")
+
+    def injected(opts: InjectedSidecar) -> tuple[list[str], list[dict[str, Any]]]:
+        r = mutate_request(pod_review(POD)["request"], config, opts)
+        pod = jsonpatch.apply_patch(POD, json.loads(base64.b64decode(r["response"]["patch"])))
+        return pod["spec"]["containers"][1]["args"], pod["spec"].get("volumes", [])
+
+    # a bootstrap named explicitly: --config beside --limits-url, until the first document
+    args, volumes = injected(InjectedSidecar(config_map="tokenscaler-bootstrap"))
+    assert args[args.index("--config") + 1] == "/etc/tokenscaler/tokenpools.yaml" and "--limits-url" in args
+    assert {"name": "tokenscaler-config", "configMap": {"name": "tokenscaler-bootstrap"}} in volumes
+    # static limits (no limits API): the config is the sidecar's only source
+    args, volumes = injected(InjectedSidecar(limits_url=None))
+    assert "--limits-url" not in args and "--config" in args
+    assert volumes == [{"name": "tokenscaler-config", "configMap": {"name": "tokenscaler-config"}}]
+
+
+def test_an_entitlement_with_a_key_secret_is_allowed_and_a_bad_reference_denied(
+    hook: tuple[Server, ssl.SSLContext],
+) -> None:
+    e = copy.deepcopy(example("research"))
+    e["spec"].pop("api_keys", None)
+    e["spec"]["api_key_secret_ref"] = {"name": "research-keys"}
+    r = post(hook, "/validate", entitlement_review(e, op="UPDATE"))[1]["response"]
+    assert r["allowed"] is True, r
+    e["spec"]["api_key_secret_ref"] = {"name": "Not_A_Name"}
+    r = post(hook, "/validate", entitlement_review(e, op="UPDATE"))[1]["response"]
+    assert r["allowed"] is False and r["status"]["code"] == 422
+    assert "spec.api_key_secret_ref.name" in r["status"]["message"], r["status"]["message"]
+    e["spec"]["api_key_secret_ref"] = {"name": "research-keys", "key": "x"}
+    r = post(hook, "/validate", entitlement_review(e, op="UPDATE"))[1]["response"]
+    assert r["allowed"] is False and "spec.api_key_secret_ref.key" in r["status"]["message"]
 
 
 def test_unlabelled_or_unknown_pool_pods(hook: tuple[Server, ssl.SSLContext]) -> None:

@@ -15,3 +15,9 @@ POOL_KIND, POOL_PLURAL = "TokenPool", "tokenpools"
 ENTITLEMENT_KIND, ENTITLEMENT_PLURAL = "Entitlement", "entitlements"
 POOL_LABEL = "tokenpools.io/pool"
 """Pods carrying this label get the sidecar injected; its value names the pool."""
+KEYS_SECRET_TYPE = "tokenpools.io/api-key-digests"
+"""The ``type`` of a Secret an Entitlement's ``spec.api_key_secret_ref`` may name: each data
+value holds sha256 hex digests of API keys, one per line. The operator lists and watches only
+Secrets of this type (a field selector), so it never reads the namespace's other Secrets."""
+KEYS_SECRET_REF = "api_key_secret_ref"
+"""The Entitlement spec field naming that Secret (``{name: ...}``, the Entitlement's namespace)."""

@@ -24,7 +24,7 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch import Watch
 
-from tokenscaler.kube import GROUP, VERSION
+from tokenscaler.kube import GROUP, KEYS_SECRET_TYPE, VERSION
 
 log = logging.getLogger("tokenscaler.kube.client")
 
@@ -51,6 +51,9 @@ CONTROLLER_RULES: tuple[Rule, ...] = (
     Rule("coordination.k8s.io", "leases", ("get", "update"), (LEASE_NAME,)),
     Rule("", "configmaps", ("create",)),
     Rule("", "configmaps", ("get", "update"), (STATE_CONFIGMAP,)),
+    # the Entitlements' key digests; the code asks only for Secrets of type KEYS_SECRET_TYPE
+    # (RBAC cannot narrow a list or a watch by type: the Role grants the namespace's Secrets)
+    Rule("", "secrets", ("list", "watch")),
 )
 """What ``tokenscaler controller --source kubernetes`` calls, in its own namespace."""
 
@@ -93,14 +96,13 @@ def _error(what: str, e: Exception) -> ApiError:
 
 
 # network-level failures the client raises (connection refused, reset, a stream cut mid-chunk)
-TRANSPORT_ERRORS: tuple[type[Exception], ...] = (urllib3.exceptions.HTTPError, OSError)
-_CALL_ERRORS: tuple[type[Exception], ...] = (ApiException, *TRANSPORT_ERRORS)  # what _error turns into an ApiError
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
 
 
 def _call(what: str, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except _CALL_ERRORS as e:
+    except (ApiException, *TRANSPORT_ERRORS) as e:  # type: ignore[misc]
         raise _error(what, e) from e
 
 
@@ -118,7 +120,7 @@ def api_client(host: str | None = None, *, timeout_s: float = 10.0) -> k8s.ApiCl
             kconfig.load_kube_config(client_configuration=cfg)
     cfg.retries = 0  # every caller here retries on its own schedule
     api = k8s.ApiClient(cfg)
-    api.default_timeout_s = timeout_s  # type: ignore[attr-defined]  # ours, read back by _timeout
+    api.default_timeout_s = timeout_s  # type: ignore[attr-defined]
     return api
 
 
@@ -180,20 +182,7 @@ class CustomObjects:
             _request_timeout=(_timeout(self.api), read_timeout_s),
         )
         self._watch = w
-        try:
-            while True:
-                try:
-                    event = next(stream)
-                except StopIteration:
-                    return
-                except _CALL_ERRORS as e:
-                    raise _error(f"watch {self.plural}", e) from e
-                if isinstance(event, dict):
-                    yield event
-        finally:
-            self._watch = None
-            w.stop()
-            stream.close()
+        yield from _events(self, w, stream)
 
     def abort_watch(self) -> None:
         """Cut the open watch (from another thread): its iterator ends with an error."""
@@ -231,6 +220,82 @@ class CustomObjects:
                     return None
                 raise
         return None  # pragma: no cover
+
+
+def _events(owner: CustomObjects | Secrets, w: Watch, stream: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    """The events of one open watch as plain dicts (``{"type", "object"}``, the JSON the server
+    sent); ``owner._watch`` is cleared when the stream ends."""
+    try:
+        while True:
+            try:
+                event = next(stream)
+            except StopIteration:
+                return
+            except (ApiException, *TRANSPORT_ERRORS) as e:  # type: ignore[misc]
+                raise _error(f"watch {owner.plural}", e) from e
+            if isinstance(event, dict):
+                raw = event.get("raw_object")
+                yield {"type": event.get("type"), "object": raw if isinstance(raw, dict) else event.get("object")}
+    finally:
+        owner._watch = None
+        w.stop()
+        stream.close()  # type: ignore[attr-defined]
+
+
+# --------------------------------------------------------------------------- the key Secrets
+
+
+class Secrets:
+    """List and watch the Secrets of type :data:`KEYS_SECRET_TYPE` in ``namespace`` (an
+    Entitlement's ``spec.api_key_secret_ref``), with the interface of :class:`CustomObjects`
+    that :class:`tokenscaler.kube.watch.Reflector` uses. The field selector keeps every other
+    Secret of the namespace (certificates, tokens) out of this process."""
+
+    plural = "secrets"
+
+    def __init__(self, api: k8s.ApiClient, namespace: str, secret_type: str = KEYS_SECRET_TYPE) -> None:
+        self.api = api
+        self.core = k8s.CoreV1Api(api)
+        self.namespace = namespace
+        self.field_selector = f"type={secret_type}"
+        self._watch: Watch | None = None
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        """All the typed Secrets (as the JSON the server sent) and the list's resourceVersion."""
+        resp = _call(
+            "list secrets",
+            lambda: self.core.list_namespaced_secret(
+                self.namespace,
+                field_selector=self.field_selector,
+                _preload_content=False,
+                _request_timeout=_timeout(self.api),
+            ),
+        )
+        try:
+            doc = json.loads(resp.data)
+        except ValueError as e:
+            raise ApiError("list secrets", 0, f"the answer is not JSON: {e}") from e
+        return list(doc.get("items") or []), str((doc.get("metadata") or {}).get("resourceVersion") or "")
+
+    def watch(self, resource_version: str, timeout_s: int, read_timeout_s: float) -> Iterator[dict[str, Any]]:
+        """As :meth:`CustomObjects.watch`, for the typed Secrets."""
+        w = Watch()
+        stream = w.stream(
+            self.core.list_namespaced_secret,
+            self.namespace,
+            field_selector=self.field_selector,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout_s,
+            _request_timeout=(_timeout(self.api), read_timeout_s),
+        )
+        self._watch = w
+        yield from _events(self, w, stream)
+
+    def abort_watch(self) -> None:
+        w = self._watch
+        if w is not None:
+            w.stop()
 
 
 # --------------------------------------------------------------------------- leases

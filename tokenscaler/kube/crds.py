@@ -13,7 +13,9 @@ false`` (the API server prunes unknown fields instead), no titles or defaults (t
 apply their defaults when a CR is translated, so the stored object stays what the user
 wrote). Rules pydantic expresses in validators and that concern one object are added as CEL
 ``x-kubernetes-validations``; rules across objects (oversubscription, unknown pools,
-duplicate API keys) are the admission webhook's.
+duplicate API keys) are the admission webhook's. The Entitlement's
+``api_key_secret_ref`` is the cluster's own field (:class:`tokenscaler.kube.translate.SecretRef`),
+added to the model's schema here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ import yaml
 from pydantic import BaseModel
 
 from tokenscaler.core.model import DIMENSIONS, Entitlement, Pool
-from tokenscaler.kube import ENTITLEMENT_KIND, ENTITLEMENT_PLURAL, GROUP, POOL_KIND, POOL_PLURAL, VERSION
+from tokenscaler.kube import (
+    ENTITLEMENT_KIND,
+    ENTITLEMENT_PLURAL,
+    GROUP,
+    KEYS_SECRET_REF,
+    KEYS_SECRET_TYPE,
+    POOL_KIND,
+    POOL_PLURAL,
+    VERSION,
+)
+from tokenscaler.kube.translate import SecretRef
 
 _DROP = {"title", "default", "additionalProperties"}
 
@@ -115,9 +127,21 @@ def pool_spec_schema() -> dict[str, Any]:
     return s
 
 
+def secret_ref_schema() -> dict[str, Any]:
+    raw = SecretRef.model_json_schema()
+    s = structural(_inline(raw, raw.get("$defs", {})))
+    s["description"] = (
+        f"A Secret of type {KEYS_SECRET_TYPE} in this namespace whose data values hold sha256 hex digests "
+        "of API keys, one per line (never plain keys); they add to api_keys. A value that is not a digest "
+        "makes none of the Secret's keys usable (condition KeysResolved)."
+    )
+    return s
+
+
 def entitlement_spec_schema() -> dict[str, Any]:
     s = spec_schema(Entitlement)
     s["description"] = (Entitlement.__doc__ or "").strip() + " `pool` names a TokenPool in the same namespace."
+    s["properties"][KEYS_SECRET_REF] = secret_ref_schema()
     s["x-kubernetes-validations"] = [
         {
             "rule": "self.tier == 'guaranteed' ? has(self.guaranteed) : !has(self.guaranteed)",
@@ -139,7 +163,7 @@ def _vector(description: str) -> dict[str, Any]:
     }
 
 
-CONDITION_TYPES = ("Ready", "GuaranteesFit", "Stale")
+CONDITION_TYPES = ("Ready", "GuaranteesFit", "Stale", "KeysResolved")
 
 _CONDITIONS = {
     "type": "array",

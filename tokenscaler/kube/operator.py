@@ -1,7 +1,9 @@
 """What ``tokenscaler controller --source kubernetes`` needs from the cluster, in one object.
 
 :class:`KubeOperator` keeps the current :class:`TokenPoolsConfig` from list+watch of the
-TokenPool and Entitlement objects of one namespace, holds (or follows) the Lease, writes
+TokenPool and Entitlement objects of one namespace (and of its Secrets of type
+``tokenpools.io/api-key-digests``, which an Entitlement's ``spec.api_key_secret_ref`` names:
+a key added, rotated or revoked there is a new config on the next watch event), holds (or follows) the Lease, writes
 status for each published plan and loads/saves the planner state document in the
 ``tokenscaler-state`` ConfigMap. The controller's loop stays as it is; wiring it is a few
 lines::
@@ -48,11 +50,12 @@ from tokenscaler.kube.client import (
     Conflict,
     CustomObjects,
     Leases,
+    Secrets,
     StateStore,
 )
 from tokenscaler.kube.leader import DEFAULT_LEASE, LeaderElector, LeaseConfig
-from tokenscaler.kube.translate import Translation, config_from_crs, status_patches
-from tokenscaler.kube.watch import Backoff, Reflector, Snapshot
+from tokenscaler.kube.translate import KeysCondition, Translation, config_from_crs, status_patches
+from tokenscaler.kube.watch import Backoff, Collection, Reflector, Snapshot
 
 log = logging.getLogger("tokenscaler.kube.operator")
 
@@ -60,8 +63,10 @@ log = logging.getLogger("tokenscaler.kube.operator")
 class CrWatch:
     """The config the TokenPool and Entitlement objects of one namespace make, kept current.
 
-    Used by the operator and by ``tokenscaler webhook --source kubernetes``. Callbacks run
-    on the event loop that called :meth:`start`.
+    Used by the operator (``secrets=True``: the Entitlements' keys are resolved from the
+    Secrets they name) and by ``tokenscaler webhook --source kubernetes`` (no Secrets: it
+    checks objects, not keys, and its Role cannot read Secrets). Callbacks run on the event
+    loop that called :meth:`start`.
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class CrWatch:
         api: Any,
         namespace: str,
         *,
+        secrets: bool = False,
         watch_timeout_s: int = 300,
         read_timeout_s: float = 330.0,
         backoff: Callable[[], Backoff] = Backoff,
@@ -76,14 +82,14 @@ class CrWatch:
         self.namespace = namespace
         self.pool_objects = CustomObjects(api, namespace, POOL_PLURAL)
         self.entitlement_objects = CustomObjects(api, namespace, ENTITLEMENT_PLURAL)
-        self.pools = Reflector(
-            self.pool_objects, lambda s: self._changed(), backoff=backoff(),
-            watch_timeout_s=watch_timeout_s, read_timeout_s=read_timeout_s,
-        )  # fmt: skip
-        self.entitlements = Reflector(
-            self.entitlement_objects, lambda s: self._changed(), backoff=backoff(),
-            watch_timeout_s=watch_timeout_s, read_timeout_s=read_timeout_s,
-        )  # fmt: skip
+        def reflector(objects: Collection) -> Reflector:
+            return Reflector(objects, lambda s: self._changed(), backoff=backoff(),
+                             watch_timeout_s=watch_timeout_s, read_timeout_s=read_timeout_s)  # fmt: skip
+
+        self.pools = reflector(self.pool_objects)
+        self.entitlements = reflector(self.entitlement_objects)
+        self.secrets: Reflector | None = reflector(Secrets(api, namespace)) if secrets else None
+        self._keys_logged: dict[str, KeysCondition] = {}
         self.translation: Translation | None = None
         self.version = 0  # bumped on every new valid config
         self._config: TokenPoolsConfig | None = None
@@ -95,14 +101,17 @@ class CrWatch:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._cond = asyncio.Condition()
-        self.pools.start()
-        self.entitlements.start()
+        for r in self._reflectors():
+            r.start()
+
+    def _reflectors(self) -> list[Reflector]:
+        return [self.pools, self.entitlements] + ([self.secrets] if self.secrets is not None else [])
 
     async def stop(self) -> None:
-        await asyncio.gather(asyncio.to_thread(self.pools.stop), asyncio.to_thread(self.entitlements.stop))
+        await asyncio.gather(*(asyncio.to_thread(r.stop) for r in self._reflectors()))
 
     def synced(self) -> bool:
-        return self.pools.synced.is_set() and self.entitlements.synced.is_set()
+        return all(r.synced.is_set() for r in self._reflectors())
 
     def _changed(self) -> None:  # on a reflector thread
         loop = self._loop
@@ -113,14 +122,22 @@ class CrWatch:
     def snapshot(self) -> tuple[Snapshot, Snapshot]:
         return dict(self.pools.cache), dict(self.entitlements.cache)
 
+    def secret_snapshot(self) -> Snapshot | None:
+        """The typed Secrets (name -> object), or None when this watch does not read Secrets."""
+        return None if self.secrets is None else dict(self.secrets.cache)
+
     def _rebuild(self) -> None:
         if not self.synced():
             return
         pools, ents = self.snapshot()
-        t = config_from_crs(pools.values(), ents.values())
+        t = config_from_crs(pools.values(), ents.values(), self.secret_snapshot())
         self.translation = t
         for (kind, name), why in t.problems.items():
             log.warning("%s %s/%s left out of the config: %s", kind, self.namespace, name, why)
+        for name, keys in t.keys.items():  # on a change only; the message names fields, never a digest
+            if self._keys_logged.get(name) != keys and not keys.ok:
+                log.warning("Entitlement %s/%s: %s", self.namespace, name, keys.message)
+        self._keys_logged = dict(t.keys)
         if t.config is None:
             log.error("the objects in %s make no valid config (%s); keeping the last one", self.namespace, t.errors)
         elif t.config != self._config:
@@ -188,7 +205,9 @@ class KubeOperator(CrWatch):
         watch_timeout_s: int = 300,
         read_timeout_s: float = 330.0,
     ) -> None:
-        super().__init__(api, namespace, watch_timeout_s=watch_timeout_s, read_timeout_s=read_timeout_s)
+        super().__init__(
+            api, namespace, secrets=True, watch_timeout_s=watch_timeout_s, read_timeout_s=read_timeout_s
+        )
         self.identity = identity
         self.clock = clock
         self.elector = LeaderElector(
@@ -242,6 +261,7 @@ class KubeOperator(CrWatch):
             stale=stale,
             now=self._now(),
             problems=t.problems if t is not None else None,
+            keys=t.keys if t is not None else None,
         )
         if not patches:
             return 0

@@ -5,7 +5,10 @@ No I/O and no clock: the caller passes ``now`` (an RFC 3339 string) where a cond
 
 - :func:`config_to_crs` / :func:`config_from_crs`: a :class:`TokenPoolsConfig` as TokenPool
   and Entitlement objects and back. A CR's spec is the model's fields minus ``name``
-  (``metadata.name``), defaults left out.
+  (``metadata.name``), defaults left out. One field is the cluster's own: an Entitlement's
+  ``spec.api_key_secret_ref`` (:class:`SecretRef`) names a Secret of type
+  ``tokenpools.io/api-key-digests`` whose data values hold key digests, one per line
+  (:func:`digests_from_secret`); they join ``spec.api_keys`` when the objects are translated.
 - :func:`status_patches`: for a published :class:`~tokenscaler.core.plan.Plan` (read through
   its typed fields, never its JSON view), the status of every object that changed, as merge
   patches for the status subresource.
@@ -13,14 +16,19 @@ No I/O and no clock: the caller passes ``now`` (an RFC 3339 string) where a cond
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
+from tokenscaler.core.frozen import Frozen
 from tokenscaler.core.model import (
     DIMENSIONS,
     Entitlement,
@@ -31,7 +39,15 @@ from tokenscaler.core.model import (
 )
 from tokenscaler.core.plan import Plan
 from tokenscaler.core.validation import ConfigError, format_validation_error
-from tokenscaler.kube import API_VERSION, ENTITLEMENT_KIND, ENTITLEMENT_PLURAL, POOL_KIND, POOL_PLURAL
+from tokenscaler.kube import (
+    API_VERSION,
+    ENTITLEMENT_KIND,
+    ENTITLEMENT_PLURAL,
+    KEYS_SECRET_REF,
+    KEYS_SECRET_TYPE,
+    POOL_KIND,
+    POOL_PLURAL,
+)
 
 Obj = dict[str, Any]
 
@@ -78,14 +94,37 @@ def ref(obj: Mapping[str, Any]) -> str:
     return f"{obj.get('kind', '?')} {ns + '/' if ns else ''}{meta.get('name', '?')}"
 
 
-def _from_cr(model: type[Pool] | type[Entitlement], obj: Mapping[str, Any]) -> Any:
+class SecretRef(Frozen):
+    """The Secret holding an Entitlement's API key digests: in the Entitlement's namespace, of
+    type ``tokenpools.io/api-key-digests``; each data value holds sha256 hex digests (64 hex
+    characters, optionally ``sha256:``-prefixed), one per line. Never plain keys."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="Name of a Secret of type tokenpools.io/api-key-digests in this namespace.",
+    )
+
+
+def _meta_spec(obj: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
     meta = obj.get("metadata")
     spec = obj.get("spec")
     if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str):
         raise ConfigError(ref(obj), ["metadata.name: missing"])
     if not isinstance(spec, Mapping):
         raise ConfigError(ref(obj), [f"spec: must be a mapping, got {type(spec).__name__}"])
+    return meta, spec
+
+
+def _from_cr(model: type[Pool] | type[Entitlement], obj: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> Any:
+    meta, spec = _meta_spec(obj)
     data = {**spec, "name": meta["name"]}
+    if model is Entitlement:
+        data.pop(KEYS_SECRET_REF, None)  # the cluster's field, not the model's (secret_ref_of)
+        if extra_keys:
+            listed = data.get("api_keys")
+            data["api_keys"] = [*(listed if isinstance(listed, list) else []), *extra_keys]
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -99,9 +138,79 @@ def pool_from_cr(obj: Mapping[str, Any]) -> Pool:
     return _from_cr(Pool, obj)
 
 
-def entitlement_from_cr(obj: Mapping[str, Any]) -> Entitlement:
-    """An Entitlement object as an :class:`Entitlement`; :class:`ConfigError` names the object and field."""
-    return _from_cr(Entitlement, obj)
+def entitlement_from_cr(obj: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> Entitlement:
+    """An Entitlement object as an :class:`Entitlement`, with ``extra_keys`` (digests resolved
+    from its Secret) after ``spec.api_keys``; :class:`ConfigError` names the object and field.
+    ``spec.api_key_secret_ref`` is checked too (:func:`secret_ref_of`)."""
+    secret_ref_of(obj)
+    return _from_cr(Entitlement, obj, extra_keys)
+
+
+def secret_ref_of(obj: Mapping[str, Any]) -> SecretRef | None:
+    """An Entitlement's ``spec.api_key_secret_ref``, or None; :class:`ConfigError` names the field."""
+    _, spec = _meta_spec(obj)
+    raw = spec.get(KEYS_SECRET_REF)
+    if raw is None:
+        return None
+    try:
+        return SecretRef.model_validate(raw)
+    except ValidationError as err:
+        lines = [f"spec.{KEYS_SECRET_REF}" + ("" if line.startswith(":") else ".") + line
+                 for line in format_validation_error(err, raw, SecretRef)]  # fmt: skip
+        raise ConfigError(ref(obj), lines) from err
+
+
+# the model's rule for an entry of api_keys (core.model.Entitlement), which checks them again
+_DIGEST = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+
+
+class KeySecretError(ValueError):
+    """A Secret whose keys cannot be used. The message names the Secret and the field, never a value."""
+
+
+def digests_from_secret(secret: Mapping[str, Any]) -> list[str]:
+    """The key digests in a Secret's data: every value, one digest per line (blank lines
+    ignored), lower-cased, without ``sha256:``, in data-key order, duplicates once.
+
+    Raises :class:`KeySecretError` naming ``data.KEY`` (and the line) when a value is not
+    base64 text or a line is not a sha256 hex digest, say a plain key pasted by mistake: then
+    none of the Secret's digests may be used. The message never carries the value."""
+    meta = secret.get("metadata") or {}
+    name = meta.get("name", "?")
+    if secret.get("type") != KEYS_SECRET_TYPE:
+        raise KeySecretError(f"Secret {name}: type must be {KEYS_SECRET_TYPE}")
+    data = secret.get("data") or {}
+    if not isinstance(data, Mapping):
+        raise KeySecretError(f"Secret {name}: data must be a mapping")
+    out: list[str] = []
+    for key in sorted(data):
+        raw = data[key]
+        try:
+            text = base64.b64decode(str(raw or ""), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise KeySecretError(f"Secret {name} data.{key}: not base64-encoded UTF-8 text") from None
+        for n, line in enumerate(text.splitlines(), start=1):
+            digest = line.strip().lower()
+            if not digest:
+                continue
+            if not _DIGEST.match(digest):
+                raise KeySecretError(
+                    f"Secret {name} data.{key} line {n}: not a sha256 hex digest (64 hex characters), "
+                    "perhaps a plain key; write its digest: printf %s KEY | sha256sum"
+                )
+            digest = digest.removeprefix("sha256:")
+            if digest not in out:
+                out.append(digest)
+    return out
+
+
+@dataclass(frozen=True)
+class KeysCondition:
+    """The ``KeysResolved`` condition of an Entitlement that names a Secret."""
+
+    ok: bool
+    reason: str
+    message: str  # names the Secret and field, never a digest or a key
 
 
 @dataclass(frozen=True)
@@ -110,22 +219,54 @@ class Translation:
 
     ``config`` is None when no valid pool remains, or when the valid objects together break
     a cross-object rule (oversubscription, duplicate key digests): then ``errors`` says why,
-    and a caller keeps the config it had.
+    and a caller keeps the config it had. ``keys`` holds, for each Entitlement that names a
+    Secret (when Secrets were given), whether its digests were used.
     """
 
     config: TokenPoolsConfig | None
     problems: dict[tuple[str, str], str]  # (kind, name) -> why that object was left out
     errors: list[str]
+    keys: dict[str, KeysCondition] = dataclass_field(default_factory=dict)  # Entitlement name -> condition
 
 
-def config_from_crs(pools: Iterable[Mapping[str, Any]], entitlements: Iterable[Mapping[str, Any]]) -> Translation:
+def resolve_keys(obj: Mapping[str, Any], secrets: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], KeysCondition]:
+    """The digests an Entitlement's ``spec.api_key_secret_ref`` contributes, from ``secrets``
+    (name -> Secret of the namespace, typed ones only), and its condition. A missing Secret or
+    one with a value that is not a digest contributes nothing (fail closed: a pasted plain key
+    never becomes usable, and the Secret's other digests wait until it is fixed)."""
+    sref = secret_ref_of(obj)
+    assert sref is not None
+    secret = secrets.get(sref.name)
+    if secret is None:
+        return [], KeysCondition(
+            False,
+            "SecretNotFound",
+            f"spec.{KEYS_SECRET_REF}.name: no Secret {sref.name} of type {KEYS_SECRET_TYPE} in this namespace; "
+            "none of its keys are used",
+        )
+    try:
+        digests = digests_from_secret(secret)
+    except KeySecretError as e:
+        return [], KeysCondition(False, "InvalidDigest", f"{e}; none of its keys are used")
+    return digests, KeysCondition(True, "Resolved", f"{len(digests)} key digest(s) from Secret {sref.name}")
+
+
+def config_from_crs(
+    pools: Iterable[Mapping[str, Any]],
+    entitlements: Iterable[Mapping[str, Any]],
+    secrets: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Translation:
     """TokenPool and Entitlement objects as one config.
 
     An object that fails its own validation, or an Entitlement naming a pool that is not
     there, is left out (and named in ``problems``); the rest must pass the config's
-    cross-object checks together.
+    cross-object checks together. ``secrets`` (name -> Secret of type
+    ``tokenpools.io/api-key-digests``) resolves each ``spec.api_key_secret_ref`` into the
+    Entitlement's ``api_keys`` (:func:`resolve_keys`); None leaves those keys out (the webhook
+    checks objects, it does not read Secrets).
     """
     problems: dict[tuple[str, str], str] = {}
+    keys: dict[str, KeysCondition] = {}
     good_pools: list[Pool] = []
     for obj in sorted(pools, key=_name):
         try:
@@ -136,8 +277,12 @@ def config_from_crs(pools: Iterable[Mapping[str, Any]], entitlements: Iterable[M
     good_ents: list[Entitlement] = []
     for obj in sorted(entitlements, key=_name):
         try:
-            ent = entitlement_from_cr(obj)
+            extra: list[str] = []
+            if secrets is not None and secret_ref_of(obj) is not None:
+                extra, keys[_name(obj)] = resolve_keys(obj, secrets)
+            ent = entitlement_from_cr(obj, extra)
         except ConfigError as err:
+            keys.pop(_name(obj), None)
             problems[(ENTITLEMENT_KIND, _name(obj))] = "; ".join(err.errors)
             continue
         if ent.pool not in known:
@@ -145,11 +290,11 @@ def config_from_crs(pools: Iterable[Mapping[str, Any]], entitlements: Iterable[M
             continue
         good_ents.append(ent)
     if not good_pools:
-        return Translation(None, problems, ["no valid TokenPool"])
+        return Translation(None, problems, ["no valid TokenPool"], keys)
     errors = check_config(good_pools, good_ents)
     if errors:
-        return Translation(None, problems, errors)
-    return Translation(TokenPoolsConfig(pools=good_pools, entitlements=good_ents), problems, [])
+        return Translation(None, problems, errors, keys)
+    return Translation(TokenPoolsConfig(pools=good_pools, entitlements=good_ents), problems, [], keys)
 
 
 def _name(obj: Mapping[str, Any]) -> str:
@@ -184,8 +329,9 @@ def _condition(
     return cond
 
 
-def _prev_conditions(obj: Mapping[str, Any]) -> dict[str | None, Any]:
-    return {c.get("type"): c for c in ((obj.get("status") or {}).get("conditions") or []) if isinstance(c, Mapping)}
+def _prev_conditions(obj: Mapping[str, Any]) -> dict[str, Any]:
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return {str(c.get("type")): c for c in conditions if isinstance(c, Mapping)}
 
 
 def _stale(stale: bool, incomplete: str | None) -> tuple[bool, str, str]:
@@ -255,6 +401,12 @@ def pool_status(
     return status
 
 
+def _keys_condition(keys: KeysCondition | None, gen: Any, prev: Any, now: str) -> list[dict[str, Any]]:
+    if keys is None:
+        return []
+    return [_condition("KeysResolved", keys.ok, keys.reason, keys.message, gen, prev, now)]
+
+
 def entitlement_status(
     obj: Mapping[str, Any],
     plan: Plan,
@@ -263,12 +415,15 @@ def entitlement_status(
     stale: bool,
     now: str,
     problem: str | None = None,
+    keys: KeysCondition | None = None,
 ) -> dict[str, Any]:
-    """The status of one Entitlement for a plan."""
+    """The status of one Entitlement for a plan (with ``KeysResolved`` when it names a Secret)."""
     gen, prev, status = _status_start(obj)
     found = plan.entitlement(_name(obj))
     if found is None:
-        return _not_planned(status, version, problem, gen, prev, now)
+        status = _not_planned(status, version, problem, gen, prev, now)
+        status["conditions"] += _keys_condition(keys, gen, prev, now)
+        return status
     pp, i = found
     is_stale, s_reason, s_msg = _stale(stale, pp.incomplete)
     shortfall = _vector(pp.allocation.guarantee_shortfall[i])
@@ -293,6 +448,7 @@ def entitlement_status(
             _condition("Ready", True, "Planned", f"planned in pool {pp.pool.name}", gen, prev, now),
             _condition("GuaranteesFit", fit, reason, msg, gen, prev, now),
             _condition("Stale", is_stale, s_reason, s_msg, gen, prev, now),
+            *_keys_condition(keys, gen, prev, now),
         ],
     )
     return status
@@ -334,9 +490,11 @@ def status_patches(
     stale: bool,
     now: str,
     problems: Mapping[tuple[str, str], str] | None = None,
+    keys: Mapping[str, KeysCondition] | None = None,
 ) -> list[StatusPatch]:
     """The status patches a published plan calls for: one per object whose status changed."""
     problems = problems or {}
+    keys = keys or {}
     by_name = {p.name: p for p in config.pools} if config is not None else {}
     out: list[StatusPatch] = []
     for obj in pools:
@@ -349,7 +507,13 @@ def status_patches(
     for obj in entitlements:
         name = _name(obj)
         new = entitlement_status(
-            obj, plan, version=version, stale=stale, now=now, problem=problems.get((ENTITLEMENT_KIND, name))
+            obj,
+            plan,
+            version=version,
+            stale=stale,
+            now=now,
+            problem=problems.get((ENTITLEMENT_KIND, name)),
+            keys=keys.get(name),
         )
         if (body := merge_patch(obj.get("status"), new)) is not None:
             out.append(StatusPatch(ENTITLEMENT_PLURAL, name, body))

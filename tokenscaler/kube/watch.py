@@ -1,4 +1,5 @@
-"""List+watch of one CR collection, kept as a name -> object cache (a client-go reflector).
+"""List+watch of one collection (a CR kind, or the key Secrets), kept as a name -> object cache
+(a client-go reflector).
 
 A :class:`Reflector` lists (taking the list's resourceVersion), then watches from the last
 version it saw; a watch the server ends is re-opened from there, a 410 Gone (the version
@@ -13,15 +14,28 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from tokenscaler.kube.client import ApiError, CustomObjects, Gone
+from tokenscaler.kube.client import ApiError, Gone
 
 log = logging.getLogger("tokenscaler.kube.watch")
 
 Snapshot = dict[str, dict[str, Any]]
+
+
+class Collection(Protocol):
+    """What a :class:`Reflector` calls: :class:`~tokenscaler.kube.client.CustomObjects` or
+    :class:`~tokenscaler.kube.client.Secrets`."""
+
+    plural: str
+
+    def list(self) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch(self, resource_version: str, timeout_s: int, read_timeout_s: float) -> Iterator[dict[str, Any]]: ...
+
+    def abort_watch(self) -> None: ...
 
 
 def _name(obj: Mapping[str, Any]) -> str:
@@ -85,7 +99,7 @@ class Reflector:
 
     def __init__(
         self,
-        objects: CustomObjects,
+        objects: Collection,
         on_change: Callable[[Snapshot], None],
         *,
         watch_timeout_s: int = 300,

@@ -1,18 +1,23 @@
 """Admission webhooks (AdmissionReview ``admission.k8s.io/v1``) over HTTPS.
 
 ``POST /validate``: TokenPool and Entitlement CREATE/UPDATE. The object must pass its model
-(the config file's rules, field by field) and, with the other objects of the config, the
-oversubscription check (:func:`tokenscaler.core.model.check_oversubscription`): a denial
-names the pool, the dimension, the sum of guarantees and the capacity. Legal but risky
-changes are allowed with ``warnings``: guarantees above 80% of what ``max_replicas`` can
-provision, a spot entitlement with a limit of zero, an Entitlement whose pool is not there.
+(the config file's rules, field by field; an Entitlement's ``spec.api_key_secret_ref`` its
+:class:`~tokenscaler.kube.translate.SecretRef`: the webhook never reads the Secret) and,
+with the other objects of the config, the oversubscription check
+(:func:`tokenscaler.core.model.check_oversubscription`): a denial names the pool, the
+dimension, the sum of guarantees and the capacity. Legal but risky changes are allowed
+with ``warnings``: guarantees above 80% of what ``max_replicas`` can provision, a spot
+entitlement with a limit of zero, an Entitlement whose pool is not there.
 
 ``POST /mutate``: Pods labelled ``tokenpools.io/pool``. Adds the rate-limit sidecar
 (:class:`InjectedSidecar`: image, ports, args, probes, resources, the pool from the label),
 and routes the serving port through it: the app container's serving port gives up its name
 (it becomes ``ts-upstream``) and the sidecar takes it, so a Service that targets the port by
 name reaches the sidecar, which proxies to the engine on localhost. Idempotent: a pod that
-already has the sidecar gets no patch.
+already has the sidecar gets no patch. With ``limits_url`` the sidecar gets its whole config
+(entitlements, key digests, limits) from the controller's limits API and no ``--config``; a
+ConfigMap is mounted as a bootstrap only when one is named (``config_map``), and is required
+only for static limits (no ``limits_url``).
 
 A body that is not an AdmissionReview, a ``kind`` the endpoint does not handle, or a body
 over ``max_body_bytes`` gets HTTP 400 with an OpenAI-shaped error; nothing here raises
@@ -59,6 +64,7 @@ CLIENT_CA_KEY = "ca.crt"
 CLIENT_TOKEN_KEY = "token"
 IMAGE = "ghcr.io/tokenscaler/tokenscaler"
 WARN_SHARE = 0.8
+STATIC_CONFIG_MAP = "tokenscaler-config"  # the sidecars' config without a limits API
 
 
 @dataclass(frozen=True)
@@ -71,12 +77,22 @@ class InjectedSidecar:
     limits_url: str | None = "https://tokenscaler-controller.tokenscaler.svc:8080"
     # the Secret (pod's namespace) with ca.crt and token for --limits-ca / --limits-token-file; None: none
     limits_secret: str | None = "tokenscaler-client"
-    config_map: str = "tokenscaler-config"
+    # a ConfigMap (pod's namespace) with the config as ``config_key``, for --config: with
+    # limits_url only a bootstrap until the first document, mounted only when named here;
+    # without limits_url the sidecar's only config (then STATIC_CONFIG_MAP when unnamed)
+    config_map: str | None = None
     config_key: str = "tokenpools.yaml"
     cpu_request: str = "500m"
     memory_request: str = "256Mi"
     cpu_limit: str | None = None
     memory_limit: str = "512Mi"
+
+
+def config_map_of(opts: InjectedSidecar) -> str | None:
+    """The ConfigMap the injected sidecar mounts for ``--config``, or None (the limits API only)."""
+    if opts.config_map:
+        return opts.config_map
+    return None if opts.limits_url else STATIC_CONFIG_MAP
 
 
 class BadReview(Exception):
@@ -246,14 +262,16 @@ def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: Inje
         "sidecar",
         "--listen", f"0.0.0.0:{opts.port}",
         "--upstream", f"http://127.0.0.1:{upstream_port}",
-        "--config", f"/etc/tokenscaler/{opts.config_key}",
         "--pool", pool.name,
         "--metrics-port", str(opts.metrics_port),
-        # static limits (before the first poll, or without a controller) split over every
-        # replica the pool may have: the fleet never admits more than the config allows
+        # static limits (a bootstrap --config before the first document, or no controller)
+        # split over every replica the pool may have: the fleet never admits more than allowed
         "--replicas", str(pool.max_replicas),
     ]  # fmt: skip
-    mounts = [{"name": CONFIG_VOLUME, "mountPath": "/etc/tokenscaler", "readOnly": True}]
+    mounts: list[dict[str, Any]] = []
+    if config_map_of(opts) is not None:
+        args += ["--config", f"/etc/tokenscaler/{opts.config_key}"]
+        mounts.append({"name": CONFIG_VOLUME, "mountPath": "/etc/tokenscaler", "readOnly": True})
     if opts.limits_url:
         args += ["--limits-url", opts.limits_url]
         if opts.limits_secret:  # files from a Secret volume: credentials are never arguments
@@ -263,7 +281,7 @@ def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: Inje
     limits: dict[str, str] = {"memory": opts.memory_limit}
     if opts.cpu_limit:
         limits["cpu"] = opts.cpu_limit
-    return {
+    container: dict[str, Any] = {
         "name": SIDECAR_NAME,
         "image": opts.image,
         "args": args,
@@ -286,13 +304,17 @@ def sidecar_container(pool: Pool, upstream_port: int, port_name: str, opts: Inje
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": mounts,
     }
+    if mounts:
+        container["volumeMounts"] = mounts
+    return container
 
 
 def sidecar_volumes(opts: InjectedSidecar) -> list[dict[str, Any]]:
-    """The pod volumes the injected sidecar mounts: the config, and the client Secret when used."""
-    volumes: list[dict[str, Any]] = [{"name": CONFIG_VOLUME, "configMap": {"name": opts.config_map}}]
+    """The pod volumes the injected sidecar mounts: the config's ConfigMap and the client Secret, when used."""
+    volumes: list[dict[str, Any]] = []
+    if (name := config_map_of(opts)) is not None:
+        volumes.append({"name": CONFIG_VOLUME, "configMap": {"name": name}})
     if opts.limits_url and opts.limits_secret:
         keys = [{"key": k, "path": k} for k in (CLIENT_CA_KEY, CLIENT_TOKEN_KEY)]
         volumes.append({"name": CLIENT_VOLUME, "secret": {"secretName": opts.limits_secret, "items": keys}})
@@ -364,7 +386,8 @@ def mutate_request(
     )
     volumes = spec.get("volumes")
     if volumes is None:
-        ops.append({"op": "add", "path": "/spec/volumes", "value": sidecar_volumes(opts)})
+        if sidecar_volumes(opts):
+            ops.append({"op": "add", "path": "/spec/volumes", "value": sidecar_volumes(opts)})
     else:
         present = {v.get("name") for v in volumes if isinstance(v, dict)}
         for volume in sidecar_volumes(opts):
