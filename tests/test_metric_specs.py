@@ -56,6 +56,7 @@ def sidecar_registry() -> CollectorRegistry:
     metrics.latency("/v1/completions").observe(0.001)
     metrics.queue_wait.observe(0.1)
     metrics.engine_capacity, metrics.engine_max_model_len = {"kv_tokens": 6144.0}, 2048
+    metrics.config_generation = 3  # once a controller's spec is in force
     return metrics.registry
 
 
