@@ -237,7 +237,7 @@ async def _main(args: argparse.Namespace) -> int:
     api = ControllerApi(store, registry, metrics, limits_ttl_s=args.limits_ttl_s, config_status=config_status)
     app = api.app()
     security.install(app)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     http_host, http_port = args.http_listen
     grpc_host, grpc_port = args.grpc_listen
@@ -332,6 +332,7 @@ async def _main(args: argparse.Namespace) -> int:
             assert reloader is not None
             reloader.stop()
             await watch
+        store.close()  # watching sidecars are answered now, not at their watch's timeout
         await grpc_server.stop(1.0)
         await security.stop()
         await runner.cleanup()

@@ -35,6 +35,7 @@ class PlanStore:
     def __init__(self) -> None:
         self._current: PublishedPlan | None = None
         self._changed: asyncio.Event | None = None
+        self._closed = False
 
     def current(self) -> PublishedPlan | None:
         return self._current
@@ -63,6 +64,18 @@ class PlanStore:
             self._changed = None
         return self._current
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """The process is stopping: every waiter returns now (a watching sidecar gets its 304
+        at once instead of holding the HTTP server's shutdown for its whole timeout)."""
+        self._closed = True
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
     def clear(self) -> None:
         """Withdraw the plan (this replica stopped leading): servers answer as before the first plan."""
         self._current = None
@@ -72,6 +85,8 @@ class PlanStore:
         current = self._current
         if current is not None and current.version != seen_version:
             return current
+        if self._closed:
+            return None
         if self._changed is None:
             self._changed = asyncio.Event()
         event = self._changed
@@ -79,4 +94,5 @@ class PlanStore:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
             return None
-        return self._current
+        current = self._current
+        return None if current is None or current.version == seen_version else current

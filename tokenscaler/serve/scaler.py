@@ -347,6 +347,8 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
         meta = TriggerMetadata.parse(request.scalerMetadata)
         published = self._store.current()
         while published is None:  # versions start at 1: wait for the first plan rather than fail
+            if self._store.closed:
+                return
             published = await self._store.wait_for_change(0)
         sent: bool | None = None
         while True:
@@ -360,6 +362,8 @@ class ExternalScalerService(pb_grpc.ExternalScalerServicer):
             changed = await self._store.wait_for_change(published.version)
             if changed is not None:
                 published = changed
+            elif self._store.closed:  # the controller is stopping
+                return
 
 
 async def start_scaler(
