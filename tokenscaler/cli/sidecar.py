@@ -130,6 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import signal
 
     from aiohttp import web
 
@@ -262,6 +263,20 @@ def run(args: argparse.Namespace) -> int:
         if pool_source is not None:
             pool_source.on_config = on_config
 
+        watcher = None
+        if args.config is not None and not args.limits_url:  # the file is this sidecar's config: re-read it
+            from tokenscaler.sidecar.config_file import SidecarConfigFile
+
+            def reconfigure(new: TokenPoolsConfig) -> None:
+                changes = sidecar.apply_config(new, loop.time())
+                gate.apply(StaticLimitsSource(new, pool.name, args.replicas).initial(), loop.time())
+                log.info("config %s re-read: %d entitlements%s", args.config, len(new.entitlements),
+                         "".join(f"; {c}" for c in changes) or "; limits changed")  # fmt: skip
+
+            watcher = SidecarConfigFile(args.config, config, pool.name, reconfigure)
+            metrics.config_reload_failures = lambda: watcher.failures if watcher is not None else 0
+            loop.add_signal_handler(signal.SIGHUP, watcher.request)
+            watcher_task = asyncio.create_task(watcher.run(), name="config-file")
         source_task = asyncio.create_task(source.run(apply), name="limits-source")
         source_task.add_done_callback(_log_source_failure)
         engine_task = asyncio.create_task(engine.run(sidecar.apply_engine), name="engine") if engine else None
@@ -270,6 +285,8 @@ def run(args: argparse.Namespace) -> int:
         runtime.settle_heap(young_threshold=20_000)
         await runtime.until_signal()
         source_task.cancel()
+        if watcher is not None:
+            watcher_task.cancel()
         if engine_task is not None:
             engine_task.cancel()
         await runner.cleanup()

@@ -157,6 +157,11 @@ SIDECAR_CONFIG_GENERATION = _sidecar.gauge(
     "The controller's config generation whose spec this sidecar enforces (absent: only its own --config).",
 )
 """Lags ``tokenscaler_config_generation`` by at most an interval and a poll; longer: the alert."""
+SIDECAR_CONFIG_RELOAD_FAILURES_TOTAL = _sidecar.counter(
+    "tokenscaler_sidecar_config_reload_failures_total",
+    "Re-reads of the sidecar's own --config refused (the last good config stays in force).",
+)
+"""Only where the file is the sidecar's config (no --limits-url)."""
 LIMITS_VERSION = _sidecar.gauge(
     "tokenscaler_sidecar_limits_version", "The version of the controller's limits document in force (0: none)."
 )

@@ -49,6 +49,7 @@ from tokenscaler.core.metric_names import (
     REQUESTS_TOTAL,
     RESERVED_KV_TOKENS,
     SIDECAR_CONFIG_GENERATION,
+    SIDECAR_CONFIG_RELOAD_FAILURES_TOTAL,
     SPECS,
     TIER_INVERSIONS_TOTAL,
     TTFT_SLO_REQUESTS_TOTAL,
@@ -119,6 +120,7 @@ class SidecarMetrics(Collector):
         # this replica a request: 10,000 entitlements x ~28 series is 280,000 lines, seconds
         # of the proxy's event loop per scrape
         self.all_series_up_to = 1000
+        self.config_reload_failures: Callable[[], int] = lambda: 0  # its own --config's refused re-reads
         self.config_generation = 0  # the controller's spec in force (0: the --config bootstrap)
         self.limits_version = 0
         self.limits_age: Callable[[], float] = lambda: 0.0
@@ -217,6 +219,9 @@ class SidecarMetrics(Collector):
         if self.config_generation:
             generation.add_metric([p, r], float(self.config_generation))
         yield generation
+        refused = _counter(SIDECAR_CONFIG_RELOAD_FAILURES_TOTAL)
+        refused.add_metric([p, r], float(self.config_reload_failures()))
+        yield refused
         version = _gauge(LIMITS_VERSION)
         version.add_metric([p, r], float(self.limits_version))
         yield version
