@@ -88,7 +88,7 @@ def test_the_readme_is_a_front_door() -> None:
     lines = text.splitlines()
     assert len(lines) <= 220, f"README.md has {len(lines)} lines: move detail into docs/"
     sections = [line.removeprefix("## ") for line in lines if line.startswith("## ")]
-    assert sections == ["Quick start", "Concepts", "Config format", "Commands", "Read next"]
+    assert sections == ["Quick start", "Concepts", "Config format", "Commands", "Operating it", "Read next"]
     quick = text.split("## Quick start", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
     assert [c.split("#")[0].strip() for c in quick.strip().splitlines()] == ["make demo", "make test"]
     assert yaml.safe_load((REPO / "mkdocs.yml").read_text())["nav"][0] == {"Home": "index.md"}  # the site's home
