@@ -171,7 +171,9 @@ async def sample_latency(
     return health, keda
 
 
-def run_cell(n: int, r: int, api: str, python: str, versions: int, interval_s: float, work: Path) -> dict[str, Any]:
+def run_cell(
+    n: int, r: int, api: str, python: str, versions: int, interval_s: float, work: Path, moving: float = 1.0
+) -> dict[str, Any]:
     import urllib.error
     import urllib.request
 
@@ -179,7 +181,7 @@ def run_cell(n: int, r: int, api: str, python: str, versions: int, interval_s: f
     if not cfg.exists():
         fleet_config(n, cfg)
     exporter = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "fleet_exporter.py"), str(n), str(r),
-                                 "bench"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+                                 "bench", f"{moving:g}"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     procs: list[subprocess.Popen] = [exporter]
     try:
         port = int(exporter.stdout.readline())  # type: ignore[union-attr]
@@ -244,8 +246,13 @@ def run_cell(n: int, r: int, api: str, python: str, versions: int, interval_s: f
         held: dict[str, dict[str, float]] = {}
         for res in results:
             held.update(res["held"])
+        # warm-up out: only versions published once every replica held one (the first documents
+        # carry the spec and are parsed by all clients at once)
+        ready_at = max((min(h.values()) for h in held.values() if h), default=float("inf"))
         fan = []
         for v, at in published.items():
+            if at <= ready_at:
+                continue
             times = [h.get(v) for h in held.values()]
             if all(t is not None for t in times):
                 fan.append(max(times) - at)  # type: ignore[type-var]
@@ -320,6 +327,9 @@ def main() -> int:
     ap.add_argument("--versions", type=int, default=20, help="plan versions measured per cell (default: 20)")
     ap.add_argument("--interval-s", type=float, default=5.0, help="the controller's interval (default: 5)")
     ap.add_argument("--baseline-repo", default=None, help="a checkout of the code before (its .venv): v1alpha1")
+    ap.add_argument("--moving", type=float, default=1.0,
+                    help="share of the entitlements whose demand moves each 5 s (default 1: all, the worst case)")
+    ap.add_argument("--new-only", action="store_true", help="only the new code (no baseline rows)")
     args = ap.parse_args()
     if args.worker:
         try:
@@ -332,19 +342,20 @@ def main() -> int:
         return 0
     sys.path.insert(0, str(REPO))
     print(f"# {platform.node()} | {platform.machine()} | Python {platform.python_version()} | "
-          f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell")
+          f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell | "
+          f"demand moving: {args.moving:.0%} of entitlements each 5 s")
     cols = ("code", "N x R", "versions", "held p50 ms", "held p99 ms", "ctl CPU s/interval", "kB/replica/version",
             "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms", "sidecar RSS MB")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     runs = [("new", sys.executable, "v1beta1")]
-    if args.baseline_repo:
+    if args.baseline_repo and not args.new_only:
         runs.append(("before", str(Path(args.baseline_repo) / ".venv" / "bin" / "python"), "v1alpha1"))
     with tempfile.TemporaryDirectory() as tmp:
         for cell in args.cells.split(","):
             n, r = (int(x) for x in cell.lower().split("x"))
             for label, python, api in runs:
-                res = run_cell(n, r, api, python, args.versions, args.interval_s, Path(tmp))
+                res = run_cell(n, r, api, python, args.versions, args.interval_s, Path(tmp), args.moving)
 
                 def f(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
                     return "n/a" if x is None or x != x else f"{x * scale:,.{digits}f}"

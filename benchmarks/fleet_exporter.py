@@ -1,10 +1,11 @@
 """Sidecar- and engine-shaped /metrics of R replicas and N entitlements, for ``benchmarks/fleet.py``.
 
-Run: python benchmarks/fleet_exporter.py N R POOL  (prints its port, then serves)
+Run: python benchmarks/fleet_exporter.py N R POOL [MOVING]  (prints its port, then serves)
 
 ``/s{j}`` is the sidecar of replica ``r{j}``, ``/e{j}`` its engine. Each entitlement is
 routed to two replicas (so the routing shares are sparse, as behind a prefix-aware router);
-its offered load moves a little every 5 s, so every interval publishes new limits.
+its offered load moves a little every 5 s: every entitlement's, or (``MOVING`` < 1) a rotating
+share of them each window, so every interval publishes new limits.
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ def main() -> None:
             lab = f'pool="{pool}",replica="r{j}",entitlement="e{i}",tier="{TIERS[i % 3]}"'
             routed[j].append((lab, 1.0 + i % 50))
 
+    moving = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0  # the share of entitlements whose demand moves
+
     def sidecar(j: int) -> str:
         el = time.time() - t0
-        step = 0.1 * (int(el) // 5 % 7)
+        window = int(el) // 5
         out = [f'tokenscaler_sidecar_limits_age_seconds{{pool="{pool}",replica="r{j}"}} 1.0']
         for k, (lab, base) in enumerate(routed[j]):
-            rate = base + step
+            # each 5-s window, a rotating ``moving`` share of the entitlements steps its demand
+            i = int(lab.rsplit('entitlement="e', 1)[1].split('"', 1)[0])
+            steps = window if moving >= 1.0 else int(window * moving + ((i * 0.618) % 1.0))
+            rate = base + 0.1 * (steps % 7)
             out += [
                 f"tokenscaler_sidecar_offered_weighted_tokens_total{{{lab}}} {rate * 1.2 * el:.3f}",
                 f"tokenscaler_sidecar_admitted_weighted_tokens_total{{{lab}}} {rate * el:.3f}",

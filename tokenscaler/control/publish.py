@@ -146,6 +146,13 @@ def build_pool_publication(
     pp = published.plan.pools[pool]
     tier = pp.rows.problem.tier.astype(np.int8)
     limit, burst = rounded(finite(pp.limit)), rounded(finite(pp.burst))
+    if previous is not None and previous.spec.hash == spec.hash and previous.instance == instance:
+        # a row whose limits moved less than DEADBAND keeps its published values: an elastic
+        # share shifts a little whenever anyone's demand does, and resending every row of
+        # 10,000 each interval for that is what made deltas whole documents
+        same = (previous.tier == tier) & _within(previous.limit, limit) & _within(previous.burst, burst)
+        limit = np.where(same[:, None], previous.limit, limit)
+        burst = np.where(same[:, None], previous.burst, burst)
     header = {
         "api_version": API_VERSION_V1BETA1, "kind": "PoolLimits", "pool": pool, "version": published.version,
         "instance": instance, "generation": spec.generation, "spec_hash": spec.hash,
@@ -170,6 +177,15 @@ def build_pool_publication(
             p.previous = {}  # only the newest keeps the chain: memory stays HISTORY x N
         pub.previous = older
     return pub
+
+
+DEADBAND = 0.02  # relative change of a row's limits below which it is not republished
+
+
+def _within(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """(n,) rows of ``new`` within DEADBAND of ``old`` on every column (0 stays 0)."""
+    within: np.ndarray = np.all(np.abs(new - old) <= DEADBAND * np.abs(old), axis=1)
+    return within
 
 
 def legacy_document(

@@ -101,6 +101,9 @@ class PoolLimitsSource(HttpLimitsSource):
         else:
             self._init_without_config(pool, url, replica, replicas, kwargs)
         self.view = PoolView(pool)
+        self.legacy_url = self.url
+        if api != "v1alpha1":
+            self.url = self._v1beta1_url()  # what the logs name
         self.watch_s = watch_s
         self.api = api  # auto | v1beta1 | v1alpha1
         self.legacy = api == "v1alpha1"
@@ -174,6 +177,7 @@ class PoolLimitsSource(HttpLimitsSource):
                 if self.bootstrap is None:
                     raise LimitsHttpError("the controller serves only v1alpha1, which needs this sidecar's --config")
                 self.legacy = True
+                self.url = self.legacy_url
                 return await super()._fetch(session)
             if resp.status != 200:
                 raise LimitsHttpError(f"HTTP {resp.status}: {self._redact(error_message(body))}")
