@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 
 from tokenscaler.control.store import PublishedPlan
-from tokenscaler.core.limits import API_VERSION, BudgetLimits, replica_shares, replica_split
+from tokenscaler.core.limits import API_VERSION, BudgetLimits, replica_parts
 from tokenscaler.core.model import DIMENSIONS, TIER_ORDER, Entitlement, Pool, TokenPoolsConfig
 from tokenscaler.core.plan import PoolPlan
 from tokenscaler.core.pool_limits import API_VERSION_V1BETA1, finite, rounded, routing_shares
@@ -194,13 +194,8 @@ def legacy_document(
 ) -> bytes:  # fmt: skip
     """The v1alpha1 :class:`~tokenscaler.core.limits.LimitsDocument` of ``replica`` as JSON,
     equal to ``limits_document(...).model_dump_json()`` but built from the arrays."""
-    shares = replica_shares(pp, observed, replica)
     p = pp.rows.problem
-    lim, bur, ceiling, ceiling_burst = replica_split(
-        pp.pool, pp.limit, pp.burst, p.limit, p.is_spot, pp.guarantees_fit, shares
-    )
-    if replica is None:
-        lim, bur = pp.limit_per_replica, pp.burst_per_replica
+    lim, bur, ceiling, ceiling_burst = replica_parts(pp, observed, replica)
     tier_names = [t.value for t in TIER_ORDER]
     tiers, prios = p.tier.tolist(), p.priority.tolist()
     lim_rows, bur_rows, ceil_rows, cb_rows = lim.tolist(), bur.tolist(), ceiling.tolist(), ceiling_burst.tolist()

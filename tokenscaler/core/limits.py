@@ -160,6 +160,20 @@ def replica_split(
     return lim, bur, ceiling, ceiling_burst
 
 
+def replica_parts(
+    pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: str | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``replica``'s (limit, burst, ceiling, ceiling_burst), each (n, 3), of pool ``pp``
+    (``None``: the even split over the ready replicas)."""
+    p = pp.rows.problem
+    lim, bur, ceiling, ceiling_burst = replica_split(
+        pp.pool, pp.limit, pp.burst, p.limit, p.is_spot, pp.guarantees_fit, replica_shares(pp, observed, replica)
+    )
+    if replica is None:
+        lim, bur = pp.limit_per_replica, pp.burst_per_replica
+    return lim, bur, ceiling, ceiling_burst
+
+
 def limits_document(
     pp: PoolPlan,
     observed: Mapping[str, np.ndarray],
@@ -171,13 +185,8 @@ def limits_document(
     stale: bool,
 ) -> LimitsDocument:
     """The document for ``replica`` of pool ``pp`` (``None``: the even split)."""
-    shares = replica_shares(pp, observed, replica)
     p = pp.rows.problem
-    lim, bur, ceiling, ceiling_burst = replica_split(
-        pp.pool, pp.limit, pp.burst, p.limit, p.is_spot, pp.guarantees_fit, shares
-    )
-    if replica is None:
-        lim, bur = pp.limit_per_replica, pp.burst_per_replica
+    lim, bur, ceiling, ceiling_burst = replica_parts(pp, observed, replica)
     lim_rows, bur_rows = lim.tolist(), bur.tolist()
     ceil_rows, ceil_bur_rows = ceiling.tolist(), ceiling_burst.tolist()
     tiers, prios = p.tier.tolist(), p.priority.tolist()

@@ -372,11 +372,20 @@ class HttpLimitsSource:
                 "falling back to guaranteed floors, elastic at 0 sustained (backfill only), spot at 0",
                 self.url, self.age_s(), self.expiry_s,
             )  # fmt: skip
-            apply(LimitsUpdate(self.rules.all_floors(), "expired", self.version, budgets_of(self._doc)))
+            apply(self._expired_update())
         elif self.state == "fresh":
             self.state = "stale"
-            apply(LimitsUpdate(self.rules.from_document(self._doc), "stale", self.version, budgets_of(self._doc))
-                  if self._doc else LimitsUpdate(self.rules.all_static(), "stale"))  # fmt: skip
+            apply(self._stale_update())
+
+    def _expired_update(self) -> LimitsUpdate:
+        """The floors, once no poll has succeeded for ``expiry_s``."""
+        return LimitsUpdate(self.rules.all_floors(), "expired", self.version, budgets_of(self._doc))
+
+    def _stale_update(self) -> LimitsUpdate:
+        """The limits held, marked stale, once a poll fails."""
+        if self._doc is None:
+            return LimitsUpdate(self.rules.all_static(), "stale")
+        return LimitsUpdate(self.rules.from_document(self._doc), "stale", self.version, budgets_of(self._doc))
 
 
 def gate_limits_from_document(

@@ -275,23 +275,15 @@ class PoolLimitsSource(HttpLimitsSource):
         else:
             apply(LimitsUpdate({}, "fresh", self.version, budgets=self.view.budgets, partial=True))
 
-    def _on_failure(self, apply: Callable[[LimitsUpdate], None]) -> None:
+    def _expired_update(self) -> LimitsUpdate:
         if self.legacy:
-            super()._on_failure(apply)
-            return
-        if self.state == "expired":
-            return
-        if self.age_s() >= self.expiry_s:
-            self.state = "expired"
-            log.warning(
-                "limits expired: no successful poll of %s for %.1fs (--limits-expiry-s %g); "
-                "falling back to guaranteed floors, elastic at 0 sustained (backfill only), spot at 0",
-                self.base, self.age_s(), self.expiry_s,
-            )  # fmt: skip
-            apply(LimitsUpdate(self.rules.all_floors(), "expired", self.version))
-        elif self.state == "fresh":
-            self.state = "stale"
-            apply(LimitsUpdate({}, "stale", self.version, partial=True))
+            return super()._expired_update()
+        return LimitsUpdate(self.rules.all_floors(), "expired", self.version)
+
+    def _stale_update(self) -> LimitsUpdate:
+        if self.legacy:
+            return super()._stale_update()
+        return LimitsUpdate({}, "stale", self.version, partial=True)  # every gate stays as it is
 
     def _delay(self, failures: int) -> float | None:
         """After a watch answered, ask again at once (the watch itself waits); None: the poll rule."""
