@@ -84,6 +84,7 @@ class PoolPublication:
     budgets: bytes
     observed: Mapping[str, np.ndarray]  # replica -> (n,) observed share, NaN where unseen
     ready_replicas: int
+    held: np.ndarray  # (n,) versions each row's published values have been held (the deadband)
     previous: dict[int, PoolPublication] = field(default_factory=dict)  # older versions, same rows
     _deltas: dict[int, bytes] = field(default_factory=dict)
     _routing: dict[str | None, bytes] = field(default_factory=dict)
@@ -146,13 +147,18 @@ def build_pool_publication(
     pp = published.plan.pools[pool]
     tier = pp.rows.problem.tier.astype(np.int8)
     limit, burst = rounded(finite(pp.limit)), rounded(finite(pp.burst))
+    held = np.zeros(len(tier), dtype=np.int64)
     if previous is not None and previous.spec.hash == spec.hash and previous.instance == instance:
-        # a row whose limits moved less than DEADBAND keeps its published values: an elastic
-        # share shifts a little whenever anyone's demand does, and resending every row of
-        # 10,000 each interval for that is what made deltas whole documents
+        # a row whose limits moved less than DEADBAND keeps its published values, for at most
+        # HOLD_VERSIONS versions: an elastic share shifts a little whenever anyone's demand does,
+        # and resending every row of 10,000 each interval for that made deltas whole documents;
+        # the bound makes a settled plan reach the sidecars exactly
         same = (previous.tier == tier) & _within(previous.limit, limit) & _within(previous.burst, burst)
+        same &= previous.held < HOLD_VERSIONS
         limit = np.where(same[:, None], previous.limit, limit)
         burst = np.where(same[:, None], previous.burst, burst)
+        moved = (previous.limit != limit).any(axis=1) | (previous.burst != burst).any(axis=1)
+        held = np.where(moved, 0, previous.held + 1)
     header = {
         "api_version": API_VERSION_V1BETA1, "kind": "PoolLimits", "pool": pool, "version": published.version,
         "instance": instance, "generation": spec.generation, "spec_hash": spec.hash,
@@ -166,7 +172,7 @@ def build_pool_publication(
     budgets = orjson.dumps({n: BudgetLimits.of(s).model_dump(mode="json") for n, s in pp.budgets.items()})
     pub = PoolPublication(
         pool, published.version, instance, spec, header, tier, limit, burst, full, budgets,
-        published.shares.get(pool, {}), int(pp.ready_replicas),
+        published.shares.get(pool, {}), int(pp.ready_replicas), held,
     )  # fmt: skip
     if previous is not None and previous.spec.hash == spec.hash and previous.instance == instance:
         older = dict(previous.previous)
@@ -179,7 +185,8 @@ def build_pool_publication(
     return pub
 
 
-DEADBAND = 0.02  # relative change of a row's limits below which it is not republished
+DEADBAND = 0.02  # relative change of a row's limits below which it is not republished...
+HOLD_VERSIONS = 6  # ...for at most this many versions (30 s at the default interval)
 
 
 def _within(old: np.ndarray, new: np.ndarray) -> np.ndarray:
