@@ -132,7 +132,7 @@ class Fleet:
         pdir = self.workdir / "prometheus"
         pdir.mkdir(parents=True, exist_ok=True)
         def sd(name: str) -> list[dict[str, Any]]:
-            return [{"files": [str(self.workdir / f"targets-{name}.json")], "refresh_interval": "1s"}]
+            return [{"files": [str((self.workdir / f"targets-{name}.json").resolve())], "refresh_interval": "1s"}]
 
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
