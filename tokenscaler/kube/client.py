@@ -145,7 +145,20 @@ def _timeout(api: k8s.ApiClient) -> float:
 # --------------------------------------------------------------------------- custom objects
 
 
-class CustomObjects:
+class _Watching:
+    """A collection with one watch open at a time (``_watch``), which another thread may cut."""
+
+    _watch: Watch | None = None
+    plural: str  # what the collection's errors name
+
+    def abort_watch(self) -> None:
+        """Cut the open watch (from another thread): its iterator ends with an error."""
+        w = self._watch
+        if w is not None:
+            w.stop()
+
+
+class CustomObjects(_Watching):
     """List, watch and status-patch one CR collection (``plural``) in ``namespace``."""
 
     def __init__(self, api: k8s.ApiClient, namespace: str, plural: str) -> None:
@@ -184,12 +197,6 @@ class CustomObjects:
         self._watch = w
         yield from _events(self, w, stream)
 
-    def abort_watch(self) -> None:
-        """Cut the open watch (from another thread): its iterator ends with an error."""
-        w = self._watch
-        if w is not None:
-            w.stop()
-
     def patch_status(self, name: str, body: Mapping[str, Any], *, attempts: int = 5) -> dict[str, Any] | None:
         """Merge-patch the status subresource of ``name``; a 409 is retried (up to ``attempts``),
         a 404 (deleted meanwhile) returns None."""
@@ -222,7 +229,7 @@ class CustomObjects:
         return None  # pragma: no cover
 
 
-def _events(owner: CustomObjects | Secrets, w: Watch, stream: Iterator[Any]) -> Iterator[dict[str, Any]]:
+def _events(owner: _Watching, w: Watch, stream: Iterator[Any]) -> Iterator[dict[str, Any]]:
     """The events of one open watch as plain dicts (``{"type", "object"}``, the JSON the server
     sent); ``owner._watch`` is cleared when the stream ends."""
     try:
@@ -245,7 +252,7 @@ def _events(owner: CustomObjects | Secrets, w: Watch, stream: Iterator[Any]) -> 
 # --------------------------------------------------------------------------- the key Secrets
 
 
-class Secrets:
+class Secrets(_Watching):
     """List and watch the Secrets of type :data:`KEYS_SECRET_TYPE` in ``namespace`` (an
     Entitlement's ``spec.api_key_secret_ref``), with the interface of :class:`CustomObjects`
     that :class:`tokenscaler.kube.watch.Reflector` uses. The field selector keeps every other
@@ -291,11 +298,6 @@ class Secrets:
         )
         self._watch = w
         yield from _events(self, w, stream)
-
-    def abort_watch(self) -> None:
-        w = self._watch
-        if w is not None:
-            w.stop()
 
 
 # --------------------------------------------------------------------------- leases
