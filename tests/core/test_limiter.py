@@ -385,7 +385,7 @@ def test_a_preempted_requests_unused_estimate_is_refunded_to_every_bucket_it_was
     }  # fmt: skip
     lim = limiter(limits, pool=make_limiter_pool(replica={"throughput_tokens_per_s": 1000.0, "kv_tokens": 10000.0,
                                                           "concurrency": 1.0}))  # fmt: skip
-    gate_s = lim.gates["s"]
+    gate_s = lim.gate("s", 0.0)
     est = lim.estimate(100, 300)  # 400 weighted tokens (weights 1, 1)
     victim = lim.admit("s", est, 0.0).reservation
     lim.charge(victim, 50, 0.0)  # 50 tokens streamed: 150 of its 400 are used

@@ -34,7 +34,7 @@ from tokenscaler.control.store import PublishedPlan
 from tokenscaler.core.limits import API_VERSION, BudgetLimits, replica_parts
 from tokenscaler.core.model import DIMENSIONS, TIER_ORDER, Entitlement, Pool, TokenPoolsConfig
 from tokenscaler.core.plan import PoolPlan
-from tokenscaler.core.pool_limits import API_VERSION_V1BETA1, finite, rounded, routing_shares
+from tokenscaler.core.pool_limits import API_VERSION_V1BETA1, finite, pack_columns, rounded, routing_shares
 
 HISTORY = 8  # versions a delta can be computed from
 
@@ -80,36 +80,33 @@ class PoolPublication:
     tier: np.ndarray  # (n,) planned tier rank
     limit: np.ndarray  # (n, 3) pool-level, rounded
     burst: np.ndarray  # (n, 3)
-    full: bytes  # the limits columns, every row
     budgets: bytes
     observed: Mapping[str, np.ndarray]  # replica -> (n,) observed share, NaN where unseen
     ready_replicas: int
     held: np.ndarray  # (n,) versions each row's published values have been held (the deadband)
     previous: dict[int, PoolPublication] = field(default_factory=dict)  # older versions, same rows
-    _deltas: dict[int, bytes] = field(default_factory=dict)
+    _deltas: dict[tuple[int | None, bool], bytes] = field(default_factory=dict)  # (since, packed) -> columns
     _routing: dict[str | None, bytes] = field(default_factory=dict)
 
-    def delta(self, since: int | None) -> bytes:
-        """The limits columns: the rows changed since version ``since`` if it is known, else all."""
-        if since is None or since == self.version:
-            return self.full if since is None else self._delta_of(self)
-        old = self.previous.get(since)
-        if old is None:
-            return self.full
-        if since not in self._deltas:
-            self._deltas[since] = self._delta_of(old)
-        return self._deltas[since]
-
-    def _delta_of(self, old: PoolPublication) -> bytes:
-        changed = (
-            (old.tier != self.tier) | np.any(old.limit != self.limit, axis=1) | np.any(old.burst != self.burst, axis=1)
-        )
-        idx = np.flatnonzero(changed)
-        return orjson.dumps(
-            {"since": old.version, "index": idx, "tier": self.tier[idx], "limit": self.limit[idx],
-             "burst": self.burst[idx]},
-            option=orjson.OPT_SERIALIZE_NUMPY,
-        )  # fmt: skip
+    def delta(self, since: int | None, packed: bool = False) -> bytes:
+        """The limits columns: the rows changed since version ``since`` if it is known, else all
+        (``packed``: as :class:`~tokenscaler.core.pool_limits.PackedColumns`)."""
+        key = (since, packed)
+        got = self._deltas.get(key)
+        if got is None:
+            old = self if since == self.version else None if since is None else self.previous.get(since)
+            if old is None:
+                idx, key = None, (None, packed)  # every row
+                got = self._deltas.get(key)
+            else:
+                changed = (
+                    (old.tier != self.tier) | np.any(old.limit != self.limit, axis=1)
+                    | np.any(old.burst != self.burst, axis=1)
+                )  # fmt: skip
+                idx = np.flatnonzero(changed)
+            if got is None:
+                got = self._deltas[key] = _columns(None if old is None else old.version, idx, self, packed)
+        return got
 
     def routing(self, replica: str | None) -> bytes:
         got = self._routing.get(replica)
@@ -124,16 +121,19 @@ class PoolPublication:
         """A sidecar that holds ``spec``, version ``since`` of ``instance`` holds this version."""
         return since == self.version and spec == self.spec.hash and instance == self.instance
 
-    def body(self, replica: str | None, spec: str | None, since: int | None, instance: str | None) -> bytes:
+    def body(
+        self, replica: str | None, spec: str | None, since: int | None, instance: str | None, packed: bool = False
+    ) -> bytes:
         """The document for ``replica``, for a sidecar that holds ``spec`` and version ``since`` of
-        ``instance``: the spec only if it holds another, a delta only against a version it holds."""
+        ``instance``: the spec only if it holds another, a delta only against a version it holds
+        (``packed``: the columns as base64 arrays)."""
         same = spec == self.spec.hash
         since = since if same and instance == self.instance else None
         head = dict(self.header, replica=replica)
         return b"".join((
             orjson.dumps(head)[:-1],
             b',"spec":', b"null" if same else self.spec.fragment,
-            b',"limits":', self.delta(since),
+            b',"limits":', self.delta(since, packed),
             b',"routing":', self.routing(replica),
             b',"budgets":', self.budgets, b"}",
         ))  # fmt: skip
@@ -166,14 +166,15 @@ def build_pool_publication(
         "expires_at": published.published_at + ttl_s, "stale": published.stale,
         "guarantees_fit": pp.guarantees_fit, "ready_replicas": int(pp.ready_replicas),
     }  # fmt: skip
-    full = orjson.dumps(
-        {"since": None, "index": None, "tier": tier, "limit": limit, "burst": burst}, option=orjson.OPT_SERIALIZE_NUMPY
-    )
     budgets = orjson.dumps({n: BudgetLimits.of(s).model_dump(mode="json") for n, s in pp.budgets.items()})
     pub = PoolPublication(
-        pool, published.version, instance, spec, header, tier, limit, burst, full, budgets,
+        pool, published.version, instance, spec, header, tier, limit, burst, budgets,
         published.shares.get(pool, {}), int(pp.ready_replicas), held,
     )  # fmt: skip
+    # what sidecars ask for, built here in the worker thread rather than on first ask on the loop:
+    # every row (a sidecar starting, or out of step) and the rows changed since the version before
+    pub.delta(None, packed=False)
+    pub.delta(None, packed=True)
     if previous is not None and previous.spec.hash == spec.hash and previous.instance == instance:
         older = dict(previous.previous)
         older[previous.version] = previous
@@ -182,7 +183,19 @@ def build_pool_publication(
         for p in older.values():
             p.previous = {}  # only the newest keeps the chain: memory stays HISTORY x N
         pub.previous = older
+        pub.delta(previous.version, packed=True)
     return pub
+
+
+def _columns(since: int | None, idx: np.ndarray | None, pub: PoolPublication, packed: bool) -> bytes:
+    """The limits columns of ``pub``'s rows ``idx`` (None: every row) as JSON, plain or packed."""
+    tier, limit, burst = (pub.tier, pub.limit, pub.burst) if idx is None else (
+        pub.tier[idx], pub.limit[idx], pub.burst[idx])  # fmt: skip
+    if packed:
+        return orjson.dumps(pack_columns(since, idx, tier, limit, burst))
+    return orjson.dumps(
+        {"since": since, "index": idx, "tier": tier, "limit": limit, "burst": burst}, option=orjson.OPT_SERIALIZE_NUMPY
+    )
 
 
 DEADBAND = 0.02  # relative change of a row's limits below which it is not republished...

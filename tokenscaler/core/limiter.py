@@ -380,6 +380,10 @@ class Limiter:
         self.inflight_retry_s = inflight_retry_s
         self.interval_s = interval_s
         self.gates: dict[str, Gate] = {}
+        """The gates in use: made on an entitlement's first request, from :attr:`table`."""
+        self.table: Mapping[str, GateLimits] = {}
+        """Every entitlement's limits as last applied (a gate is made from it when first needed)."""
+        self._own_table = False
         self.inflight = 0  # sequences in flight on this replica, both paths
         self.kv = 0.0  # KV tokens reserved on this replica, both paths
         self._preemptible: dict[int, Reservation] = {}  # on idle capacity (Reservation.idle_capacity), by seq
@@ -399,32 +403,74 @@ class Limiter:
     # ---- configuration -----------------------------------------------------------------
 
     def set_limits(self, limits: Mapping[str, GateLimits], now: float) -> None:
-        """Apply new limits; bucket levels carry over (clamped to the new depth), in-flight
-        reservations stay. Entitlements not named keep their gate with zero limits."""
-        for name, gl in limits.items():
-            gate = self.gates.get(name)
-            if gate is None:
-                self.gates[name] = Gate(gl, now)
-            else:
-                gate.update(gl, now)
-        for name, gate in self.gates.items():
-            if name not in limits:
-                gate.update(GateLimits(tier=gate.limits.tier, priority=gate.limits.priority), now)
+        """Apply new limits for every entitlement; bucket levels carry over (clamped to the new
+        depth), in-flight reservations stay. Entitlements not named keep their gate with zero
+        limits.
 
-    def update_limits(self, changed: Mapping[str, GateLimits], removed: Iterable[str], now: float) -> None:
-        """Apply the limits of ``changed`` (new entitlements get a gate) and set the gates of
-        ``removed`` to zero (new requests are refused before they reach it); every other gate
-        stays as it is."""
-        for name, gl in changed.items():
-            gate = self.gates.get(name)
-            if gate is None:
-                self.gates[name] = Gate(gl, now)
-            else:
-                gate.update(gl, now)
+        ``limits`` becomes the table gates are made from: a gate is made on an entitlement's
+        first request (:meth:`gate`), not here, so applying the limits of 10,000 entitlements
+        costs the gates in use, not 10,000 (``limits`` may be a mapping that builds each
+        entry when asked). A gate made later from the same limits is the gate made now: it
+        starts with full buckets, and an untouched gate's buckets stay full."""
+        old = self.table
+        self.table, self._own_table = limits, False
+        for name, gate in self.gates.items():
+            gl = limits.get(name)
+            gate.update(GateLimits(tier=gate.limits.tier, priority=gate.limits.priority) if gl is None else gl, now)
+        if old:  # named before, not now, no gate yet: it gets one with zero limits, as above
+            for name in old.keys() - limits.keys() - self.gates.keys():
+                was = old[name]
+                self.gates[name] = Gate(GateLimits(tier=was.tier, priority=was.priority), now)
+
+    def update_limits(
+        self,
+        changed: Mapping[str, GateLimits],
+        removed: Iterable[str],
+        now: float,
+        table: Mapping[str, GateLimits] | None = None,
+    ) -> None:
+        """Apply the limits of ``changed`` and set the gates of ``removed`` to zero (new
+        requests are refused before they reach it); every other gate stays as it is.
+        ``table``: every entitlement's limits with ``changed`` applied already (a caller that
+        holds them, as the sidecar's view of the v1beta1 documents does); without it the
+        limiter's own table takes ``changed``. Only the gates in use are touched: the cost is
+        O(changed rows with a gate), the rest are made from the table when first asked for."""
+        if table is not None:
+            self.table, self._own_table = table, False
+        elif changed:
+            if not self._own_table:  # a copy, once: the mapping set_limits was given is the caller's
+                self.table, self._own_table = dict(self.table), True
+            assert isinstance(self.table, dict)
+            self.table.update(changed)
+        if len(self.gates) < len(changed):
+            for name, gate in self.gates.items():
+                gl = changed.get(name)
+                if gl is not None:
+                    gate.update(gl, now)
+        else:
+            for name in changed:
+                in_use = self.gates.get(name)
+                if in_use is not None:
+                    in_use.update(changed[name], now)
         for name in removed:  # zero limits, kept: its in-flight requests still finish against it
-            gate = self.gates.get(name)
-            if gate is not None:
-                gate.update(GateLimits(tier=gate.limits.tier, priority=gate.limits.priority), now)
+            gone = self.gate(name, now)
+            if gone is not None:
+                gone.update(GateLimits(tier=gone.limits.tier, priority=gone.limits.priority), now)
+
+    def gate(self, name: str, now: float) -> Gate | None:
+        """The gate of ``name``, made from the table on its first request; None if unknown."""
+        gate = self.gates.get(name)
+        if gate is None:
+            gl = self.table.get(name)
+            if gl is None:
+                return None
+            gate = self.gates[name] = Gate(gl, now)
+        return gate
+
+    def limits_of(self, name: str) -> GateLimits | None:
+        """The limits in force for ``name`` (its gate's, or the table's before its first request)."""
+        gate = self.gates.get(name)
+        return gate.limits if gate is not None else self.table.get(name)
 
     def set_pool(self, pool: Pool, now: float) -> None:
         """The pool's configured replica and token weights changed (a new config): the replica's
@@ -496,7 +542,7 @@ class Limiter:
     # ---- admission ---------------------------------------------------------------------
 
     def admit(self, name: str, est: Estimate, now: float) -> Decision:
-        gate = self.gates.get(name)
+        gate = self.gate(name, now)
         if gate is None:
             unknown = Shortfall(DIMENSIONS[CONCURRENCY], "limit", est.sequences, 0, 0, 0)
             return Decision(False, shortfalls=(unknown,), dimension=unknown.dimension, retry_after_s=INF)
@@ -775,7 +821,7 @@ class Limiter:
     # ---- reporting ---------------------------------------------------------------------
 
     def status(self, name: str, now: float) -> RateLimitStatus | None:
-        gate = self.gates.get(name)
+        gate = self.gate(name, now)
         if gate is None:
             return None
         lim = gate.limits
@@ -792,7 +838,9 @@ class Limiter:
 
     def entitlement_totals(self, name: str) -> tuple[int, float]:
         """(in-flight sequences, reserved KV tokens) of one entitlement, both paths."""
-        gate = self.gates[name]
+        gate = self.gates.get(name)
+        if gate is None:
+            return 0, 0.0
         return gate.inflight + gate.bf_inflight, gate.kv + gate.bf_kv
 
 

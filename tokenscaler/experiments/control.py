@@ -97,4 +97,4 @@ def replica_gate_limits(
 
 def static_gate_limits(config: TokenPoolsConfig, pool: str, replicas: int) -> dict[str, GateLimits]:
     """What a sidecar enforces before its first document (the config split over ``replicas``)."""
-    return StaticLimitsSource(config, pool, replicas).initial().limits
+    return dict(StaticLimitsSource(config, pool, replicas).initial().limits)

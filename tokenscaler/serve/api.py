@@ -4,10 +4,11 @@ Routes (all answers come from the :class:`PlanStore`; nothing is solved on a req
 nothing per entitlement is built on the event loop: documents are built once per version in
 a worker thread by :class:`~tokenscaler.control.publish.Publisher`):
 
-* ``GET /v1beta1/pools/{pool}/limits?replica={id}&spec=&since=&instance=&watch=true``: the
+* ``GET /v1beta1/pools/{pool}/limits?replica={id}&spec=&since=&instance=&watch=true&columns=``: the
   pool-level :class:`~tokenscaler.core.pool_limits.PoolLimitsDocument` every replica shares
   (spec with key digests, limit columns or a delta, this replica's routing shares), held
-  open with ``watch`` until a new version; ``ETag`` is the version.
+  open with ``watch`` until a new version; ``ETag`` is the version; ``columns=packed``: the
+  columns as base64 arrays (:class:`~tokenscaler.core.pool_limits.PackedColumns`).
 * ``GET /v1/pools/{pool}/limits?replica={id}`` (v1alpha1, kept one release): the
   :class:`~tokenscaler.core.limits.LimitsDocument` for one replica's sidecar, built by
   :func:`~tokenscaler.core.limits.limits_document` (each entitlement's pool-level limit
@@ -149,6 +150,10 @@ class ControllerApi:
                           f"(got since={q.get('since')!r}, timeout_s={q.get('timeout_s')!r})",
                           "invalid_request_error")  # fmt: skip
         watch = q.get("watch", "").lower() in ("1", "true", "yes")
+        columns = q.get("columns", "json")
+        if columns not in ("json", "packed"):
+            self._count(route, 400)
+            return _error(400, f"columns must be json or packed (got columns={columns!r})", "invalid_request_error")
         pub = await self._publication(route, pool, replica)
         if isinstance(pub, web.Response):
             return pub
@@ -162,7 +167,7 @@ class ControllerApi:
         if pub.holds(spec, since, instance):
             self._count(route, 304)
             return web.Response(status=304, headers={"ETag": etag})
-        body = pub.body(replica, spec, since, instance)
+        body = pub.body(replica, spec, since, instance, packed=columns == "packed")
         self._count(route, 200)
         return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 

@@ -118,7 +118,7 @@ class Gatekeeper:
 
     def apply(self, update: LimitsUpdate, now: float) -> None:
         if update.partial:
-            self.limiter.update_limits(update.limits, update.removed, now)
+            self.limiter.update_limits(update.limits, update.removed, now, table=update.table)
         else:
             self.limiter.set_limits(update.limits, now)
         self.metrics.limits_state = update.state

@@ -71,12 +71,13 @@ _FAILED = {"tls": "refused the TLS connection", "auth": "refused this sidecar", 
 class LimitsUpdate:
     """The limits to enforce now, and why."""
 
-    limits: dict[str, GateLimits]
+    limits: Mapping[str, GateLimits]  # may build its entries when asked (the v1beta1 view's tables)
     state: str  # static | fresh | stale | expired
     version: str | None = None
     budgets: Mapping[str, BudgetLimits] = field(default_factory=dict)  # the document's budget blocks
     partial: bool = False  # ``limits`` holds only what changed; every other gate stays as it is
     removed: tuple[str, ...] = ()  # with ``partial``: entitlements no longer in the pool (gates to zero)
+    table: Mapping[str, GateLimits] | None = None  # with ``partial``: every gate, ``limits`` applied
 
 
 def budgets_of(doc: LimitsDocument | None) -> dict[str, BudgetLimits]:
@@ -396,10 +397,17 @@ def gate_limits_from_document(
     return LimitRules(config, pool, replicas).from_document(document)
 
 
-def describe(limits: dict[str, GateLimits]) -> str:
-    """One line per entitlement for the startup log."""
+DESCRIBE_AT_MOST = 20  # entitlements the startup log names (a pool may hold 10,000)
+
+
+def describe(limits: Mapping[str, GateLimits]) -> str:
+    """One part per entitlement for the startup log, the first :data:`DESCRIBE_AT_MOST` by name."""
     parts = []
-    for name, g in sorted(limits.items()):
+    names = sorted(limits)
+    for name in names[:DESCRIBE_AT_MOST]:
+        g = limits[name]
         vals = "/".join("inf" if math.isinf(x) else f"{x:g}" for x in g.limit)
         parts.append(f"{name} ({g.tier.value}): limit {vals}{' +backfill' if g.backfill else ''}")
+    if len(names) > DESCRIBE_AT_MOST:
+        parts.append(f"and {len(names) - DESCRIBE_AT_MOST} more")
     return "; ".join(parts)

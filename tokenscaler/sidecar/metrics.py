@@ -180,17 +180,17 @@ class SidecarMetrics(Collector):
             for n, attr in simple.items():
                 counters[n].add_metric(labels, getattr(s, attr))
             queued.add_metric(labels, s.queued)
-            gate = self.limiter.gates.get(s.name)
-            if gate is None:
+            gl = self.limiter.limits_of(s.name)
+            if gl is None:
                 continue
             n_inflight, n_kv = self.limiter.entitlement_totals(s.name)
             inflight.add_metric(labels, n_inflight)
             kv.add_metric(labels, n_kv)
-            backfill.add_metric(labels, 1.0 if gate.limits.backfill else 0.0)
+            backfill.add_metric(labels, 1.0 if gl.backfill else 0.0)
             for k, dim in enumerate(DIMENSIONS):
-                limit.add_metric([*labels, dim], gate.limits.limit[k])
-                burst.add_metric([*labels, dim], gate.limits.burst[k])
-                ceiling.add_metric([*labels, dim], gate.limits.ceiling[k])
+                limit.add_metric([*labels, dim], gl.limit[k])
+                burst.add_metric([*labels, dim], gl.burst[k])
+                ceiling.add_metric([*labels, dim], gl.ceiling[k])
         yield requests
         yield rejections
         yield ttft_slo

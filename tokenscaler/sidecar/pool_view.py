@@ -11,6 +11,7 @@ The split into this replica's part is the controller's own rule
 
 from __future__ import annotations
 
+from collections.abc import Iterator, KeysView, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,16 +26,98 @@ class OutOfStep(ValueError):
     """A delta against a version this view does not hold: ask for the whole document."""
 
 
+def _vec(row: list[float]) -> Vector:
+    return (row[0], row[1], row[2])
+
+
+_TIERS = tuple(TIER_ORDER)
+
+
+class GateTable(Mapping[str, GateLimits]):
+    """Every entitlement's gate limits on this replica as one applied document set them.
+
+    Immutable (a new document makes a new table), and lazy: an entry is built when asked for
+    (and kept), so a document that moves 10,000 rows costs arrays, not 10,000 objects; the
+    limiter asks only for the gates in use (:meth:`~tokenscaler.core.limiter.Limiter.gate`).
+    """
+
+    __slots__ = ("_gates", "_index", "_memo", "_names", "_priority")
+
+    def __init__(self, names: tuple[str, ...], index: Mapping[str, int], gates: np.ndarray, priority: np.ndarray):
+        self._names = names
+        self._index = index
+        self._gates = gates  # (n, 13): tier, limit, burst, ceiling, ceiling_burst; never written
+        self._priority = priority
+        self._memo: dict[int, GateLimits] = {}
+
+    def row(self, i: int) -> GateLimits:
+        gl = self._memo.get(i)
+        if gl is None:
+            g = self._gates[i].tolist()
+            gl = self._memo[i] = GateLimits(
+                tier=_TIERS[int(g[0])], priority=int(self._priority[i]), limit=_vec(g[1:4]), burst=_vec(g[4:7]),
+                backfill=True, ceiling=_vec(g[7:10]), ceiling_burst=_vec(g[10:13]),
+            )  # fmt: skip
+        return gl
+
+    def __getitem__(self, name: str) -> GateLimits:
+        return self.row(self._index[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def keys(self) -> KeysView[str]:
+        return self._index.keys()  # set-like, without building an entry
+
+
+class ChangedGates(Mapping[str, GateLimits]):
+    """The entries of ``table`` whose rows a document changed (lazy, like the table)."""
+
+    __slots__ = ("_rows", "_set", "_table")
+
+    def __init__(self, table: GateTable, rows: np.ndarray) -> None:
+        self._table = table
+        self._rows = rows
+        self._set: frozenset[str] | None = None
+
+    def _names(self) -> frozenset[str]:
+        if self._set is None:
+            names = self._table._names
+            self._set = frozenset(names[i] for i in self._rows.tolist())
+        return self._set
+
+    def __getitem__(self, name: str) -> GateLimits:
+        if name not in self._names():
+            raise KeyError(name)
+        return self._table[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        names = self._table._names
+        return (names[i] for i in self._rows.tolist())
+
+    def __len__(self) -> int:
+        return int(self._rows.size)
+
+
+_EMPTY = GateTable((), {}, np.zeros((0, 13)), np.zeros(0, dtype=np.int64))
+
+
 @dataclass(frozen=True)
 class ViewChange:
-    changed: dict[str, GateLimits]  # the gates to set (all of them after a new spec)
+    changed: Mapping[str, GateLimits]  # the gates to set (all of them after a new spec)
+    table: GateTable = field(default_factory=lambda: _EMPTY)  # every gate, with ``changed`` applied
     removed: tuple[str, ...] = ()  # entitlements no longer in the pool
     config: TokenPoolsConfig | None = None  # the config a new spec describes
     budgets: dict[str, BudgetLimits] = field(default_factory=dict)
-
-
-def _vec(row: list[float]) -> Vector:
-    return (row[0], row[1], row[2])
 
 
 class PoolView:
@@ -55,27 +138,17 @@ class PoolView:
         self._limit = np.zeros((0, 3))
         self._burst = np.zeros((0, 3))
         self._gates: np.ndarray | None = None  # (n, 13): tier, limit, burst, ceiling, ceiling_burst as applied
+        self._index: dict[str, int] = {}
+        self.table: GateTable = _EMPTY  # the gates of the last applied document
         self.budgets: dict[str, BudgetLimits] = {}
 
     def forget_gates(self) -> None:
         """The next :meth:`apply` returns every gate, not only those that changed."""
         self._gates = None
 
-    def current(self) -> dict[str, GateLimits]:
+    def current(self) -> GateTable:
         """Every gate as the last applied document set it."""
-        return {} if self._gates is None else self._limits_of(np.arange(len(self.names)), self._gates)
-
-    def _limits_of(self, rows: np.ndarray, gates: np.ndarray) -> dict[str, GateLimits]:
-        tiers = list(TIER_ORDER)
-        sub = gates[rows].tolist()
-        prios = self._priority[rows].tolist()
-        return {
-            self.names[i]: GateLimits(
-                tier=tiers[int(g[0])], priority=prios[k], limit=_vec(g[1:4]), burst=_vec(g[4:7]), backfill=True,
-                ceiling=_vec(g[7:10]), ceiling_burst=_vec(g[10:13]),
-            )
-            for k, (i, g) in enumerate(zip(rows.tolist(), sub, strict=True))
-        }
+        return self.table
 
     def apply(self, doc: PoolLimitsDocument) -> ViewChange:
         if doc.pool != self.pool:
@@ -89,6 +162,7 @@ class PoolView:
             names = tuple(e.name for e in doc.spec.entitlements)
             removed = tuple(n for n in self.names if n not in set(names))
             self.names = names
+            self._index = {name: i for i, name in enumerate(names)}
             self._priority = np.array([e.priority for e in doc.spec.entitlements], dtype=np.int64)
             self._configured = configured_limits(doc.spec.entitlements)
             self.config = new_config
@@ -98,29 +172,30 @@ class PoolView:
             raise OutOfStep(f"a document of spec {doc.spec_hash} without it (held: {self.spec_hash})")
         self.generation = doc.generation
         n = len(self.names)
-        cols = doc.limits
-        if cols.index is None:
-            if len(cols.tier) != n or len(cols.limit) != n or len(cols.burst) != n:
-                raise ValueError(f"the limits columns hold {len(cols.tier)} rows for {n} entitlements")
-            self._tier = np.asarray(cols.tier, dtype=np.int8)
-            self._limit = np.asarray(cols.limit, dtype=float).reshape(n, 3)
-            self._burst = np.asarray(cols.burst, dtype=float).reshape(n, 3)
+        cols = doc.limits.arrays()
+        if cols.rows is None:
+            if cols.tier.size != n:
+                raise ValueError(f"the limits columns hold {cols.tier.size} rows for {n} entitlements")
+            self._tier = cols.tier.copy()  # the delta below writes into these
+            self._limit = cols.limit.astype(float, copy=True)
+            self._burst = cols.burst.astype(float, copy=True)
         else:
-            if cols.since != self.version or doc.instance != self.instance or new_config is not None:
-                raise OutOfStep(f"a delta since version {cols.since} (held: {self.version})")
-            idx = np.asarray(cols.index, dtype=np.int64)
+            since = doc.limits.since
+            if since != self.version or doc.instance != self.instance or new_config is not None:
+                raise OutOfStep(f"a delta since version {since} (held: {self.version})")
+            idx = cols.rows
             if idx.size:
                 if idx.min() < 0 or idx.max() >= n:
                     raise ValueError(f"a delta row outside the {n} entitlements")
-                self._tier[idx] = np.asarray(cols.tier, dtype=np.int8)
-                self._limit[idx] = np.asarray(cols.limit, dtype=float).reshape(idx.size, 3)
-                self._burst[idx] = np.asarray(cols.burst, dtype=float).reshape(idx.size, 3)
+                self._tier[idx] = cols.tier
+                self._limit[idx] = cols.limit
+                self._burst[idx] = cols.burst
         self.version = doc.version
         self.instance = doc.instance
         self.replica = doc.replica
         assert self.config is not None
         pool = self.config.pools[0]
-        index = {name: i for i, name in enumerate(self.names)} if doc.routing else {}
+        index = self._index
         routing = {index[k]: v for k, v in doc.routing.items() if k in index}
         shares = share_vector(n, doc.ready_replicas, routing)
         spot = self._tier == Tier.SPOT.rank
@@ -134,6 +209,6 @@ class PoolView:
             same = (gates == self._gates) | (np.isinf(gates) & np.isinf(self._gates))
             rows = np.flatnonzero(~same.all(axis=1))
         self._gates = gates
-        changed = self._limits_of(rows, gates)
+        self.table = GateTable(self.names, self._index, gates, self._priority)
         self.budgets = dict(doc.budgets)
-        return ViewChange(changed, removed, new_config, self.budgets)
+        return ViewChange(ChangedGates(self.table, rows), self.table, removed, new_config, self.budgets)
