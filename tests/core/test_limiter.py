@@ -495,3 +495,74 @@ def test_lower_tiers_keep_the_prefill_room_that_a_waiting_higher_tier_needs() ->
     assert lim.admit("e", lim.estimate(10, 10), 0.0).admitted  # its own tier's waiters do not count
     lim.prefill_waiting[1] = 0
     assert lim.admit("s", lim.estimate(10, 10), 20.0).admitted  # and past an interval without guaranteed, none
+
+
+# ---- gates made on first request ---------------------------------------------------------
+
+
+_NAMES = ("a", "b", "c", "d")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(("set", "update", "admit", "finish")),
+            st.sampled_from(_NAMES),
+            st.floats(0.0, 400.0),  # a limit's throughput
+            st.integers(1, 300),  # a request's prompt tokens
+        ),
+        max_size=40,
+    )
+)
+def test_a_gate_made_on_its_first_request_decides_as_one_made_when_its_limits_were_applied(ops) -> None:  # type: ignore[no-untyped-def]
+    """While depths do not grow (the one difference: see the next test), lazily made gates decide
+    exactly as gates made when the limits came."""
+    limits = {n: gate("elastic", limit=(100.0, 4000.0, 4.0), burst=(200.0, 0.0, 0.0)) for n in _NAMES}
+    lazy, eager = limiter({}), limiter(dict(limits))
+    lazy.set_limits(dict(limits), 0.0, lazy=True)
+    held: dict[str, list] = {"lazy": [], "eager": []}  # type: ignore[type-arg]
+    for k, (op, name, tput, prompt) in enumerate(ops):
+        now = 0.5 * (k + 1)
+        new = gate("elastic", limit=(tput, 4000.0, 4.0), burst=(200.0, 0.0, 0.0))
+        for which, lim in (("lazy", lazy), ("eager", eager)):
+            table = {**limits, name: new}
+            if op == "set":  # the table without one entitlement: its gate goes to zero
+                del table[_NAMES[k % 4]]
+                lim.set_limits(table, now, lazy=which == "lazy")
+            elif op == "update":
+                lim.update_limits({name: new}, (), now, table={**lazy.table, name: new} if which == "lazy" else None)
+            elif op == "admit":
+                d = lim.admit(name, lim.estimate(prompt, 10), now)
+                if d.admitted:
+                    held[which].append(d.reservation)
+            elif held[which]:
+                lim.finish(held[which].pop(0), now, prompt_tokens=prompt, generated_tokens=5)
+        for name in _NAMES:
+            a, b = lazy.limits_of(name), eager.limits_of(name)
+            assert a == b, name
+            assert lazy.status(name, now + 0.25) == eager.status(name, now + 0.25), name
+    assert [r.entitlement for r in held["lazy"]] == [r.entitlement for r in held["eager"]]
+
+
+def test_a_lazily_made_gate_starts_full_at_the_depth_in_force() -> None:
+    small, large = gate(limit=(10.0, INF, INF), burst=(50.0, 0, 0)), gate(limit=(10.0, INF, INF), burst=(500.0, 0, 0))
+    eager, lazy = limiter({"a": small}), limiter({})
+    lazy.set_limits({"a": small}, 0.0, lazy=True)
+    for lim in (eager, lazy):
+        lim.set_limits({"a": large}, 1.0, lazy=lim is lazy)
+    assert eager.status("a", 2.0).tokens_remaining == 60  # kept 50, refilled 10 in a second
+    assert lazy.status("a", 2.0).tokens_remaining == 500
+
+
+def test_applying_limits_lazily_makes_no_gate_until_a_request_comes() -> None:
+    spot = gate("spot", limit=(10.0, 100.0, 1.0), burst=(20.0, 0.0, 0.0))
+    lim = limiter({})
+    lim.set_limits({f"e{i}": spot for i in range(10_000)}, 0.0, lazy=True)
+    assert lim.gates == {} and lim.limits_of("e7") == spot
+    assert lim.admit("e7", lim.estimate(5, 5), 1.0).admitted
+    assert list(lim.gates) == ["e7"] and lim.entitlement_totals("e8") == (0, 0.0)
+    lim.update_limits({"e7": gate("spot"), "e8": gate("spot")}, (), 2.0,
+                      table={**lim.table, "e7": gate("spot"), "e8": gate("spot")})  # e7's gate only: none for e8
+    assert list(lim.gates) == ["e7"] and lim.limits_of("e8") == gate("spot")
+    assert lim.gates["e7"].limits == gate("spot")
+    assert lim.admit("nobody", lim.estimate(5, 5), 2.0).retry_after_s == INF  # unknown: never

@@ -402,16 +402,17 @@ class Limiter:
 
     # ---- configuration -----------------------------------------------------------------
 
-    def set_limits(self, limits: Mapping[str, GateLimits], now: float) -> None:
+    def set_limits(self, limits: Mapping[str, GateLimits], now: float, *, lazy: bool = False) -> None:
         """Apply new limits for every entitlement; bucket levels carry over (clamped to the new
         depth), in-flight reservations stay. Entitlements not named keep their gate with zero
         limits.
 
-        ``limits`` becomes the table gates are made from: a gate is made on an entitlement's
-        first request (:meth:`gate`), not here, so applying the limits of 10,000 entitlements
-        costs the gates in use, not 10,000 (``limits`` may be a mapping that builds each
-        entry when asked). A gate made later from the same limits is the gate made now: it
-        starts with full buckets, and an untouched gate's buckets stay full."""
+        ``limits`` becomes the table gates are made from. ``lazy``: a gate is made on an
+        entitlement's first request (:meth:`gate`), not here, so applying the limits of 10,000
+        entitlements costs the gates in use, not 10,000 (``limits`` may be a mapping that builds
+        each entry when asked: the sidecar's view of the v1beta1 documents). The one difference
+        it makes: a gate made later starts full at the depth then in force, where one made now
+        and left untouched keeps its level when a later depth is larger (and refills to it)."""
         old = self.table
         self.table, self._own_table = limits, False
         for name, gate in self.gates.items():
@@ -421,6 +422,9 @@ class Limiter:
             for name in old.keys() - limits.keys() - self.gates.keys():
                 was = old[name]
                 self.gates[name] = Gate(GateLimits(tier=was.tier, priority=was.priority), now)
+        if not lazy:
+            for name in limits:
+                self.gate(name, now)
 
     def update_limits(
         self,
@@ -432,9 +436,10 @@ class Limiter:
         """Apply the limits of ``changed`` and set the gates of ``removed`` to zero (new
         requests are refused before they reach it); every other gate stays as it is.
         ``table``: every entitlement's limits with ``changed`` applied already (a caller that
-        holds them, as the sidecar's view of the v1beta1 documents does); without it the
-        limiter's own table takes ``changed``. Only the gates in use are touched: the cost is
-        O(changed rows with a gate), the rest are made from the table when first asked for."""
+        holds them, as the sidecar's view of the v1beta1 documents does), and gates made lazily
+        (:meth:`set_limits`): only the gates in use are touched, O(changed rows with a gate).
+        Without it the limiter's own table takes ``changed`` and a new entitlement gets its gate
+        now."""
         if table is not None:
             self.table, self._own_table = table, False
         elif changed:
@@ -452,6 +457,9 @@ class Limiter:
                 in_use = self.gates.get(name)
                 if in_use is not None:
                     in_use.update(changed[name], now)
+        if table is None:
+            for name in changed:
+                self.gate(name, now)
         for name in removed:  # zero limits, kept: its in-flight requests still finish against it
             gone = self.gate(name, now)
             if gone is not None:

@@ -74,7 +74,7 @@ def _rows_of(name: str, a: np.ndarray, k: int) -> np.ndarray:
     if a.shape != (k, 3):
         raise ValueError(f"limits.{name}: shape {list(a.shape)} for {k} rows of 3")
     if a.size and not (a >= 0).all():  # NaN fails too
-        raise ValueError(f"limits.{name}: {a[~(a >= 0)][0]!r} (limits are numbers >= 0)")
+        raise ValueError(f"limits.{name}: {float(a[~(a >= 0)][0])} (limits are numbers >= 0)")
     return a
 
 

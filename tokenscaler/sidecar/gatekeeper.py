@@ -120,7 +120,7 @@ class Gatekeeper:
         if update.partial:
             self.limiter.update_limits(update.limits, update.removed, now, table=update.table)
         else:
-            self.limiter.set_limits(update.limits, now)
+            self.limiter.set_limits(update.limits, now, lazy=update.lazy)
         self.metrics.limits_state = update.state
         for name in list(self._queues):
             self._retry_head(name, now)

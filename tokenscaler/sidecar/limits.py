@@ -78,6 +78,7 @@ class LimitsUpdate:
     partial: bool = False  # ``limits`` holds only what changed; every other gate stays as it is
     removed: tuple[str, ...] = ()  # with ``partial``: entitlements no longer in the pool (gates to zero)
     table: Mapping[str, GateLimits] | None = None  # with ``partial``: every gate, ``limits`` applied
+    lazy: bool = False  # without ``partial``: gates made on first request (Limiter.set_limits)
 
 
 def budgets_of(doc: LimitsDocument | None) -> dict[str, BudgetLimits]:

@@ -264,7 +264,7 @@ class PoolLimitsSource(HttpLimitsSource):
         # after a new spec every gate is set anew; after an expiry too (the floors were in force)
         full = change.config is not None or was == "expired"
         if full:
-            apply(LimitsUpdate(change.table, state, self.version, change.budgets, removed=change.removed))
+            apply(LimitsUpdate(change.table, state, self.version, change.budgets, removed=change.removed, lazy=True))
         else:
             apply(LimitsUpdate(change.changed, state, self.version, change.budgets, partial=True,
                                removed=change.removed, table=change.table))  # fmt: skip
@@ -275,7 +275,7 @@ class PoolLimitsSource(HttpLimitsSource):
         """The source answers again, with the version this view holds."""
         self.state = "fresh"
         if was == "expired":  # the floors are in force: every gate of the view anew
-            apply(LimitsUpdate(self.view.current(), "fresh", self.version, budgets=self.view.budgets))
+            apply(LimitsUpdate(self.view.current(), "fresh", self.version, budgets=self.view.budgets, lazy=True))
             log.warning("limits restored from %s (version %s)", self.base, self.version)
         else:
             apply(LimitsUpdate({}, "fresh", self.version, budgets=self.view.budgets, partial=True,
@@ -284,7 +284,7 @@ class PoolLimitsSource(HttpLimitsSource):
     def _expired_update(self) -> LimitsUpdate:
         if self.legacy:
             return super()._expired_update()
-        return LimitsUpdate(self.rules.all_floors(), "expired", self.version)
+        return LimitsUpdate(self.rules.all_floors(), "expired", self.version, lazy=True)
 
     def _stale_update(self) -> LimitsUpdate:
         if self.legacy:
