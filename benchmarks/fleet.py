@@ -12,7 +12,9 @@ for the baseline, real ``HttpLimitsSource`` instances polling v1alpha1 every 2 s
 checkout (its own ``.venv``: the code before the change), cell by cell beside the new code.
 
 Columns: the time from publish until every replica holds the version (p50 and p99 over the
-versions; "holds" = parsed and applied to its view), the controller's CPU-seconds per
+versions published after the warm-up; "holds" = parsed and applied to its view, that version
+or a newer one: *skipped* counts versions some replica went past straight to a newer one,
+*missed* those some replica never reached before the run ended), the controller's CPU-seconds per
 interval (with the clients, minus the same controller's idle interval measured first),
 bytes per replica per version, ``/healthz`` and KEDA ``GetMetrics`` p99 during the run, the
 sidecar's parse and apply time of one document, and one real sidecar's RSS at N.
@@ -250,20 +252,30 @@ def run_cell(
         # warm-up out: only versions published once every replica held one (the first documents
         # carry the spec and are parsed by all clients at once)
         ready_at = max((min(h.values()) for h in held.values() if h), default=float("inf"))
-        fan = []
+        # a replica holds version v once it holds v or a newer one (a client busy applying v-1 asks
+        # after v+1 is out and goes straight to it: it never holds v itself, which is "skipped")
+        fan, skipped, missed = [], 0, 0
+        by_replica = [sorted((int(v), t) for v, t in h.items()) for h in held.values()]
         for v, at in published.items():
             if at <= ready_at:
                 continue
-            times = [h.get(v) for h in held.values()]
+            times, skip = [], False
+            for h in by_replica:
+                later = [t for ver, t in h if ver >= int(v)]
+                times.append(min(later) if later else None)
+                skip |= bool(later) and all(ver != int(v) for ver, _ in h)
             if all(t is not None for t in times):
                 fan.append(max(times) - at)  # type: ignore[type-var]
+                skipped += skip
+            else:
+                missed += 1
         nbytes = sum(res["bytes"] for res in results)
         seen = max(1, len(published))
         rss = sidecar_rss(python, url, work) if api != "v1alpha1" else float("nan")
         parse = [x for res in results for x in res["parse_s"]]
         apply = [x for res in results for x in res["apply_s"]]
         return {
-            "n": n, "r": r, "api": api, "versions": len(fan), "fan_p50": statistics.median(fan) if fan else None,
+            "n": n, "r": r, "api": api, "versions": len(fan), "skipped": skipped, "missed": missed, "fan_p50": statistics.median(fan) if fan else None,
             "fan_p99": p99(fan), "cpu_per_interval": cpu, "bytes_per_replica": nbytes / seen / r if nbytes else None,
             "healthz_p99": p99(health), "keda_p99": p99(keda),
             "parse_ms": 1e3 * statistics.median(parse) if parse else None,
@@ -348,7 +360,7 @@ def main() -> int:
     print(f"# {platform.node()} | {platform.machine()} | Python {platform.python_version()} | "
           f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell | "
           f"demand moving: {args.moving:.0%} of entitlements each 5 s | warm-up {args.warmup_s:g} s")
-    cols = ("code", "N x R", "versions", "held p50 ms", "held p99 ms", "ctl CPU s/interval", "kB/replica/version",
+    cols = ("code", "N x R", "versions (skipped / missed)", "held p50 ms", "held p99 ms", "ctl CPU s/interval", "kB/replica/version",
             "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms", "sidecar RSS MB")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -365,7 +377,8 @@ def main() -> int:
                 def f(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
                     return "n/a" if x is None or x != x else f"{x * scale:,.{digits}f}"
 
-                print(f"| {label} ({api}) | {n:,} x {r:,} | {res['versions']} | {f(res['fan_p50'], 1e3)} | "
+                print(f"| {label} ({api}) | {n:,} x {r:,} | {res['versions']} ({res['skipped']} / {res['missed']}) | "
+                      f"{f(res['fan_p50'], 1e3)} | "
                       f"{f(res['fan_p99'], 1e3)} | {f(res['cpu_per_interval'], 1, 2)} | "
                       f"{f(res['bytes_per_replica'], 1e-3)} | {f(res['healthz_p99'], 1e3, 1)} | "
                       f"{f(res['keda_p99'], 1e3, 1)} | {f(res['parse_ms'], 1, 1)} | {f(res['apply_ms'], 1, 1)} | "
