@@ -275,7 +275,8 @@ def run_cell(
         parse = [x for res in results for x in res["parse_s"]]
         apply = [x for res in results for x in res["apply_s"]]
         return {
-            "n": n, "r": r, "api": api, "versions": len(fan), "skipped": skipped, "missed": missed, "fan_p50": statistics.median(fan) if fan else None,
+            "n": n, "r": r, "api": api, "versions": len(fan), "skipped": skipped, "missed": missed,
+            "fan_p50": statistics.median(fan) if fan else None,
             "fan_p99": p99(fan), "cpu_per_interval": cpu, "bytes_per_replica": nbytes / seen / r if nbytes else None,
             "healthz_p99": p99(health), "keda_p99": p99(keda),
             "parse_ms": 1e3 * statistics.median(parse) if parse else None,
@@ -360,8 +361,8 @@ def main() -> int:
     print(f"# {platform.node()} | {platform.machine()} | Python {platform.python_version()} | "
           f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell | "
           f"demand moving: {args.moving:.0%} of entitlements each 5 s | warm-up {args.warmup_s:g} s")
-    cols = ("code", "N x R", "versions (skipped / missed)", "held p50 ms", "held p99 ms", "ctl CPU s/interval", "kB/replica/version",
-            "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms", "sidecar RSS MB")  # fmt: skip
+    cols = ("code", "N x R", "versions (skipped / missed)", "held p50 ms", "held p99 ms", "ctl CPU s/interval",
+            "kB/replica/version", "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms", "sidecar RSS MB")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     runs = [("new", sys.executable, "v1beta1")]
