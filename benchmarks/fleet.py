@@ -362,7 +362,8 @@ def main() -> int:
           f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell | "
           f"demand moving: {args.moving:.0%} of entitlements each 5 s | warm-up {args.warmup_s:g} s")
     cols = ("code", "N x R", "versions (skipped / missed)", "held p50 ms", "held p99 ms", "ctl CPU s/interval",
-            "kB/replica/version", "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms", "sidecar RSS MB")  # fmt: skip
+            "kB/replica/version", "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms",
+            "sidecar RSS MB")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     runs = [("new", sys.executable, "v1beta1")]
