@@ -15,7 +15,9 @@ Columns: the time from publish until every replica holds the version (p50 and p9
 versions published after the warm-up; "holds" = parsed and applied to its view, that version
 or a newer one: *skipped* counts versions some replica went past straight to a newer one,
 *missed* those some replica never reached before the run ended), the controller's CPU-seconds per
-interval (with the clients, minus the same controller's idle interval measured first),
+interval (with the clients, minus the same controller's idle interval measured first), each
+client's own CPU per version after the warm-up (its receive, parse and apply: on this machine
+every client shares the two cores with the controller, in a fleet each sidecar has its own),
 bytes per replica per version, ``/healthz`` and KEDA ``GetMetrics`` p99 during the run, the
 sidecar's parse and apply time of one document, and one real sidecar's RSS at N.
 """
@@ -70,7 +72,11 @@ async def worker(url: str, pool: str, replicas: list[str], api: str, duration_s:
         return apply
 
     tasks = [asyncio.create_task(s.run(applier(r))) for s, r in zip(sources, replicas, strict=True)]
-    await asyncio.sleep(duration_s)
+    cpu: list[tuple[float, float]] = []  # (unix time, this process's CPU seconds), each second
+    end = time.time() + duration_s
+    while time.time() < end:
+        cpu.append((time.time(), time.process_time()))
+        await asyncio.sleep(min(1.0, max(end - time.time(), 0.0)))
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -79,6 +85,7 @@ async def worker(url: str, pool: str, replicas: list[str], api: str, duration_s:
         "bytes": sum(getattr(s, "received_bytes", 0) for s in sources),
         "parse_s": [s.parse_s for s in sources if getattr(s, "parse_s", 0)],
         "apply_s": [s.apply_s for s in sources if getattr(s, "apply_s", 0)],
+        "cpu": cpu,
     }
     print(json.dumps(stats), flush=True)
 
@@ -269,6 +276,15 @@ def run_cell(
                 skipped += skip
             else:
                 missed += 1
+        # the clients' own CPU per version after the warm-up: on this machine they share its cores
+        # with the controller; in a fleet each sidecar has its own
+        after = [v for v, at in published.items() if at > ready_at]
+        client_cpu = 0.0
+        for res in results:
+            marks = [(t, c) for t, c in res["cpu"] if t >= ready_at]
+            if len(marks) >= 2:
+                client_cpu += marks[-1][1] - marks[0][1]
+        client_ms = 1e3 * client_cpu / max(len(after), 1) / r if after else None
         nbytes = sum(res["bytes"] for res in results)
         seen = max(1, len(published))
         rss = sidecar_rss(python, url, work) if api != "v1alpha1" else float("nan")
@@ -276,7 +292,7 @@ def run_cell(
         apply = [x for res in results for x in res["apply_s"]]
         return {
             "n": n, "r": r, "api": api, "versions": len(fan), "skipped": skipped, "missed": missed,
-            "fan_p50": statistics.median(fan) if fan else None,
+            "fan_p50": statistics.median(fan) if fan else None, "client_ms": client_ms,
             "fan_p99": p99(fan), "cpu_per_interval": cpu, "bytes_per_replica": nbytes / seen / r if nbytes else None,
             "healthz_p99": p99(health), "keda_p99": p99(keda),
             "parse_ms": 1e3 * statistics.median(parse) if parse else None,
@@ -361,7 +377,8 @@ def main() -> int:
     print(f"# {platform.node()} | {platform.machine()} | Python {platform.python_version()} | "
           f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell | "
           f"demand moving: {args.moving:.0%} of entitlements each 5 s | warm-up {args.warmup_s:g} s")
-    cols = ("code", "N x R", "versions (skipped / missed)", "held p50 ms", "held p99 ms", "ctl CPU s/interval",
+    cols = ("code", "N x R", "versions (skipped / missed)", "held p50 ms", "held p99 ms", "client CPU ms/version",
+            "ctl CPU s/interval",
             "kB/replica/version", "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms",
             "sidecar RSS MB")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
@@ -381,7 +398,7 @@ def main() -> int:
 
                 print(f"| {label} ({api}) | {n:,} x {r:,} | {res['versions']} ({res['skipped']} / {res['missed']}) | "
                       f"{f(res['fan_p50'], 1e3)} | "
-                      f"{f(res['fan_p99'], 1e3)} | {f(res['cpu_per_interval'], 1, 2)} | "
+                      f"{f(res['fan_p99'], 1e3)} | {f(res['client_ms'], 1, 1)} | {f(res['cpu_per_interval'], 1, 2)} | "
                       f"{f(res['bytes_per_replica'], 1e-3)} | {f(res['healthz_p99'], 1e3, 1)} | "
                       f"{f(res['keda_p99'], 1e3, 1)} | {f(res['parse_ms'], 1, 1)} | {f(res['apply_ms'], 1, 1)} | "
                       f"{f(res['sidecar_rss_mb'])} |", flush=True)  # fmt: skip

@@ -18,7 +18,7 @@ import numpy as np
 
 from tokenscaler.core.limiter import GateLimits, Vector
 from tokenscaler.core.limits import BudgetLimits, replica_split
-from tokenscaler.core.model import TIER_ORDER, Tier, TokenPoolsConfig
+from tokenscaler.core.model import TIER_ORDER, Pool, Tier, TokenPoolsConfig
 from tokenscaler.core.pool_limits import PoolLimitsDocument, configured_limits, share_vector
 
 
@@ -31,6 +31,12 @@ def _vec(row: list[float]) -> Vector:
 
 
 _TIERS = tuple(TIER_ORDER)
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(k,) rows of ``a`` equal to ``b`` (inf equal to inf)."""
+    out: np.ndarray = ((a == b) | (np.isinf(a) & np.isinf(b))).all(axis=1)
+    return out
 
 
 class GateTable(Mapping[str, GateLimits]):
@@ -139,6 +145,8 @@ class PoolView:
         self._burst = np.zeros((0, 3))
         self._gates: np.ndarray | None = None  # (n, 13): tier, limit, burst, ceiling, ceiling_burst as applied
         self._index: dict[str, int] = {}
+        self._shares = np.zeros(0)  # the routing shares the gates were split at
+        self._fit = True
         self.table: GateTable = _EMPTY  # the gates of the last applied document
         self.budgets: dict[str, BudgetLimits] = {}
 
@@ -149,6 +157,15 @@ class PoolView:
     def current(self) -> GateTable:
         """Every gate as the last applied document set it."""
         return self.table
+
+    def _split(self, pool: Pool, rows: np.ndarray | slice, shares: np.ndarray, fit: bool) -> np.ndarray:
+        """(k, 13) gate columns of ``rows``: tier, then this replica's limit, burst, ceiling, ceiling burst."""
+        tier = self._tier[rows]
+        lim, bur, ceil, cb = replica_split(
+            pool, self._limit[rows], self._burst[rows], self._configured[rows], tier == Tier.SPOT.rank, fit,
+            shares[rows],
+        )  # fmt: skip
+        return np.concatenate([tier[:, None].astype(float), lim, bur, ceil, cb], axis=1)
 
     def apply(self, doc: PoolLimitsDocument) -> ViewChange:
         if doc.pool != self.pool:
@@ -198,16 +215,22 @@ class PoolView:
         index = self._index
         routing = {index[k]: v for k, v in doc.routing.items() if k in index}
         shares = share_vector(n, doc.ready_replicas, routing)
-        spot = self._tier == Tier.SPOT.rank
-        lim, bur, ceil, cb = replica_split(
-            pool, self._limit, self._burst, self._configured, spot, doc.guarantees_fit, shares
-        )
-        gates = np.concatenate([self._tier[:, None].astype(float), lim, bur, ceil, cb], axis=1)
-        if self._gates is None or self._gates.shape != gates.shape:
-            rows = np.arange(n)
+        old = self._gates
+        if old is None or old.shape[0] != n or cols.rows is None or doc.guarantees_fit != self._fit:
+            todo = None  # every row
+        else:  # the split is row by row: only rows whose limits or share moved can change
+            todo = np.union1d(cols.rows, np.flatnonzero(shares != self._shares))
+        self._shares, self._fit = shares, doc.guarantees_fit
+        if old is None or todo is None:
+            gates = self._split(pool, slice(None), shares, doc.guarantees_fit)
+            same = old is not None and old.shape == gates.shape
+            rows = np.flatnonzero(~_same(gates, old)) if same and old is not None else np.arange(n)
         else:
-            same = (gates == self._gates) | (np.isinf(gates) & np.isinf(self._gates))
-            rows = np.flatnonzero(~same.all(axis=1))
+            part = self._split(pool, todo, shares, doc.guarantees_fit)
+            moved = ~_same(part, old[todo])
+            rows = todo[moved]
+            gates = old.copy()  # the table made of ``old`` stays as it was
+            gates[rows] = part[moved]
         self._gates = gates
         self.table = GateTable(self.names, self._index, gates, self._priority)
         self.budgets = dict(doc.budgets)
