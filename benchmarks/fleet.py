@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,13 +45,58 @@ TTL_S = 60.0  # the controller's default limits_ttl_s: published_at = expires_at
 # --------------------------------------------------------------------------- worker: R/k limits clients
 
 
-async def worker(url: str, pool: str, replicas: list[str], api: str, duration_s: float, poll_s: float) -> None:
+class Receiver:
+    """The v1beta1 protocol's requests as a sidecar makes them (watch, ``spec``, ``since`` and
+    ``instance``, packed columns), but the answer only received, not parsed into a view or applied:
+    the controller's side of a fan-out to more replicas than this machine can run sidecars for
+    (``--clients receive``). It reads the version, instance and spec digest from the answer."""
+
+    def __init__(self, url: str, pool: str, replica: str) -> None:
+        self.url = f"{url}/v1beta1/pools/{pool}/limits"
+        self.replica = replica
+        self.version: int | None = None
+        self.instance = ""
+        self.spec: str | None = None
+        self.received_bytes = 0
+        self.parse_s = self.apply_s = 0.0
+
+    async def run(self, apply: Any) -> None:
+        import aiohttp
+        import orjson
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            while True:
+                params = {"replica": self.replica, "columns": "packed"}
+                if self.spec is not None:
+                    params["spec"] = self.spec
+                if self.version is not None:
+                    params.update(since=str(self.version), instance=self.instance, watch="true", timeout_s="30")
+                try:
+                    async with session.get(self.url, params=params) as resp:
+                        body = await resp.read()
+                        if resp.status != 200:
+                            continue
+                except (aiohttp.ClientError, TimeoutError):
+                    await asyncio.sleep(0.5)
+                    continue
+                self.received_bytes += len(body)
+                head = orjson.loads(body)
+                self.version, self.instance = head["version"], head["instance"]
+                self.spec = head["spec_hash"]
+                apply(SimpleNamespace(version=str(self.version)))
+
+
+async def worker(
+    url: str, pool: str, replicas: list[str], api: str, duration_s: float, poll_s: float, clients: str = "sidecar"
+) -> None:
     """Run the limits clients of ``replicas`` for ``duration_s``; print one JSON line of what each held when."""
     from tokenscaler.core.model import TokenPoolsConfig
 
     held: dict[str, dict[str, float]] = {r: {} for r in replicas}  # replica -> version -> unix time held
     sources: list[Any] = []
-    if api == "v1alpha1":
+    if clients == "receive":
+        sources = [Receiver(url, pool, r) for r in replicas]
+    elif api == "v1alpha1":
         import yaml
 
         from tokenscaler.sidecar.limits import HttpLimitsSource
@@ -182,7 +228,7 @@ async def sample_latency(
 
 def run_cell(
     n: int, r: int, api: str, python: str, versions: int, interval_s: float, work: Path, moving: float = 1.0,
-    warmup_s: float = 0.0,
+    warmup_s: float = 0.0, clients: str = "sidecar",
 ) -> dict[str, Any]:
     import urllib.error
     import urllib.request
@@ -234,7 +280,7 @@ def run_cell(
         for chunk in chunks:
             procs.append(subprocess.Popen(
                 [python, str(Path(__file__).resolve()), "--worker", url, "--api", api, "--duration-s",
-                 f"{duration:g}", "--replicas", ",".join(chunk)],
+                 f"{duration:g}", "--replicas", ",".join(chunk), "--clients", clients],
                 stdout=subprocess.PIPE, text=True, env=env,
             ))  # fmt: skip
         cpu0, t0 = cpu_s(ctl.pid), time.time()
@@ -360,6 +406,9 @@ def main() -> int:
     ap.add_argument("--moving", type=float, default=1.0,
                     help="share of the entitlements whose demand moves each 5 s (default 1: all, the worst case)")
     ap.add_argument("--new-only", action="store_true", help="only the new code (no baseline rows)")
+    ap.add_argument("--clients", choices=("sidecar", "receive"), default="sidecar",
+                    help="sidecar: real PoolLimitsSource clients (parse and apply); receive: the same requests, "
+                         "answers only received (the controller's side of a fan-out too large to run sidecars for)")
     ap.add_argument("--warmup-s", type=float, default=0.0,
                     help="seconds before the measured versions (default: 3 intervals): every client first parses "
                          "the spec, 100 clients x 10,000 entitlements take ~30 s on 2 cores")  # fmt: skip
@@ -371,12 +420,14 @@ def main() -> int:
             uvloop.install()
         except ImportError:
             pass
-        asyncio.run(worker(args.worker, "bench", args.replicas.split(","), args.api, args.duration_s, 2.0))
+        asyncio.run(worker(args.worker, "bench", args.replicas.split(","), args.api, args.duration_s, 2.0,
+                           args.clients))  # fmt: skip
         return 0
     sys.path.insert(0, str(REPO))
     print(f"# {platform.node()} | {platform.machine()} | Python {platform.python_version()} | "
           f"{time.strftime('%Y-%m-%d')} | interval {args.interval_s:g} s | {args.versions} versions a cell | "
-          f"demand moving: {args.moving:.0%} of entitlements each 5 s | warm-up {args.warmup_s:g} s")
+          f"demand moving: {args.moving:.0%} of entitlements each 5 s | warm-up {args.warmup_s:g} s | "
+          f"clients: {args.clients}")
     cols = ("code", "N x R", "versions (skipped / missed)", "held p50 ms", "held p99 ms", "client CPU ms/version",
             "ctl CPU s/interval",
             "kB/replica/version", "healthz p99 ms", "GetMetrics p99 ms", "parse ms", "apply ms",
@@ -391,7 +442,7 @@ def main() -> int:
             n, r = (int(x) for x in cell.lower().split("x"))
             for label, python, api in runs:
                 res = run_cell(n, r, api, python, args.versions, args.interval_s, Path(tmp), args.moving,
-                               args.warmup_s)  # fmt: skip
+                               args.warmup_s, args.clients if api != "v1alpha1" else "sidecar")  # fmt: skip
 
                 def f(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
                     return "n/a" if x is None or x != x else f"{x * scale:,.{digits}f}"
