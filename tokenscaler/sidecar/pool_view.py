@@ -2,11 +2,14 @@
 
 Pure: :meth:`PoolView.apply` takes a parsed
 :class:`~tokenscaler.core.pool_limits.PoolLimitsDocument` and returns a :class:`ViewChange`:
-the gates that changed (only those: a new version usually moves a few rows of 10,000), the
-entitlements removed, and, when the document carried a new ``spec``, the config it
-describes (the proxy's identities follow it: keys, tiers, ceilings, the pool's capacity).
-The split into this replica's part is the controller's own rule
-(:func:`~tokenscaler.core.limits.replica_split`), computed for every row at once with numpy.
+every gate as a :class:`GateTable` and the ones that changed, both lazy (an entry is built
+when the limiter asks for it, and it asks only for the gates in use), the entitlements
+removed, and, when the document carried a new ``spec``, the config it describes (the proxy's
+identities follow it: keys, tiers, ceilings, the pool's capacity). The split into this
+replica's part is the controller's own rule (:func:`~tokenscaler.core.limits.replica_split`),
+vectorised with numpy, over every row for a whole document and over the rows whose limits or
+routing share moved for a delta. So a document costs arrays, O(rows changed), not an object
+per entitlement.
 """
 
 from __future__ import annotations
