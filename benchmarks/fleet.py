@@ -15,7 +15,8 @@ Columns: the time from publish until every replica holds the version (p50 and p9
 versions published after the warm-up; "holds" = parsed and applied to its view, that version
 or a newer one: *skipped* counts versions some replica went past straight to a newer one,
 *missed* those some replica never reached before the run ended), the controller's CPU-seconds per
-interval (with the clients, minus the same controller's idle interval measured first), each
+interval after the warm-up with the clients, minus the same controller's without them (measured
+once they stopped: same exporter, same plans), each
 client's own CPU per version after the warm-up (its receive, parse and apply: on this machine
 every client shares the two cores with the controller, in a fleet each sidecar has its own),
 bytes per replica per version, ``/healthz`` and KEDA ``GetMetrics`` p99 during the run, the
@@ -270,9 +271,6 @@ def run_cell(
             if time.time() > deadline:
                 raise RuntimeError(f"the controller did not come up with {r} replicas known")
             time.sleep(0.5)
-        idle0, t_idle = cpu_s(ctl.pid), time.time()
-        time.sleep(2 * interval_s)
-        idle_cpu = (cpu_s(ctl.pid) - idle0) / (time.time() - t_idle) * interval_s  # per interval, no clients
         duration = versions * interval_s + max(3 * interval_s, warmup_s)
         workers = max(1, min(4, r // 50 + 1))
         chunks = [[f"r{j}" for j in range(k, r, workers)] for k in range(workers)]
@@ -283,28 +281,38 @@ def run_cell(
                  f"{duration:g}", "--replicas", ",".join(chunk), "--clients", clients],
                 stdout=subprocess.PIPE, text=True, env=env,
             ))  # fmt: skip
-        cpu0, t0 = cpu_s(ctl.pid), time.time()
         stop = asyncio.Event()
 
         published: dict[str, float] = {}
 
+        ctl_cpu: list[tuple[float, float]] = []  # (unix time, the controller's CPU seconds), each second
+
         async def sample() -> tuple[list[float], list[float]]:
             task = asyncio.create_task(sample_latency(url, grpc_port, api, stop, published))
-            await asyncio.sleep(duration)
+            end = time.time() + duration
+            while time.time() < end:
+                ctl_cpu.append((time.time(), cpu_s(ctl.pid)))
+                await asyncio.sleep(min(1.0, max(end - time.time(), 0.0)))
             stop.set()
             return await task
 
         health, keda = asyncio.run(sample())
-        cpu = (cpu_s(ctl.pid) - cpu0) / (time.time() - t0) * interval_s - idle_cpu
         results = [json.loads(p.stdout.read()) for p in procs[2:]]  # type: ignore[union-attr]
         for p in procs[2:]:
             p.wait(timeout=60)
+        # the same controller, same exporter, its clients gone: what an interval costs it without them
+        idle0, t_idle = cpu_s(ctl.pid), time.time()
+        time.sleep(2 * interval_s)
+        idle_cpu = (cpu_s(ctl.pid) - idle0) / (time.time() - t_idle) * interval_s
         held: dict[str, dict[str, float]] = {}
         for res in results:
             held.update(res["held"])
         # warm-up out: only versions published once every replica held one (the first documents
         # carry the spec and are parsed by all clients at once)
         ready_at = max((min(h.values()) for h in held.values() if h), default=float("inf"))
+        window = [(t, c) for t, c in ctl_cpu if t >= ready_at]  # after the warm-up (the spec sent to all)
+        cpu = ((window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) * interval_s - idle_cpu
+               if len(window) >= 2 else None)  # fmt: skip
         # a replica holds version v once it holds v or a newer one (a client busy applying v-1 asks
         # after v+1 is out and goes straight to it: it never holds v itself, which is "skipped")
         fan, skipped, missed = [], 0, 0
