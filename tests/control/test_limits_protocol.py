@@ -25,7 +25,7 @@ from tokenscaler.control.store import PlanStore
 from tokenscaler.core.limits import LimitsDocument, limits_document
 from tokenscaler.core.model import TokenPoolsConfig
 from tokenscaler.core.observation import Observation, PoolSignals, ReplicaTable, SignalTable
-from tokenscaler.core.pool_limits import PoolLimitsDocument
+from tokenscaler.core.pool_limits import LimitColumns, PackedColumns, PoolLimitsDocument
 from tokenscaler.core.rows import build_pool_rows
 from tokenscaler.core.step import ControlState, StepSettings, control_step
 from tokenscaler.serve.api import ControllerApi
@@ -223,6 +223,18 @@ async def twenty_sidecars() -> None:
                 doc = LimitsDocument.model_validate_json(await r.read())
                 assert close(s.gates, legacy_gates(doc, plans.config), rtol=0.021)
             assert all(u.partial for s in sidecars for u in s.updates[1:])  # after the first: deltas
+
+            # packed columns (what the sidecars ask for) are the plain ones as arrays; a bad choice is a 400
+            lim_url, delta = f"{url}/v1beta1/pools/{POOL}/limits", {**hold, "since": str(v)}
+            plain = PoolLimitsDocument.model_validate_json(await (await http.get(lim_url, params=delta)).read())
+            packed = PoolLimitsDocument.model_validate_json(
+                await (await http.get(lim_url, params={**delta, "columns": "packed"})).read())  # fmt: skip
+            assert isinstance(plain.limits, LimitColumns) and isinstance(packed.limits, PackedColumns)
+            assert plain.limits.since == packed.limits.since == v
+            for a, b in zip(plain.limits.arrays(), packed.limits.arrays(), strict=True):
+                assert a is not None and b is not None and np.array_equal(a, b)
+            r = await http.get(lim_url, params={**delta, "columns": "csv"})
+            assert r.status == 400 and "columns='csv'" in (await r.json())["error"]["message"]
 
             # a watch that sees no new version ends in a 304
             r = await http.get(f"{url}/v1beta1/pools/{POOL}/limits",
