@@ -316,8 +316,7 @@ class Sidecar:
                 "preempted": flight.preempted if flight is not None else False,
                 "duration_ms": round(entry.duration_s * 1000, 3),
             })  # fmt: skip
-            # Logger.info without its stack walk for the caller (findCaller), the most of its cost
-            access_log.handle(access_log.makeRecord(access_log.name, logging.INFO, __file__, 0, line, (), None))
+            access_log.info("%s", line)
 
     async def _handle(
         self, request: web.Request, api: Api, t0: float, entry: AccessEntry | None
