@@ -19,6 +19,15 @@ reconciliation, metrics) of one guaranteed entitlement whose limits never bind.
 2. Capacity: closed-loop clients saturating the sidecar: requests/s (non-streamed) and
    streamed chunks/s (streams of 200 chunks), with the sidecar's CPU use read from
    ``/proc``; "per core" is the throughput divided by the fraction of a core it used.
+0. Sequential (first): one request at a time, non-streamed chat, in interleaved blocks: direct,
+   bare, the sidecar as deployed (access log on, written to a file; engine limits read from the
+   upstream's /metrics and /v1/models), and opt-in: ``--suspects`` (the same sidecar with its
+   access log off, with its engine-limit reads off), ``--tree DIR`` (the sidecar of another source
+   tree: a paired before/after of two builds), ``--litellm EXE`` (LiteLLM's proxy from an install
+   of its own, never a dependency of this project, with one openai-compatible model entry
+   pointing at the same upstream): added p50/p99, paired block differences, and LiteLLM's added
+   latency over the sidecar's (goal: <= +0.5 ms p50, <= +2 ms p99, >= 20x).
+   ``--only-sequential`` runs only this cell.
 3. Many entitlements (``--entitlements N``, default 10,000): a second sidecar, without a
    config, holding N entitlements from the real controller (``benchmarks/fleet.py``'s config,
    its synthetic exporter moving demand so that every 2-s interval publishes new limits),
@@ -40,6 +49,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -47,6 +57,7 @@ sys.path.insert(0, str(REPO))
 from tokenscaler.core.model import hash_api_key  # noqa: E402
 
 KEY = "sk-bench"
+LITELLM_KEY = "sk-" + hash_api_key(KEY)  # LiteLLM's master key (it refuses a weak one)
 LISTEN_RE = re.compile(r"listening on (http://127\.0\.0\.1:\d+)")
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello to the benchmark, please."}]}
 RESPONSES = {"model": "bench", "input": "Say hello to the benchmark, please."}
@@ -117,8 +128,21 @@ def serve_upstream(port: int) -> None:
         await resp.write_eof()
         return resp
 
+    # what a vLLM engine states of itself, so the sidecar reads its engine's limits as it does in
+    # production (KV 1e7 tokens and the config's 4,096-token window: nothing changes admission)
+    metrics = 'vllm:cache_config_info{block_size="16",num_gpu_blocks="625000"} 1.0\nprocess_start_time_seconds 1.0\n'
+
+    async def engine_metrics(request: web.Request) -> web.Response:
+        return web.Response(text=metrics, content_type="text/plain")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "bench", "object": "model",
+                                                              "max_model_len": 4096}]})  # fmt: skip
+
     async def main() -> None:
         app = web.Application()
+        app.router.add_get("/metrics", engine_metrics)
+        app.router.add_get("/v1/models", models)
         app.router.add_post("/v1/chat/completions", completions)
         app.router.add_post("/v1/responses", responses)
         runner = web.AppRunner(app, access_log=None)
@@ -179,8 +203,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args: list[str], cpu: int) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+def _start(
+    args: list[str], cpu: int, stderr: int | IO[str] = subprocess.STDOUT, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=REPO, env=env)
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setaffinity(proc.pid, {cpu})
     assert proc.stdout is not None
@@ -454,6 +480,141 @@ async def many_entitlements(n: int, duration_s: float, rate: float) -> None:
                     p.wait(5)
 
 
+# ---- sequential: one request at a time, beside LiteLLM ---------------------------------
+
+
+def _start_litellm(exe: str, up_url: str, cpu: int, tmp: Path) -> tuple[subprocess.Popen[str], str]:
+    """LiteLLM's proxy (an executable of its own install, never a dependency of this project) with one
+    openai-compatible model entry pointing at the instant upstream; ready once it answers a request."""
+    import urllib.request
+
+    config = Path(tmp) / "litellm.yaml"
+    config.write_text(json.dumps({
+        "model_list": [{"model_name": "bench", "litellm_params": {
+            "model": "openai/bench", "api_base": up_url + "/v1", "api_key": "sk-upstream"}}],
+        "litellm_settings": {"telemetry": False},
+        "general_settings": {"master_key": LITELLM_KEY},  # it refuses to start without one
+    }))  # fmt: skip
+    port = _free_port()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
+           "LITELLM_LOG": "ERROR", "NO_DOCS": "True"}  # fmt: skip
+    log = open(Path(tmp) / "litellm.log", "w")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen(
+        [exe, "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(proc.pid, {cpu})
+    url = f"http://127.0.0.1:{port}"
+    body = json.dumps({**CHAT, "max_tokens": 8}).encode()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {LITELLM_KEY}"}
+        req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers=headers)
+        with contextlib.suppress(OSError), urllib.request.urlopen(req, timeout=5) as r:
+            if r.status == 200:
+                return proc, url
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"LiteLLM's proxy did not answer; its log: {Path(tmp) / 'litellm.log'}")
+
+
+async def _sequential_block(session, url: str, n: int, api: str, key: str = KEY) -> list[float]:  # type: ignore[no-untyped-def]
+    path, base, limit = APIS[api]
+    body = json.dumps({**base, limit: 8}).encode()
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        async with session.post(url + path, data=body, headers=headers) as r:
+            await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"{url}{path}: HTTP {r.status}")
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def sequential(blocks: int, per_block: int, litellm: str | None, trees: list[str], suspects: bool) -> None:
+    """Non-streamed chat requests one at a time (the next sent when the last has been read), the
+    same client for every target, in interleaved blocks of ``per_block`` requests: the instant
+    upstream directly, the bare proxy, the sidecar as it runs by default (access log on, at INFO,
+    written to a file; engine limits read), with ``suspects`` the same sidecar with each of them
+    off, a sidecar of each source tree in ``trees`` (another build, for a paired before/after), and
+    with ``litellm`` LiteLLM's proxy against the same upstream."""
+    import aiohttp
+
+    cpus = (0, 1) if (os.cpu_count() or 1) >= 2 else (0, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, {cpus[1]})
+    procs: list[subprocess.Popen[str]] = []
+    with tempfile.TemporaryDirectory() as tmp, processes(cpus) as (up_url, bare_url, _sc, _pid):
+        config = Path(tmp) / "bench.yaml"
+        big = {"throughput_tokens_per_s": 1e6, "kv_tokens": 1e7, "concurrency": 1e5}
+        config.write_text(json.dumps({
+            "pools": [{"name": "bench", "replica": big, "max_replicas": 1, "target_utilization": 1.0,
+                       "max_model_len": 4096, "default_max_tokens": 8}],
+            "entitlements": [{"name": "gold", "pool": "bench", "tier": "guaranteed", "guaranteed": big,
+                              "burst": {"throughput_tokens_per_s": 1e7}, "api_keys": [hash_api_key(KEY)]}],
+        }))  # fmt: skip
+        variants: list[tuple[str, str, list[str]]] = [("sidecar", str(REPO), [])]  # (label, source tree, flags)
+        if suspects:
+            variants += [("  access log off", str(REPO), ["--access-log", "off"]),
+                         ("  engine limits off", str(REPO), ["--engine-limits", "off"])]  # fmt: skip
+        variants += [(f"tree {i}", str(Path(t).resolve()), []) for i, t in enumerate(trees)]
+        targets: dict[str, str] = {"direct": up_url, "bare": bare_url}
+        try:
+            for label, tree, flags in variants:
+                logf = open(Path(tmp) / f"access-{len(procs)}.log", "w")  # noqa: SIM115 - the process's stderr
+                proc, url = _start(
+                    [sys.executable, "-m", "tokenscaler", "sidecar", "--listen", "127.0.0.1:0", "--metrics-port",
+                     "0", "--upstream", up_url, "--config", str(config), "--pool", "bench", "--queue-size", "0",
+                     "--log-level", "INFO", *flags],
+                    cpus[0], stderr=logf, env={**os.environ, "PYTHONPATH": tree},
+                )  # fmt: skip
+                procs.append(proc)
+                targets[label] = url
+            if litellm:
+                proc, url = _start_litellm(litellm, up_url, cpus[0], Path(tmp))
+                procs.append(proc)
+                targets["litellm"] = url
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+                keys = {label: LITELLM_KEY if label == "litellm" else KEY for label in targets}
+                for label, url in targets.items():  # warm up connections and code paths
+                    await _sequential_block(session, url, 200, "chat", keys[label])
+                times: dict[str, list[float]] = {k: [] for k in targets}
+                block_p50: dict[str, list[float]] = {k: [] for k in targets}
+                for _ in range(blocks):
+                    for label, url in targets.items():
+                        block = await _sequential_block(session, url, per_block, "chat", keys[label])
+                        times[label].extend(block)
+                        block_p50[label].append(_pct(block, 0.5))
+            lines = sum(1 for p in Path(tmp).glob("access-0.log") for line in p.open() if line.startswith("{"))
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+    d50, d99 = _pct(times["direct"], 0.5) * 1e3, _pct(times["direct"], 0.99) * 1e3
+    print()
+    print(f"# sequential: non-streamed chat, one request at a time, {blocks} interleaved blocks of {per_block} per "
+          f"target ({blocks * per_block} each); added = target - direct (ms); the default sidecar wrote "
+          f"{lines} access-log lines")  # fmt: skip
+    print("# paired: the median over blocks of (this target's block p50 - the default sidecar's in the same round)")
+    print(f"{'target':<20} | {'p50':>7} {'p99':>7} | {'added p50':>9} {'p99':>6} | {'paired vs sidecar':>17}")
+    added: dict[str, tuple[float, float]] = {}
+    for label, values in times.items():
+        v50, v99 = _pct(values, 0.5) * 1e3, _pct(values, 0.99) * 1e3
+        added[label] = (v50 - d50, v99 - d99)
+        paired = _pct([a - b for a, b in zip(block_p50[label], block_p50["sidecar"], strict=True)], 0.5) * 1e3
+        print(f"{label:<20} | {v50:>7.3f} {v99:>7.2f} | {v50 - d50:>+9.3f} {v99 - d99:>+6.2f} | {paired:>+17.3f}")
+    if "litellm" in added:
+        (l50, l99), (s50, s99) = added["litellm"], added["sidecar"]
+        print(f"LiteLLM's added latency / the sidecar's: p50 {l50 / s50:.1f}x, p99 {l99 / s99:.1f}x "
+              "(goal: sidecar <= +0.5 ms p50, <= +2 ms p99, >= 20x)")  # fmt: skip
+    else:
+        print("(LiteLLM's proxy not measured: --litellm PATH-TO-ITS-EXECUTABLE adds it)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter cells (2 s) and fewer rates")
@@ -463,6 +624,18 @@ def main() -> int:
     parser.add_argument("--entitlements", type=int, default=10_000,
                         help="the cell of a sidecar holding this many from the controller (0: skip)")  # fmt: skip
     parser.add_argument("--only-entitlements", action="store_true", help="run only that cell")
+    parser.add_argument("--only-sequential", action="store_true", help="run only the sequential cell")
+    parser.add_argument("--litellm", metavar="EXE", default=None,
+                        help="LiteLLM's proxy executable (its own install): the sequential cell adds it")  # fmt: skip
+    parser.add_argument("--suspects", action="store_true",
+                        help="the sequential cell adds the sidecar with its access log off and its engine-limit "
+                        "reads off")  # fmt: skip
+    parser.add_argument("--tree", action="append", default=[], metavar="DIR",
+                        help="the sequential cell adds the sidecar of this source tree (another build; repeatable)")
+    parser.add_argument("--sequential-blocks", type=int, default=None, metavar="N",
+                        help="interleaved blocks of the sequential cell (default: 20, 8 with --quick)")
+    parser.add_argument("--sequential-size", type=int, default=100, metavar="N",
+                        help="requests per block of the sequential cell (default: %(default)s)")  # fmt: skip
     args = parser.parse_args()
     if args.serve_upstream is not None:
         serve_upstream(args.serve_upstream)
@@ -472,7 +645,12 @@ def main() -> int:
         return 0
     import uvloop
 
+    blocks = args.sequential_blocks or (8 if args.quick else 20)
+    if args.only_sequential:
+        uvloop.run(sequential(blocks, args.sequential_size, args.litellm, args.tree, args.suspects))
+        return 0
     if not args.only_entitlements:
+        uvloop.run(sequential(blocks, args.sequential_size, args.litellm, args.tree, args.suspects))
         if args.quick:
             uvloop.run(run([50, 200], 2.0, 3.0))
         else:

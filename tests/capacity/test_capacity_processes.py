@@ -113,6 +113,10 @@ def test_never_fitting_requests_are_400_and_never_reach_the_engine(demo_engine: 
         assert metric(demo_engine.url, "vllm:prompt_tokens_total") == seen  # the engine never saw any of them
         # each is one access-log line with its duration (how fast: BENCHMARKS.md, "Never-fitting
         # requests"; a timed assertion here failed on a loaded machine with nothing wrong)
+        # (written just after each response is sent: wait for them)
+        wait_until(
+            lambda: sum(e["status"] == 400 for e in access_lines(sc)) >= 6, timeout=5, message="six 400 lines"
+        )
         durations = [e["duration_ms"] for e in access_lines(sc) if e["status"] == 400][:5]
         assert len(durations) == 5 and all(d >= 0 for d in durations)
 

@@ -68,13 +68,17 @@ def _presented_key(request: web.Request) -> str | None:
 class AccessEntry:
     """What the access log says of one request, filled in as it is handled."""
 
-    __slots__ = ("dimension", "entitlement", "flight", "tier")
+    __slots__ = ("dimension", "duration_s", "entitlement", "flight", "route", "status", "tier", "ts")
 
-    def __init__(self) -> None:
+    def __init__(self, route: str) -> None:
+        self.route = route
         self.entitlement: str | None = None
         self.tier: str | None = None
         self.dimension: str | None = None
         self.flight: Flight | None = None
+        self.status = 500
+        self.ts = 0.0  # when it ended (epoch seconds)
+        self.duration_s = 0.0
 
 _DROP_REQUEST = frozenset(
     ("host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
@@ -130,6 +134,7 @@ class Sidecar:
         self._identities(config.entitlements_of(pool))
         self.session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
+        self._access_pending: list[AccessEntry] = []  # ended, their access-log lines not yet written
         self.app = web.Application(client_max_size=options.max_body_bytes)
         for api in METERED:
             self.app.router.add_post(api.route, self._handler(api))
@@ -269,42 +274,49 @@ class Sidecar:
     # ---- generation routes, with the access log ------------------------------------------
 
     async def _generate(self, request: web.Request, api: Api) -> web.StreamResponse:
-        if not self.options.access_log:
+        if not self.options.access_log or not access_log.isEnabledFor(logging.INFO):
             return await self._handle(request, api, perf_counter(), None)
         t0 = perf_counter()
-        entry = AccessEntry()
-        status = 500
+        entry = AccessEntry(request.path)
         try:
             resp = await self._handle(request, api, t0, entry)
-            status = resp.status
+            entry.status = resp.status
             return resp
         except asyncio.CancelledError:
-            status = 499  # the client went away
+            entry.status = 499  # the client went away
             raise
         finally:
-            self._log_access(request, entry, status, t0)
+            # when it ended; the line is written after the response is on its way (_write_access)
+            entry.ts, entry.duration_s = time.time(), perf_counter() - t0
+            self._access_pending.append(entry)
+            if len(self._access_pending) == 1:
+                asyncio.get_running_loop().call_soon(self._write_access)
 
-    def _log_access(self, request: web.Request, entry: AccessEntry, status: int, t0: float) -> None:
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        flight = entry.flight
-        record = {
-            "ts": round(time.time(), 3),
-            "event": "request",
-            "pool": self.pool.name,
-            "replica": self.metrics.replica,
-            "route": request.path,
-            "entitlement": entry.entitlement,
-            "tier": entry.tier,
-            "status": status,
-            "prompt_tokens": flight.counted_prompt if flight is not None else 0,
-            "output_tokens": flight.counted_gen if flight is not None else 0,
-            "dimension": entry.dimension,
-            "backfill": flight.res.backfill if flight is not None else None,
-            "preempted": flight.preempted if flight is not None else False,
-            "duration_ms": round((perf_counter() - t0) * 1000, 3),
-        }
-        access_log.info("%s", _ACCESS_DUMPS(record))
+    def _write_access(self) -> None:
+        """The access-log lines of the requests that ended since the last call, one JSON line each:
+        formatted and written off the request path (aiohttp sends a handler's response when the
+        handler returns, before the loop runs this), so a request's latency never includes its line."""
+        pending, self._access_pending = self._access_pending, []
+        pool, replica = self.pool.name, self.metrics.replica
+        for entry in pending:
+            flight = entry.flight
+            line = _ACCESS_DUMPS({
+                "ts": round(entry.ts, 3),
+                "event": "request",
+                "pool": pool,
+                "replica": replica,
+                "route": entry.route,
+                "entitlement": entry.entitlement,
+                "tier": entry.tier,
+                "status": entry.status,
+                "prompt_tokens": flight.counted_prompt if flight is not None else 0,
+                "output_tokens": flight.counted_gen if flight is not None else 0,
+                "dimension": entry.dimension,
+                "backfill": flight.res.backfill if flight is not None else None,
+                "preempted": flight.preempted if flight is not None else False,
+                "duration_ms": round(entry.duration_s * 1000, 3),
+            })  # fmt: skip
+            access_log.info("%s", line)
 
     async def _handle(
         self, request: web.Request, api: Api, t0: float, entry: AccessEntry | None
