@@ -15,18 +15,38 @@ before measuring (a query's cost grows with them: steady state is ~10 min of 5 s
 The baseline in the same run is the bare query round trip (one ``sum by (pool) (...)``
 answering a single series), so the ratio shows what the query set and the solve add.
 Also: ``GetMetrics`` latency under 100 concurrent callers (benchmarks/scaler.py).
+
+Where an interval's time goes (``--phases``): per interval, the source's read split into
+the slowest query's HTTP round trip (until its last byte), decoding and columns in the
+fetching threads, and assembling the observation on the event loop; the cyclic
+collector's pauses; and the CPU the exporter and Prometheus used meanwhile (from
+``/proc``). Printed as p50 and p99 per phase, and the mean of each phase over the slowest
+5% of intervals against the median ones: the phase that carries the tail.
+``--source scrape`` runs the same controller on the scrape source against the exporter,
+no Prometheus at all. ``--pair-ingestion on,off,on`` (Prometheus only) then runs blocks
+of ``--intervals`` intervals that all query one instant already ingested, with
+Prometheus scraping and evaluating its rules (``on``) or with both removed by a config
+reload (``off``: same head, same answers, no ingestion): the pair that tells
+Prometheus's ingestion from the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
+import os
 import platform
+import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +59,135 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from tests.prometheus import PrometheusServer, static_job  # noqa: E402
 from tests.support import Proc, wait_until  # noqa: E402
-from tokenscaler.cli.runtime import settle_heap  # noqa: E402
+from tokenscaler.cli.runtime import CONTROLLER_YOUNG_GC, settle_heap  # noqa: E402
 from tokenscaler.control.loop import Controller  # noqa: E402
 from tokenscaler.control.metrics import ControllerMetrics  # noqa: E402
 from tokenscaler.control.store import PlanStore  # noqa: E402
 from tokenscaler.core.model import parse_config  # noqa: E402
-from tokenscaler.sources.prometheus import PrometheusSource, recording_rules  # noqa: E402
+from tokenscaler.core.observation import LoadProfile, Observation  # noqa: E402
+from tokenscaler.sources.prometheus import PrometheusSource, Query, assemble, recording_rules  # noqa: E402
+from tokenscaler.sources.scrape import PoolTargets, ScrapeConfig, ScrapeSource  # noqa: E402
+
+TICK_S = 1.0 / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S
+
+
+def go_gc_cycles(url: str) -> float:
+    """Prometheus's own Go garbage collections so far (its ``go_gc_duration_seconds_count``)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("go_gc_duration_seconds_count"):
+                return float(line.split()[-1])
+    return float("nan")
+
+
+def self_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class GcPauses:
+    """The cyclic collector's pauses (any thread), summed until :meth:`take`."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.count = 0
+        self._started: dict[int, float] = {}
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started[threading.get_ident()] = time.perf_counter()
+        else:
+            t0 = self._started.pop(threading.get_ident(), None)
+            if t0 is not None:
+                self.total += time.perf_counter() - t0
+                self.count += 1
+
+    def take(self) -> tuple[float, int]:
+        out = (self.total, self.count)
+        self.total, self.count = 0.0, 0
+        return out
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+
+class TimedPrometheusSource(PrometheusSource):
+    """The real source, its last read timed: per query the HTTP round trip (until the last
+    byte) and the whole query in its thread (with decoding and columns); then assembling."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._local = threading.local()
+        self.last: dict[str, float] = {}
+        self._queries: list[tuple[str, float, float]] = []
+        request = self._session.request
+
+        def timed_request(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return request(*a, **k)
+            finally:
+                self._local.http = time.perf_counter() - t0
+
+        self._session.request = timed_request  # type: ignore[method-assign]
+
+    def _query_parsed(self, q: Query, now: float):
+        t0 = time.perf_counter()
+        self._local.http = 0.0
+        try:
+            return super()._query_parsed(q, now)
+        finally:
+            self._queries.append((q.name, self._local.http, time.perf_counter() - t0))
+
+    async def read(self, now: float) -> Observation:
+        self._queries = []
+        t0 = time.perf_counter()
+        results = await self._gather(self.queries, now)
+        t1 = time.perf_counter()
+        obs = assemble(now, results, self.queries, self.max_staleness_s)
+        t2 = time.perf_counter()
+        slowest = max(self._queries, key=lambda x: x[2])
+        self.last = {
+            "gather": t1 - t0,
+            "slowest http": slowest[1],
+            "slowest rest": slowest[2] - slowest[1],
+            "http sum": sum(x[1] for x in self._queries),
+            "rest sum": sum(x[2] - x[1] for x in self._queries),
+            "assemble": t2 - t1,
+        }
+        return obs
+
+
+class AtInstant:
+    """A source that reads one fixed instant, whatever the interval's clock says (the
+    observation then carries the interval's time): the same answers every interval."""
+
+    def __init__(self, inner: PrometheusSource, at: float) -> None:
+        self.inner, self.at = inner, at
+
+    @property
+    def last(self) -> dict[str, float]:
+        return getattr(self.inner, "last", {})
+
+    async def read(self, now: float) -> Observation:
+        obs = await self.inner.read(self.at)
+        obs.time = now
+        return obs
+
+    async def read_profile(self, now: float) -> LoadProfile:
+        profile = await self.inner.read_profile(self.at)
+        profile.time = now
+        return profile
+
+    async def close(self) -> None:
+        pass
 
 
 def bench_config(n: int) -> dict:
@@ -68,38 +211,121 @@ def bench_config(n: int) -> dict:
     }
 
 
+PHASES = ("read", "plan", "published", "persist")
+READ_PHASES = ("gather", "slowest http", "slowest rest", "http sum", "rest sum", "assemble")
+
+
+def prometheus_config(prom: PrometheusServer, jobs: list, rule_files: list[Path] | None) -> None:
+    """Rewrite the running Prometheus's config and reload it (SIGHUP)."""
+    config = yaml.safe_load(prom.config_path.read_text())
+    config["scrape_configs"] = jobs
+    config["rule_files"] = [str(p) for p in rule_files or []]
+    prom.config_path.write_text(yaml.safe_dump(config))
+    prom.proc.popen.send_signal(signal.SIGHUP)
+
+
+async def run_intervals(
+    controller: Controller,
+    source,
+    intervals: int,
+    pace_s: float,
+    pids: dict[str, int],
+    gcs: GcPauses,
+    block: str,
+    profile: bool,
+) -> list[dict[str, float | str]]:
+    """``intervals`` intervals, one every ``pace_s``, each a record of its phases (seconds)."""
+    records: list[dict[str, float | str]] = []
+    for i in range(intervals):
+        started = time.perf_counter()
+        rec: dict[str, float | str] = {"block": block, "wall": time.time()}
+        if isinstance(source, PrometheusSource):
+            await asyncio.to_thread(
+                source._client.custom_query, "sum by (pool) (tokenscaler_sidecar_limits_age_seconds)"
+            )
+            rec["baseline query"] = time.perf_counter() - started
+        prom_url = getattr(getattr(controller.source, "inner", controller.source), "url", None)
+        go_gc0 = go_gc_cycles(prom_url) if prom_url else 0.0
+        cpu0 = {k: cpu_s(pid) for k, pid in pids.items()}
+        me0 = self_cpu_s()
+        gcs.take()
+        t0 = time.perf_counter()
+        published = await controller.step()
+        elapsed = time.perf_counter() - t0
+        assert published is not None and not published.stale
+        assert len(published.plan.pools["bench"].rows.names) == len(controller.config.entitlements)
+        rec.update({phase: controller.timings[phase] for phase in PHASES})
+        rec.update(getattr(controller.source, "last", {}))
+        rec["gc"], rec["gc count"] = gcs.take()
+        rec["controller cpu"] = self_cpu_s() - me0
+        for k, pid in pids.items():
+            rec[f"{k} cpu"] = cpu_s(pid) - cpu0[k]
+        rec["step"] = elapsed
+        if prom_url:
+            rec["prometheus gc count"] = go_gc_cycles(prom_url) - go_gc0
+        if profile and i % 3 == 2:
+            t1 = time.perf_counter()
+            assert await controller.refresh_profile()
+            rec["profile"] = time.perf_counter() - t1
+        records.append(rec)
+        await asyncio.sleep(max(pace_s - (time.perf_counter() - started), 0.0))
+    return records
+
+
 async def measure(
-    n: int, intervals: int, workdir: Path, recorded: bool, every_s: int, pace_s: float, warmup_s: float
-) -> dict[str, list[float]]:
+    n: int,
+    intervals: int,
+    workdir: Path,
+    recorded: bool,
+    every_s: int,
+    pace_s: float,
+    warmup_s: float,
+    source_kind: str = "prometheus",
+    pair: list[str] | None = None,
+    young_gc: list[int] | None = None,
+) -> list[dict[str, float | str]]:
     exporter = Proc([sys.executable, str(REPO / "benchmarks" / "synthetic_exporter.py"), "--entitlements", str(n)])
     port = int(exporter.wait_for_line(r"listening on http://127.0.0.1:(\d+)").group(1))
-    rules = workdir / "rules.yml"
-    rules.write_text(yaml.safe_dump(recording_rules(rate_window_s=30, interval_s=every_s)))
-    job = static_job("bench", [f"127.0.0.1:{port}"], honor_labels=True)
-    rule_files = [rules] if recorded else None
-    prom = PrometheusServer(workdir / f"prom-{n}-{recorded}", [job], f"{every_s}s", rule_files=rule_files)
+    pids = {"exporter": exporter.popen.pid}
+    prom = None
+    gcs = GcPauses()
     try:
-        # two scrapes at least, so rate() has two points
-        wait_until(
-            lambda: prom.query('sum(rate(tokenscaler_sidecar_offered_weighted_tokens_total{entitlement="e0"}[30s]))'),
-            timeout=60,
-            interval=0.5,
-            message="rates in Prometheus",
-        )
-        if recorded:
-            for record in (
-                "pool_entitlement:tokenscaler_sidecar_offered_weighted_tokens:rate30s",
-                "pool_entitlement:tokenscaler_sidecar_inflight_requests:sum",
-            ):
-                wait_until(
-                    lambda record=record: len(prom.query(record)) == n,
-                    timeout=60,
-                    interval=0.5,
-                    message=f"recorded series {record}",
-                )
-        await asyncio.sleep(warmup_s)
+        if source_kind == "scrape":
+            url = f"http://127.0.0.1:{port}/metrics"
+            # the exporter serves engines and sidecars on one port: two URLs, so two targets
+            targets = PoolTargets.model_validate({"engines": [f"{url}?engine"], "sidecars": [url]})
+            source = ScrapeSource(ScrapeConfig(pools={"bench": targets}, timeout_s=10))
+            await asyncio.sleep(warmup_s)
+        else:
+            rules = workdir / "rules.yml"
+            rules.write_text(yaml.safe_dump(recording_rules(rate_window_s=30, interval_s=every_s)))
+            job = static_job("bench", [f"127.0.0.1:{port}"], honor_labels=True)
+            rule_files = [rules] if recorded else None
+            prom = PrometheusServer(workdir / f"prom-{n}-{recorded}", [job], f"{every_s}s", rule_files=rule_files)
+            pids["prometheus"] = prom.proc.popen.pid
+            # two scrapes at least, so rate() has two points
+            wait_until(
+                lambda: prom.query(
+                    'sum(rate(tokenscaler_sidecar_offered_weighted_tokens_total{entitlement="e0"}[30s]))'
+                ),
+                timeout=60,
+                interval=0.5,
+                message="rates in Prometheus",
+            )
+            if recorded:
+                for record in (
+                    "pool_entitlement:tokenscaler_sidecar_offered_weighted_tokens:rate30s",
+                    "pool_entitlement:tokenscaler_sidecar_inflight_requests:sum",
+                ):
+                    wait_until(
+                        lambda record=record: len(prom.query(record)) == n,
+                        timeout=60,
+                        interval=0.5,
+                        message=f"recorded series {record}",
+                    )
+            await asyncio.sleep(warmup_s)
+            source = TimedPrometheusSource(prom.url, rate_window_s=30, timeout_s=10, recorded=recorded)
         config = parse_config(bench_config(n))
-        source = PrometheusSource(prom.url, rate_window_s=30, timeout_s=10, recorded=recorded)
         controller = Controller(
             config,
             source,
@@ -108,31 +334,66 @@ async def measure(
             interval_s=5.0,
             state_path=workdir / f"state-{n}.json",
         )
-        settle_heap()  # as `tokenscaler controller` does once started
-        names = ("baseline query", "read", "plan", "published", "persist", "profile")
-        phases: dict[str, list[float]] = {k: [] for k in names}
-        await controller.refresh_profile()
-        for i in range(intervals):
-            started = time.perf_counter()
-            await asyncio.to_thread(
-                source._client.custom_query, "sum by (pool) (tokenscaler_sidecar_limits_age_seconds)"
-            )
-            phases["baseline query"].append(time.perf_counter() - started)
-            published = await controller.step()
-            assert published is not None and not published.stale
-            assert len(published.plan.pools["bench"].rows.names) == n
-            for phase in ("read", "plan", "published", "persist"):
-                phases[phase].append(controller.timings[phase])
-            if i % 3 == 2:
-                t0 = time.perf_counter()
-                assert await controller.refresh_profile()
-                phases["profile"].append(time.perf_counter() - t0)
-            await asyncio.sleep(max(pace_s - (time.perf_counter() - started), 0.0))
+        settle_heap(CONTROLLER_YOUNG_GC)  # as `tokenscaler controller` does once started
+        profile = isinstance(source, PrometheusSource)
+        if profile:
+            await controller.refresh_profile()
+        else:
+            await controller.step()  # the scrape source's rates need a previous round
+        records = []
+        for young in young_gc or [None]:
+            block = "live"
+            if young is not None:  # only the youngest generation's threshold differs between blocks
+                gc.collect()
+                gc.set_threshold(young, *gc.get_threshold()[1:])
+                block = f"live, young gc {young}"
+            records += await run_intervals(controller, source, intervals, pace_s, pids, gcs, block, profile)
+        if pair and prom is not None:
+            at = time.time() - 2 * every_s  # ingested: scraped and recorded by now
+            controller.source = AtInstant(source, at)
+            for block in pair:
+                if block == "off":
+                    prometheus_config(prom, [], None)
+                else:
+                    prometheus_config(prom, [job], rule_files)
+                await asyncio.sleep(2 * every_s)  # the reload applied, a scrape and an evaluation in
+                records += await run_intervals(
+                    controller, source, intervals, pace_s, pids, gcs, f"instant, ingestion {block}", profile
+                )
         await source.close()
-        return phases
+        return records
     finally:
-        prom.stop()
+        gcs.close()
+        if prom is not None:
+            prom.stop()
         exporter.stop()
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def print_phases(label: str, records: list[dict[str, float | str]]) -> None:
+    """p50 and p99 of each phase, and which phase carries the slowest 5% of intervals."""
+    order = ("baseline query", *PHASES, *READ_PHASES, "gc", "gc count", "controller cpu", "exporter cpu")
+    order += ("prometheus cpu", "prometheus gc count", "profile")
+    keys = [k for k in order if any(k in r for r in records)]
+    published = sorted(float(r["published"]) for r in records)
+    cut = published[max(int(len(published) * 0.95) - 1, 0)]
+    tail = [r for r in records if float(r["published"]) >= cut] or records
+    mid = sorted(records, key=lambda r: float(r["published"]))
+    median = mid[len(mid) // 4 : len(mid) * 3 // 4] or mid  # the middle half
+    print(f"\n{label}: {len(records)} intervals; slowest 5%: {len(tail)} (published >= {cut * 1e3:.0f} ms)")
+    print(f"{'phase':>16} | {'p50 ms':>8} | {'p99 ms':>8} | {'mid-half mean':>13} | {'slowest-5% mean':>15}")
+    for k in keys:
+        scale = 1 if k.endswith("count") else 1e3
+        vals = [float(r[k]) * scale for r in records if k in r]
+        m = [float(r[k]) * scale for r in median if k in r]
+        t = [float(r[k]) * scale for r in tail if k in r]
+        print(
+            f"{k:>16} | {pct(vals, 50):>8.1f} | {pct(vals, 99):>8.1f} | "
+            f"{statistics.fmean(m) if m else float('nan'):>13.1f} | {statistics.fmean(t) if t else float('nan'):>15.1f}"
+        )
 
 
 def main() -> int:
@@ -144,27 +405,74 @@ def main() -> int:
     ap.add_argument("--pace-s", type=float, default=2.0, help="seconds between interval starts (default 2)")
     ap.add_argument("--warmup-s", type=float, default=0.0, help="let Prometheus run this long before measuring")
     ap.add_argument("--modes", default="inline,recorded")
+    ap.add_argument("--source", choices=("prometheus", "scrape"), default="prometheus")
+    ap.add_argument("--phases", action="store_true", help="print each phase's p50 and p99, and the tail's phases")
+    ap.add_argument("--pair-ingestion", default="", help="blocks at one ingested instant, e.g. on,off,on")
+    ap.add_argument("--young-gc", default="", help="blocks with these young-generation GC thresholds, e.g. 700,...")
+    ap.add_argument("--prometheus-gogc", default="", help="GOGC for Prometheus (its Go collector; default 100)")
+    ap.add_argument("--dump", type=Path, help="write every interval's record here (JSON lines)")
     args = ap.parse_args()
     print(
         f"# {platform.node()} | {platform.machine()} | Python {platform.python_version()} | {time.strftime('%Y-%m-%d')}"
-        f" | warm-up {args.warmup_s:g} s"
+        f" | warm-up {args.warmup_s:g} s | source {args.source}"
     )
     cols = ["baseline ms", "read ms", "plan ms", "published ms", "published p99", "persist ms", "profile ms"]
     header = f"{'entitlements':>12} | {'mode':>8} | " + " | ".join(f"{c:>13}" for c in cols) + " | published/baseline"
-    print(header)
-    print("-" * len(header))
-    modes = [m == "recorded" for m in args.modes.split(",")]
+    modes = [m == "recorded" for m in args.modes.split(",")] if args.source == "prometheus" else [False]
+    pair = [b for b in args.pair_ingestion.split(",") if b]
+    if any(b not in ("on", "off") for b in pair):
+        ap.error("--pair-ingestion: blocks are on or off")
+    young_gc = [int(x) for x in args.young_gc.split(",") if x] or None
+    if args.prometheus_gogc:
+        os.environ["GOGC"] = args.prometheus_gogc  # inherited by the Prometheus started below
+    runs: list[tuple[str, list[dict[str, float | str]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n, recorded in ((int(s), r) for s in args.sizes.split(",") for r in modes):
-            ph = asyncio.run(
-                measure(n, args.intervals, Path(tmp), recorded, args.scrape_interval_s, args.pace_s, args.warmup_s)
+            records = asyncio.run(
+                measure(
+                    n,
+                    args.intervals,
+                    Path(tmp),
+                    recorded,
+                    args.scrape_interval_s,
+                    args.pace_s,
+                    args.warmup_s,
+                    args.source,
+                    pair,
+                    young_gc,
+                )
             )
-            ms = {k: statistics.median(v) * 1e3 for k, v in ph.items()}
-            p99 = float(np.percentile(ph["published"], 99)) * 1e3
-            values = [ms["baseline query"], ms["read"], ms["plan"], ms["published"], p99, ms["persist"], ms["profile"]]
-            ratio = ms["published"] / ms["baseline query"]
-            mode = "recorded" if recorded else "inline"
-            print(f"{n:>12,} | {mode:>8} | " + " | ".join(f"{v:>13.1f}" for v in values) + f" | {ratio:>18.0f}x")
+            mode = args.source if args.source == "scrape" else ("recorded" if recorded else "inline")
+            runs.append((f"{n:,} {mode}", records))
+    print(header)
+    print("-" * len(header))
+    for label, records in runs:
+        n, mode = label.split()
+        blocks = dict.fromkeys(str(r["block"]) for r in records)
+        for block in blocks:
+            rs = [r for r in records if r["block"] == block]
+
+            def med(k: str, rs=rs) -> float:
+                vals = [float(r[k]) for r in rs if k in r]
+                return statistics.median(vals) * 1e3 if vals else float("nan")
+
+            p99 = pct([float(r["published"]) for r in rs], 99) * 1e3
+            values = [med("baseline query"), med("read"), med("plan"), med("published"), p99, med("persist")]
+            values.append(med("profile"))
+            ratio = med("published") / med("baseline query")
+            name = mode if block == "live" else f"{mode}, {block}"
+            if args.prometheus_gogc:
+                name += f", GOGC={args.prometheus_gogc}"
+            print(f"{n:>12} | {name:>8} | " + " | ".join(f"{v:>13.1f}" for v in values) + f" | {ratio:>18.0f}x")
+    if args.phases:
+        for label, records in runs:
+            for block in dict.fromkeys(str(r["block"]) for r in records):
+                print_phases(f"{label}, {block}", [r for r in records if r["block"] == block])
+    if args.dump:
+        with args.dump.open("w") as f:
+            for label, records in runs:
+                for r in records:
+                    f.write(json.dumps({"run": label, **r}) + "\n")
     if not args.skip_scaler:
         print()
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "scaler.py")], check=False)

@@ -317,7 +317,7 @@ async def _main(args: argparse.Namespace) -> int:
 
             operator.on_config(on_config)
             restored = None  # a leader restores when it starts leading
-        runtime.settle_heap()
+        runtime.settle_heap(young_threshold=runtime.CONTROLLER_YOUNG_GC)
         log.info("%s", security.describe())
         security.start()
         bound_http = http_sock.getsockname()[1]

@@ -41,6 +41,13 @@ async def until_signal() -> None:
     await stop.wait()
 
 
+# The controller's youngest-generation threshold: at 10,000 entitlements an interval decodes
+# ~80,000 container objects (the answers' series) that all live until their columns are built,
+# so at the default (700) it ran ~110 collections per interval, each promoting live answers
+# towards the older generations (BENCHMARKS.md, "Controller").
+CONTROLLER_YOUNG_GC = 100_000
+
+
 def settle_heap(young_threshold: int | None = None) -> None:
     """Move every object alive now (a role's configuration, indexes, restored state) to the
     collector's permanent generation (``gc.freeze``): they live as long as the process,
