@@ -27,13 +27,17 @@ no Prometheus at all. ``--pair-ingestion on,off,on`` (Prometheus only) then runs
 of ``--intervals`` intervals that all query one instant already ingested, with
 Prometheus scraping and evaluating its rules (``on``) or with both removed by a config
 reload (``off``: same head, same answers, no ingestion): the pair that tells
-Prometheus's ingestion from the rest.
+Prometheus's ingestion from the rest. ``--prometheus-gogc default,400,default,400`` runs
+one block per value, each on a fresh Prometheus started with that ``GOGC`` (and its own
+warm-up); ``--pin unpinned,pinned,...`` runs blocks on one Prometheus with it on the first
+core and the controller on the last (``pinned``) or both free.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -165,6 +169,49 @@ class TimedPrometheusSource(PrometheusSource):
         return obs
 
 
+class TimedScrapeSource(ScrapeSource):
+    """The real scrape source, its last read timed: the fetches (the slowest one, and all of
+    them concurrently), then in the worker thread the text parsing (filter and
+    prometheus-client's parser) and turning the samples into an observation."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last: dict[str, float] = {}
+        self._fetches: list[float] = []
+        self._observe_s = 0.0
+
+    async def _fetch(self, url: str) -> str:
+        t0 = time.perf_counter()
+        try:
+            return await super()._fetch(url)
+        finally:
+            self._fetches.append(time.perf_counter() - t0)
+
+    def observe(self, results, now: float) -> Observation:
+        t0 = time.perf_counter()
+        try:
+            return super().observe(results, now)
+        finally:
+            self._observe_s = time.perf_counter() - t0
+
+    def _parse_and_observe(self, jobs, texts, now: float) -> Observation:
+        t0 = time.perf_counter()
+        obs = super()._parse_and_observe(jobs, texts, now)
+        self.last["parse"] = time.perf_counter() - t0 - self._observe_s
+        self.last["observe"] = self._observe_s
+        return obs
+
+    async def read(self, now: float) -> Observation:
+        self._fetches = []
+        self.last = {}
+        t0 = time.perf_counter()
+        obs = await super().read(now)
+        self.last.update(
+            {"gather": time.perf_counter() - t0, "slowest http": max(self._fetches), "http sum": sum(self._fetches)}
+        )
+        return obs
+
+
 class AtInstant:
     """A source that reads one fixed instant, whatever the interval's clock says (the
     observation then carries the interval's time): the same answers every interval."""
@@ -212,7 +259,7 @@ def bench_config(n: int) -> dict:
 
 
 PHASES = ("read", "plan", "published", "persist")
-READ_PHASES = ("gather", "slowest http", "slowest rest", "http sum", "rest sum", "assemble")
+READ_PHASES = ("gather", "slowest http", "slowest rest", "http sum", "rest sum", "assemble", "parse", "observe")
 
 
 def prometheus_config(prom: PrometheusServer, jobs: list, rule_files: list[Path] | None) -> None:
@@ -272,6 +319,58 @@ async def run_intervals(
     return records
 
 
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus`` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def start_prometheus(
+    n: int, workdir: Path, port: int, recorded: bool, every_s: int, gogc: str | None
+) -> tuple[PrometheusServer, dict, list[Path] | None]:
+    """A Prometheus scraping the exporter (GOGC ``gogc``, None or "default": Go's default),
+    returned once its rates (and recorded series) answer."""
+    rules = workdir / "rules.yml"
+    rules.write_text(yaml.safe_dump(recording_rules(rate_window_s=30, interval_s=every_s)))
+    job = static_job("bench", [f"127.0.0.1:{port}"], honor_labels=True)
+    rule_files = [rules] if recorded else None
+    saved = os.environ.pop("GOGC", None)
+    if gogc and gogc != "default":
+        os.environ["GOGC"] = gogc  # inherited by the Prometheus started here
+    try:
+        prom = PrometheusServer(
+            Path(tempfile.mkdtemp(prefix=f"prom-{n}-{recorded}-", dir=workdir)), [job], f"{every_s}s", rule_files
+        )
+    finally:
+        os.environ.pop("GOGC", None)
+        if saved is not None:
+            os.environ["GOGC"] = saved
+    try:
+        # two scrapes at least, so rate() has two points
+        wait_until(
+            lambda: prom.query('sum(rate(tokenscaler_sidecar_offered_weighted_tokens_total{entitlement="e0"}[30s]))'),
+            timeout=60,
+            interval=0.5,
+            message="rates in Prometheus",
+        )
+        if recorded:
+            for record in (
+                "pool_entitlement:tokenscaler_sidecar_offered_weighted_tokens:rate30s",
+                "pool_entitlement:tokenscaler_sidecar_inflight_requests:sum",
+            ):
+                wait_until(
+                    lambda record=record: len(prom.query(record)) == n,
+                    timeout=60,
+                    interval=0.5,
+                    message=f"recorded series {record}",
+                )
+    except BaseException:
+        prom.stop()
+        raise
+    return prom, job, rule_files
+
+
 async def measure(
     n: int,
     intervals: int,
@@ -283,51 +382,24 @@ async def measure(
     source_kind: str = "prometheus",
     pair: list[str] | None = None,
     young_gc: list[int] | None = None,
+    gogc: list[str] | None = None,
+    pin: list[str] | None = None,
 ) -> list[dict[str, float | str]]:
+    """The intervals' records. Blocks: with several ``gogc`` values, one fresh Prometheus per
+    block (each its warm-up); within each, the ``young_gc`` or ``pin`` blocks on the same
+    Prometheus, then the ``pair`` blocks."""
     exporter = Proc([sys.executable, str(REPO / "benchmarks" / "synthetic_exporter.py"), "--entitlements", str(n)])
     port = int(exporter.wait_for_line(r"listening on http://127.0.0.1:(\d+)").group(1))
     pids = {"exporter": exporter.popen.pid}
     prom = None
     gcs = GcPauses()
-    try:
-        if source_kind == "scrape":
-            url = f"http://127.0.0.1:{port}/metrics"
-            # the exporter serves engines and sidecars on one port: two URLs, so two targets
-            targets = PoolTargets.model_validate({"engines": [f"{url}?engine"], "sidecars": [url]})
-            source = ScrapeSource(ScrapeConfig(pools={"bench": targets}, timeout_s=10))
-            await asyncio.sleep(warmup_s)
-        else:
-            rules = workdir / "rules.yml"
-            rules.write_text(yaml.safe_dump(recording_rules(rate_window_s=30, interval_s=every_s)))
-            job = static_job("bench", [f"127.0.0.1:{port}"], honor_labels=True)
-            rule_files = [rules] if recorded else None
-            prom = PrometheusServer(workdir / f"prom-{n}-{recorded}", [job], f"{every_s}s", rule_files=rule_files)
-            pids["prometheus"] = prom.proc.popen.pid
-            # two scrapes at least, so rate() has two points
-            wait_until(
-                lambda: prom.query(
-                    'sum(rate(tokenscaler_sidecar_offered_weighted_tokens_total{entitlement="e0"}[30s]))'
-                ),
-                timeout=60,
-                interval=0.5,
-                message="rates in Prometheus",
-            )
-            if recorded:
-                for record in (
-                    "pool_entitlement:tokenscaler_sidecar_offered_weighted_tokens:rate30s",
-                    "pool_entitlement:tokenscaler_sidecar_inflight_requests:sum",
-                ):
-                    wait_until(
-                        lambda record=record: len(prom.query(record)) == n,
-                        timeout=60,
-                        interval=0.5,
-                        message=f"recorded series {record}",
-                    )
-            await asyncio.sleep(warmup_s)
-            source = TimedPrometheusSource(prom.url, rate_window_s=30, timeout_s=10, recorded=recorded)
-        config = parse_config(bench_config(n))
-        controller = Controller(
-            config,
+    all_cpus = os.sched_getaffinity(0)
+    records: list[dict[str, float | str]] = []
+    controller: Controller | None = None
+
+    def new_controller(source) -> Controller:
+        c = Controller(
+            parse_config(bench_config(n)),
             source,
             PlanStore(),
             ControllerMetrics(CollectorRegistry()),
@@ -335,35 +407,67 @@ async def measure(
             state_path=workdir / f"state-{n}.json",
         )
         settle_heap(CONTROLLER_YOUNG_GC)  # as `tokenscaler controller` does once started
-        profile = isinstance(source, PrometheusSource)
-        if profile:
-            await controller.refresh_profile()
-        else:
+        return c
+
+    try:
+        if source_kind == "scrape":
+            url = f"http://127.0.0.1:{port}/metrics"
+            # the exporter serves engines and sidecars on one port: two URLs, so two targets
+            targets = PoolTargets.model_validate({"engines": [f"{url}?engine"], "sidecars": [url]})
+            source = TimedScrapeSource(ScrapeConfig(pools={"bench": targets}, timeout_s=10))
+            await asyncio.sleep(warmup_s)
+            controller = new_controller(source)
             await controller.step()  # the scrape source's rates need a previous round
-        records = []
-        for young in young_gc or [None]:
-            block = "live"
-            if young is not None:  # only the youngest generation's threshold differs between blocks
-                gc.collect()
-                gc.set_threshold(young, *gc.get_threshold()[1:])
-                block = f"live, young gc {young}"
-            records += await run_intervals(controller, source, intervals, pace_s, pids, gcs, block, profile)
-        if pair and prom is not None:
-            at = time.time() - 2 * every_s  # ingested: scraped and recorded by now
-            controller.source = AtInstant(source, at)
-            for block in pair:
-                if block == "off":
-                    prometheus_config(prom, [], None)
-                else:
-                    prometheus_config(prom, [job], rule_files)
-                await asyncio.sleep(2 * every_s)  # the reload applied, a scrape and an evaluation in
-                records += await run_intervals(
-                    controller, source, intervals, pace_s, pids, gcs, f"instant, ingestion {block}", profile
-                )
-        await source.close()
+            records += await run_intervals(controller, source, intervals, pace_s, pids, gcs, "live", False)
+            await source.close()
+            return records
+        for g in gogc or [None]:
+            prom, job, rule_files = start_prometheus(n, workdir, port, recorded, every_s, g)
+            pids["prometheus"] = prom.proc.popen.pid
+            await asyncio.sleep(warmup_s)
+            source = TimedPrometheusSource(prom.url, rate_window_s=30, timeout_s=10, recorded=recorded)
+            if controller is None:
+                controller = new_controller(source)
+            else:
+                controller.source = source
+            await controller.refresh_profile()
+            tag = "" if g is None else f", GOGC {g}"
+            blocks: list[tuple[str, int | None, str | None]] = [(f"live{tag}", None, None)]
+            if young_gc:
+                blocks = [(f"live, young gc {y}{tag}", y, None) for y in young_gc]
+            elif pin:
+                blocks = [(f"live, {p}{tag}", None, p) for p in pin]
+            for block, young, where in blocks:
+                if young is not None:  # only the youngest generation's threshold differs between blocks
+                    gc.collect()
+                    gc.set_threshold(young, *gc.get_threshold()[1:])
+                if where == "pinned":  # Prometheus on the first core, the controller on the last
+                    set_affinity(prom.proc.popen.pid, {min(all_cpus)})
+                    set_affinity(os.getpid(), {max(all_cpus)})
+                elif where is not None:
+                    set_affinity(prom.proc.popen.pid, all_cpus)
+                    set_affinity(os.getpid(), all_cpus)
+                records += await run_intervals(controller, source, intervals, pace_s, pids, gcs, block, True)
+            set_affinity(os.getpid(), all_cpus)
+            if pair:
+                at = time.time() - 2 * every_s  # ingested: scraped and recorded by now
+                controller.source = AtInstant(source, at)
+                for block in pair:
+                    if block == "off":
+                        prometheus_config(prom, [], None)
+                    else:
+                        prometheus_config(prom, [job], rule_files)
+                    await asyncio.sleep(2 * every_s)  # the reload applied, a scrape and an evaluation in
+                    records += await run_intervals(
+                        controller, source, intervals, pace_s, pids, gcs, f"instant, ingestion {block}{tag}", True
+                    )
+            await source.close()
+            prom.stop()
+            prom = None
         return records
     finally:
         gcs.close()
+        set_affinity(os.getpid(), all_cpus)
         if prom is not None:
             prom.stop()
         exporter.stop()
@@ -409,7 +513,17 @@ def main() -> int:
     ap.add_argument("--phases", action="store_true", help="print each phase's p50 and p99, and the tail's phases")
     ap.add_argument("--pair-ingestion", default="", help="blocks at one ingested instant, e.g. on,off,on")
     ap.add_argument("--young-gc", default="", help="blocks with these young-generation GC thresholds, e.g. 700,...")
-    ap.add_argument("--prometheus-gogc", default="", help="GOGC for Prometheus (its Go collector; default 100)")
+    ap.add_argument(
+        "--prometheus-gogc",
+        default="",
+        help="GOGC for Prometheus (its Go collector; 100 by default); several, e.g. default,400,default,400: "
+        "one fresh Prometheus per block",
+    )
+    ap.add_argument(
+        "--pin",
+        default="",
+        help="blocks with Prometheus and the controller on separate cores or not, e.g. unpinned,pinned,unpinned,pinned",
+    )
     ap.add_argument("--dump", type=Path, help="write every interval's record here (JSON lines)")
     args = ap.parse_args()
     print(
@@ -423,8 +537,12 @@ def main() -> int:
     if any(b not in ("on", "off") for b in pair):
         ap.error("--pair-ingestion: blocks are on or off")
     young_gc = [int(x) for x in args.young_gc.split(",") if x] or None
-    if args.prometheus_gogc:
-        os.environ["GOGC"] = args.prometheus_gogc  # inherited by the Prometheus started below
+    gogc = [g for g in args.prometheus_gogc.split(",") if g] or None
+    pin = [p for p in args.pin.split(",") if p] or None
+    if pin and (any(p not in ("pinned", "unpinned") for p in pin) or len(os.sched_getaffinity(0)) < 2):
+        ap.error("--pin: blocks are pinned or unpinned, on 2 cores at least")
+    if pin and young_gc:
+        ap.error("--pin and --young-gc: one or the other")
     runs: list[tuple[str, list[dict[str, float | str]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n, recorded in ((int(s), r) for s in args.sizes.split(",") for r in modes):
@@ -440,6 +558,8 @@ def main() -> int:
                     args.source,
                     pair,
                     young_gc,
+                    gogc,
+                    pin,
                 )
             )
             mode = args.source if args.source == "scrape" else ("recorded" if recorded else "inline")
@@ -461,8 +581,6 @@ def main() -> int:
             values.append(med("profile"))
             ratio = med("published") / med("baseline query")
             name = mode if block == "live" else f"{mode}, {block}"
-            if args.prometheus_gogc:
-                name += f", GOGC={args.prometheus_gogc}"
             print(f"{n:>12} | {name:>8} | " + " | ".join(f"{v:>13.1f}" for v in values) + f" | {ratio:>18.0f}x")
     if args.phases:
         for label, records in runs:
