@@ -91,21 +91,15 @@ class PoolPublication:
     def delta(self, since: int | None, packed: bool = False) -> bytes:
         """The limits columns: the rows changed since version ``since`` if it is known, else all
         (``packed``: as :class:`~tokenscaler.core.pool_limits.PackedColumns`)."""
-        key = (since, packed)
+        old = self if since == self.version else None if since is None else self.previous.get(since)
+        key = (None if old is None else old.version, packed)  # (None, _): every row
         got = self._deltas.get(key)
         if got is None:
-            old = self if since == self.version else None if since is None else self.previous.get(since)
-            if old is None:
-                idx, key = None, (None, packed)  # every row
-                got = self._deltas.get(key)
-            else:
-                changed = (
-                    (old.tier != self.tier) | np.any(old.limit != self.limit, axis=1)
-                    | np.any(old.burst != self.burst, axis=1)
-                )  # fmt: skip
-                idx = np.flatnonzero(changed)
-            if got is None:
-                got = self._deltas[key] = _columns(None if old is None else old.version, idx, self, packed)
+            idx = None if old is None else np.flatnonzero(
+                (old.tier != self.tier) | np.any(old.limit != self.limit, axis=1)
+                | np.any(old.burst != self.burst, axis=1)
+            )  # fmt: skip
+            got = self._deltas[key] = _columns(key[0], idx, self, packed)
         return got
 
     def routing(self, replica: str | None) -> bytes:

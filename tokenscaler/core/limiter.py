@@ -447,19 +447,23 @@ class Limiter:
                 self.table, self._own_table = dict(self.table), True
             assert isinstance(self.table, dict)
             self.table.update(changed)
-        if len(self.gates) < len(changed):
-            for name, gate in self.gates.items():
-                gl = changed.get(name)
-                if gl is not None:
+        if table is None:  # eager: every changed entitlement has its gate now
+            for name, gl in changed.items():
+                gate = self.gates.get(name)
+                if gate is None:
+                    self.gates[name] = Gate(gl, now)
+                else:
                     gate.update(gl, now)
+        elif len(self.gates) < len(changed):  # lazy: the gates in use, from the smaller side
+            for name, gate in self.gates.items():
+                new = changed.get(name)
+                if new is not None:
+                    gate.update(new, now)
         else:
             for name in changed:
                 in_use = self.gates.get(name)
                 if in_use is not None:
                     in_use.update(changed[name], now)
-        if table is None:
-            for name in changed:
-                self.gate(name, now)
         for name in removed:  # zero limits, kept: its in-flight requests still finish against it
             gone = self.gate(name, now)
             if gone is not None:
