@@ -221,21 +221,39 @@ def _start(
     raise RuntimeError(f"{args[:4]} did not start")
 
 
+def bench_config(directory: Path) -> Path:
+    """The sidecar's config: one guaranteed entitlement (key ``KEY``) on a pool far larger than the load."""
+    config = directory / "bench.yaml"
+    big = {"throughput_tokens_per_s": 1e6, "kv_tokens": 1e7, "concurrency": 1e5}
+    config.write_text(json.dumps({
+        "pools": [{"name": "bench", "replica": big, "max_replicas": 1, "target_utilization": 1.0,
+                   "max_model_len": 4096, "default_max_tokens": 8}],
+        "entitlements": [{"name": "gold", "pool": "bench", "tier": "guaranteed", "guaranteed": big,
+                          "burst": {"throughput_tokens_per_s": 1e7}, "api_keys": [hash_api_key(KEY)]}],
+    }))  # fmt: skip
+    return config
+
+
+def client_cpus() -> tuple[int, int]:
+    """(the sidecars' CPU, the load generator's and upstream's); pins this process to the second."""
+    cpus = (0, 1) if (os.cpu_count() or 1) >= 2 else (0, 0)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setaffinity(0, {cpus[1]})
+    return cpus
+
+
+def stop_all(procs: list[subprocess.Popen[str]]) -> None:
+    """Terminate ``procs``, newest first, waiting up to 5 s for each."""
+    for p in reversed(procs):
+        p.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(5)
+
+
 @contextlib.contextmanager
 def processes(cpus: tuple[int, int]) -> Iterator[tuple[str, str, str, int]]:
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "bench.yaml"
-        big = {"throughput_tokens_per_s": 1e6, "kv_tokens": 1e7, "concurrency": 1e5}
-        config.write_text(
-            json.dumps(
-                {
-                    "pools": [{"name": "bench", "replica": big, "max_replicas": 1, "target_utilization": 1.0,
-                               "max_model_len": 4096, "default_max_tokens": 8}],
-                    "entitlements": [{"name": "gold", "pool": "bench", "tier": "guaranteed", "guaranteed": big,
-                                      "burst": {"throughput_tokens_per_s": 1e7}, "api_keys": [hash_api_key(KEY)]}],
-                }
-            )
-        )  # fmt: skip
+        config = bench_config(Path(tmp))
         up_port = _free_port()
         upstream, up_url = _start([sys.executable, __file__, "--serve-upstream", str(up_port)], cpus[1])
         sidecar, sc_url = _start(
@@ -250,10 +268,7 @@ def processes(cpus: tuple[int, int]) -> Iterator[tuple[str, str, str, int]]:
         try:
             yield up_url, bare_url, sc_url, sidecar.pid
         finally:
-            for p in (sidecar, bare, upstream):
-                p.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(5)
+            stop_all([upstream, bare, sidecar])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -335,9 +350,7 @@ async def closed_loop(session, url: str, clients: int, duration_s: float, chunks
 async def run(rates: list[float], duration_s: float, cap_s: float) -> None:
     import aiohttp
 
-    cpus = (0, 1) if (os.cpu_count() or 1) >= 2 else (0, 0)
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setaffinity(0, {cpus[1]})
+    cpus = client_cpus()
     with processes(cpus) as (up_url, bare_url, sc_url, sc_pid):
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -414,9 +427,7 @@ async def many_entitlements(n: int, duration_s: float, rate: float) -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from fleet import fleet_config  # benchmarks/fleet.py: the same N-entitlement config
 
-    cpus = (0, 1) if (os.cpu_count() or 1) >= 2 else (0, 0)
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setaffinity(0, {cpus[1]})
+    cpus = client_cpus()
     procs: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory() as tmp, processes(cpus) as (up_url, _bare, sc_url, _pid):
         cfg = Path(tmp) / "fleet.yaml"
@@ -474,10 +485,7 @@ async def many_entitlements(n: int, duration_s: float, rate: float) -> None:
             print(f"difference at {n:,}: p50 {b50 - s50:+.3f} ms, p99 {b99 - s99:+.2f} ms (goal: p99 <= +1 ms); "
                   f"its RSS {rss:.0f} MB")  # fmt: skip
         finally:
-            for p in reversed(procs):
-                p.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(5)
+            stop_all(procs)
 
 
 # ---- sequential: one request at a time, beside LiteLLM ---------------------------------
@@ -543,19 +551,10 @@ async def sequential(blocks: int, per_block: int, litellm: str | None, trees: li
     with ``litellm`` LiteLLM's proxy against the same upstream."""
     import aiohttp
 
-    cpus = (0, 1) if (os.cpu_count() or 1) >= 2 else (0, 0)
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setaffinity(0, {cpus[1]})
+    cpus = client_cpus()
     procs: list[subprocess.Popen[str]] = []
     with tempfile.TemporaryDirectory() as tmp, processes(cpus) as (up_url, bare_url, _sc, _pid):
-        config = Path(tmp) / "bench.yaml"
-        big = {"throughput_tokens_per_s": 1e6, "kv_tokens": 1e7, "concurrency": 1e5}
-        config.write_text(json.dumps({
-            "pools": [{"name": "bench", "replica": big, "max_replicas": 1, "target_utilization": 1.0,
-                       "max_model_len": 4096, "default_max_tokens": 8}],
-            "entitlements": [{"name": "gold", "pool": "bench", "tier": "guaranteed", "guaranteed": big,
-                              "burst": {"throughput_tokens_per_s": 1e7}, "api_keys": [hash_api_key(KEY)]}],
-        }))  # fmt: skip
+        config = bench_config(Path(tmp))
         variants: list[tuple[str, str, list[str]]] = [("sidecar", str(REPO), [])]  # (label, source tree, flags)
         if suspects:
             variants += [("  access log off", str(REPO), ["--access-log", "off"]),
@@ -590,10 +589,7 @@ async def sequential(blocks: int, per_block: int, litellm: str | None, trees: li
                         block_p50[label].append(_pct(block, 0.5))
             lines = sum(1 for p in Path(tmp).glob("access-0.log") for line in p.open() if line.startswith("{"))
         finally:
-            for p in reversed(procs):
-                p.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(5)
+            stop_all(procs)
     d50, d99 = _pct(times["direct"], 0.5) * 1e3, _pct(times["direct"], 0.99) * 1e3
     print()
     print(f"# sequential: non-streamed chat, one request at a time, {blocks} interleaved blocks of {per_block} per "
