@@ -119,11 +119,7 @@ async def worker(
         return apply
 
     tasks = [asyncio.create_task(s.run(applier(r))) for s, r in zip(sources, replicas, strict=True)]
-    cpu: list[tuple[float, float]] = []  # (unix time, this process's CPU seconds), each second
-    end = time.time() + duration_s
-    while time.time() < end:
-        cpu.append((time.time(), time.process_time()))
-        await asyncio.sleep(min(1.0, max(end - time.time(), 0.0)))
+    cpu = await cpu_marks(duration_s, time.process_time)  # this process's, each second
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -160,6 +156,24 @@ def fleet_config(n: int, path: Path, extra_key: str | None = None) -> None:
     pool = {"name": "bench", "replica": {"throughput_tokens_per_s": 8000, "kv_tokens": 410128, "concurrency": 256},
             "min_replicas": 1, "max_replicas": 1000}  # fmt: skip
     path.write_text(yaml.safe_dump({"pools": [pool], "entitlements": ents}))
+
+
+async def cpu_marks(duration_s: float, read: Any) -> list[tuple[float, float]]:
+    """(unix time, ``read()`` CPU seconds) each second for ``duration_s``."""
+    marks: list[tuple[float, float]] = []
+    end = time.time() + duration_s
+    while time.time() < end:
+        marks.append((time.time(), read()))
+        await asyncio.sleep(min(1.0, max(end - time.time(), 0.0)))
+    return marks
+
+
+def cpu_after(marks: list[tuple[float, float]], since: float) -> tuple[float, float] | None:
+    """(CPU seconds, wall seconds) between the first and the last of ``marks`` at or after ``since``."""
+    window = [(t, c) for t, c in marks if t >= since]
+    if len(window) < 2:
+        return None
+    return window[-1][1] - window[0][1], window[-1][0] - window[0][0]
 
 
 def cpu_s(pid: int) -> float:
@@ -289,10 +303,7 @@ def run_cell(
 
         async def sample() -> tuple[list[float], list[float]]:
             task = asyncio.create_task(sample_latency(url, grpc_port, api, stop, published))
-            end = time.time() + duration
-            while time.time() < end:
-                ctl_cpu.append((time.time(), cpu_s(ctl.pid)))
-                await asyncio.sleep(min(1.0, max(end - time.time(), 0.0)))
+            ctl_cpu.extend(await cpu_marks(duration, lambda: cpu_s(ctl.pid)))
             stop.set()
             return await task
 
@@ -310,9 +321,8 @@ def run_cell(
         # warm-up out: only versions published once every replica held one (the first documents
         # carry the spec and are parsed by all clients at once)
         ready_at = max((min(h.values()) for h in held.values() if h), default=float("inf"))
-        window = [(t, c) for t, c in ctl_cpu if t >= ready_at]  # after the warm-up (the spec sent to all)
-        cpu = ((window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0]) * interval_s - idle_cpu
-               if len(window) >= 2 else None)  # fmt: skip
+        used = cpu_after(ctl_cpu, ready_at)  # after the warm-up (the spec sent to all)
+        cpu = used[0] / used[1] * interval_s - idle_cpu if used else None
         # a replica holds version v once it holds v or a newer one (a client busy applying v-1 asks
         # after v+1 is out and goes straight to it: it never holds v itself, which is "skipped")
         fan, skipped, missed = [], 0, 0
@@ -335,9 +345,8 @@ def run_cell(
         after = [v for v, at in published.items() if at > ready_at]
         client_cpu = 0.0
         for res in results:
-            marks = [(t, c) for t, c in res["cpu"] if t >= ready_at]
-            if len(marks) >= 2:
-                client_cpu += marks[-1][1] - marks[0][1]
+            if (used := cpu_after(res["cpu"], ready_at)) is not None:
+                client_cpu += used[0]
         client_ms = 1e3 * client_cpu / max(len(after), 1) / r if after else None
         nbytes = sum(res["bytes"] for res in results)
         seen = max(1, len(published))
