@@ -185,8 +185,6 @@ class PoolLimitsSource(HttpLimitsSource):
                 raise LimitsHttpError(f"HTTP {resp.status}: {self._redact(error_message(body))}")
         # parsed outside the request's timeout: that bounds the network, not this replica's CPU (a
         # spec of 10,000 entitlements on a busy core takes longer than an answer should)
-        if self.state == "expired":
-            self.view.forget_gates()  # the floors are in force: every gate is set anew
         if len(body) > PARSE_IN_THREAD_BYTES:
             applied = await asyncio.to_thread(self._parse_apply, body)
         else:

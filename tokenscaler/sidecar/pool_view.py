@@ -153,10 +153,6 @@ class PoolView:
         self.table: GateTable = _EMPTY  # the gates of the last applied document
         self.budgets: dict[str, BudgetLimits] = {}
 
-    def forget_gates(self) -> None:
-        """The next :meth:`apply` returns every gate, not only those that changed."""
-        self._gates = None
-
     def current(self) -> GateTable:
         """Every gate as the last applied document set it."""
         return self.table
