@@ -147,9 +147,13 @@ class Sidecar:
     async def _open_session(self, app: web.Application) -> None:
         connector = aiohttp.TCPConnector(limit=self.options.upstream_connections, keepalive_timeout=30)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.options.connect_timeout_s)
+        # no cookie jar: one session carries every tenant's requests, so a cookie the upstream set on
+        # one tenant's answer would otherwise ride on the next tenant's request (a client's own Cookie
+        # header is forwarded as it sent it)
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, skip_auto_headers=("Accept-Encoding",), auto_decompress=False
-        )
+            connector=connector, timeout=timeout, skip_auto_headers=("Accept-Encoding",), auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )  # fmt: skip
 
     async def _close_session(self, app: web.Application) -> None:
         if self.session is not None:
