@@ -35,7 +35,7 @@ _address = address("0.0.0.0")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tokenscaler.kube.webhook import InjectedSidecar
+    from tokenscaler.kube.webhook import STATIC_CONFIG_MAP, InjectedSidecar
 
     d = InjectedSidecar()
     p.add_argument("--listen", type=_address, default="0.0.0.0:8443", metavar="ADDR", help="default 0.0.0.0:8443")
@@ -56,7 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Secret in the pod's namespace with ca.crt and token, mounted for --limits-ca and --limits-token-file "
         "(empty: none; default %(default)s)",
     )  # fmt: skip
-    g.add_argument("--sidecar-config-map", default=d.config_map, help="ConfigMap holding the config (pod's namespace)")
+    g.add_argument(
+        "--sidecar-config-map", default=d.config_map, metavar="NAME",
+        help="ConfigMap in the pod's namespace with the config for the sidecar's --config: with --limits-url only "
+        f"a bootstrap until the first document, mounted only when named; without it the only config (default "
+        f"then: {STATIC_CONFIG_MAP})",
+    )  # fmt: skip
     g.add_argument("--sidecar-cpu", default=d.cpu_request, help="CPU request")
     g.add_argument("--sidecar-memory", default=d.memory_request, help="memory request")
     g.add_argument("--sidecar-memory-limit", default=d.memory_limit, help="memory limit")
