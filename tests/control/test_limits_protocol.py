@@ -14,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import orjson
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, ConfigDict
 
 from tests.core.builders import make_entitlement, make_pool
 from tokenscaler.control.metrics import ControllerMetrics
@@ -322,6 +324,36 @@ def test_the_v1alpha1_document_built_from_arrays_is_the_models() -> None:
         fast = LimitsDocument.model_validate_json(legacy_document(pp, shares, replica, **kw))
         assert fast == limits_document(pp, shares, replica, **kw)
     assert len(shares) == R  # routing was known: the split was not the even one
+
+
+class _PreviousReleaseEntry(BaseModel):
+    """A v1alpha1 entry as the sidecars of the release before budgets validate it: unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    tier: str
+    priority: int
+    limit: dict[str, float]
+    burst: dict[str, float]
+    ceiling: dict[str, float | None] | None
+    ceiling_burst: dict[str, float] | None
+
+
+def test_the_v1alpha1_document_stays_readable_by_the_previous_releases_sidecars() -> None:
+    budget = {"period": "day", "weighted_tokens": 1e9}
+    store = PlanStore()
+    plans = Plans(store, make_cfg(n=12, extra=[make_entitlement("paid", "elastic", budget=budget)]))
+    plans.publish(np.random.default_rng(3))
+    published = store.current()
+    assert published is not None
+    pp = published.plan.pools[POOL]
+    raw = orjson.loads(legacy_document(pp, published.shares[POOL], "r0", version="1", generated_at=1.0,
+                                       expires_at=2.0, stale=False))  # fmt: skip
+    entries = raw["entitlements"]
+    assert "budget" in entries["paid"]  # the entitlement with a budget carries its block
+    without = {name: e for name, e in entries.items() if name != "paid"}
+    assert len(without) == 12 and all("budget" not in e for e in without.values())
+    for entry in without.values():  # what the previous release reads, it still reads
+        _PreviousReleaseEntry.model_validate(entry)
 
 
 def test_a_row_that_moved_less_than_the_deadband_is_not_republished() -> None:

@@ -207,7 +207,10 @@ def legacy_document(
     generated_at: float, expires_at: float, stale: bool,
 ) -> bytes:  # fmt: skip
     """The v1alpha1 :class:`~tokenscaler.core.limits.LimitsDocument` of ``replica`` as JSON,
-    equal to ``limits_document(...).model_dump_json()`` but built from the arrays."""
+    equal to ``limits_document(...).model_dump_json(exclude_none=...)`` but built from the arrays: an
+    entry has a ``budget`` key only when the entitlement has a budget, so that the sidecars of the
+    previous release (v1alpha1 without budgets, unknown keys refused) still validate every document
+    of a pool without budgets."""
     p = pp.rows.problem
     lim, bur, ceiling, ceiling_burst = replica_parts(pp, observed, replica)
     tier_names = [t.value for t in TIER_ORDER]
@@ -225,8 +228,9 @@ def legacy_document(
             "ceiling": {d0: None if math.isinf(cr[0]) else cr[0], d1: None if math.isinf(cr[1]) else cr[1],
                         d2: None if math.isinf(cr[2]) else cr[2]},
             "ceiling_burst": {d0: cbr[0], d1: cbr[1], d2: cbr[2]},
-            "budget": budgets.get(name),
         }  # fmt: skip
+        if name in budgets:  # only where there is one: the previous release's sidecars refuse any other key
+            ents[name]["budget"] = budgets[name]
     return orjson.dumps({
         "api_version": API_VERSION, "kind": "Limits", "pool": pp.pool.name, "replica": replica, "version": version,
         "generated_at": generated_at, "expires_at": expires_at, "stale": stale, "entitlements": ents,
