@@ -243,8 +243,11 @@ async def sample_latency(
 
 def run_cell(
     n: int, r: int, api: str, python: str, versions: int, interval_s: float, work: Path, moving: float = 1.0,
-    warmup_s: float = 0.0, clients: str = "sidecar",
+    warmup_s: float = 0.0, clients: str = "sidecar", tree: Path = REPO,
 ) -> dict[str, Any]:
+    """One cell. ``python`` and ``tree`` are the code measured: the controller, the clients and the
+    sidecar whose RSS is read all run that interpreter on that source tree (the benchmark's own
+    processes, the exporter, stay this checkout's)."""
     import urllib.error
     import urllib.request
 
@@ -265,7 +268,7 @@ def run_cell(
             [python, "-m", "tokenscaler", "controller", "--config", str(cfg), "--scrape-config", str(scrape),
              "--http-listen", f"127.0.0.1:{http_port}", "--grpc-listen", f"127.0.0.1:{grpc_port}",
              "--interval-s", f"{interval_s:g}", "--log-level", "WARNING"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env=tree_env(tree),
         )  # fmt: skip
         procs.append(ctl)
         url = f"http://127.0.0.1:{http_port}"
@@ -288,12 +291,12 @@ def run_cell(
         duration = versions * interval_s + max(3 * interval_s, warmup_s)
         workers = max(1, min(4, r // 50 + 1))
         chunks = [[f"r{j}" for j in range(k, r, workers)] for k in range(workers)]
-        env = dict(os.environ, FLEET_CONFIG=str(cfg))
+        env = dict(tree_env(tree), FLEET_CONFIG=str(cfg))
         for chunk in chunks:
             procs.append(subprocess.Popen(
                 [python, str(Path(__file__).resolve()), "--worker", url, "--api", api, "--duration-s",
                  f"{duration:g}", "--replicas", ",".join(chunk), "--clients", clients],
-                stdout=subprocess.PIPE, text=True, env=env,
+                stdout=subprocess.PIPE, text=True, env=env, cwd=tree,
             ))  # fmt: skip
         stop = asyncio.Event()
 
@@ -350,7 +353,7 @@ def run_cell(
         client_ms = 1e3 * client_cpu / max(len(after), 1) / r if after else None
         nbytes = sum(res["bytes"] for res in results)
         seen = max(1, len(published))
-        rss = sidecar_rss(python, url, work) if api != "v1alpha1" else float("nan")
+        rss = sidecar_rss(python, url, tree) if api != "v1alpha1" else float("nan")
         parse = [x for res in results for x in res["parse_s"]]
         apply = [x for res in results for x in res["apply_s"]]
         return {
@@ -371,7 +374,12 @@ def run_cell(
                 p.kill()
 
 
-def sidecar_rss(python: str, url: str, work: Path) -> float:
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a process that runs the code of source tree ``tree`` (its cwd too)."""
+    return dict(os.environ, PYTHONPATH=str(tree))
+
+
+def sidecar_rss(python: str, url: str, tree: Path) -> float:
     """RSS of one real ``tokenscaler sidecar`` holding the pool's document (no --config)."""
     import urllib.request
 
@@ -380,7 +388,7 @@ def sidecar_rss(python: str, url: str, work: Path) -> float:
         [python, "-m", "tokenscaler", "sidecar", "--listen", f"127.0.0.1:{port}", "--upstream", "http://127.0.0.1:9",
          "--pool", "bench", "--metrics-port", str(metrics), "--limits-url", url, "--replica-id", "r0",
          "--engine-limits", "off", "--access-log", "off", "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree, env=tree_env(tree),
     )  # fmt: skip
     try:
         deadline = time.time() + 120
@@ -451,15 +459,16 @@ def main() -> int:
             "sidecar RSS MB")  # fmt: skip
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
-    runs = [("new", sys.executable, "v1beta1")]
+    runs = [("new", sys.executable, "v1beta1", REPO)]
     if args.baseline_repo and not args.new_only:
-        runs.append(("before", str(Path(args.baseline_repo) / ".venv" / "bin" / "python"), "v1alpha1"))
+        before = Path(args.baseline_repo).resolve()
+        runs.append(("before", str(before / ".venv" / "bin" / "python"), "v1alpha1", before))
     with tempfile.TemporaryDirectory() as tmp:
         for cell in args.cells.split(","):
             n, r = (int(x) for x in cell.lower().split("x"))
-            for label, python, api in runs:
+            for label, python, api, tree in runs:
                 res = run_cell(n, r, api, python, args.versions, args.interval_s, Path(tmp), args.moving,
-                               args.warmup_s, args.clients if api != "v1alpha1" else "sidecar")  # fmt: skip
+                               args.warmup_s, args.clients if api != "v1alpha1" else "sidecar", tree)  # fmt: skip
 
                 def f(x: float | None, scale: float = 1.0, digits: int = 0) -> str:
                     return "n/a" if x is None or x != x else f"{x * scale:,.{digits}f}"
