@@ -27,7 +27,8 @@ reconciliation, metrics) of one guaranteed entitlement whose limits never bind.
    of its own, never a dependency of this project, with one openai-compatible model entry
    pointing at the same upstream): added p50/p99, paired block differences, and LiteLLM's added
    latency over the sidecar's (goal: <= +0.5 ms p50, <= +2 ms p99, >= 20x).
-   ``--only-sequential`` runs only this cell.
+   ``--only-sequential`` runs only this cell; ``--sequential-api responses`` sends the Responses
+   API's requests instead of chat's.
 3. Many entitlements (``--entitlements N``, default 10,000): a second sidecar, without a
    config, holding N entitlements from the real controller (``benchmarks/fleet.py``'s config,
    its synthetic exporter moving demand so that every 2-s interval publishes new limits),
@@ -542,13 +543,16 @@ async def _sequential_block(session, url: str, n: int, api: str, key: str = KEY)
     return out
 
 
-async def sequential(blocks: int, per_block: int, litellm: str | None, trees: list[str], suspects: bool) -> None:
-    """Non-streamed chat requests one at a time (the next sent when the last has been read), the
-    same client for every target, in interleaved blocks of ``per_block`` requests: the instant
-    upstream directly, the bare proxy, the sidecar as it runs by default (access log on, at INFO,
-    written to a file; engine limits read), with ``suspects`` the same sidecar with each of them
-    off, a sidecar of each source tree in ``trees`` (another build, for a paired before/after), and
-    with ``litellm`` LiteLLM's proxy against the same upstream."""
+async def sequential(
+    blocks: int, per_block: int, litellm: str | None, trees: list[str], suspects: bool, api: str = "chat"
+) -> None:
+    """Non-streamed requests of ``api`` (chat, or the Responses API) one at a time (the next sent
+    when the last has been read), the same client for every target, in interleaved blocks of
+    ``per_block`` requests: the instant upstream directly, the bare proxy, the sidecar as it runs
+    by default (access log on, at INFO, written to a file; engine limits read), with ``suspects``
+    the same sidecar with each of them off, a sidecar of each source tree in ``trees`` (another
+    build, for a paired before/after), and with ``litellm`` LiteLLM's proxy against the same
+    upstream."""
     import aiohttp
 
     cpus = client_cpus()
@@ -579,12 +583,12 @@ async def sequential(blocks: int, per_block: int, litellm: str | None, trees: li
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
                 keys = {label: LITELLM_KEY if label == "litellm" else KEY for label in targets}
                 for label, url in targets.items():  # warm up connections and code paths
-                    await _sequential_block(session, url, 200, "chat", keys[label])
+                    await _sequential_block(session, url, 200, api, keys[label])
                 times: dict[str, list[float]] = {k: [] for k in targets}
                 block_p50: dict[str, list[float]] = {k: [] for k in targets}
                 for _ in range(blocks):
                     for label, url in targets.items():
-                        block = await _sequential_block(session, url, per_block, "chat", keys[label])
+                        block = await _sequential_block(session, url, per_block, api, keys[label])
                         times[label].extend(block)
                         block_p50[label].append(_pct(block, 0.5))
             lines = sum(1 for p in Path(tmp).glob("access-0.log") for line in p.open() if line.startswith("{"))
@@ -592,7 +596,7 @@ async def sequential(blocks: int, per_block: int, litellm: str | None, trees: li
             stop_all(procs)
     d50, d99 = _pct(times["direct"], 0.5) * 1e3, _pct(times["direct"], 0.99) * 1e3
     print()
-    print(f"# sequential: non-streamed chat, one request at a time, {blocks} interleaved blocks of {per_block} per "
+    print(f"# sequential: non-streamed {api}, one request at a time, {blocks} interleaved blocks of {per_block} per "
           f"target ({blocks * per_block} each); added = target - direct (ms); the default sidecar wrote "
           f"{lines} access-log lines")  # fmt: skip
     print("# paired: the median over blocks of (this target's block p50 - the default sidecar's in the same round)")
@@ -630,6 +634,8 @@ def main() -> int:
                         help="the sequential cell adds the sidecar of this source tree (another build; repeatable)")
     parser.add_argument("--sequential-blocks", type=int, default=None, metavar="N",
                         help="interleaved blocks of the sequential cell (default: 20, 8 with --quick)")
+    parser.add_argument("--sequential-api", choices=sorted(APIS), default="chat",
+                        help="the API of the sequential cell's requests (default: %(default)s; LiteLLM: chat only)")
     parser.add_argument("--sequential-size", type=int, default=100, metavar="N",
                         help="requests per block of the sequential cell (default: %(default)s)")  # fmt: skip
     args = parser.parse_args()
@@ -643,7 +649,10 @@ def main() -> int:
 
     blocks = args.sequential_blocks or (8 if args.quick else 20)
     if args.only_sequential:
-        uvloop.run(sequential(blocks, args.sequential_size, args.litellm, args.tree, args.suspects))
+        if args.litellm and args.sequential_api != "chat":
+            parser.error("--litellm measures chat only: leave out --sequential-api or --litellm")
+        uvloop.run(sequential(blocks, args.sequential_size, args.litellm, args.tree, args.suspects,
+                              args.sequential_api))  # fmt: skip
         return 0
     if not args.only_entitlements:
         uvloop.run(sequential(blocks, args.sequential_size, args.litellm, args.tree, args.suspects))
