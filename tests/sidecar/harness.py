@@ -109,6 +109,29 @@ def chat(content: str = "hello", max_tokens: int = 8, **kw: Any) -> dict[str, An
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, **kw}
 
 
+@contextlib.contextmanager
+def app_server(app: web.Application) -> Iterator[int]:
+    """``app`` served on 127.0.0.1 from a thread with its own loop (a small real upstream beside a
+    sidecar process); yields the port the kernel picked."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
 class LimitsServer:
     """A stand-in for the controller's limits API, in a thread with its own loop.
 

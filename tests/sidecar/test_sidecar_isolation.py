@@ -5,15 +5,13 @@ that sets a cookie on every answer and records the ``Cookie`` header of every re
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from tests.sidecar.harness import chat, ent, key_of, post, sidecar, vec, write_config
+from tests.sidecar.harness import app_server, chat, ent, key_of, post, sidecar, vec, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -30,26 +28,10 @@ def upstream() -> Iterator[tuple[str, list[str | None]]]:
         resp.set_cookie("session", f"tenant-secret-{len(cookies)}", domain=None, path="/")
         return resp
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat_completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    port = runner.addresses[0][1]
-    try:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    with app_server(app) as port:
         yield f"http://localhost:{port}", cookies
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
 def test_a_cookie_the_upstream_set_for_one_tenant_is_never_sent_with_anothers_request(

@@ -4,16 +4,14 @@ tokenizer disagrees with the counting rule (every prompt is 100 tokens)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from tests.sidecar.harness import ent, key_of, post, sidecar, vec, write_config
+from tests.sidecar.harness import app_server, ent, key_of, post, sidecar, vec, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -36,27 +34,11 @@ def upstream() -> Iterator[str]:
             {"object": "text_completion", "choices": [{"index": 0, "text": "abcd" * n}], "usage": usage}
         )
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start() -> web.AppRunner:
-        app = web.Application()
-        app.router.add_post("/tokenize", tokenize)
-        app.router.add_post("/v1/completions", completions)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return runner
-
-    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    port = runner.addresses[0][1]  # the port the kernel picked
-    try:
+    app = web.Application()
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/v1/completions", completions)
+    with app_server(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
     assert all(json.dumps(t) for t in tokenized)
 
 
