@@ -610,15 +610,22 @@ class Limiter:
     def _replica_shortfalls(self, name: str, rank: int, est: Estimate, now: float, *, within: bool) -> list[Shortfall]:
         """Where the replica would not hold ``est`` on idle capacity: its KV or concurrency, even with
         everything this request may preempt given back, and the prefill bound."""
-        candidates = self._candidates(name, rank, within=within) if self.preempt else []
-        free_seq = sum(r.estimate.sequences for r in candidates)
-        free_kv = sum(r.kv_tokens for r in candidates)
-        out = list(
-            _in_flight_shortfalls(
-                "replica", est, self.kv - free_kv, self.capacity[KV], self.inflight - free_seq,
-                self.capacity[CONCURRENCY], self.inflight_retry_s,
-            )
-        )  # fmt: skip
+        kv_cap, seq_cap, retry = self.capacity[KV], self.capacity[CONCURRENCY], self.inflight_retry_s
+        # first without anything given back: what preemption frees is >= 0, so when the request fits
+        # as it is, it fits with it too (and most calls end here: the candidates need not be visited)
+        out = list(_in_flight_shortfalls("replica", est, self.kv, kv_cap, self.inflight, seq_cap, retry))
+        if out and self.preempt:
+            # what _candidates would list, summed without listing or ordering it (the sums are of
+            # integer counts, so their order does not matter)
+            free_seq = 0
+            free_kv: float = 0
+            for r in self._preemptible.values():
+                r_rank = r.tier.rank
+                if r.entitlement != name and (r_rank > rank or (within and r.backfill and r_rank == rank)):
+                    free_seq += r.estimate.sequences
+                    free_kv += r.kv_tokens
+            kv_left, seq_left = self.kv - free_kv, self.inflight - free_seq
+            out = list(_in_flight_shortfalls("replica", est, kv_left, kv_cap, seq_left, seq_cap, retry))
         if self.tier_order and (sf := self._prefill_shortfall(rank, est, now)) is not None:
             out.append(sf)
         return out
@@ -639,8 +646,14 @@ class Limiter:
         longer than the whole window waits until the higher tiers have been quiet here for an
         interval: one 20k-token prefill holds a step's whole token budget for several steps. Lower
         tiers' backlog never counts against it."""
-        if rank == 0 or not any(now - self._seen_at[h] < self.interval_s for h in range(rank)):
+        if rank == 0:
             return None
+        seen_at, interval = self._seen_at, self.interval_s
+        for h in range(rank):
+            if now - seen_at[h] < interval:
+                break
+        else:
+            return None  # no higher tier had traffic here within an interval
         pending = sum(self.prefill_pending[: rank + 1]) + sum(self.prefill_waiting[:rank])
         budget = self.prefill_budget()
         if pending + est.prompt_tokens <= budget:

@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
+from functools import cached_property
 from typing import Annotated, Any
 
 import numpy as np
@@ -58,8 +59,10 @@ class Tier(StrEnum):
     ELASTIC = "elastic"
     SPOT = "spot"
 
-    @property
+    @cached_property
     def rank(self) -> int:
+        """The tier's index in :data:`TIER_ORDER` (0: first served). Computed once per member: the
+        limiter reads it on every admission, for every reservation it may preempt."""
         return TIER_ORDER.index(self)
 
 

@@ -86,7 +86,8 @@ class Flight:
 
 
 def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # no running loop
+    # outside an event loop (the experiments make ~180,000 flights an hour) without raising and
+    # catching current_task's RuntimeError each time
+    if asyncio._get_running_loop() is None:
         return None
+    return asyncio.current_task()
