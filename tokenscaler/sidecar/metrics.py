@@ -105,6 +105,16 @@ def _histogram(name: str, registry: CollectorRegistry, buckets: tuple[float, ...
     return Histogram(spec.name, spec.help, spec.labels, registry=registry, buckets=buckets)
 
 
+_SIMPLE_COUNTERS = {  # counter -> its EntitlementStats attribute (built once: collect runs every scrape)
+    PROMPT_TOKENS_TOTAL: "prompt_tokens",
+    GENERATION_TOKENS_TOTAL: "generation_tokens",
+    ADMITTED_WEIGHTED_TOKENS_TOTAL: "admitted_weighted",
+    OFFERED_WEIGHTED_TOKENS_TOTAL: "offered_weighted",
+    OFFERED_REQUESTS_TOTAL: "offered_requests",
+    PREEMPTED_STREAMS_TOTAL: "preempted",
+}
+
+
 class SidecarMetrics(Collector):
     """The sidecar's registry: its counters, gauges read at scrape time, and histograms."""
 
@@ -148,14 +158,7 @@ class SidecarMetrics(Collector):
         requests.add_metric([p, r, "", "", "unauthenticated"], self.unauthenticated)
         rejections = _counter(REJECTIONS_TOTAL)
         ttft_slo = _counter(TTFT_SLO_REQUESTS_TOTAL)
-        simple = {  # counter -> its EntitlementStats attribute
-            PROMPT_TOKENS_TOTAL: "prompt_tokens",
-            GENERATION_TOKENS_TOTAL: "generation_tokens",
-            ADMITTED_WEIGHTED_TOKENS_TOTAL: "admitted_weighted",
-            OFFERED_WEIGHTED_TOKENS_TOTAL: "offered_weighted",
-            OFFERED_REQUESTS_TOTAL: "offered_requests",
-            PREEMPTED_STREAMS_TOTAL: "preempted",
-        }
+        simple = _SIMPLE_COUNTERS
         counters = {n: _counter(n) for n in simple}
         inflight = _gauge(INFLIGHT_REQUESTS)
         kv = _gauge(RESERVED_KV_TOKENS)
