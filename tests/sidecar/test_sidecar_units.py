@@ -207,3 +207,25 @@ def test_a_large_pool_exports_only_the_entitlements_this_replica_was_sent() -> N
 
     assert len(exported(1000)) == 1000  # up to 1,000: every entitlement, traffic or not
     assert exported(1001) == {"e7"}  # above: only those sent a request here
+
+
+def test_the_read_samples_are_the_full_collection_filtered_to_the_names_the_scraper_reads() -> None:
+    from tokenscaler.experiments.control import collect_samples, sidecar_samples
+    from tokenscaler.sidecar.metrics import EntitlementStats, SidecarMetrics
+    from tokenscaler.sources.scrape import SIDECAR_READ
+
+    cfg = _cfg()
+    limiter = Limiter(cfg.pool("p"))
+    limiter.set_limits(StaticLimitsSource(cfg, "p").initial().limits, 0.0)
+    stats = [EntitlementStats(e.name, e.tier.value) for e in cfg.entitlements]
+    metrics = SidecarMetrics("p", "r", limiter, stats)
+    name = stats[0].name
+    limiter.admit(name, limiter.estimate(100, 50), 0.0)  # in flight: KV and a sequence reserved
+    stats[0].offered_weighted, stats[0].admitted_weighted, stats[0].offered_requests = 150.0, 150.0, 1
+    stats[0].rejected["throughput"] = 2
+    metrics.engine_capacity, metrics.engine_max_model_len = {"kv_tokens": 6144.0}, 2048
+    full = collect_samples(metrics.registry)
+    read = sidecar_samples(metrics)
+    assert read == [s for s in full if s[0] in SIDECAR_READ]
+    assert {s[0] for s in read} == SIDECAR_READ  # every name it reads is there
+    assert any(s[0].endswith("inflight_requests") and s[1]["entitlement"] == name and s[2] == 1.0 for s in read)

@@ -305,19 +305,27 @@ class Gate:
 
 def _in_flight_shortfalls(
     scope: str, est: Estimate, kv_in_use: float, kv_allowed: float, seq_in_use: float, seq_allowed: float, retry: float
-) -> Iterator[Shortfall]:
-    if kv_in_use + est.kv_tokens > kv_allowed:
+) -> list[Shortfall]:
+    """KV, then concurrency, where in-flight use plus ``est`` exceeds what is allowed (a list, not a
+    generator: it is called two to three times per admission, and nearly always finds nothing)."""
+    kv_over = kv_in_use + est.kv_tokens > kv_allowed
+    seq_over = seq_in_use + est.sequences > seq_allowed
+    if not (kv_over or seq_over):
+        return []
+    out: list[Shortfall] = []
+    if kv_over:
         never = est.kv_tokens > kv_allowed
-        yield Shortfall(
+        out.append(Shortfall(
             DIMENSIONS[KV], scope, est.kv_tokens, kv_in_use, kv_allowed, kv_allowed - kv_in_use,
             retry_after_s=INF if never else retry,
-        )  # fmt: skip
-    if seq_in_use + est.sequences > seq_allowed:
+        ))  # fmt: skip
+    if seq_over:
         never = est.sequences > seq_allowed
-        yield Shortfall(
+        out.append(Shortfall(
             DIMENSIONS[CONCURRENCY], scope, est.sequences, seq_in_use, seq_allowed, seq_allowed - seq_in_use,
             retry_after_s=INF if never else retry,
-        )  # fmt: skip
+        ))  # fmt: skip
+    return out
 
 
 def _smaller_stated(configured: float, stated: float | None) -> float:
@@ -613,7 +621,7 @@ class Limiter:
         kv_cap, seq_cap, retry = self.capacity[KV], self.capacity[CONCURRENCY], self.inflight_retry_s
         # first without anything given back: what preemption frees is >= 0, so when the request fits
         # as it is, it fits with it too (and most calls end here: the candidates need not be visited)
-        out = list(_in_flight_shortfalls("replica", est, self.kv, kv_cap, self.inflight, seq_cap, retry))
+        out = _in_flight_shortfalls("replica", est, self.kv, kv_cap, self.inflight, seq_cap, retry)
         if out and self.preempt:
             # what _candidates would list, summed without listing or ordering it (the sums are of
             # integer counts, so their order does not matter)
@@ -625,7 +633,7 @@ class Limiter:
                     free_seq += r.estimate.sequences
                     free_kv += r.kv_tokens
             kv_left, seq_left = self.kv - free_kv, self.inflight - free_seq
-            out = list(_in_flight_shortfalls("replica", est, kv_left, kv_cap, seq_left, seq_cap, retry))
+            out = _in_flight_shortfalls("replica", est, kv_left, kv_cap, seq_left, seq_cap, retry)
         if self.tier_order and (sf := self._prefill_shortfall(rank, est, now)) is not None:
             out.append(sf)
         return out

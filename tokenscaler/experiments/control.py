@@ -28,7 +28,8 @@ from tokenscaler.core.plan import Plan
 from tokenscaler.core.rows import PoolRows, build_pool_rows
 from tokenscaler.core.step import ControlState, StepSettings, control_step, reconfigured
 from tokenscaler.sidecar.limits import StaticLimitsSource, gate_limits_from_document
-from tokenscaler.sources.scrape import PoolTargets, ScrapeConfig, ScrapeResult, ScrapeSource
+from tokenscaler.sidecar.metrics import SidecarMetrics
+from tokenscaler.sources.scrape import SIDECAR_READ, PoolTargets, ScrapeConfig, ScrapeResult, ScrapeSource
 
 Sample = tuple[str, dict[str, str], float]
 
@@ -36,6 +37,15 @@ Sample = tuple[str, dict[str, str], float]
 def collect_samples(registry: Any) -> list[Sample]:
     """Every sample of a prometheus-client registry, as the text parser would yield it."""
     return [(s.name, s.labels, float(s.value)) for family in registry.collect() for s in family.samples]
+
+
+def sidecar_samples(metrics: SidecarMetrics) -> list[Sample]:
+    """The samples of a sidecar's registry that the scraper reads, in the registry's order: what
+    :func:`collect_samples` gives after the live scraper's filter (it keeps only the lines of the
+    names it reads before parsing), without building the per-entitlement series nobody reads."""
+    read = SIDECAR_READ
+    families = metrics.collect(only=read)
+    return [(s.name, s.labels, float(s.value)) for family in families for s in family.samples if s.name in read]
 
 
 class Scraper:

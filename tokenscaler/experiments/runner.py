@@ -43,6 +43,7 @@ from tokenscaler.experiments.control import (
     Scraper,
     collect_samples,
     replica_gate_limits,
+    sidecar_samples,
     static_gate_limits,
 )
 from tokenscaler.experiments.measure import Recorder
@@ -627,7 +628,7 @@ class Run:
                 if served is not None and call.flight is not None and served.first_token_s is not None:
                     call.flight.streamed(served.output_tokens)
             pool = self.pool.name
-            results.append(ScrapeResult(pool, "sidecar", f"{r.id}/sidecar", collect_samples(r.metrics.registry)))
+            results.append(ScrapeResult(pool, "sidecar", f"{r.id}/sidecar", sidecar_samples(r.metrics)))
             results.append(ScrapeResult(pool, "engine", f"{r.id}/engine", collect_samples(r.registry)))
         obs = self.scraper.observe(results, t) if results else None
         plan = None

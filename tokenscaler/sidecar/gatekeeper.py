@@ -150,8 +150,12 @@ class Gatekeeper:
             if first.admitted:
                 return self._decided(name, est, first)
             # a prompt longer than the whole window cannot pass beside higher-tier traffic: no use waiting
-            fits = est.prompt_tokens <= self.limiter.prefill_budget()
-            prefill = tier in self.prefill_tiers and _prefill_only(first) and fits
+            # (the window is looked up only for a refusal on the prefill bound alone)
+            prefill = (
+                tier in self.prefill_tiers
+                and _prefill_only(first)
+                and est.prompt_tokens <= self.limiter.prefill_budget()
+            )
             if not prefill and not self._may_wait(tier, first):
                 return self._decided(name, est, first)
         else:

@@ -105,6 +105,16 @@ def _histogram(name: str, registry: CollectorRegistry, buckets: tuple[float, ...
     return Histogram(spec.name, spec.help, spec.labels, registry=registry, buckets=buckets)
 
 
+_SIMPLE_COUNTERS = {  # counter -> its EntitlementStats attribute (built once: collect runs every scrape)
+    PROMPT_TOKENS_TOTAL: "prompt_tokens",
+    GENERATION_TOKENS_TOTAL: "generation_tokens",
+    ADMITTED_WEIGHTED_TOKENS_TOTAL: "admitted_weighted",
+    OFFERED_WEIGHTED_TOKENS_TOTAL: "offered_weighted",
+    OFFERED_REQUESTS_TOTAL: "offered_requests",
+    PREEMPTED_STREAMS_TOTAL: "preempted",
+}
+
+
 class SidecarMetrics(Collector):
     """The sidecar's registry: its counters, gauges read at scrape time, and histograms."""
 
@@ -142,20 +152,16 @@ class SidecarMetrics(Collector):
     def describe(self) -> Iterator[object]:
         return iter(())
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self, only: frozenset[str] | None = None) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Every family, as a scrape exports it. ``only`` (sample names, a counter's with its
+        ``_total``): the per-entitlement series of other names are left empty, as a scraper that
+        keeps only those lines would see them (:func:`tokenscaler.experiments.control.sidecar_samples`)."""
         p, r = self.pool, self.replica
         requests = _counter(REQUESTS_TOTAL)
         requests.add_metric([p, r, "", "", "unauthenticated"], self.unauthenticated)
         rejections = _counter(REJECTIONS_TOTAL)
         ttft_slo = _counter(TTFT_SLO_REQUESTS_TOTAL)
-        simple = {  # counter -> its EntitlementStats attribute
-            PROMPT_TOKENS_TOTAL: "prompt_tokens",
-            GENERATION_TOKENS_TOTAL: "generation_tokens",
-            ADMITTED_WEIGHTED_TOKENS_TOTAL: "admitted_weighted",
-            OFFERED_WEIGHTED_TOKENS_TOTAL: "offered_weighted",
-            OFFERED_REQUESTS_TOTAL: "offered_requests",
-            PREEMPTED_STREAMS_TOTAL: "preempted",
-        }
+        simple = _SIMPLE_COUNTERS
         counters = {n: _counter(n) for n in simple}
         inflight = _gauge(INFLIGHT_REQUESTS)
         kv = _gauge(RESERVED_KV_TOKENS)
@@ -164,33 +170,50 @@ class SidecarMetrics(Collector):
         limit = _gauge(LIMIT)
         burst = _gauge(BURST)
         ceiling = _gauge(CEILING)
+        if only is None:
+            kept = simple
+            w_requests = w_ttft = w_rejections = w_queued = w_inflight = w_kv = w_backfill = w_limits = True
+        else:
+            kept = {n: a for n, a in simple.items() if n in only}
+            w_requests, w_ttft = REQUESTS_TOTAL in only, TTFT_SLO_REQUESTS_TOTAL in only
+            w_rejections, w_queued = REJECTIONS_TOTAL in only, QUEUED_REQUESTS in only
+            w_inflight, w_kv = INFLIGHT_REQUESTS in only, RESERVED_KV_TOKENS in only
+            w_backfill, w_limits = BACKFILL_ALLOWED in only, bool(only & {LIMIT, BURST, CEILING})
         every = len(self.stats) <= self.all_series_up_to
         for s in list(self.stats.values()):
             if not every and not (s.offered_requests or s.errors or s.queued):
                 continue  # a large pool: only the entitlements this replica has been sent requests of
             labels = [p, r, s.name, s.tier]
-            requests.add_metric([*labels, "admitted"], s.admitted)
-            requests.add_metric([*labels, "rejected"], sum(s.rejected.values()))
-            requests.add_metric([*labels, "error"], s.errors)
-            requests.add_metric([*labels, "budget_exhausted"], s.budget_refused)
-            ttft_slo.add_metric([*labels, "met"], s.ttft_slo[1])
-            ttft_slo.add_metric([*labels, "missed"], s.ttft_slo[0])
-            for dim, count in s.rejected.items():
-                rejections.add_metric([*labels, dim], count)
-            for n, attr in simple.items():
+            if w_requests:
+                requests.add_metric([*labels, "admitted"], s.admitted)
+                requests.add_metric([*labels, "rejected"], sum(s.rejected.values()))
+                requests.add_metric([*labels, "error"], s.errors)
+                requests.add_metric([*labels, "budget_exhausted"], s.budget_refused)
+            if w_ttft:
+                ttft_slo.add_metric([*labels, "met"], s.ttft_slo[1])
+                ttft_slo.add_metric([*labels, "missed"], s.ttft_slo[0])
+            if w_rejections:
+                for dim, count in s.rejected.items():
+                    rejections.add_metric([*labels, dim], count)
+            for n, attr in kept.items():
                 counters[n].add_metric(labels, getattr(s, attr))
-            queued.add_metric(labels, s.queued)
+            if w_queued:
+                queued.add_metric(labels, s.queued)
             gl = self.limiter.limits_of(s.name)
             if gl is None:
                 continue
             n_inflight, n_kv = self.limiter.entitlement_totals(s.name)
-            inflight.add_metric(labels, n_inflight)
-            kv.add_metric(labels, n_kv)
-            backfill.add_metric(labels, 1.0 if gl.backfill else 0.0)
-            for k, dim in enumerate(DIMENSIONS):
-                limit.add_metric([*labels, dim], gl.limit[k])
-                burst.add_metric([*labels, dim], gl.burst[k])
-                ceiling.add_metric([*labels, dim], gl.ceiling[k])
+            if w_inflight:
+                inflight.add_metric(labels, n_inflight)
+            if w_kv:
+                kv.add_metric(labels, n_kv)
+            if w_backfill:
+                backfill.add_metric(labels, 1.0 if gl.backfill else 0.0)
+            if w_limits:
+                for k, dim in enumerate(DIMENSIONS):
+                    limit.add_metric([*labels, dim], gl.limit[k])
+                    burst.add_metric([*labels, dim], gl.burst[k])
+                    ceiling.add_metric([*labels, dim], gl.ceiling[k])
         yield requests
         yield rejections
         yield ttft_slo

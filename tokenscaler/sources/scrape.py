@@ -65,6 +65,7 @@ _ENGINE_CONSUMED = frozenset(
 )
 _SIDECAR_CAPACITY = frozenset((names.ENGINE_CAPACITY, names.ENGINE_MAX_MODEL_LEN))
 _SIDECAR_READ = frozenset((SIDECAR_FRESHNESS, *_SIDECAR_CAPACITY, *SIDECAR_GAUGES, *SIDECAR_RATES))
+SIDECAR_READ = _SIDECAR_READ  # the sample names read of a sidecar (the lines a scrape keeps)
 
 
 class PoolTargets(Frozen):
