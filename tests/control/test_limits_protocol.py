@@ -206,6 +206,8 @@ async def twenty_sidecars() -> None:
             r = await http.get(f"{url}/v1/pools/{POOL}/limits", params={"replica": "r0"},
                                headers={"If-None-Match": f'"{v}"'})  # fmt: skip
             assert r.status == 304
+            r = await http.get(f"{url}/v1/pools/{POOL}/limits", params={"replica": "r0", "budgets": "maybe"})
+            assert r.status == 400 and "budgets='maybe'" in (await r.json())["error"]["message"]
 
             # a watch held open is answered by the next publish; a delta carries only what moved
             watch = asyncio.ensure_future(http.get(
@@ -346,13 +348,14 @@ def test_the_v1alpha1_document_stays_readable_by_the_previous_releases_sidecars(
     published = store.current()
     assert published is not None
     pp = published.plan.pools[POOL]
-    raw = orjson.loads(legacy_document(pp, published.shares[POOL], "r0", version="1", generated_at=1.0,
-                                       expires_at=2.0, stale=False))  # fmt: skip
-    entries = raw["entitlements"]
-    assert "budget" in entries["paid"]  # the entitlement with a budget carries its block
-    without = {name: e for name, e in entries.items() if name != "paid"}
-    assert len(without) == 12 and all("budget" not in e for e in without.values())
-    for entry in without.values():  # what the previous release reads, it still reads
+    kw: dict[str, Any] = dict(version="1", generated_at=1.0, expires_at=2.0, stale=False)
+    asked = orjson.loads(legacy_document(pp, published.shares[POOL], "r0", budgets=True, **kw))["entitlements"]
+    assert "budget" in asked["paid"]  # a sidecar that reads budgets (budgets=true) gets the block where there is one
+    assert sum("budget" in e for e in asked.values()) == 1
+    # what the previous release's sidecars ask (no budgets=): nothing they do not know, budgets or not
+    plain = orjson.loads(legacy_document(pp, published.shares[POOL], "r0", budgets=False, **kw))["entitlements"]
+    assert len(plain) == 13
+    for entry in plain.values():
         _PreviousReleaseEntry.model_validate(entry)
 
 

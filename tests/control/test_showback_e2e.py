@@ -194,7 +194,9 @@ def check_refused(fl: Fleet, spent: dict) -> None:
     """A spent budget, live: the document says so, the sidecars refuse bronze only, as documented."""
     assert spent["consumed_weighted_tokens"] >= BUDGET and spent["resets_at"] == next_utc_midnight()
     assert get_json(f"{fl.api}/v1/plan")["entitlements"]["bronze"]["tier"] == "spot"  # planned as spot until then
-    assert get_json(f"{fl.api}/v1/pools/{POOL}/limits?replica=r0")["entitlements"]["bronze"]["budget"]["exhausted"]
+    legacy = f"{fl.api}/v1/pools/{POOL}/limits?replica=r0"
+    assert get_json(f"{legacy}&budgets=true")["entitlements"]["bronze"]["budget"]["exhausted"]
+    assert "budget" not in get_json(legacy)["entitlements"]["bronze"]  # what older sidecars, which refuse it, get
 
     def refused() -> tuple[requests.Response] | None:  # (a 429 Response is falsy: wrapped)
         r = ask(fl.sidecars[0].url, "bronze")

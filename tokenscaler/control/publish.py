@@ -204,20 +204,20 @@ def _within(old: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 def legacy_document(
     pp: PoolPlan, observed: Mapping[str, np.ndarray], replica: str | None, *, version: str,
-    generated_at: float, expires_at: float, stale: bool,
+    generated_at: float, expires_at: float, stale: bool, budgets: bool = True,
 ) -> bytes:  # fmt: skip
     """The v1alpha1 :class:`~tokenscaler.core.limits.LimitsDocument` of ``replica`` as JSON,
-    equal to ``limits_document(...).model_dump_json(exclude_none=...)`` but built from the arrays: an
-    entry has a ``budget`` key only when the entitlement has a budget, so that the sidecars of the
-    previous release (v1alpha1 without budgets, unknown keys refused) still validate every document
-    of a pool without budgets."""
+    equal to ``limits_document(...).model_dump_json(exclude_none=...)`` but built from the arrays.
+    An entry has a ``budget`` key only when the entitlement has a budget and ``budgets`` is true
+    (the sidecars that read it ask ``budgets=true``): the sidecars of the previous release refuse
+    any key they do not know, and validate every document served without the blocks."""
     p = pp.rows.problem
     lim, bur, ceiling, ceiling_burst = replica_parts(pp, observed, replica)
     tier_names = [t.value for t in TIER_ORDER]
     tiers, prios = p.tier.tolist(), p.priority.tolist()
     lim_rows, bur_rows, ceil_rows, cb_rows = lim.tolist(), bur.tolist(), ceiling.tolist(), ceiling_burst.tolist()
     d0, d1, d2 = DIMENSIONS
-    budgets = {n: BudgetLimits.of(s).model_dump(mode="json") for n, s in pp.budgets.items()}
+    blocks = {n: BudgetLimits.of(s).model_dump(mode="json") for n, s in pp.budgets.items()} if budgets else {}
     ents = {}
     for i, name in enumerate(pp.rows.names):
         lr, br, cr, cbr = lim_rows[i], bur_rows[i], ceil_rows[i], cb_rows[i]
@@ -229,8 +229,8 @@ def legacy_document(
                         d2: None if math.isinf(cr[2]) else cr[2]},
             "ceiling_burst": {d0: cbr[0], d1: cbr[1], d2: cbr[2]},
         }  # fmt: skip
-        if name in budgets:  # only where there is one: the previous release's sidecars refuse any other key
-            ents[name]["budget"] = budgets[name]
+        if name in blocks:  # only where there is one, and asked for: older sidecars refuse any other key
+            ents[name]["budget"] = blocks[name]
     return orjson.dumps({
         "api_version": API_VERSION, "kind": "Limits", "pool": pp.pool.name, "replica": replica, "version": version,
         "generated_at": generated_at, "expires_at": expires_at, "stale": stale, "entitlements": ents,
@@ -246,7 +246,7 @@ class Publisher:
         self._specs: dict[tuple[str, int], SpecPublication] = {}
         self._pools: dict[str, PoolPublication] = {}
         self._building: dict[tuple[str, int], asyncio.Future[PoolPublication]] = {}
-        self._legacy: OrderedDict[tuple[int, str, str | None], asyncio.Future[bytes]] = OrderedDict()
+        self._legacy: OrderedDict[tuple[int, str, str | None, bool], asyncio.Future[bytes]] = OrderedDict()
 
     async def pool(self, published: PublishedPlan, pool: str) -> PoolPublication:
         have = self._pools.get(pool)
@@ -282,8 +282,8 @@ class Publisher:
             self._specs[skey] = spec
         return build_pool_publication(published, pool, spec, self.ttl_s, previous, self.instance)
 
-    async def legacy(self, published: PublishedPlan, pool: str, replica: str | None) -> bytes:
-        key = (published.version, pool, replica)
+    async def legacy(self, published: PublishedPlan, pool: str, replica: str | None, budgets: bool = True) -> bytes:
+        key = (published.version, pool, replica, budgets)
         fut = self._legacy.get(key)
         if fut is None:
             if self._legacy and next(iter(self._legacy))[0] != published.version:
@@ -291,7 +291,7 @@ class Publisher:
             fut = asyncio.ensure_future(asyncio.to_thread(
                 legacy_document, published.plan.pools[pool], published.shares.get(pool, {}), replica,
                 version=str(published.version), generated_at=published.plan.now,
-                expires_at=published.published_at + self.ttl_s, stale=published.stale,
+                expires_at=published.published_at + self.ttl_s, stale=published.stale, budgets=budgets,
             ))  # fmt: skip
             self._legacy[key] = fut
         return await asyncio.shield(fut)

@@ -102,11 +102,17 @@ class ControllerApi:
         if isinstance(checked, web.Response):
             return checked
         published = checked
+        # the entitlements' budget blocks only for a sidecar that reads them: the previous release's
+        # refuse any key they do not know (an older controller ignores the parameter)
+        budgets = request.query.get("budgets", "false")
+        if budgets not in ("true", "false"):
+            self._count(route, 400)
+            return _error(400, f"budgets must be true or false (got budgets={budgets!r})", "invalid_request_error")
         etag = f'"{published.version}"'
         if request.headers.get("If-None-Match") == etag:
             self._count(route, 304)
             return web.Response(status=304, headers={"ETag": etag})
-        body = await self.publisher.legacy(published, pool, replica)  # built once, off the loop
+        body = await self.publisher.legacy(published, pool, replica, budgets == "true")  # built once, off the loop
         self._count(route, 200)
         return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 

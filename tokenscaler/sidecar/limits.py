@@ -271,7 +271,9 @@ class HttpLimitsSource:
         if self.auth is not None:
             headers.update(self.auth.headers())
             tls = self.auth.ssl_context() or True
-        async with session.get(self.url, params={"replica": self.replica}, headers=headers, ssl=tls) as resp:
+        # budgets=true: this sidecar reads the budget blocks (an older controller ignores it)
+        params = {"replica": self.replica, "budgets": "true"}
+        async with session.get(self.url, params=params, headers=headers, ssl=tls) as resp:
             if resp.status == 304:
                 return 304, None
             body = await resp.read()
