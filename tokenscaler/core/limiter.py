@@ -623,15 +623,12 @@ class Limiter:
         # as it is, it fits with it too (and most calls end here: the candidates need not be visited)
         out = _in_flight_shortfalls("replica", est, self.kv, kv_cap, self.inflight, seq_cap, retry)
         if out and self.preempt:
-            # what _candidates would list, summed without listing or ordering it (the sums are of
-            # integer counts, so their order does not matter)
+            # what preemption would free, summed without ordering it (integer counts: order does not matter)
             free_seq = 0
             free_kv: float = 0
-            for r in self._preemptible.values():
-                r_rank = r.tier.rank
-                if r.entitlement != name and (r_rank > rank or (within and r.backfill and r_rank == rank)):
-                    free_seq += r.estimate.sequences
-                    free_kv += r.kv_tokens
+            for r in self._preemptible_by(name, rank, within=within):
+                free_seq += r.estimate.sequences
+                free_kv += r.kv_tokens
             kv_left, seq_left = self.kv - free_kv, self.inflight - free_seq
             out = _in_flight_shortfalls("replica", est, kv_left, kv_cap, seq_left, seq_cap, retry)
         if self.tier_order and (sf := self._prefill_shortfall(rank, est, now)) is not None:
@@ -706,12 +703,17 @@ class Limiter:
         back what strictly lower tiers hold on idle capacity."""
         if not self._preemptible:
             return []
-        out = [
-            r for r in self._preemptible.values()
-            if r.entitlement != name and (r.tier.rank > rank or (within and r.backfill and r.tier.rank == rank))
-        ]  # fmt: skip
+        out = list(self._preemptible_by(name, rank, within=within))
         out.sort(key=lambda r: (-r.tier.rank, not r.backfill, r.priority, -r.seq))
         return out
+
+    def _preemptible_by(self, name: str, rank: int, *, within: bool) -> Iterator[Reservation]:
+        """The reservations a request of ``name`` at tier ``rank`` may preempt, unordered (see
+        :meth:`_candidates`)."""
+        for r in self._preemptible.values():
+            r_rank = r.tier.rank
+            if r.entitlement != name and (r_rank > rank or (within and r.backfill and r_rank == rank)):
+                yield r
 
     def _victims(self, name: str, rank: int, est: Estimate, *, within: bool) -> tuple[Reservation, ...]:
         over_seq = self.inflight + est.sequences - self.capacity[CONCURRENCY]
