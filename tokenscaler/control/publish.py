@@ -207,7 +207,7 @@ def legacy_document(
     generated_at: float, expires_at: float, stale: bool, budgets: bool = True,
 ) -> bytes:  # fmt: skip
     """The v1alpha1 :class:`~tokenscaler.core.limits.LimitsDocument` of ``replica`` as JSON,
-    equal to ``limits_document(...).model_dump_json(exclude_none=...)`` but built from the arrays.
+    the same document as ``limits_document(...)`` once parsed, but built from the arrays.
     An entry has a ``budget`` key only when the entitlement has a budget and ``budgets`` is true
     (the sidecars that read it ask ``budgets=true``): the sidecars of the previous release refuse
     any key they do not know, and validate every document served without the blocks."""

@@ -170,15 +170,14 @@ class SidecarMetrics(Collector):
         limit = _gauge(LIMIT)
         burst = _gauge(BURST)
         ceiling = _gauge(CEILING)
-        if only is None:
-            kept = simple
-            w_requests = w_ttft = w_rejections = w_queued = w_inflight = w_kv = w_backfill = w_limits = True
-        else:
-            kept = {n: a for n, a in simple.items() if n in only}
-            w_requests, w_ttft = REQUESTS_TOTAL in only, TTFT_SLO_REQUESTS_TOTAL in only
-            w_rejections, w_queued = REJECTIONS_TOTAL in only, QUEUED_REQUESTS in only
-            w_inflight, w_kv = INFLIGHT_REQUESTS in only, RESERVED_KV_TOKENS in only
-            w_backfill, w_limits = BACKFILL_ALLOWED in only, bool(only & {LIMIT, BURST, CEILING})
+        def wanted(*names: str) -> bool:
+            return only is None or any(n in only for n in names)
+
+        kept = {n: a for n, a in simple.items() if wanted(n)}
+        w_requests, w_ttft = wanted(REQUESTS_TOTAL), wanted(TTFT_SLO_REQUESTS_TOTAL)
+        w_rejections, w_queued = wanted(REJECTIONS_TOTAL), wanted(QUEUED_REQUESTS)
+        w_inflight, w_kv = wanted(INFLIGHT_REQUESTS), wanted(RESERVED_KV_TOKENS)
+        w_backfill, w_limits = wanted(BACKFILL_ALLOWED), wanted(LIMIT, BURST, CEILING)
         every = len(self.stats) <= self.all_series_up_to
         for s in list(self.stats.values()):
             if not every and not (s.offered_requests or s.errors or s.queued):
